@@ -1,0 +1,8 @@
+"""Pure-Python half of SlicerNNInteractive: no Slicer, Qt or VTK imports, Python >= 3.9.
+
+Usable from plain Python scripts too: put the folder ``SlicerNNInteractive`` on ``sys.path`` and
+``from SlicerNNInteractiveLib.client import RemoteSession``. Submodules are imported on demand, so
+importing this package costs nothing.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,31 @@
+"""Names of nnInteractive 2.6's remote protocol (paths and headers), and of our own additions.
+
+Both our server and our client import these, so a path is spelled once.
+Our own endpoints live under ``/x/`` so that they can never collide with the official protocol.
+"""
+
+META_HEADER = "X-Meta"  # JSON beside a binary body (requests) or a packed array (responses)
+LEASE_HEADER = "X-Lease-Token"
+OCTET_STREAM = "application/octet-stream"
+
+PATH_HEALTHZ = "/healthz"
+PATH_CAPABILITIES = "/capabilities"
+PATH_CLAIM = "/claim"
+PATH_RELEASE = "/release"
+PATH_HEARTBEAT = "/heartbeat"
+PATH_LEASE_STATUS = "/lease_status"
+PATH_SET_IMAGE = "/set_image"
+PATH_SET_TARGET_BUFFER = "/set_target_buffer"
+PATH_SET_DO_AUTOZOOM = "/set_do_autozoom"
+PATH_RESET_INTERACTIONS = "/reset_interactions"
+PATH_UNDO = "/undo"
+PATH_PREDICT = "/predict"
+PATH_ADD_POINT = "/add_point_interaction"
+PATH_ADD_BBOX = "/add_bbox_interaction"
+PATH_ADD_SCRIBBLE = "/add_scribble_interaction"
+PATH_ADD_LASSO = "/add_lasso_interaction"
+PATH_ADD_INITIAL_SEG = "/add_initial_seg_interaction"
+
+# Our additions (never used by the official client).
+PATH_SERVER_INFO = "/x/info"  # version, model, license, timing of the last request
+TIMING_HEADER = "X-NNI-Timing"  # per-phase server timings in ms, JSON; ignored by official clients
