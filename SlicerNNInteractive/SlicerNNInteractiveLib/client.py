@@ -1,0 +1,464 @@
+"""A client for nnInteractive 2.6's remote protocol (our server or the official ``nninteractive-server``).
+
+``RemoteSession`` has the public API of the official ``nnInteractiveRemoteInferenceSession`` (which itself
+mirrors the in-process ``nnInteractiveInferenceSession``), so code written for either keeps working:
+
+    import sys; sys.path.insert(0, "<repo>/SlicerNNInteractive")
+    from SlicerNNInteractiveLib.client import RemoteSession
+    with RemoteSession("http://gpu-node:1527", api_key="...") as s:
+        s.set_image(image[None])                       # [c, x, y, z]
+        s.set_target_buffer(mask)                      # uint8 [x, y, z], updated in place
+        s.add_point_interaction((10, 20, 30), include_interaction=True)
+
+Needs only numpy, requests and blosc2. Errors are the typed ones of ``errors.py``. Every call records
+``last_timing``: milliseconds spent encoding, in the HTTP exchange, decoding and writing, plus the
+server's own phases when the server reports them, and the bytes sent and received.
+"""
+
+import ipaddress
+import json
+import os
+import threading
+import time
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from . import protocol as P
+from .errors import (
+    BadRequestError,
+    NNInteractiveError,
+    NotAServerError,
+    ServerAtCapacityError,
+    ServerError,
+    ServerTimeoutError,
+    ServerUnreachableError,
+    SessionExpiredError,
+    UnauthorizedError,
+)
+from .wire import IMAGE_CODEC, MASK_CODEC, WireFormatError, pack_array, unpack_array
+
+DEFAULT_PORT = 1527
+
+
+def normalize_url(url):
+    """Return ``url`` as ``http(s)://host:port`` without a trailing slash, or raise ValueError saying why not."""
+    url = (url or "").strip()
+    if not url:
+        raise ValueError("The server URL is empty. Enter one such as http://127.0.0.1:%d" % DEFAULT_PORT)
+    if "://" not in url:
+        url = "http://" + url
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError("The server URL must start with http:// or https://, not %s://" % parts.scheme)
+    if not parts.hostname:
+        raise ValueError("The server URL %r names no host. Enter one such as http://127.0.0.1:%d" % (url, DEFAULT_PORT))
+    try:
+        parts.port
+    except ValueError:
+        raise ValueError("The port in the server URL %r is not a number between 1 and 65535" % url)
+    return url.rstrip("/")
+
+
+def is_local_url(url):
+    """True when the URL points at this computer (loopback), so no image leaves the machine."""
+    host = urlsplit(normalize_url(url)).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _detail(resp):
+    """The server's explanation of an error response, or None when the body is not our JSON."""
+    try:
+        data = resp.json()
+    except ValueError:
+        return None
+    if isinstance(data, dict):
+        detail = data.get("detail")
+        if isinstance(detail, str):
+            return detail
+        if detail is not None:
+            return json.dumps(detail)
+    return None
+
+
+def _looks_like_json(resp):
+    return resp.headers.get("content-type", "").split(";")[0].strip() == "application/json"
+
+
+class _Http:
+    """HTTP to one server, translating every failure into a typed error with a readable message."""
+
+    def __init__(self, server_url, api_key, connect_timeout, read_timeout):
+        import requests  # imported here so that importing this module stays free
+
+        self._requests = requests
+        self.server_url = normalize_url(server_url)
+        if api_key is None:
+            api_key = os.environ.get("NN_INTERACTIVE_API_KEY")
+        self._session = requests.Session()
+        if is_local_url(self.server_url):
+            # A proxy from the environment cannot reach this computer's loopback: never use one here.
+            self._session.trust_env = False
+        if api_key:
+            self._session.headers["Authorization"] = "Bearer " + api_key
+        self.headers = self._session.headers
+        self._timeout = (connect_timeout, read_timeout)
+        self._lock = threading.Lock()  # one request at a time (the heartbeat shares the connection)
+
+    def call(self, method, path, data=None, meta=None, timeout=None, json_type=False):
+        headers = {"Content-Type": "application/json"} if json_type else {}
+        if meta is not None:
+            headers[P.META_HEADER] = json.dumps(meta, separators=(",", ":"))
+            headers["Content-Type"] = P.OCTET_STREAM
+        url = self.server_url + path
+        try:
+            with self._lock:
+                resp = self._session.request(method, url, data=data, headers=headers,
+                                          timeout=timeout or self._timeout)
+        except self._requests.exceptions.ConnectTimeout:
+            raise ServerUnreachableError(
+                "Could not connect to %s within %.0f s. Check the URL, that the server is running, and any "
+                "firewall or VPN in between." % (self.server_url, self._timeout[0]))
+        except self._requests.exceptions.Timeout:
+            raise ServerTimeoutError(
+                "The server at %s did not answer %s in time. It may be busy or overloaded; try again, or raise "
+                "the timeout." % (self.server_url, path))
+        except self._requests.exceptions.ProxyError as exc:
+            raise ServerUnreachableError(
+                "A proxy refused the connection to %s (%s). Add the server's host to NO_PROXY or unset "
+                "HTTP_PROXY/HTTPS_PROXY." % (self.server_url, exc))
+        except self._requests.exceptions.ConnectionError as exc:
+            raise ServerUnreachableError(
+                "Cannot reach an nnInteractive server at %s: is it running, and are the host and port right? "
+                "(%s)" % (self.server_url, exc.__class__.__name__))
+        self._raise_for_status(resp, path)
+        return resp
+
+    def _raise_for_status(self, resp, path):
+        code = resp.status_code
+        if code < 400:
+            if path != P.PATH_HEALTHZ and resp.content[:1] == b"<":
+                raise NotAServerError(
+                    "%s answered with a web page, not an nnInteractive server response. A proxy or another web "
+                    "application is in the way: check the URL and port, or set NO_PROXY." % self.server_url)
+            return
+        detail = _detail(resp)
+        if code == 401:
+            raise UnauthorizedError(
+                "The server refused the API key (%s). Enter the key the server was started with "
+                "(--api-key or NN_INTERACTIVE_API_KEY)." % (detail or "unauthorized"))
+        if code == 410:
+            raise SessionExpiredError(
+                "The server no longer knows this session (%s): it timed out or the server restarted."
+                % (detail or "lease expired"))
+        if code == 503 and path == P.PATH_CLAIM:
+            retry = resp.headers.get("Retry-After")
+            raise ServerAtCapacityError(
+                "The server is serving its maximum number of users (%s). Try again %s, or ask its operator to "
+                "raise --max-sessions." % (detail or "at capacity", "in %s s" % retry if retry else "later"),
+                retry_after=float(retry) if retry and retry.replace(".", "", 1).isdigit() else None)
+        if detail is None or not _looks_like_json(resp):
+            raise NotAServerError(
+                "%s answered HTTP %d to %s, not like an nnInteractive server. Check the URL (and any proxy)."
+                % (self.server_url, code, path))
+        if code < 500:
+            raise BadRequestError("The server refused the request: %s" % detail, status_code=code)
+        raise ServerError("The server failed (HTTP %d): %s" % (code, detail))
+
+    def get_quietly(self, path, timeout):
+        """Status code of a GET, or None when nothing answered; never raises."""
+        try:
+            return self._session.get(self.server_url + path, timeout=timeout).status_code
+        except self._requests.exceptions.RequestException:
+            return None
+
+    def post_quietly(self, path, timeout):
+        try:
+            self._session.post(self.server_url + path, timeout=timeout)
+        except Exception:
+            pass
+
+    def close(self):
+        self._session.close()
+
+
+class RemoteSession:
+    """One leased session on an nnInteractive server; see the module docstring."""
+
+    def __init__(self, server_url, api_key=None, connect_timeout=5.0, read_timeout=60.0, upload_timeout=600.0,
+                 heartbeat=True):
+        self._http = _Http(server_url, api_key, connect_timeout, read_timeout)
+        self.server_url = self._http.server_url
+        self._upload_timeout = (connect_timeout, upload_timeout)
+        self._lease_token = None
+        self._stop_heartbeat = threading.Event()
+        self._heartbeat_thread = None
+        self.last_timing = {}
+        self.last_region = None
+        self._last_paste_bbox = None
+        self.target_buffer = None
+        self.original_image_shape = None
+
+        claim = self._http.call("POST", P.PATH_CLAIM).json()
+        self._lease_token = claim["lease_token"]
+        self._http.headers[P.LEASE_HEADER] = self._lease_token
+        self.idle_timeout_seconds = float(claim.get("idle_timeout_seconds", 0.0))
+        self.liveness_timeout_seconds = float(claim.get("liveness_timeout_seconds", 0.0))
+        # Servers behind a balancer may pin a session with a cookie set at claim time; requests keeps it.
+
+        caps = self._http.call("GET", P.PATH_CAPABILITIES).json()
+        self.capabilities = caps
+        self.supported_interactions = caps["supported_interactions"]
+        self.channel_mapping = {k: tuple(v) if isinstance(v, list) else v for k, v in caps["channel_mapping"].items()}
+        self.num_interaction_channels = caps["num_interaction_channels"]
+        self.supports_initial_label = caps["supports_initial_label"]
+        self.supports_zero_shot_label_refinement = caps["supports_zero_shot_label_refinement"]
+        self.preferred_scribble_thickness = caps["preferred_scribble_thickness"]
+        self.interaction_decay = caps["interaction_decay"]
+        self.INFERENCE_SESSION_VERSION = caps["inference_session_version"]
+        self.license = caps.get("license")
+        self.supports_undo = bool(caps.get("supports_undo", False))
+        self.do_autozoom = bool(caps.get("do_autozoom", True))
+
+        if heartbeat and self.liveness_timeout_seconds > 0:
+            interval = max(0.2, self.liveness_timeout_seconds / 3.0)
+            self._heartbeat_thread = threading.Thread(
+                target=self._heartbeat_loop, args=(interval,), name="nninteractive-heartbeat", daemon=True)
+            self._heartbeat_thread.start()
+
+    # ------------------------------------------------------------------ transport
+
+    def _post_array(self, path, arr, meta, codec, timeout=None):
+        t0 = time.perf_counter()
+        body = pack_array(arr, **codec)
+        t1 = time.perf_counter()
+        resp = self._http.call("POST", path, data=body, meta=meta, timeout=timeout)
+        t2 = time.perf_counter()
+        self._record_timing(resp, encode=t1 - t0, exchange=t2 - t1, sent=len(body))
+        return resp
+
+    def _post_json(self, path, payload):
+        t0 = time.perf_counter()
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        t1 = time.perf_counter()
+        resp = self._http.call("POST", path, data=body, meta=None, json_type=True)
+        self._record_timing(resp, encode=t1 - t0, exchange=time.perf_counter() - t1, sent=len(body))
+        return resp
+
+    def _record_timing(self, resp, encode, exchange, sent):
+        timing = {"encode_ms": encode * 1e3, "exchange_ms": exchange * 1e3, "decode_ms": 0.0, "write_ms": 0.0,
+                  "bytes_sent": sent, "bytes_received": len(resp.content)}
+        server = resp.headers.get(P.TIMING_HEADER)
+        if server:
+            try:
+                timing.update({"server_" + k: float(v) for k, v in json.loads(server).items()})
+            except (ValueError, AttributeError):
+                pass
+        self.last_timing = timing
+
+    def _apply_prediction(self, resp):
+        """Decode a prediction response; write its region into target_buffer. Returns ran_prediction."""
+        self._last_paste_bbox = None
+        self.last_region = None
+        meta_raw = resp.headers.get(P.META_HEADER)
+        if meta_raw is None:
+            raise NotAServerError("%s sent a prediction without its %s header; is this an nnInteractive server?"
+                                  % (self.server_url, P.META_HEADER))
+        meta = json.loads(meta_raw)
+        ran = bool(meta.get("ran_prediction", False))
+        bbox = meta.get("bbox")
+        if not ran or bbox is None:
+            return ran
+        self._last_paste_bbox = [[int(lo), int(hi)] for lo, hi in bbox]
+        if not resp.content:
+            return ran
+        t0 = time.perf_counter()
+        try:
+            region = unpack_array(resp.content)
+        except WireFormatError as exc:
+            raise NotAServerError("The server's answer could not be decoded (%s)." % exc)
+        expected = tuple(hi - lo for lo, hi in self._last_paste_bbox)
+        if region.shape != expected:
+            raise NotAServerError("The server sent a region of shape %s for a box of shape %s."
+                                  % (region.shape, expected))
+        t1 = time.perf_counter()
+        self.last_region = region
+        if self.target_buffer is not None:
+            self.target_buffer[tuple(slice(lo, hi) for lo, hi in self._last_paste_bbox)] = region
+        t2 = time.perf_counter()
+        self.last_timing["decode_ms"] = (t1 - t0) * 1e3
+        self.last_timing["write_ms"] = (t2 - t1) * 1e3
+        return ran
+
+    # ------------------------------------------------------------------ public API (official names)
+
+    def initialize_from_trained_model_folder(self, *args, **kwargs):
+        """No-op: the server loaded its model at start-up (kept for API compatibility)."""
+
+    def set_image(self, image, image_properties=None):
+        image = np.asarray(image)
+        if image.ndim != 4:
+            raise ValueError("expected a 4D image [c, x, y, z], got %dD with shape %s" % (image.ndim, image.shape))
+        meta = {"image_properties": _jsonable(image_properties or {})}
+        resp = self._post_array(P.PATH_SET_IMAGE, image, meta, IMAGE_CODEC, timeout=self._upload_timeout)
+        self.original_image_shape = tuple(resp.json()["original_image_shape"])
+        self.target_buffer = None
+
+    def set_target_buffer(self, target_buffer):
+        self.target_buffer = target_buffer
+        self._post_json(P.PATH_SET_TARGET_BUFFER,
+                        {"shape": list(target_buffer.shape), "dtype": str(np.dtype(target_buffer.dtype))})
+
+    def set_do_autozoom(self, do_autozoom):
+        self.do_autozoom = bool(do_autozoom)
+        self._post_json(P.PATH_SET_DO_AUTOZOOM, {"do_autozoom": bool(do_autozoom)})
+
+    def reset_interactions(self):
+        if self.target_buffer is not None:
+            self.target_buffer.fill(0)
+        self._post_json(P.PATH_RESET_INTERACTIONS, {})
+
+    def undo(self):
+        return self._apply_prediction(self._post_json(P.PATH_UNDO, {}))
+
+    def _predict(self, force_full_refine=False):
+        ran = self._apply_prediction(self._post_json(P.PATH_PREDICT, {"force_full_refine": bool(force_full_refine)}))
+        return self._last_paste_bbox if ran else None
+
+    def add_point_interaction(self, coordinates, include_interaction, run_prediction=True,
+                              override_capability_checks=False):
+        resp = self._post_json(P.PATH_ADD_POINT, {
+            "coordinates": [float(c) for c in coordinates], "include_interaction": bool(include_interaction),
+            "run_prediction": bool(run_prediction), "override_capability_checks": bool(override_capability_checks)})
+        self._apply_prediction(resp)
+        return self._last_paste_bbox
+
+    def add_bbox_interaction(self, bbox_coords, include_interaction, run_prediction=True,
+                             override_capability_checks=False):
+        resp = self._post_json(P.PATH_ADD_BBOX, {
+            "bbox_coords": [[int(lo), int(hi)] for lo, hi in bbox_coords],
+            "include_interaction": bool(include_interaction), "run_prediction": bool(run_prediction),
+            "override_capability_checks": bool(override_capability_checks)})
+        self._apply_prediction(resp)
+        return self._last_paste_bbox
+
+    def add_scribble_interaction(self, scribble_image, include_interaction, run_prediction=True,
+                                 override_capability_checks=False, interaction_bbox=None):
+        return self._add_mask(P.PATH_ADD_SCRIBBLE, scribble_image, include_interaction, run_prediction,
+                              override_capability_checks, interaction_bbox)
+
+    def add_lasso_interaction(self, lasso_image, include_interaction, run_prediction=True,
+                              override_capability_checks=False, interaction_bbox=None):
+        return self._add_mask(P.PATH_ADD_LASSO, lasso_image, include_interaction, run_prediction,
+                              override_capability_checks, interaction_bbox)
+
+    def _add_mask(self, path, mask, include_interaction, run_prediction, override_capability_checks, interaction_bbox):
+        meta = {"include_interaction": bool(include_interaction), "run_prediction": bool(run_prediction),
+                "override_capability_checks": bool(override_capability_checks),
+                "interaction_bbox": None if interaction_bbox is None
+                else [[int(lo), int(hi)] for lo, hi in interaction_bbox]}
+        self._apply_prediction(self._post_array(path, np.asarray(mask), meta, MASK_CODEC))
+        return self._last_paste_bbox
+
+    def add_initial_seg_interaction(self, initial_seg, run_prediction=False, override_capability_checks=False):
+        initial_seg = np.asarray(initial_seg)
+        meta = {"run_prediction": bool(run_prediction), "override_capability_checks": bool(override_capability_checks)}
+        resp = self._post_array(P.PATH_ADD_INITIAL_SEG, initial_seg, meta, MASK_CODEC)
+        # Like the in-process session, the buffer now holds the initial segmentation.
+        if self.target_buffer is not None and self.target_buffer is not initial_seg:
+            self.target_buffer[...] = initial_seg
+        self._apply_prediction(resp)
+        return self._last_paste_bbox
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def ping(self, timeout=5.0):
+        """True when the server answers its health check; never raises."""
+        return self._http.get_quietly(P.PATH_HEALTHZ, timeout) == 200
+
+    def heartbeat(self):
+        """Prove liveness (does not postpone the idle timeout). Returns seconds left before the idle timeout."""
+        return float(self._http.call("POST", P.PATH_HEARTBEAT).json().get("remaining_seconds", 0.0))
+
+    def lease_status(self):
+        """``{"remaining_seconds", "idle_timeout_seconds"}``; touches no clock on the server."""
+        return self._http.call("GET", P.PATH_LEASE_STATUS).json()
+
+    def _heartbeat_loop(self, interval):
+        while not self._stop_heartbeat.wait(interval):
+            try:
+                self.heartbeat()
+            except SessionExpiredError:
+                return
+            except NNInteractiveError:
+                continue  # a blip: the liveness timeout tolerates missed beats
+            except Exception:
+                return
+
+    def close(self):
+        """Stop the heartbeat and release the lease (idempotent, never raises)."""
+        self._stop_heartbeat.set()
+        thread, self._heartbeat_thread = self._heartbeat_thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5.0)
+        if self._lease_token is not None:
+            self._http.post_quietly(P.PATH_RELEASE, timeout=(2.0, 5.0))
+            self._lease_token = None
+            self._http.headers.pop(P.LEASE_HEADER, None)
+        self._http.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _jsonable(obj):
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def check_server(server_url, api_key=None, timeout=5.0):
+    """Describe the server at ``server_url`` for a "Test connection" button, or raise a typed error saying why not.
+
+    Returns a dict with ``version``, ``model``, ``license``, ``supported_interactions`` and more. Works with the
+    official server too (which lacks our ``/x/info``; its capabilities are used then). Claims no session.
+    """
+    http = _Http(server_url, api_key, timeout, timeout)
+    try:
+        health = http.call("GET", P.PATH_HEALTHZ)
+        if not _looks_like_json(health) or health.json().get("ok") is not True:
+            raise NotAServerError("%s answered, but not like an nnInteractive server." % http.server_url)
+        caps = http.call("GET", P.PATH_CAPABILITIES).json()
+        info = {"server": "nninteractive-server (official)", "model": None,
+                "version": caps.get("inference_session_version")}
+        try:
+            info.update(http.call("GET", P.PATH_SERVER_INFO).json())
+        except NotAServerError:
+            pass  # the official server has no /x/info
+        info.setdefault("license", caps.get("license"))
+        info["supported_interactions"] = [k for k, v in caps.get("supported_interactions", {}).items() if v]
+        info["preferred_scribble_thickness"] = caps.get("preferred_scribble_thickness")
+        info["supports_undo"] = caps.get("supports_undo", False)
+        return info
+    finally:
+        http.close()

@@ -1,0 +1,45 @@
+"""Typed errors of the client, each with a message a user can act on."""
+
+
+class NNInteractiveError(RuntimeError):
+    """Base class: ``str(err)`` is a sentence meant for the user."""
+
+
+class ServerUnreachableError(NNInteractiveError):
+    """No TCP connection (server down, wrong host or port, firewall, proxy)."""
+
+
+class NotAServerError(NNInteractiveError):
+    """Something answered, but not an nnInteractive server (a proxy page, another web app, a wrong path)."""
+
+
+class UnauthorizedError(NNInteractiveError):
+    """HTTP 401: the API key is missing or wrong."""
+
+
+class SessionExpiredError(NNInteractiveError):
+    """HTTP 410: the lease is unknown (idle or liveness timeout, server restart, another server behind a balancer)."""
+
+
+class ServerAtCapacityError(NNInteractiveError):
+    """HTTP 503 on claim: every session slot is taken."""
+
+    def __init__(self, message, retry_after=None):
+        NNInteractiveError.__init__(self, message)
+        self.retry_after = retry_after
+
+
+class BadRequestError(NNInteractiveError):
+    """HTTP 4xx other than the above: the server refused the input and said why."""
+
+    def __init__(self, message, status_code=400):
+        NNInteractiveError.__init__(self, message)
+        self.status_code = status_code
+
+
+class ServerTimeoutError(NNInteractiveError):
+    """The server did not answer within the configured time."""
+
+
+class ServerError(NNInteractiveError):
+    """HTTP 5xx other than capacity: a fault on the server side."""

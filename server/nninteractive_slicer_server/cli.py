@@ -1,0 +1,171 @@
+"""Command line: ``nninteractive-slicer-server`` and its companions to list and download models."""
+
+import argparse
+import ipaddress
+import logging
+import os
+import sys
+
+from .models import StartupError, check_model_dir, resolve_official
+
+log = logging.getLogger("nninteractive_slicer_server")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="nninteractive-slicer-server",
+        description="Serve nnInteractive promptable 3D segmentation over HTTP (nnInteractive 2.6 remote protocol).")
+    m = p.add_argument_group("model")
+    m.add_argument("--model", metavar="ID", help="official model id, downloaded on first use into "
+                   "$NNINTERACTIVE_MODEL_DIR (default ~/.nninteractive); default: the manifest's default model")
+    m.add_argument("--model-dir", metavar="DIR", help="serve a local model folder instead (no network needed)")
+    m.add_argument("--fold", help="fold folder to load (default: the only fold_* in --model-dir)")
+    m.add_argument("--checkpoint", default="checkpoint_final.pth", help="checkpoint file name (default %(default)s)")
+    n = p.add_argument_group("network")
+    n.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s; 0.0.0.0 for all)")
+    n.add_argument("--port", type=int, default=1527, help="port (default %(default)s)")
+    n.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $NN_INTERACTIVE_API_KEY)")
+    c = p.add_argument_group("compute")
+    c.add_argument("--device", default="cuda", help="cuda, cuda:N, cpu or mps (default %(default)s)")
+    c.add_argument("--torch-n-threads", type=int, default=8, help="CPU threads for torch (default %(default)s)")
+    c.add_argument("--no-torch-compile", action="store_true", help="do not compile the network (compiling is on "
+                   "by default on CUDA and paid once at start-up by a warm-up pass)")
+    c.add_argument("--no-autozoom", action="store_true", help="turn off adaptive zoom-out for all sessions")
+    s = p.add_argument_group("sessions")
+    s.add_argument("--max-sessions", type=int, default=1, help="concurrent users (default %(default)s); each holds "
+                   "its own image and state, all share one copy of the weights")
+    s.add_argument("--idle-timeout-seconds", type=float, default=600.0,
+                   help="reap a session after this long without a real action (default %(default)s)")
+    s.add_argument("--liveness-timeout-seconds", type=float, default=60.0,
+                   help="reap a session after this long without any request, heartbeats included (default %(default)s)")
+    o = p.add_argument_group("logging")
+    o.add_argument("--verbose", action="store_true", help="log what each session does")
+    o.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="log level (default %(default)s)")
+    return p
+
+
+def _is_loopback(host):
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_args(args):
+    if args.model and args.model_dir:
+        raise StartupError("Pass either --model (an official id) or --model-dir (a local folder), not both.")
+    if args.max_sessions < 1:
+        raise StartupError("--max-sessions must be at least 1.")
+    if args.idle_timeout_seconds <= 0 or args.liveness_timeout_seconds <= 0:
+        raise StartupError("--idle-timeout-seconds and --liveness-timeout-seconds must be positive.")
+    if not 0 < args.port < 65536:
+        raise StartupError("--port must be between 1 and 65535.")
+    if args.model_dir:
+        args.fold = check_model_dir(os.path.abspath(os.path.expanduser(args.model_dir)), args.fold, args.checkpoint)
+
+
+def check_device(name):
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise StartupError("--device %r is not a device; use cuda, cuda:N, cpu or mps." % name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise StartupError("--device %s was asked for but no CUDA GPU is usable here; check the NVIDIA driver "
+                               "(nvidia-smi), or start with --device cpu to try it (slowly) without a GPU." % name)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise StartupError("--device %s does not exist: this machine has %d CUDA device(s)."
+                               % (name, torch.cuda.device_count()))
+    if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise StartupError("--device mps was asked for but Apple's MPS is not available here; use --device cpu.")
+    return device
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        return serve(args)
+    except StartupError as exc:
+        print("nninteractive-slicer-server: %s" % exc, file=sys.stderr)
+        return 2
+
+
+def serve(args):
+    check_args(args)
+    api_key = args.api_key or os.environ.get("NN_INTERACTIVE_API_KEY") or None
+    device = check_device(args.device)
+    compile_ = not args.no_torch_compile and device.type == "cuda"
+    if args.model_dir:
+        model_dir, model_name = os.path.abspath(os.path.expanduser(args.model_dir)), None
+    else:
+        model_name, model_dir = resolve_official(args.model)
+        args.fold = check_model_dir(model_dir, args.fold, args.checkpoint)
+    if api_key is None and not _is_loopback(args.host):
+        log.warning("!" * 78)
+        log.warning("NO API KEY and listening on %s: anyone who reaches port %d can use this GPU and send images.",
+                    args.host, args.port)
+        log.warning("Pass --api-key KEY (or set NN_INTERACTIVE_API_KEY) before exposing the server.")
+        log.warning("!" * 78)
+
+    from .engine import Engine
+
+    try:
+        engine = Engine(model_dir, args.fold, args.checkpoint, device, args.torch_n_threads, compile_,
+                        do_autozoom=not args.no_autozoom, verbose=args.verbose, model_name=model_name)
+    except (RuntimeError, ValueError, KeyError, OSError) as exc:
+        raise StartupError("Could not load the model from %s (%s: %s); check that it is an nnInteractive model "
+                           "folder made for nnInteractive 2.6." % (model_dir, type(exc).__name__, exc))
+
+    import uvicorn
+
+    from .app import make_app
+
+    app = make_app(engine, args.max_sessions, args.idle_timeout_seconds, args.liveness_timeout_seconds, api_key)
+    log.info("serving %s on http://%s:%d (max %d session(s), %s)", engine.model_name, args.host, args.port,
+             args.max_sessions, "API key required" if api_key else "no API key")
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.verbose)
+    finally:
+        engine.shutdown()
+    return 0
+
+
+def list_models_main(argv=None):
+    p = argparse.ArgumentParser(prog="nninteractive-slicer-server-models",
+                                description="List the official nnInteractive models and which are downloaded.")
+    p.parse_args(argv)
+    from nnInteractive import model_management as mm
+
+    try:
+        models = mm.list_models()
+    except (RuntimeError, ValueError) as exc:
+        print("nninteractive-slicer-server-models: %s" % exc, file=sys.stderr)
+        return 2
+    for entry in models:
+        print("%-40s %-12s %s" % (entry["id"] + (" (default)" if entry.get("default") else ""),
+                                   "downloaded" if entry["downloaded"] else "-", entry.get("local_path") or ""))
+    return 0
+
+
+def download_main(argv=None):
+    p = argparse.ArgumentParser(prog="nninteractive-slicer-server-download",
+                                description="Download an official nnInteractive model ahead of serving it.")
+    p.add_argument("model", nargs="?", help="model id (default: the manifest's default model)")
+    a = p.parse_args(argv)
+    try:
+        model_id, path = resolve_official(a.model)
+    except StartupError as exc:
+        print("nninteractive-slicer-server-download: %s" % exc, file=sys.stderr)
+        return 2
+    print("%s is in %s" % (model_id, path))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
