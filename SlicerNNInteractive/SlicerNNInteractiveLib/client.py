@@ -314,6 +314,17 @@ class RemoteSession:
         self._post_json(P.PATH_SET_TARGET_BUFFER,
                         {"shape": list(target_buffer.shape), "dtype": str(np.dtype(target_buffer.dtype))})
 
+    def declare_target_buffer(self, shape, dtype="uint8"):
+        """Like set_target_buffer, but keep no local buffer: results stay in ``last_bbox`` / ``last_region`` for the
+        caller to merge itself (the Slicer module merges under Segment Editor masking rules)."""
+        self.target_buffer = None
+        self._post_json(P.PATH_SET_TARGET_BUFFER, {"shape": [int(d) for d in shape], "dtype": str(np.dtype(dtype))})
+
+    @property
+    def last_bbox(self):
+        """Half-open box ``[[lo, hi]] * 3`` of the region the last prediction or undo changed, or None."""
+        return self._last_paste_bbox
+
     def set_do_autozoom(self, do_autozoom):
         self.do_autozoom = bool(do_autozoom)
         self._post_json(P.PATH_SET_DO_AUTOZOOM, {"do_autozoom": bool(do_autozoom)})

@@ -120,17 +120,20 @@ def write_model_folder(out_dir: str, state_dict: dict, patch_size: Sequence[int]
 
 
 def make_random_model(out_dir: str, features: Sequence[int] = (4, 8, 16), patch_size: Sequence[int] = (64, 64, 64),
-                      seed: int = 0) -> str:
-    """A random network whose last layer is biased to background, so it predicts (almost) nothing and
-    never triggers autozoom, while still running every code path of the library."""
+                      seed: int = 0, background_bias: Optional[float] = 2.0) -> str:
+    """A random network. With ``background_bias`` its last layer is scaled down and biased to background, so it
+    predicts (almost) nothing and never triggers autozoom while still running every code path of the library.
+    With ``background_bias=None`` it predicts speckled, input-dependent masks: a good oracle for comparing two
+    ways of running the same prompts voxel for voxel (run it with autozoom off)."""
     import torch
 
     torch.manual_seed(seed)
     net = build_network(patch_size, features)
     seg = net.decoder.seg_layers[-1]
-    with torch.no_grad():
-        seg.weight.mul_(0.01)
-        seg.bias.copy_(torch.tensor([2.0, -2.0]))
+    if background_bias is not None:
+        with torch.no_grad():
+            seg.weight.mul_(0.01)
+            seg.bias.copy_(torch.tensor([background_bias, -background_bias]))
     return write_model_folder(out_dir, net.state_dict(), patch_size, features)
 
 

@@ -1,0 +1,197 @@
+"""Keep one server session in step with one image and one segment, sending each only when it changed.
+
+The server holds the image and, as its target buffer, the segment the prompts refine. Before each prompt
+``SyncedSession`` compares what it last sent with what the caller has now, cheaply: by a version the caller
+supplies (Slicer: the MTime of the image data and of the segment labelmap), or, when the caller gives none, by a
+checksum of the array's memory (no copy). It uploads the image again only after it changed, and the segment
+again only when it was edited outside the prompts or another segment was selected.
+
+Results are not written by ``prompt`` (which may run on a worker thread): ``apply`` writes the changed region into
+the caller's labelmap in place (on the caller's thread, optionally through a masking ``write`` function), then
+``segment_written`` records the segment's new version so the next prompt knows the server already has it.
+
+When the server forgot the session (idle timeout, restart, another server behind a balancer), ``prompt``
+claims a new one, sends the image and the current segment again, and repeats the prompt once.
+"""
+
+import time
+import zlib
+
+import numpy as np
+
+from .errors import SessionExpiredError
+
+KINDS = ("point", "bbox", "scribble", "lasso")
+
+
+def fingerprint(arr):
+    """A cheap checksum of an array's content and layout (adler32 over its memory, no copy when contiguous)."""
+    arr = np.ascontiguousarray(arr)
+    return (arr.shape, arr.dtype.str, zlib.adler32(memoryview(arr.reshape(-1)).cast("B")))
+
+
+class PromptResult:
+    """What one prompt (or undo) changed: ``bbox`` (half-open, array order) and ``region`` (the new mask there)."""
+
+    def __init__(self, kind, bbox, region, ran_prediction, timings):
+        self.kind = kind
+        self.bbox = bbox
+        self.region = region
+        self.ran_prediction = ran_prediction
+        self.timings = timings
+
+    @property
+    def slices(self):
+        return None if self.bbox is None else tuple(slice(lo, hi) for lo, hi in self.bbox)
+
+    def __repr__(self):
+        return "PromptResult(%s, bbox=%s)" % (self.kind, self.bbox)
+
+
+def _write_region(segment, slices, region):
+    segment[slices] = region
+
+
+class SyncedSession:
+    def __init__(self, connect):
+        """``connect()`` returns a new ``RemoteSession`` (it claims a lease); called lazily and after expiry."""
+        self._connect = connect
+        self._session = None
+        self._image_state = None  # (key, version) of the image the server has
+        self._segment_state = None  # (key, version) of the segment the server's target buffer holds
+        self.uploads = {"image": 0, "segment": 0}
+
+    @property
+    def session(self):
+        if self._session is None:
+            self._session = self._connect()
+            self._image_state = self._segment_state = None
+        return self._session
+
+    # ------------------------------------------------------------------ state
+
+    def _image_changed(self, image, key, version):
+        state = (key, version if version is not None else fingerprint(image))
+        return state != self._image_state, state
+
+    def _sync(self, image, segment, image_key, image_version, segment_key, segment_version, timings):
+        t0 = time.perf_counter()
+        changed, image_state = self._image_changed(image, image_key, image_version)
+        seg_state = (segment_key, segment_version if segment_version is not None else fingerprint(segment))
+        timings["detect_ms"] = (time.perf_counter() - t0) * 1e3
+        session = self.session
+        if changed:
+            if segment.shape != image.shape[-3:]:
+                raise ValueError("the segment's shape %s does not match the image's %s"
+                                 % (segment.shape, image.shape[-3:]))
+            t1 = time.perf_counter()
+            session.set_image(image if image.ndim == 4 else image[None])
+            session.declare_target_buffer(segment.shape, "uint8")
+            timings["upload_image_ms"] = (time.perf_counter() - t1) * 1e3
+            self._image_state, self._segment_state = image_state, None
+            self.uploads["image"] += 1
+        if seg_state != self._segment_state:
+            t1 = time.perf_counter()
+            if segment.any():
+                session.add_initial_seg_interaction(segment if segment.dtype == np.uint8 else segment.astype(np.uint8),
+                                                    run_prediction=False)
+            else:
+                session.reset_interactions()
+            timings["upload_segment_ms"] = (time.perf_counter() - t1) * 1e3
+            self._segment_state = seg_state
+            self.uploads["segment"] += 1
+
+    # ------------------------------------------------------------------ actions
+
+    def prompt(self, kind, args, image, segment, positive=True, image_key=None, image_version=None,
+               segment_key=None, segment_version=None):
+        """Send one prompt, first syncing image and segment if needed. Returns a ``PromptResult``.
+
+        ``kind`` is point / bbox / scribble / lasso; ``args``: ``{"coordinates": (i0, i1, i2)}``,
+        ``{"bbox": [[lo, hi]] * 3}``, or ``{"mask": array, "interaction_bbox": box or None}``, all in array order.
+        ``image`` is [x, y, z] or [c, x, y, z]; ``segment`` the caller's labelmap [x, y, z] (read, not written).
+        """
+        if kind not in KINDS:
+            raise ValueError("unknown prompt kind %r; use one of %s" % (kind, ", ".join(KINDS)))
+        for attempt in (0, 1):
+            timings = {}
+            try:
+                self._sync(image, segment, image_key, image_version, segment_key, segment_version, timings)
+                return self._send(kind, args, bool(positive), timings)
+            except SessionExpiredError:
+                if attempt:
+                    raise
+                self._drop_session()
+        raise AssertionError("unreachable")
+
+    def _send(self, kind, args, positive, timings):
+        s = self.session
+        if kind == "point":
+            s.add_point_interaction(args["coordinates"], include_interaction=positive)
+        elif kind == "bbox":
+            s.add_bbox_interaction(args["bbox"], include_interaction=positive)
+        else:
+            method = s.add_scribble_interaction if kind == "scribble" else s.add_lasso_interaction
+            method(args["mask"], include_interaction=positive, interaction_bbox=args.get("interaction_bbox"))
+        return self._result(kind, True, timings)
+
+    def _result(self, kind, ran, timings):
+        s = self._session
+        timings.update(s.last_timing)
+        return PromptResult(kind, s.last_bbox, s.last_region, ran, timings)
+
+    def undo(self):
+        """Undo the last prompt on the server; ``apply`` the result to restore the region. None when the
+        server session is gone (nothing to undo there)."""
+        if self._session is None:
+            return None
+        try:
+            ran = self._session.undo()
+        except SessionExpiredError:
+            self._drop_session()
+            return None
+        return self._result("undo", ran, {})
+
+    def reset(self):
+        """Forget the server's interactions; the next prompt sends the current segment again."""
+        self._segment_state = None
+        if self._session is not None and self._image_state is not None:
+            try:
+                self._session.reset_interactions()
+            except SessionExpiredError:
+                self._drop_session()
+
+    def apply(self, result, segment, write=None):
+        """Write ``result``'s region into ``segment`` in place (through ``write(segment, slices, region)`` if given).
+        Returns the slices written, or None when nothing changed."""
+        if result is None or result.region is None:
+            return None
+        t0 = time.perf_counter()
+        (write or _write_region)(segment, result.slices, result.region)
+        result.timings["apply_ms"] = (time.perf_counter() - t0) * 1e3
+        return result.slices
+
+    def segment_written(self, segment_key, version=None, segment=None):
+        """Record that the server's target buffer and the caller's segment now agree (after ``apply``): pass the
+        segment's new ``version``, or the ``segment`` itself to checksum it."""
+        if version is None:
+            if segment is None:
+                raise ValueError("pass the segment's new version, or the segment to checksum")
+            version = fingerprint(segment)
+        self._segment_state = (segment_key, version)
+
+    def prompt_and_apply(self, kind, args, image, segment, positive=True, write=None):
+        """For scripts: prompt, write the result into ``segment`` and record it (checksums, no versions needed)."""
+        result = self.prompt(kind, args, image, segment, positive)
+        if self.apply(result, segment, write) is not None:
+            self.segment_written(None, segment=segment)
+        return result
+
+    def _drop_session(self):
+        session, self._session = self._session, None
+        self._image_state = self._segment_state = None
+        if session is not None:
+            session.close()
+
+    def close(self):
+        self._drop_session()

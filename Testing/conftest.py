@@ -1,0 +1,100 @@
+"""Fixtures: real server processes on loopback (ours and the official one) and the tiny models they serve.
+
+Servers run from this working tree (PYTHONPATH), one per test module or configuration: importing nnInteractive
+takes seconds, so a server is started once and shared.
+"""
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "SlicerNNInteractive"))
+sys.path.insert(0, os.path.join(REPO, "Testing", "models"))
+SERVER_ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
+    [os.path.join(REPO, "server"), os.path.join(REPO, "SlicerNNInteractive"), os.environ.get("PYTHONPATH", "")]),
+    PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", NO_PROXY="127.0.0.1,localhost")
+BLOB_MODEL = os.path.join(REPO, "Testing", "models", "blobs")
+TORCH_THREADS = "2"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running(cmd, url, log_path, timeout=120.0):
+    """Start ``cmd``, wait until ``url``/healthz answers, yield, then stop it."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=SERVER_ENV)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError("server exited with %s:\n%s" % (proc.returncode, open(log_path).read()[-3000:]))
+            try:
+                if requests.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("server did not answer in %.0f s:\n%s" % (timeout, open(log_path).read()[-3000:]))
+            time.sleep(0.2)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@contextlib.contextmanager
+def our_server(model_dir, tmp_dir, *flags):
+    port = free_port()
+    url = "http://127.0.0.1:%d" % port
+    cmd = [sys.executable, "-m", "nninteractive_slicer_server", "--model-dir", str(model_dir), "--device", "cpu",
+           "--port", str(port), "--torch-n-threads", TORCH_THREADS, *flags]
+    with running(cmd, url, os.path.join(str(tmp_dir), "server-%d.log" % port)) as proc:
+        yield url, proc
+
+
+@contextlib.contextmanager
+def official_server(model_dir, tmp_dir, *flags):
+    port = free_port()
+    url = "http://127.0.0.1:%d" % port
+    cmd = [sys.executable, "-m", "nnInteractive.inference.server.main", "--model-dir", str(model_dir), "--fold", "0",
+           "--device", "cpu", "--port", str(port), "--torch-n-threads", TORCH_THREADS, *flags]
+    with running(cmd, url, os.path.join(str(tmp_dir), "official-%d.log" % port)) as proc:
+        yield url, proc
+
+
+@pytest.fixture(scope="session")
+def speckle_model(tmp_path_factory):
+    """Random weights that predict input-dependent speckle: the voxel-for-voxel oracle (autozoom off)."""
+    from tiny_models import make_random_model
+
+    return make_random_model(str(tmp_path_factory.mktemp("speckle")), background_bias=None)
+
+
+@pytest.fixture(scope="session")
+def quiet_model(tmp_path_factory):
+    """Random weights biased to background: fast, predicts nothing, exercises every code path."""
+    from tiny_models import make_random_model
+
+    return make_random_model(str(tmp_path_factory.mktemp("quiet")))
+
+
+@pytest.fixture(scope="session")
+def blob_model():
+    if not os.path.isfile(os.path.join(BLOB_MODEL, "fold_0", "checkpoint_final.pth")):
+        pytest.fail("the trained test model is missing from Testing/models/blobs")
+    return BLOB_MODEL

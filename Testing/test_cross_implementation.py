@@ -1,0 +1,108 @@
+"""Both directions of compatibility with nnInteractive 2.6's own remote implementation:
+the official client (unchanged) drives our server, and our client drives the official server, through every
+public call; masks must equal the in-process session's."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+from conftest import official_server, our_server
+from test_equivalence import local_session, make_image, steps
+
+from SlicerNNInteractiveLib.client import RemoteSession
+from SlicerNNInteractiveLib.errors import SessionExpiredError
+
+
+@pytest.fixture(scope="module")
+def servers(speckle_model, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cross")
+    with our_server(speckle_model, tmp, "--no-autozoom") as (ours, _), \
+            official_server(speckle_model, tmp, "--no-autozoom", "--max-sessions", "1") as (official, _):
+        yield {"ours": ours, "official": official}
+
+
+@pytest.fixture(scope="module")
+def reference(speckle_model):
+    """Target buffer after each step, in process."""
+    image = make_image()
+    s = local_session(speckle_model)
+    buf = np.zeros(image.shape[1:], np.uint8)
+    s.set_image(image)
+    s.set_target_buffer(buf)
+    out = []
+    for name, call in steps(image.shape):
+        call(s)
+        out.append((name, buf.copy()))
+    return out
+
+
+def official_client(url):
+    from nnInteractive.inference.remote import nnInteractiveRemoteInferenceSession
+
+    return nnInteractiveRemoteInferenceSession(url)
+
+
+def run_all_calls(session, reference):
+    """Every public call of the remote session API, with results checked against the in-process reference."""
+    image = make_image()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        session.initialize_from_trained_model_folder("/unused")  # a documented no-op on remote sessions
+    assert session.ping() is True
+    assert session.supported_interactions["points"] is True
+    assert session.preferred_scribble_thickness
+    assert session.license == "Apache-2.0"
+    assert session.supports_undo is True
+    session.set_do_autozoom(False)
+    assert session.do_autozoom is False
+    session.set_image(image)
+    assert tuple(session.original_image_shape) == image.shape
+    buf = np.zeros(image.shape[1:], np.uint8)
+    session.set_target_buffer(buf)
+    for (name, call), (ref_name, expected) in zip(steps(image.shape), reference):
+        assert name == ref_name
+        call(session)
+        assert np.array_equal(buf, expected), "step %s differs by %d voxels" % (name, int((buf != expected).sum()))
+    remaining = session.heartbeat()
+    assert 0 < remaining <= session.idle_timeout_seconds
+    status = session.lease_status()
+    assert set(status) >= {"remaining_seconds", "idle_timeout_seconds"}
+
+
+def test_official_client_drives_our_server(servers, reference):
+    with official_client(servers["ours"]) as s:
+        run_all_calls(s, reference)
+    # close() released the lease: a new client gets the only slot at once.
+    with official_client(servers["ours"]) as s:
+        assert s.ping()
+
+
+def test_our_client_drives_official_server(servers, reference):
+    with RemoteSession(servers["official"]) as s:
+        run_all_calls(s, reference)
+    with RemoteSession(servers["official"]) as s:
+        assert s.ping()
+
+
+def test_official_client_sees_expired_lease_on_our_server(servers):
+    from nnInteractive.inference.remote import SessionExpiredError as OfficialExpired
+
+    import requests
+
+    s = official_client(servers["ours"])
+
+    requests.post(servers["ours"] + "/release", headers={"X-Lease-Token": s._lease_token})
+    with pytest.raises(OfficialExpired):
+        s.heartbeat()
+    s.close()
+
+
+def test_our_client_sees_expired_lease_on_official_server(servers):
+    import requests
+
+    s = RemoteSession(servers["official"], heartbeat=False)
+    requests.post(servers["official"] + "/release", headers={"X-Lease-Token": s._lease_token})
+    with pytest.raises(SessionExpiredError):
+        s.lease_status()
+    s.close()
