@@ -1,0 +1,108 @@
+"""Leases: capacity, release, idle and liveness reaping, isolation between sessions, API keys."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+
+from conftest import our_server
+from test_equivalence import make_image
+
+from SlicerNNInteractiveLib.client import RemoteSession
+from SlicerNNInteractiveLib.errors import ServerAtCapacityError, SessionExpiredError, UnauthorizedError
+
+KEY = "s3cret-key"
+
+
+@pytest.fixture(scope="module")
+def server(speckle_model, tmp_path_factory):
+    with our_server(speckle_model, tmp_path_factory.mktemp("leases"), "--no-autozoom", "--max-sessions", "2",
+                    "--idle-timeout-seconds", "4", "--liveness-timeout-seconds", "1.5", "--api-key", KEY) as (url, _):
+        yield url
+
+
+def test_capacity_and_release(server):
+    a = RemoteSession(server, api_key=KEY)
+    b = RemoteSession(server, api_key=KEY)
+    with pytest.raises(ServerAtCapacityError) as err:
+        RemoteSession(server, api_key=KEY)
+    assert err.value.retry_after == 10
+    assert "max-sessions" in str(err.value)
+    raw = requests.post(server + "/claim", headers={"Authorization": "Bearer " + KEY})
+    assert raw.status_code == 503 and raw.headers["Retry-After"] == "10"
+    a.close()
+    c = RemoteSession(server, api_key=KEY)  # the released slot is free again at once
+    # release is idempotent
+    assert requests.post(server + "/release", headers={"Authorization": "Bearer " + KEY,
+                                                        "X-Lease-Token": "no-such-lease"}).status_code == 200
+    b.close()
+    c.close()
+
+
+def test_wrong_or_missing_key_is_401_at_construction(server):
+    with pytest.raises(UnauthorizedError):
+        RemoteSession(server, api_key="wrong")
+    with pytest.raises(UnauthorizedError):
+        RemoteSession(server, api_key="")
+    assert requests.get(server + "/healthz").status_code == 200  # health needs no key
+    assert requests.get(server + "/capabilities").status_code == 401
+
+
+def test_liveness_reaping_frees_a_dead_clients_slot(server):
+    dead = RemoteSession(server, api_key=KEY, heartbeat=False)  # a client that crashed: no heartbeats
+    alive = RemoteSession(server, api_key=KEY)  # heartbeats every liveness/3
+    time.sleep(3.0)
+    with pytest.raises(SessionExpiredError):
+        dead.lease_status()
+    alive.lease_status()  # still there: heartbeats kept it alive
+    dead.close()
+    alive.close()
+
+
+def test_idle_reaping_ignores_heartbeats_but_actions_postpone_it(server):
+    s = RemoteSession(server, api_key=KEY)
+    s.set_do_autozoom(False)  # a real action
+    before = s.lease_status()["remaining_seconds"]
+    time.sleep(1.0)
+    after = s.lease_status()["remaining_seconds"]
+    assert after < before  # heartbeats (running meanwhile) do not refresh the idle clock, lease_status neither
+    s.set_do_autozoom(False)
+    assert s.lease_status()["remaining_seconds"] > after
+    time.sleep(5.0)  # > idle timeout, heartbeats still flowing
+    with pytest.raises(SessionExpiredError):
+        s.set_do_autozoom(False)
+    s.close()
+
+
+def test_two_concurrent_sessions_never_see_each_others_state(server):
+    img_a = make_image(seed=1)
+    img_b = np.ascontiguousarray(make_image(seed=2)[:, ::-1])
+    results = {}
+
+    def work(name, image, point):
+        with RemoteSession(server, api_key=KEY) as s:
+            s.set_image(image)
+            buf = np.zeros(image.shape[1:], np.uint8)
+            s.set_target_buffer(buf)
+            for _ in range(3):
+                s.add_point_interaction(point, include_interaction=True)
+            results[name] = buf.copy()
+
+    threads = [threading.Thread(target=work, args=("a", img_a, (20, 30, 18))),
+               threading.Thread(target=work, args=("b", img_b, (25, 20, 10)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # Each equals what the same session gives when alone on the server.
+    for name, image, point in (("a", img_a, (20, 30, 18)), ("b", img_b, (25, 20, 10))):
+        with RemoteSession(server, api_key=KEY) as s:
+            s.set_image(image)
+            buf = np.zeros(image.shape[1:], np.uint8)
+            s.set_target_buffer(buf)
+            for _ in range(3):
+                s.add_point_interaction(point, include_interaction=True)
+        assert np.array_equal(results[name], buf)
+    assert not np.array_equal(results["a"], results["b"])
