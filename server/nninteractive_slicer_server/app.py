@@ -237,6 +237,10 @@ def make_app(engine, max_sessions=1, idle_timeout=600.0, liveness_timeout=60.0, 
 
             def apply(session):
                 validate.image(arr, image_channels)
+                try:  # a previous image's preprocessing must not finish after (and overwrite) this one
+                    session._finish_preprocessing_and_initialize_interactions()
+                except ValueError:
+                    pass  # that image was refused; it is being replaced anyway
                 session.set_image(arr, props)  # preprocessing continues in the session's background thread
                 return {"original_image_shape": list(session.original_image_shape)}
             return act(lease, apply)
