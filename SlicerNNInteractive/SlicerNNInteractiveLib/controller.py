@@ -1,0 +1,437 @@
+"""What happens between a prompt placed in the viewer and the segment changing: the module's brain.
+
+``Controller`` decides which segment receives a prompt (the selected one, or a new one when none is
+selected), keeps the positive / negative state, queues prompts in order and runs them one at a time on
+one worker thread (the caller's thread never waits for the network), merges each result into the segment
+under the editor's masking rules, keeps an undo stack in step with the server's, and resets or switches
+segments. Every scene access happens on the caller's thread (Slicer's GUI thread), inside ``poll()``;
+the worker thread only talks to the server, through ``sync.SyncedSession``.
+
+The host calls ``poll()`` periodically while ``busy`` (Slicer: a qt.QTimer); scripts call ``wait()``.
+
+The server's copy of the segment is kept in step cheaply: the controller keeps a *shadow* of the selected
+segment (a uint8 array the size of the image) which is refreshed from the scene only when the segment's
+version changed by other means (a hand edit, another segment), is updated region by region as results are
+written, and is what the sync layer uploads when the server needs the segment (first prompt, after a
+switch or an edit, after the server lost the session). The shadow is touched only while the worker is idle.
+"""
+
+import collections
+import threading
+import time
+import traceback
+
+from .errors import NNInteractiveError
+from .scene import UndoRecord
+from .sync import SyncedSession
+
+PROMPT_KINDS = ("point", "bbox", "scribble", "lasso")
+
+
+class Job(object):
+    """One queued action: a prompt (``kind`` in PROMPT_KINDS), "undo", "reset" or "connect"."""
+
+    __slots__ = ("kind", "args", "positive", "segment_key", "generation", "submitted", "timings", "label")
+
+    def __init__(self, kind, args=None, positive=True, segment_key=None, generation=0, prepare_ms=0.0, label=None):
+        self.kind = kind
+        self.args = args or {}
+        self.positive = bool(positive)
+        self.segment_key = segment_key
+        self.generation = generation
+        self.submitted = time.perf_counter()
+        self.timings = {"prepare_ms": float(prepare_ms)}
+        self.label = label
+
+    def __repr__(self):
+        return "Job(%s, %s, %s)" % (self.kind, "positive" if self.positive else "negative", self.segment_key)
+
+
+class _Future(object):
+    __slots__ = ("done", "result", "error", "trace")
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.result = None
+        self.error = None
+        self.trace = None
+
+
+class _Worker(object):
+    """One daemon thread running submitted callables in order."""
+
+    def __init__(self, name="nninteractive-worker"):
+        self._queue = collections.deque()
+        self._cv = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name=name)
+        self._thread.daemon = True
+        self._thread.start()
+
+    def submit(self, fn):
+        fut = _Future()
+        with self._cv:
+            if self._stopped:
+                raise RuntimeError("the worker thread was stopped")
+            self._queue.append((fn, fut))
+            self._cv.notify()
+        return fut
+
+    def _loop(self):
+        while True:
+            with self._cv:
+                while not self._queue and not self._stopped:
+                    self._cv.wait()
+                if self._stopped and not self._queue:
+                    return
+                fn, fut = self._queue.popleft()
+            try:
+                fut.result = fn()
+            except BaseException as exc:  # reported to the caller's thread, never lost
+                fut.error = exc
+                fut.trace = traceback.format_exc()
+            fut.done.set()
+
+    def stop(self, timeout=5.0):
+        with self._cv:
+            self._stopped = True
+            self._cv.notify()
+        self._thread.join(timeout)
+
+
+class Controller(object):
+    """See the module docstring.
+
+    ``scene``: a ``scene.Scene``; ``connect``: returns a new ``client.RemoteSession`` (called on the worker).
+    Callbacks (all called on the caller's thread, from ``poll()`` or the submitting call):
+    ``on_busy(busy, pending)``, ``on_error(exc, job)``, ``on_result(job, result, timings)``,
+    ``on_connected(capabilities)``.
+    """
+
+    def __init__(self, scene, connect, on_busy=None, on_error=None, on_result=None, on_connected=None,
+                 log=None):
+        self.scene = scene
+        self.sync = SyncedSession(connect)
+        self.on_busy = on_busy
+        self.on_error = on_error
+        self.on_result = on_result
+        self.on_connected = on_connected
+        self.log = log or (lambda msg: None)
+        self.positive = True
+        self.capabilities = None
+        self.timings = []  # one dict per finished interaction
+        self._pending = collections.deque()
+        self._inflight = None  # (job, future)
+        self._worker = None
+        self._generation = 0
+        self._undo = []
+        self._shadow = None
+        self._shadow_key = None
+        self._shadow_version = None
+        self._resync = False
+        self._busy_reported = False
+
+    # ------------------------------------------------------------------ prompt state
+
+    def set_positive(self, positive=True):
+        self.positive = bool(positive)
+
+    def toggle_positive(self):
+        self.positive = not self.positive
+        return self.positive
+
+    def current_segment(self, create=True):
+        """The segment prompts go to: the selected one, or a new one (selected) when none is."""
+        key = self.scene.selected_segment()
+        if key is None and create:
+            key = self.scene.add_segment()
+            self.log("Created segment %s for the prompts" % key)
+        return key
+
+    @property
+    def busy(self):
+        return self._inflight is not None or bool(self._pending)
+
+    @property
+    def pending(self):
+        return len(self._pending) + (1 if self._inflight is not None else 0)
+
+    # ------------------------------------------------------------------ actions (caller's thread)
+
+    def submit(self, kind, args, positive=None, prepare_ms=0.0, label=None):
+        """Queue a prompt for the current segment (created if needed). ``args`` as ``SyncedSession.prompt`` takes
+        them, in array order. Returns the Job."""
+        if kind not in PROMPT_KINDS:
+            raise ValueError("unknown prompt kind %r" % (kind,))
+        key = self.current_segment()
+        job = Job(kind, args, self.positive if positive is None else positive, key, self._generation, prepare_ms,
+                  label)
+        self._enqueue(job)
+        return job
+
+    def connect(self):
+        """Claim a session in the background (so the first prompt does not wait); ``on_connected`` reports."""
+        self._enqueue(Job("connect", generation=self._generation))
+
+    def next_segment(self):
+        """Add an empty segment, select it, prompts positive again. Returns its key."""
+        key = self.scene.add_segment()
+        self.positive = True
+        return key
+
+    def reset_segment(self):
+        """Clear the current segment and its prompts (here at once, on the server in queue order). Prompts of
+        this segment still queued are dropped; a result already on its way is discarded."""
+        key = self.scene.selected_segment()
+        self.positive = True
+        if key is None:
+            return None
+        self._generation += 1
+        self._pending = collections.deque(j for j in self._pending if j.segment_key != key or j.kind == "connect")
+        self._undo = [r for r in self._undo if r.segment_key != key]
+        self.scene.clear_segment(key)
+        self._enqueue(Job("reset", segment_key=key, generation=self._generation))
+        return key
+
+    def can_undo(self):
+        """Whether Ctrl+Z is ours (a prompt to undo, or prompts in the queue); otherwise leave it to the editor."""
+        if self._pending or self._inflight is not None:
+            return True
+        return self._undoable() is not None
+
+    def _undoable(self):
+        if not self._undo:
+            return None
+        record = self._undo[-1]
+        key = record.segment_key
+        if key != self.scene.selected_segment() or key != self._shadow_key:
+            return None
+        if key not in self.scene.segment_keys() or self.scene.segment_version(key) != self._shadow_version:
+            return None  # edited by hand since: the editor's own undo is the right one
+        return record
+
+    def undo(self):
+        """Queue an undo of the last prompt of the current segment. Returns False when there is none."""
+        if not self.can_undo():
+            return False
+        self._enqueue(Job("undo", segment_key=self.scene.selected_segment(), generation=self._generation))
+        return True
+
+    def _enqueue(self, job):
+        self._pending.append(job)
+        self.poll()
+
+    # ------------------------------------------------------------------ the pump (caller's thread)
+
+    def poll(self):
+        """Apply a finished job and start the next. Cheap; call it from a timer while ``busy``."""
+        if self._inflight is not None:
+            job, fut = self._inflight
+            if not fut.done.is_set():
+                self._report_busy()
+                return
+            self._inflight = None
+            self._finish(job, fut)
+        while self._inflight is None and self._pending:
+            job = self._pending.popleft()
+            try:
+                self._start(job)
+            except Exception as exc:  # preparing failed (the scene changed under us): report, keep going
+                self._fail(job, exc, traceback.format_exc())
+        self._report_busy()
+
+    def wait(self, timeout=120.0, interval=0.005):
+        """Poll until idle (for scripts and tests). Raises TimeoutError."""
+        deadline = time.monotonic() + timeout
+        while self.busy:
+            self.poll()
+            if not self.busy:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError("nnInteractive did not finish within %.0f s" % timeout)
+            time.sleep(interval)
+
+    def _report_busy(self):
+        busy = self.busy
+        if self.on_busy is not None and (busy or self._busy_reported):
+            self.on_busy(busy, self.pending)
+        self._busy_reported = busy
+
+    def _run(self, job, fn):
+        if self._worker is None:
+            self._worker = _Worker()
+        resync, self._resync = self._resync, False
+        sync = self.sync
+
+        def task():
+            if resync:
+                sync.reset()
+            return fn()
+
+        self._inflight = (job, self._worker.submit(task))
+
+    def _prepare_shadow(self, key):
+        """Make the shadow hold segment ``key`` as it is now; a full read only when it changed."""
+        version = self.scene.segment_version(key)
+        if key == self._shadow_key and version == self._shadow_version:
+            return version
+        if key != self._shadow_key or self._undo:
+            self._undo = []  # another segment, or a hand edit: the prompt history no longer applies
+        shape = self.scene.shape
+        out = self._shadow if (self._shadow is not None and self._shadow.shape == shape) else None
+        self._shadow = self.scene.read_segment(key, out=out)
+        self._shadow_key, self._shadow_version = key, version
+        return version
+
+    def _start(self, job):
+        t0 = time.perf_counter()
+        if job.kind == "connect":
+            sync = self.sync
+            self._run(job, lambda: sync.session.capabilities if hasattr(sync.session, "capabilities") else {})
+            return
+        if job.segment_key not in self.scene.segment_keys():
+            self.log("Segment %s was removed; its queued %s is dropped" % (job.segment_key, job.kind))
+            return
+        if job.kind == "reset":
+            sync = self.sync
+            self._run(job, sync.reset)
+            return
+        if job.kind == "undo":
+            self._start_undo(job, t0)
+            return
+        key = job.segment_key
+        scene = self.scene
+        image = scene.image_array()
+        image_key, image_version = scene.image_key(), scene.image_version()
+        version = self._prepare_shadow(key)
+        shadow, sync = self._shadow, self.sync
+        kind, args, positive = job.kind, job.args, job.positive
+        job.timings["prepare_ms"] += (time.perf_counter() - t0) * 1e3
+        job.timings["queued_ms"] = (t0 - job.submitted) * 1e3
+        self._run(job, lambda: sync.prompt(kind, args, image, shadow, positive, image_key, image_version, key,
+                                           version))
+
+    def _start_undo(self, job, t0):
+        record = self._undoable()
+        if record is None:
+            self.log("Nothing to undo")
+            return
+        self._undo.pop()
+        key = record.segment_key
+        self.scene.restore(record)
+        if key in record.regions:
+            self._shadow[tuple(slice(lo, hi) for lo, hi in record.bbox)] = record.regions[key]
+        self._shadow_version = self.scene.segment_version(key)
+        job.timings["apply_ms"] = (time.perf_counter() - t0) * 1e3
+        sync = self.sync
+        in_step = (record.server_step == self._server_step() and sync._session is not None
+                   and bool(getattr(sync._session, "supports_undo", False)))
+        if in_step:
+            self._run(job, sync.undo)
+        else:
+            self._run(job, sync.reset)  # the server cannot go back: the next prompt sends the segment again
+
+    def _server_step(self):
+        return (self.sync.uploads.get("image"), self.sync.uploads.get("segment"), id(self.sync._session))
+
+    def _finish(self, job, fut):
+        if fut.error is not None:
+            self._fail(job, fut.error, fut.trace)
+            return
+        if job.kind == "connect":
+            self.capabilities = fut.result
+            if self.on_connected is not None:
+                self.on_connected(fut.result)
+            return
+        if job.kind == "reset":
+            return
+        key = job.segment_key
+        if job.kind == "undo":
+            if key in self.scene.segment_keys():
+                self.sync.segment_written(key, self._shadow_version)
+            self._record_timing(job, fut.result, None)
+            return
+        result = fut.result
+        if job.generation != self._generation or key not in self.scene.segment_keys():
+            # The segment was reset (or removed) while this prompt ran: drop its result; the server forgets it
+            # with the reset queued behind.
+            return
+        t0 = time.perf_counter()
+        record = None
+        if result.region is not None and result.bbox is not None:
+            if self._shadow_key == key and self.scene.segment_version(key) != self._shadow_version:
+                # Edited by hand while the prompt ran: merge into what is there now, send it next time.
+                self._shadow_key = None
+            new_region, record = self.scene.merge(key, result.bbox, result.region)
+            if self._shadow_key == key:
+                self._shadow[result.slices] = new_region
+        if self._shadow_key == key:
+            self._shadow_version = self.scene.segment_version(key)
+            self.sync.segment_written(key, self._shadow_version)
+        if record is None:
+            record = UndoRecord(result.bbox or [[0, 0]] * 3, {})  # the server still took a step
+        record.segment_key = key
+        record.server_step = self._server_step()
+        self._undo.append(record)
+        result.timings["apply_ms"] = (time.perf_counter() - t0) * 1e3
+        self._record_timing(job, result, record)
+
+    def _record_timing(self, job, result, record):
+        timings = dict(job.timings)
+        if result is not None and getattr(result, "timings", None):
+            timings.update(result.timings)
+        timings["total_ms"] = (time.perf_counter() - job.submitted) * 1e3
+        timings["kind"] = job.kind
+        timings["positive"] = job.positive
+        if job.label:
+            timings["label"] = job.label
+        self.timings.append(timings)
+        self.log(format_timing(timings))
+        if self.on_result is not None:
+            self.on_result(job, result, timings)
+
+    def _fail(self, job, exc, trace=None):
+        # Nothing was written to the segment; prompts queued behind a failed one would fail the same way.
+        dropped = sum(1 for j in self._pending if j.kind in PROMPT_KINDS)
+        self._pending = collections.deque(j for j in self._pending if j.kind not in PROMPT_KINDS)
+        if not isinstance(exc, NNInteractiveError):
+            self.log("Unexpected error in %s:\n%s" % (job.kind, trace or ""))
+        if job.kind == "undo":
+            self._resync = True  # restored here, not on the server: send the segment with the next prompt
+        if self.on_error is not None:
+            self.on_error(exc, job, dropped)
+
+    def close(self):
+        self._pending.clear()
+        if self._worker is not None:
+            self._worker.stop(timeout=1.0)
+            self._worker = None
+        try:
+            self.sync.close()
+        except Exception:
+            pass
+
+
+PHASES = (
+    ("prepare_ms", "prepare"),
+    ("queued_ms", "queued"),
+    ("upload_image_ms", "upload image"),
+    ("upload_segment_ms", "upload segment"),
+    ("encode_ms", "encode"),
+    ("exchange_ms", "network+server"),
+    ("server_total_ms", "server"),
+    ("decode_ms", "decode"),
+    ("apply_ms", "apply"),
+    ("total_ms", "total"),
+)
+
+
+def format_timing(t):
+    """One line describing one interaction's timings."""
+    parts = ["%s:" % t.get("kind", "?")]
+    for key, name in PHASES:
+        if key in t:
+            parts.append("%s %.1f ms" % (name, t[key]))
+    if "bytes_sent" in t:
+        parts.append("sent %d B, received %d B" % (t["bytes_sent"], t.get("bytes_received", 0)))
+    return ", ".join(parts)

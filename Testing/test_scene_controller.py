@@ -1,0 +1,300 @@
+"""The controller against a real server: segment choice, queue, undo, reset, switching, masking, recovery, errors.
+
+The oracle is a plain SyncedSession writing into a numpy segment with the same prompts: with no masking the
+controller must produce the same segment voxel for voxel, through the labelmap-layer scene.
+"""
+
+import threading
+
+import numpy as np
+import pytest
+import requests
+
+from conftest import free_port, our_server
+from test_equivalence import make_image
+
+from SlicerNNInteractiveLib import masking as M
+from SlicerNNInteractiveLib.client import RemoteSession
+from SlicerNNInteractiveLib.controller import Controller, format_timing
+from SlicerNNInteractiveLib.errors import ServerUnreachableError
+from SlicerNNInteractiveLib.scene import ArrayScene
+from SlicerNNInteractiveLib.sync import SyncedSession
+
+POINTS = [(20, 30, 18), (22, 28, 18), (18, 33, 20), (25, 25, 15)]
+
+
+@pytest.fixture(scope="module")
+def server(speckle_model, tmp_path_factory):
+    with our_server(speckle_model, tmp_path_factory.mktemp("controller"), "--no-autozoom", "--max-sessions", "8") as (url, _):
+        yield url
+
+
+@pytest.fixture
+def image():
+    return make_image()[0]
+
+
+class Events(object):
+    def __init__(self):
+        self.errors, self.results, self.busy = [], [], []
+
+    def kwargs(self):
+        return dict(on_error=lambda exc, job, dropped: self.errors.append((exc, job, dropped)),
+                    on_result=lambda job, result, timings: self.results.append((job, timings)),
+                    on_busy=lambda busy, n: self.busy.append((busy, n)))
+
+
+@pytest.fixture
+def make(server):
+    made = []
+
+    def factory(scene, url=None):
+        ev = Events()
+        c = Controller(scene, lambda: RemoteSession(url or server), **ev.kwargs())
+        c.events = ev
+        made.append(c)
+        return c
+
+    yield factory
+    for c in made:
+        c.close()
+
+
+@pytest.fixture
+def oracle(server):
+    made = []
+
+    def run(image, prompts, segment=None):
+        s = SyncedSession(lambda: RemoteSession(server))
+        made.append(s)
+        seg = np.zeros(image.shape, np.uint8) if segment is None else segment.copy()
+        for kind, args, positive in prompts:
+            if kind == "undo":
+                r = s.undo()
+                s.apply(r, seg)
+                s.segment_written(None, segment=seg)
+            else:
+                s.prompt_and_apply(kind, args, image, seg, positive)
+        return seg
+
+    yield run
+    for s in made:
+        s.close()
+
+
+def pt(n, positive=True):
+    return ("point", {"coordinates": POINTS[n]}, positive)
+
+
+def submit(c, prompt):
+    kind, args, positive = prompt
+    c.set_positive(positive)
+    return c.submit(kind, args)
+
+
+def test_first_prompt_creates_a_segment_and_matches_the_oracle(make, oracle, image):
+    scene = ArrayScene(image)
+    c = make(scene)
+    prompts = [pt(0), pt(1, False), ("bbox", {"bbox": [[10, 30], [20, 40], [18, 19]]}, True)]
+    for p in prompts:
+        submit(c, p)
+    assert c.busy
+    c.wait()
+    key = scene.selected_segment()
+    assert key is not None and scene.segment_keys() == [key]
+    expected = oracle(image, prompts)
+    assert expected.any()
+    assert np.array_equal(scene.read_segment(key), expected)
+    assert c.sync.uploads == {"image": 1, "segment": 1}
+    assert c.events.errors == [] and len(c.events.results) == 3
+    assert c.events.busy[-1] == (False, 0)
+    for _, timings in c.events.results:
+        for phase in ("prepare_ms", "exchange_ms", "apply_ms", "total_ms"):
+            assert phase in timings
+        assert "network+server" in format_timing(timings)
+
+
+def test_queued_prompts_run_in_order_and_on_the_segment_they_were_placed_on(make, oracle, image):
+    scene = ArrayScene(image)
+    c = make(scene)
+    submit(c, pt(0))
+    submit(c, pt(1))
+    first = scene.selected_segment()
+    second = c.next_segment()  # while the first ones are still queued
+    assert c.positive
+    submit(c, pt(2))
+    c.wait()
+    assert [j.segment_key for j, _ in c.events.results] == [first, first, second]
+    assert np.array_equal(scene.read_segment(first), oracle(image, [pt(0), pt(1)]))
+    assert np.array_equal(scene.read_segment(second), oracle(image, [pt(2)]))
+    assert c.sync.uploads["segment"] == 2  # the second segment replaced the first on the server
+
+
+def test_switching_back_sends_the_segment_as_initial_mask(make, oracle, image):
+    scene = ArrayScene(image)
+    c = make(scene)
+    submit(c, pt(0))
+    c.wait()
+    a = scene.selected_segment()
+    after_a = scene.read_segment(a).copy()
+    c.next_segment()
+    submit(c, pt(1))
+    c.wait()
+    scene.select_segment(a)
+    submit(c, pt(2))
+    c.wait()
+    assert c.sync.uploads["segment"] == 3
+    assert np.array_equal(scene.read_segment(a), oracle(image, [pt(2)], segment=after_a))
+
+
+def test_undo_restores_the_segment_and_the_server_continues_from_there(make, oracle, image):
+    scene = ArrayScene(image)
+    c = make(scene)
+    submit(c, pt(0))
+    submit(c, pt(1, False))
+    c.wait()
+    key = scene.selected_segment()
+    assert not np.array_equal(scene.read_segment(key), oracle(image, [pt(0)]))  # the negative point changed it
+    assert c.can_undo()
+    assert c.undo()
+    c.wait()
+    assert np.array_equal(scene.read_segment(key), oracle(image, [pt(0)]))
+    submit(c, pt(2))
+    c.wait()
+    assert np.array_equal(scene.read_segment(key), oracle(image, [pt(0), pt(1, False), ("undo", None, True), pt(2)]))
+    assert c.sync.uploads["segment"] == 1  # undone on the server too, nothing re-sent
+    # Undo everything, then nothing left: Ctrl+Z belongs to the editor again.
+    assert c.undo() and c.undo()
+    c.wait()
+    assert not scene.read_segment(key).any()
+    assert not c.can_undo() and not c.undo()
+
+
+def test_undo_after_a_hand_edit_is_left_to_the_editor(make, image):
+    scene = ArrayScene(image)
+    c = make(scene)
+    submit(c, pt(0))
+    c.wait()
+    key = scene.selected_segment()
+    scene.edit(key, lambda m: m.__setitem__(np.s_[0:3, 0:3, 0:3], True))
+    assert not c.can_undo()
+
+
+def test_hand_edit_is_sent_before_the_next_prompt(make, oracle, image):
+    scene = ArrayScene(image)
+    c = make(scene)
+    submit(c, pt(0))
+    c.wait()
+    key = scene.selected_segment()
+
+    def paint(m):
+        m[30:36, 10:16, 25:30] = True
+
+    scene.edit(key, paint)
+    edited = scene.read_segment(key).copy()
+    submit(c, pt(1))
+    c.wait()
+    assert c.sync.uploads["segment"] == 2
+    assert np.array_equal(scene.read_segment(key), oracle(image, [pt(1)], segment=edited))
+
+
+def test_reset_clears_segment_and_prompts(make, oracle, image):
+    scene = ArrayScene(image)
+    c = make(scene)
+    submit(c, pt(0))
+    c.wait()
+    key = scene.selected_segment()
+    c.toggle_positive()
+    assert not c.positive
+    submit(c, pt(1))  # negative, still running when reset comes
+    c.reset_segment()
+    assert c.positive and not scene.read_segment(key).any()
+    c.wait()
+    assert not scene.read_segment(key).any()  # the in-flight result was discarded
+    submit(c, pt(2))
+    c.wait()
+    assert np.array_equal(scene.read_segment(key), oracle(image, [pt(2)]))
+
+
+def test_masking_settings_are_honoured(make, oracle, image):
+    locked = np.zeros(image.shape, bool)
+    locked[:, :30, :] = True
+    scene = ArrayScene(image, {"locked": locked})
+    scene.select_segment(None)
+    scene.settings = M.MaskingSettings(M.EDIT_OUTSIDE_ALL, M.OVERWRITE_ALL)
+    c = make(scene)
+    submit(c, pt(0))
+    c.wait()
+    key = scene.selected_segment()
+    assert key != "locked"
+    full = oracle(image, [pt(0)]).astype(bool)
+    assert full[:, :30].any() and full[:, 30:].any()
+    got = scene.read_segment(key).astype(bool)
+    assert np.array_equal(got, full & ~locked)
+    assert np.array_equal(scene.read_segment("locked").astype(bool), locked)
+    # Overwrite everywhere: the other segment loses what the prompt took.
+    scene.settings = M.MaskingSettings(M.EDIT_EVERYWHERE, M.OVERWRITE_ALL)
+    c.reset_segment()
+    submit(c, pt(0))
+    c.wait()
+    assert np.array_equal(scene.read_segment(key).astype(bool), full)
+    assert np.array_equal(scene.read_segment("locked").astype(bool), locked & ~full)
+    # ... and undo gives it back.
+    c.undo()
+    c.wait()
+    assert np.array_equal(scene.read_segment("locked").astype(bool), locked)
+
+
+def test_recovers_when_the_server_forgot_the_session(make, oracle, server, image):
+    scene = ArrayScene(image)
+    c = make(scene)
+    submit(c, pt(0))
+    c.wait()
+    key = scene.selected_segment()
+    before = scene.read_segment(key).copy()
+    requests.post(server + "/release", headers={"X-Lease-Token": c.sync.session._lease_token})
+    submit(c, pt(1))
+    c.wait()
+    assert c.events.errors == []
+    assert c.sync.uploads == {"image": 2, "segment": 2}
+    assert np.array_equal(scene.read_segment(key), oracle(image, [pt(1)], segment=before))
+    # The server's history is gone: undo restores here and makes the next prompt send the segment.
+    c.undo()
+    c.wait()
+    assert np.array_equal(scene.read_segment(key), before)
+
+
+def test_unreachable_server_reports_and_keeps_the_segment(make, image):
+    seg = np.zeros(image.shape, bool)
+    seg[5:10, 5:10, 5:10] = True
+    scene = ArrayScene(image, {"mine": seg})
+    scene.select_segment("mine")
+    c = make(scene, url="http://127.0.0.1:%d" % free_port())
+    submit(c, pt(0))
+    submit(c, pt(1))
+    c.wait()
+    assert len(c.events.errors) == 1
+    exc, job, dropped = c.events.errors[0]
+    assert isinstance(exc, ServerUnreachableError) and dropped == 1
+    assert "Cannot reach" in str(exc) or "connect" in str(exc)
+    assert np.array_equal(scene.read_segment("mine").astype(bool), seg)
+    assert not c.busy
+
+
+def test_the_caller_thread_never_waits(make, image):
+    scene = ArrayScene(image)
+    c = make(scene)
+    main = threading.current_thread()
+    seen = []
+    original = scene.merge
+
+    def merge(*a, **k):
+        seen.append(threading.current_thread() is main)
+        return original(*a, **k)
+
+    scene.merge = merge
+    submit(c, pt(0))
+    submit(c, pt(1))
+    assert c.pending == 2  # submit returned at once
+    c.wait()
+    assert seen == [True, True]  # scene writes on the caller's thread only
