@@ -298,3 +298,29 @@ def test_the_caller_thread_never_waits(make, image):
     assert c.pending == 2  # submit returned at once
     c.wait()
     assert seen == [True, True]  # scene writes on the caller's thread only
+
+
+def test_timing_run_reports_every_prompt_type(server):
+    from SlicerNNInteractiveLib import timing
+    from SlicerNNInteractiveLib.scene import ArrayScene as Scene
+
+    def make_controller(scene):
+        c = Controller(scene, lambda: RemoteSession(server))
+        c.last_errors = []
+        c.on_error = lambda exc, job, dropped: c.last_errors.append(exc)
+        return c
+
+    records = timing.run(Scene, make_controller, sizes=("S",), reps=2, log=lambda m: None)
+    summary = timing.summarize(records)
+    assert sorted(k for _, k in summary) == sorted(timing.KINDS + ("upload",))
+    for kind in timing.KINDS:
+        row = summary[("S", kind)]
+        assert row["total_ms"][2] == 2 and row["total_ms"][0] > 0
+    assert "upload_image_ms" in summary[("S", "upload")]
+    text = timing.format_summary(summary)
+    assert "scribble" in text and "+-" in text
+    # the prompts are well-formed for every size
+    for size, shape in timing.SIZES.items():
+        prompts = timing.prompts_for(shape)
+        assert prompts["scribble"]["mask"].shape == tuple(hi - lo for lo, hi in prompts["scribble"]["interaction_bbox"])
+        assert prompts["lasso"]["mask"].sum() > prompts["scribble"]["mask"].sum()
