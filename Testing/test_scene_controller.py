@@ -168,6 +168,11 @@ def test_undo_restores_the_segment_and_the_server_continues_from_there(make, ora
     c.wait()
     assert not scene.read_segment(key).any()
     assert not c.can_undo() and not c.undo()
+    # The server keeps one undo level, so it could not follow all the way back: the next prompt must start
+    # from the (now empty) segment the user sees, not from the server's stale one.
+    submit(c, pt(3))
+    c.wait()
+    assert np.array_equal(scene.read_segment(key), oracle(image, [pt(3)]))
 
 
 def test_undo_after_a_hand_edit_is_left_to_the_editor(make, image):

@@ -96,3 +96,18 @@ def test_recovers_after_the_server_forgot_the_session(sync, server):
     assert r.bbox is not None
     assert sync.uploads == {"image": 2, "segment": 2}  # a new session got the image and the current segment again
     assert segment.any() and before.any()
+
+
+def test_an_undo_the_server_cannot_do_makes_the_next_prompt_send_the_segment(sync):
+    image = make_image()[0]
+    segment = np.zeros(image.shape, np.uint8)
+    sync.prompt_and_apply("point", point(0), image, segment)
+    sync.prompt_and_apply("point", point(1), image, segment)
+    first = sync.undo()
+    assert first.ran_prediction  # the server keeps one level of undo
+    sync.apply(first, segment)
+    sync.segment_written(None, segment=segment)
+    assert not sync.undo().ran_prediction
+    uploads = sync.uploads["segment"]
+    sync.prompt_and_apply("point", point(2), image, segment)
+    assert sync.uploads["segment"] == uploads + 1

@@ -324,15 +324,14 @@ class Controller(object):
         self._shadow_version = self.scene.segment_version(key)
         job.timings["apply_ms"] = (time.perf_counter() - t0) * 1e3
         sync = self.sync
-        in_step = (record.server_step == self._server_step() and sync._session is not None
-                   and bool(getattr(sync._session, "supports_undo", False)))
+        in_step = record.server_step == self._server_step() and sync.supports_undo
         if in_step:
             self._run(job, sync.undo)
         else:
             self._run(job, sync.reset)  # the server cannot go back: the next prompt sends the segment again
 
     def _server_step(self):
-        return (self.sync.uploads.get("image"), self.sync.uploads.get("segment"), id(self.sync._session))
+        return self.sync.server_generation
 
     def _finish(self, job, fut):
         if fut.error is not None:
@@ -347,7 +346,9 @@ class Controller(object):
             return
         key = job.segment_key
         if job.kind == "undo":
-            if key in self.scene.segment_keys():
+            # Only when the server went back too (it keeps one level); otherwise the sync layer sends the
+            # restored segment with the next prompt.
+            if key in self.scene.segment_keys() and fut.result is not None and fut.result.ran_prediction:
                 self.sync.segment_written(key, self._shadow_version)
             self._record_timing(job, fut.result, None)
             return

@@ -60,13 +60,22 @@ class SyncedSession:
         self._image_state = None  # (key, version) of the image the server has
         self._segment_state = None  # (key, version) of the segment the server's target buffer holds
         self.uploads = {"image": 0, "segment": 0}
+        # Changes whenever the server's state stops following from the prompts alone (new session, image or
+        # segment upload): an undo recorded under another generation cannot be undone on the server.
+        self.server_generation = 0
 
     @property
     def session(self):
         if self._session is None:
             self._session = self._connect()
             self._image_state = self._segment_state = None
+            self.server_generation += 1
         return self._session
+
+    @property
+    def supports_undo(self):
+        """Whether the current server session can undo its last prompt (nnInteractive keeps one level)."""
+        return self._session is not None and bool(self._session.supports_undo)
 
     # ------------------------------------------------------------------ state
 
@@ -90,6 +99,7 @@ class SyncedSession:
             timings["upload_image_ms"] = (time.perf_counter() - t1) * 1e3
             self._image_state, self._segment_state = image_state, None
             self.uploads["image"] += 1
+            self.server_generation += 1
         if seg_state != self._segment_state:
             t1 = time.perf_counter()
             if segment.any():
@@ -100,6 +110,7 @@ class SyncedSession:
             timings["upload_segment_ms"] = (time.perf_counter() - t1) * 1e3
             self._segment_state = seg_state
             self.uploads["segment"] += 1
+            self.server_generation += 1
 
     # ------------------------------------------------------------------ actions
 
@@ -142,7 +153,8 @@ class SyncedSession:
 
     def undo(self):
         """Undo the last prompt on the server; ``apply`` the result to restore the region. None when the
-        server session is gone (nothing to undo there)."""
+        server session is gone. When the server had nothing left to undo (it keeps one level), its segment no
+        longer follows the caller's: the next prompt sends the segment again."""
         if self._session is None:
             return None
         try:
@@ -150,6 +162,8 @@ class SyncedSession:
         except SessionExpiredError:
             self._drop_session()
             return None
+        if not ran:
+            self._segment_state = None
         return self._result("undo", ran, {})
 
     def reset(self):
