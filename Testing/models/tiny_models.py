@@ -46,6 +46,22 @@ def architecture(features: Sequence[int], n_conv: int = 1) -> dict:
     }
 
 
+def resenc_architecture(features: Sequence[int], n_blocks: Sequence[int]) -> dict:
+    """nnU-Net's ResidualEncoderUNet (the family of nnInteractive's official model); same keys as ``architecture``."""
+    arch = architecture(features)
+    kw = arch["arch_kwargs"]
+    arch["network_class_name"] = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
+    kw["n_blocks_per_stage"] = list(n_blocks)
+    del kw["n_conv_per_stage"]
+    return arch
+
+
+# nnU-Net ResEnc-L, the size of nnInteractive's official network: 6 stages, 32-320 features, patch 192^3.
+RESENC_L_FEATURES = (32, 64, 128, 256, 320, 320)
+RESENC_L_BLOCKS = (1, 3, 4, 6, 6, 6)
+RESENC_L_PATCH = (192, 192, 192)
+
+
 def plans(patch_size: Sequence[int], arch: dict) -> dict:
     return {
         "dataset_name": "Dataset999_TinyBlobs",
@@ -84,28 +100,31 @@ def plans(patch_size: Sequence[int], arch: dict) -> dict:
     }
 
 
-def build_network(patch_size: Sequence[int], features: Sequence[int], n_conv: int = 1):
-    """The network the library will rebuild from plans.json (so weights always fit)."""
-    from dynamic_network_architectures.architectures.unet import PlainConvUNet
-    import torch
+def build_network(patch_size: Sequence[int], features: Sequence[int], n_conv: int = 1, arch: Optional[dict] = None):
+    """The network the library will rebuild from plans.json (so weights always fit); ``arch`` defaults to
+    ``architecture(features, n_conv)``."""
+    import importlib
 
-    kw = dict(architecture(features, n_conv)["arch_kwargs"])
-    kw["conv_op"] = torch.nn.Conv3d
-    kw["norm_op"] = torch.nn.InstanceNorm3d
-    kw["nonlin"] = torch.nn.LeakyReLU
-    kw["dropout_op"] = None
-    return PlainConvUNet(input_channels=IMAGE_CHANNELS + INTERACTION_CHANNELS, num_classes=2,
+    arch = arch or architecture(features, n_conv)
+    kw = dict(arch["arch_kwargs"])
+    for key in arch["_kw_requires_import"]:
+        if kw.get(key) is not None:
+            module, _, name = kw[key].rpartition(".")
+            kw[key] = getattr(importlib.import_module(module), name)
+    module, _, name = arch["network_class_name"].rpartition(".")
+    network_class = getattr(importlib.import_module(module), name)
+    return network_class(input_channels=IMAGE_CHANNELS + INTERACTION_CHANNELS, num_classes=2,
                          deep_supervision=False, **kw)
 
 
 def write_model_folder(out_dir: str, state_dict: dict, patch_size: Sequence[int], features: Sequence[int],
                        n_conv: int = 1, license_text: str = "Apache-2.0",
-                       inference_info: Optional[dict] = None) -> str:
+                       inference_info: Optional[dict] = None, arch: Optional[dict] = None) -> str:
     import torch
 
     os.makedirs(os.path.join(out_dir, "fold_0"), exist_ok=True)
     with open(os.path.join(out_dir, "plans.json"), "w") as f:
-        json.dump(plans(patch_size, architecture(features, n_conv)), f, indent=1)
+        json.dump(plans(patch_size, arch or architecture(features, n_conv)), f, indent=1)
     with open(os.path.join(out_dir, "dataset.json"), "w") as f:
         json.dump({"channel_names": {"0": "image"}, "labels": {"background": 0, "object": 1},
                    "numTraining": 0, "file_ending": ".nii.gz"}, f, indent=1)
@@ -135,6 +154,22 @@ def make_random_model(out_dir: str, features: Sequence[int] = (4, 8, 16), patch_
             seg.weight.mul_(0.01)
             seg.bias.copy_(torch.tensor([background_bias, -background_bias]))
     return write_model_folder(out_dir, net.state_dict(), patch_size, features)
+
+
+def make_random_resenc_l(out_dir: str, seed: int = 0, background_bias: Optional[float] = 2.0) -> str:
+    """A random network of the official model's size (ResEnc-L, ~100 M parameters, patch 192^3), for timing on a
+    GPU. Biased to background by default (like ``make_random_model``) so it never triggers autozoom."""
+    import torch
+
+    torch.manual_seed(seed)
+    arch = resenc_architecture(RESENC_L_FEATURES, RESENC_L_BLOCKS)
+    net = build_network(RESENC_L_PATCH, RESENC_L_FEATURES, arch=arch)
+    if background_bias is not None:
+        seg = net.decoder.seg_layers[-1]
+        with torch.no_grad():
+            seg.weight.mul_(0.01)
+            seg.bias.copy_(torch.tensor([background_bias, -background_bias]))
+    return write_model_folder(out_dir, net.state_dict(), RESENC_L_PATCH, RESENC_L_FEATURES, arch=arch)
 
 
 def main() -> None:
