@@ -237,22 +237,24 @@ class RemoteSession:
         t0 = time.perf_counter()
         body = pack_array(arr, **codec)
         t1 = time.perf_counter()
+        sent_at = time.time()
         resp = self._http.call("POST", path, data=body, meta=meta, timeout=timeout)
         t2 = time.perf_counter()
-        self._record_timing(resp, encode=t1 - t0, exchange=t2 - t1, sent=len(body))
+        self._record_timing(resp, encode=t1 - t0, exchange=t2 - t1, sent=len(body), sent_at=sent_at)
         return resp
 
     def _post_json(self, path, payload):
         t0 = time.perf_counter()
         body = json.dumps(payload, separators=(",", ":")).encode()
         t1 = time.perf_counter()
+        sent_at = time.time()
         resp = self._http.call("POST", path, data=body, meta=None, json_type=True)
-        self._record_timing(resp, encode=t1 - t0, exchange=time.perf_counter() - t1, sent=len(body))
+        self._record_timing(resp, encode=t1 - t0, exchange=time.perf_counter() - t1, sent=len(body), sent_at=sent_at)
         return resp
 
-    def _record_timing(self, resp, encode, exchange, sent):
+    def _record_timing(self, resp, encode, exchange, sent, sent_at=None):
         timing = {"encode_ms": encode * 1e3, "exchange_ms": exchange * 1e3, "decode_ms": 0.0, "write_ms": 0.0,
-                  "bytes_sent": sent, "bytes_received": len(resp.content)}
+                  "bytes_sent": sent, "bytes_received": len(resp.content), "sent_at": sent_at}
         server = resp.headers.get(P.TIMING_HEADER)
         if server:
             try:

@@ -136,6 +136,13 @@ def make_app(engine, max_sessions=1, idle_timeout=600.0, liveness_timeout=60.0, 
                 # The library reports bad input as ValueError/AssertionError; nothing else was touched.
                 raise HTTPException(400, str(exc) or type(exc).__name__)
 
+    def timing_header(timing):
+        # Durations in ms; "received_at" / "sent_at" are wall-clock stamps (s) that let a client on the same
+        # machine split the exchange into upload and download.
+        timing["sent_at"] = time.time()
+        return json.dumps({k: round(v, 6 if k.endswith("_at") else 3) for k, v in timing.items()},
+                          separators=(",", ":"))
+
     def predict_response(session, timing, ran, started):
         t0 = time.perf_counter()
         bbox = session._clipped_last_paste_bbox() if ran else None
@@ -151,7 +158,7 @@ def make_app(engine, max_sessions=1, idle_timeout=600.0, liveness_timeout=60.0, 
         timing["total"] = (time.perf_counter() - started) * 1e3
         return Response(body, media_type=P.OCTET_STREAM, headers={
             P.META_HEADER: json.dumps(meta, separators=(",", ":")),
-            P.TIMING_HEADER: json.dumps({k: round(v, 3) for k, v in timing.items()}, separators=(",", ":"))})
+            P.TIMING_HEADER: timing_header(timing)})
 
     def on_gpu(session, timing, started, fn):
         """Wait for this session's preprocessing here (not on the GPU thread), then run ``fn`` on the GPU thread."""
@@ -230,20 +237,27 @@ def make_app(engine, max_sessions=1, idle_timeout=600.0, liveness_timeout=60.0, 
         lease = lease_of(request)
         meta = meta_of(request)
         body = await request.body()
+        started = time.perf_counter()
+        timing = {"received_at": time.time()}
         props = meta.get("image_properties") or {}
 
         def work():
             arr = decode(body)
+            timing["decode"] = (time.perf_counter() - started) * 1e3
 
             def apply(session):
                 validate.image(arr, image_channels)
+                t0 = time.perf_counter()
                 try:  # a previous image's preprocessing must not finish after (and overwrite) this one
                     session._finish_preprocessing_and_initialize_interactions()
                 except ValueError:
                     pass  # that image was refused; it is being replaced anyway
+                timing["preprocess_wait"] = (time.perf_counter() - t0) * 1e3
                 session.set_image(arr, props)  # preprocessing continues in the session's background thread
                 return {"original_image_shape": list(session.original_image_shape)}
-            return act(lease, apply)
+            result = act(lease, apply)
+            timing["total"] = (time.perf_counter() - started) * 1e3
+            return JSONResponse(result, headers={P.TIMING_HEADER: timing_header(timing)})
         return await run_in_threadpool(work)
 
     @app.post(P.PATH_SET_TARGET_BUFFER)
@@ -307,6 +321,7 @@ def make_app(engine, max_sessions=1, idle_timeout=600.0, liveness_timeout=60.0, 
             lease = lease_of(request)
             payload = await json_body(request)
             started = time.perf_counter()
+            timing = {"received_at": time.time()}
             try:
                 include = validate.flag(payload, "include_interaction")
                 run = validate.flag(payload, "run_prediction", True)
@@ -318,7 +333,7 @@ def make_app(engine, max_sessions=1, idle_timeout=600.0, liveness_timeout=60.0, 
                 call(session, arg, include, run, override)
                 return run
             return await run_in_threadpool(
-                prompt, lease, lambda s: check(payload, s.original_image_shape[1:]), invoke, started, {})
+                prompt, lease, lambda s: check(payload, s.original_image_shape[1:]), invoke, started, timing)
         return route
 
     json_prompt_route(P.PATH_ADD_POINT, validate.point,
@@ -333,9 +348,10 @@ def make_app(engine, max_sessions=1, idle_timeout=600.0, liveness_timeout=60.0, 
             meta = meta_of(request)
             body = await request.body()
             started = time.perf_counter()
+            received_at = time.time()
 
             def work():
-                timing = {}
+                timing = {"received_at": received_at}
                 t0 = time.perf_counter()
                 mask = decode(body)
                 timing["decode"] = (time.perf_counter() - t0) * 1e3
