@@ -37,13 +37,13 @@ MAX_NDIM = 5
 MAX_ELEMENTS = 1 << 33  # 8 G elements: far beyond any real volume, small enough to refuse absurd headers
 CHUNK_BYTES = 1 << 30
 
-# Defaults measured in Testing/benchmark (see RESULTS.md there), L phantom 256x256x130 int16, 2 cores:
-# images: lz4 clevel 1 + bitshuffle had the fastest pack + unpack on smooth and on noisy images (about half of
-# lz4 5 + shuffle's time) at the best ratio on noisy ones (1.85x); on smooth ones 3.5x instead of 5x, i.e. 1.5 MB
-# more, which costs ~12 ms on 1 GbE and nothing on loopback. Masks (binary, mostly zero): lz4 clevel 3, no filter
-# had the fastest round trip for full-volume scribbles (~1.6 ms vs ~3.3 ms at clevel 5) and returned regions.
-IMAGE_CODEC = {"codec": "lz4", "clevel": 1, "filter": "bitshuffle"}
-MASK_CODEC = {"codec": "lz4", "clevel": 3, "filter": "none"}
+# Defaults measured in Testing/benchmark (RESULTS.md there), L phantom 256x256x130 int16, 2 cores, one run:
+# images: lz4 clevel 5 + shuffle had the lowest pack + unpack + 1 GbE transfer on smooth images (46.6 ms, 5.0x)
+# and within 3 % of the best on noisy ones (95.6 ms, 1.8x); bitshuffle packs no faster but unpacks 1.3-1.7x slower
+# (the server's side), zstd 2-3x slower for 1.2-2.4x smaller. Masks (binary, mostly zero; returned regions and
+# full-volume scribbles): lz4 clevel 5 without a filter, 1.0 ms / 1.9 ms round trip incl. 1 GbE.
+IMAGE_CODEC = {"codec": "lz4", "clevel": 5, "filter": "shuffle"}
+MASK_CODEC = {"codec": "lz4", "clevel": 5, "filter": "none"}
 
 _HEAD = struct.Struct("<4sBBBB")
 _CHUNK_HEAD = struct.Struct("<QQ")
