@@ -59,7 +59,6 @@ def make_phantom(shape: Sequence[int] = (64, 64, 64), n_blobs: int = 4, seed: in
     """
     shape = tuple(int(s) for s in shape)
     rng = np.random.RandomState(seed)
-    grids = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij")
 
     blobs: List[Blob] = []
     for k in range(n_blobs):
@@ -82,22 +81,33 @@ def make_phantom(shape: Sequence[int] = (64, 64, 64), n_blobs: int = 4, seed: in
     labels = np.zeros(shape, dtype=np.uint8)
     fg = np.zeros(shape, dtype=np.float32)
     for b in blobs:
-        d = sum(((g - c) / r) ** 2 for g, c, r in zip(grids, b.center, b.radii))
-        inside = d <= 1.0
-        labels[inside] = b.label
+        # work on the blob's bounding box only (open grids broadcast to it)
+        box = tuple(slice(max(0, int(c - r) - 2), min(s, int(c + r) + 3)) for c, r, s in zip(b.center, b.radii, shape))
+        axes = [((np.arange(sl.start, sl.stop, dtype=np.float32) - c) / r) ** 2
+                for sl, c, r in zip(box, b.center, b.radii)]
+        d = axes[0][:, None, None] + axes[1][None, :, None] + axes[2][None, None, :]
+        labels[box][d <= 1.0] = b.label
         # a soft edge about one voxel wide, centred on the label boundary
         r_eff = float(np.mean(b.radii))
-        fg += b.contrast * np.clip(0.5 - (np.sqrt(d) - 1.0) * r_eff, 0.0, 1.0)
+        fg[box] += b.contrast * np.clip(0.5 - (np.sqrt(d) - 1.0) * r_eff, 0.0, 1.0)
 
     level = rng.uniform(*background)
     direction = rng.normal(size=3)
     direction /= np.linalg.norm(direction)
-    ramp = sum(g / max(s, 1) * di for g, s, di in zip(grids, shape, direction)) * rng.uniform(0, 40)
-    wobble = ndimage.gaussian_filter(rng.normal(size=shape).astype(np.float32), sigma=6.0, mode="wrap")
+    ramp_axes = [np.arange(s, dtype=np.float32) / max(s, 1) * di for s, di in zip(shape, direction)]
+    ramp = (ramp_axes[0][:, None, None] + ramp_axes[1][None, :, None] + ramp_axes[2][None, None, :])
+    ramp *= rng.uniform(0, 40)
+    # low-frequency wobble: smooth noise on a 4x coarser grid, interpolated up
+    coarse = [int(np.ceil(s / 4)) + 1 for s in shape]
+    wobble = ndimage.gaussian_filter(rng.normal(size=coarse).astype(np.float32), sigma=1.5, mode="wrap")
+    for ax, s in enumerate(shape):  # separable linear interpolation, one axis at a time
+        pos = np.arange(s, dtype=np.float32) / 4
+        w = np.maximum(0.0, 1.0 - np.abs(pos[:, None] - np.arange(coarse[ax], dtype=np.float32)[None, :]))
+        wobble = np.moveaxis(np.tensordot(w, wobble, axes=(1, ax)), 0, ax)
     wobble *= rng.uniform(0, 25) / max(float(wobble.std()), 1e-6)
     img = level + ramp + wobble + fg
     if noise > 0:
-        img = img + rng.normal(scale=noise, size=shape)
+        img = img + rng.normal(scale=noise, size=shape).astype(np.float32)
     image = np.clip(np.round(img), -32768, 32767).astype(np.int16)
     return Phantom(image=image, labels=labels, blobs=blobs)
 
