@@ -106,3 +106,38 @@ def test_our_client_sees_expired_lease_on_official_server(servers):
     with pytest.raises(SessionExpiredError):
         s.lease_status()
     s.close()
+
+
+def big_image():
+    """Large enough (6.6 MB) for our client to stream it in chunks."""
+    rng = np.random.RandomState(3)
+    return (rng.normal(100, 30, (1, 160, 160, 130)) + 200).astype(np.int16)
+
+
+@pytest.mark.parametrize("side", ["ours", "official"])
+def test_streamed_image_upload_reaches_both_servers_intact(servers, side):
+    image = big_image()
+    with RemoteSession(servers[side]) as s:
+        s.set_image(image)
+        assert s.last_timing["bytes_sent"] > 0
+        buf = np.zeros(image.shape[1:], np.uint8)
+        s.set_target_buffer(buf)
+        s.add_point_interaction((80, 80, 60), include_interaction=True)
+        streamed = buf.copy()
+        # the same image sent in one piece gives the same answer
+        s._stream_array = s._post_array
+        s.set_image(image)
+        s.set_target_buffer(buf)
+        buf[:] = 0
+        s.add_point_interaction((80, 80, 60), include_interaction=True)
+        assert np.array_equal(streamed, buf) and buf.any()
+
+
+def test_streamed_upload_on_an_expired_lease_reads_as_expired(servers):
+    import requests
+
+    s = RemoteSession(servers["ours"], heartbeat=False)
+    requests.post(servers["ours"] + "/release", headers={"X-Lease-Token": s._lease_token})
+    with pytest.raises(SessionExpiredError):
+        s.set_image(big_image())
+    s.close()

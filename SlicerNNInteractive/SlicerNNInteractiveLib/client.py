@@ -36,7 +36,7 @@ from .errors import (
     SessionExpiredError,
     UnauthorizedError,
 )
-from .wire import IMAGE_CODEC, MASK_CODEC, WireFormatError, pack_array, unpack_array
+from .wire import IMAGE_CODEC, MASK_CODEC, STREAM_CHUNK_BYTES, WireFormatError, pack_array, pack_chunks, unpack_array
 
 DEFAULT_PORT = 1527
 
@@ -243,6 +243,32 @@ class RemoteSession:
         self._record_timing(resp, encode=t1 - t0, exchange=t2 - t1, sent=len(body), sent_at=sent_at)
         return resp
 
+    def _stream_array(self, path, arr, meta, codec, timeout=None):
+        """Like ``_post_array`` for large arrays: each chunk is sent as soon as it is compressed, and the server
+        decompresses it while the next one is compressed (a chunked request; any server reads it)."""
+        if arr.nbytes < 2 * STREAM_CHUNK_BYTES:
+            return self._post_array(path, arr, meta, codec, timeout)
+        spent = {"encode": 0.0, "sent": 0}
+
+        def pieces():
+            chunks = pack_chunks(arr, chunk_bytes=STREAM_CHUNK_BYTES, **codec)
+            while True:
+                t = time.perf_counter()
+                piece = next(chunks, None)
+                spent["encode"] += time.perf_counter() - t
+                if piece is None:
+                    return
+                spent["sent"] += len(piece)
+                yield piece
+
+        sent_at = time.time()
+        t0 = time.perf_counter()
+        resp = self._http.call("POST", path, data=pieces(), meta=meta, timeout=timeout)
+        total = time.perf_counter() - t0
+        self._record_timing(resp, encode=spent["encode"], exchange=total - spent["encode"], sent=spent["sent"],
+                            sent_at=sent_at)
+        return resp
+
     def _post_json(self, path, payload):
         t0 = time.perf_counter()
         body = json.dumps(payload, separators=(",", ":")).encode()
@@ -307,7 +333,7 @@ class RemoteSession:
         if image.ndim != 4:
             raise ValueError("expected a 4D image [c, x, y, z], got %dD with shape %s" % (image.ndim, image.shape))
         meta = {"image_properties": _jsonable(image_properties or {})}
-        resp = self._post_array(P.PATH_SET_IMAGE, image, meta, IMAGE_CODEC, timeout=self._upload_timeout)
+        resp = self._stream_array(P.PATH_SET_IMAGE, image, meta, IMAGE_CODEC, timeout=self._upload_timeout)
         self.original_image_shape = tuple(resp.json()["original_image_shape"])
         self.target_buffer = None
 

@@ -80,9 +80,17 @@ def prompts(shape):
     return {
         "point": {"coordinates": (cx, cy, cz)},
         "bbox": {"bbox": [[cx - rx, cx + rx], [cy - ry, cy + ry], [cz, cz + 1]]},
-        "scribble": {"mask": scribble},
-        "lasso": {"mask": lasso},
+        "scribble": cropped(scribble),
+        "lasso": cropped(lasso),
     }
+
+
+def cropped(mask):
+    """A mask prompt as the Slicer module sends it: cropped to its bounding box, with ``interaction_bbox``
+    (the rasterizer knows the box, so no full-volume mask is packed, sent or scanned)."""
+    box = [[int(np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != ax))).min()),
+            int(np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != ax))).max()) + 1] for ax in range(3)]
+    return {"mask": np.ascontiguousarray(mask[tuple(slice(lo, hi) for lo, hi in box)]), "interaction_bbox": box}
 
 
 # ---------------------------------------------------------------------------------------------- sides
@@ -167,9 +175,9 @@ def _call(s, kind, args, run):
     elif kind == "bbox":
         s.add_bbox_interaction(args["bbox"], True, run_prediction=run)
     elif kind == "scribble":
-        s.add_scribble_interaction(args["mask"], True, run_prediction=run)
+        s.add_scribble_interaction(args["mask"], True, run_prediction=run, interaction_bbox=args["interaction_bbox"])
     else:
-        s.add_lasso_interaction(args["mask"], True, run_prediction=run)
+        s.add_lasso_interaction(args["mask"], True, run_prediction=run, interaction_bbox=args["interaction_bbox"])
 
 
 def _remote_record(t, total_ms):

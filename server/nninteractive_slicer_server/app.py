@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from SlicerNNInteractiveLib import protocol as P
-from SlicerNNInteractiveLib.wire import MASK_CODEC, WireFormatError, pack_array, unpack_array
+from SlicerNNInteractiveLib.wire import MASK_CODEC, ArrayDecoder, WireFormatError, pack_array, unpack_array
 
 from . import __version__, validate
 from .leases import LeaseRegistry, ServerFull, UnknownLease
@@ -234,25 +234,41 @@ def make_app(engine, max_sessions=1, idle_timeout=600.0, liveness_timeout=60.0, 
 
     @app.post(P.PATH_SET_IMAGE)
     async def set_image(request: Request):
-        lease = lease_of(request)
-        meta = meta_of(request)
-        body = await request.body()
+        # The image is decoded while it arrives: each compressed chunk is decompressed as soon as it is complete,
+        # overlapping the transfer (clients that stream send it in small chunks; others in one).
+        try:
+            lease, meta, problem = lease_of(request), meta_of(request), None
+        except HTTPException as exc:
+            lease, meta, problem = None, {}, exc
+        decoder = ArrayDecoder()
         started = time.perf_counter()
-        timing = {"received_at": time.time()}
+        async for piece in request.stream():  # read it all even after a problem, so the client gets our answer
+            if problem is None:
+                try:
+                    decoder.feed(piece)
+                except WireFormatError as exc:
+                    problem = HTTPException(400, "could not decode the packed array: %s" % exc)
+        timing = {"received_at": time.time(), "stream_decode": (time.perf_counter() - started) * 1e3}
+        if problem is not None:
+            raise problem
         props = meta.get("image_properties") or {}
 
         def work():
-            arr = decode(body)
-            timing["decode"] = (time.perf_counter() - started) * 1e3
+            t0 = time.perf_counter()
+            try:
+                arr = decoder.finish()
+            except WireFormatError as exc:
+                raise HTTPException(400, "could not decode the packed array: %s" % exc)
+            timing["decode"] = (time.perf_counter() - t0) * 1e3
 
             def apply(session):
                 validate.image(arr, image_channels)
-                t0 = time.perf_counter()
+                t1 = time.perf_counter()
                 try:  # a previous image's preprocessing must not finish after (and overwrite) this one
                     session._finish_preprocessing_and_initialize_interactions()
                 except ValueError:
                     pass  # that image was refused; it is being replaced anyway
-                timing["preprocess_wait"] = (time.perf_counter() - t0) * 1e3
+                timing["preprocess_wait"] = (time.perf_counter() - t1) * 1e3
                 session.set_image(arr, props)  # preprocessing continues in the session's background thread
                 return {"original_image_shape": list(session.original_image_shape)}
             result = act(lease, apply)
