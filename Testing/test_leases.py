@@ -76,33 +76,27 @@ def test_idle_reaping_ignores_heartbeats_but_actions_postpone_it(server):
     s.close()
 
 
+def three_points(server, image, point):
+    """The segment after three identical positive clicks in a fresh session."""
+    with RemoteSession(server, api_key=KEY) as s:
+        s.set_image(image)
+        buf = np.zeros(image.shape[1:], np.uint8)
+        s.set_target_buffer(buf)
+        for _ in range(3):
+            s.add_point_interaction(point, include_interaction=True)
+    return buf
+
+
 def test_two_concurrent_sessions_never_see_each_others_state(server):
-    img_a = make_image(seed=1)
-    img_b = np.ascontiguousarray(make_image(seed=2)[:, ::-1])
+    cases = {"a": (make_image(seed=1), (20, 30, 18)),
+             "b": (np.ascontiguousarray(make_image(seed=2)[:, ::-1]), (25, 20, 10))}
     results = {}
-
-    def work(name, image, point):
-        with RemoteSession(server, api_key=KEY) as s:
-            s.set_image(image)
-            buf = np.zeros(image.shape[1:], np.uint8)
-            s.set_target_buffer(buf)
-            for _ in range(3):
-                s.add_point_interaction(point, include_interaction=True)
-            results[name] = buf.copy()
-
-    threads = [threading.Thread(target=work, args=("a", img_a, (20, 30, 18))),
-               threading.Thread(target=work, args=("b", img_b, (25, 20, 10)))]
+    threads = [threading.Thread(target=lambda n=name: results.__setitem__(n, three_points(server, *cases[n])))
+               for name in cases]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    # Each equals what the same session gives when alone on the server.
-    for name, image, point in (("a", img_a, (20, 30, 18)), ("b", img_b, (25, 20, 10))):
-        with RemoteSession(server, api_key=KEY) as s:
-            s.set_image(image)
-            buf = np.zeros(image.shape[1:], np.uint8)
-            s.set_target_buffer(buf)
-            for _ in range(3):
-                s.add_point_interaction(point, include_interaction=True)
-        assert np.array_equal(results[name], buf)
+    for name, (image, point) in cases.items():  # each equals what the same session gives alone on the server
+        assert np.array_equal(results[name], three_points(server, image, point))
     assert not np.array_equal(results["a"], results["b"])

@@ -60,15 +60,19 @@ def normalize_url(url):
     return url.rstrip("/")
 
 
-def is_local_url(url):
-    """True when the URL points at this computer (loopback), so no image leaves the machine."""
-    host = urlsplit(normalize_url(url)).hostname or ""
+def is_loopback_host(host):
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
     if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def is_local_url(url):
+    """True when the URL points at this computer (loopback), so no image leaves the machine."""
+    return is_loopback_host(urlsplit(normalize_url(url)).hostname or "")
 
 
 def _detail(resp):

@@ -331,6 +331,14 @@ def make_app(engine, max_sessions=1, idle_timeout=600.0, liveness_timeout=60.0, 
         return await run_in_threadpool(
             prompt, lease, lambda s: None, lambda s, _: s._predict(force_full_refine=force) is not None, started, {})
 
+    def prompt_flags(fields):
+        """include_interaction (required), run_prediction (default true), override_capability_checks."""
+        try:
+            return (validate.flag(fields, "include_interaction"), validate.flag(fields, "run_prediction", True),
+                    validate.flag(fields, "override_capability_checks", False))
+        except BadInput as exc:
+            raise HTTPException(400, str(exc))
+
     def json_prompt_route(path, check, call):
         @app.post(path)
         async def route(request: Request):
@@ -338,12 +346,7 @@ def make_app(engine, max_sessions=1, idle_timeout=600.0, liveness_timeout=60.0, 
             payload = await json_body(request)
             started = time.perf_counter()
             timing = {"received_at": time.time()}
-            try:
-                include = validate.flag(payload, "include_interaction")
-                run = validate.flag(payload, "run_prediction", True)
-                override = validate.flag(payload, "override_capability_checks", False)
-            except BadInput as exc:
-                raise HTTPException(400, str(exc))
+            include, run, override = prompt_flags(payload)
 
             def invoke(session, arg):
                 call(session, arg, include, run, override)
@@ -371,12 +374,7 @@ def make_app(engine, max_sessions=1, idle_timeout=600.0, liveness_timeout=60.0, 
                 t0 = time.perf_counter()
                 mask = decode(body)
                 timing["decode"] = (time.perf_counter() - t0) * 1e3
-                try:
-                    include = validate.flag(meta, "include_interaction")
-                    run = validate.flag(meta, "run_prediction", True)
-                    override = validate.flag(meta, "override_capability_checks", False)
-                except BadInput as exc:
-                    raise HTTPException(400, str(exc))
+                include, run, override = prompt_flags(meta)
                 method = "add_scribble_interaction" if kind == "scribble" else "add_lasso_interaction"
 
                 def invoke(session, box):

@@ -1,10 +1,11 @@
 """Command line: ``nninteractive-slicer-server`` and its companions to list and download models."""
 
 import argparse
-import ipaddress
 import logging
 import os
 import sys
+
+from SlicerNNInteractiveLib.client import is_loopback_host
 
 from .models import StartupError, check_model_dir, resolve_official
 
@@ -43,15 +44,6 @@ def build_parser():
     o.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="log level (default %(default)s)")
     return p
-
-
-def _is_loopback(host):
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_args(args):
@@ -106,7 +98,7 @@ def serve(args):
     else:
         model_name, model_dir = resolve_official(args.model)
         args.fold = check_model_dir(model_dir, args.fold, args.checkpoint)
-    if api_key is None and not _is_loopback(args.host):
+    if api_key is None and not is_loopback_host(args.host):
         log.warning("!" * 78)
         log.warning("NO API KEY and listening on %s: anyone who reaches port %d can use this GPU and send images.",
                     args.host, args.port)
