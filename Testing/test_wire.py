@@ -21,8 +21,8 @@ ARRAYS = [
 
 
 @pytest.mark.parametrize("arr", ARRAYS, ids=lambda a: "%s%s" % (a.dtype, a.shape))
-@pytest.mark.parametrize("settings", [wire.IMAGE_CODEC, wire.MASK_CODEC, {"codec": "zstd", "clevel": 3,
-                                                                         "filter": "bitshuffle"}])
+@pytest.mark.parametrize("settings", [wire.IMAGE_CODEC, wire.LOOPBACK_IMAGE_CODEC, wire.MASK_CODEC,
+                                      {"codec": "zstd", "clevel": 3, "filter": "bitshuffle"}])
 def test_round_trip_and_official_compatibility(arr, settings):
     packed = pack_array(arr, **settings)
     assert np.array_equal(unpack_array(packed), arr)

@@ -36,7 +36,7 @@ from .errors import (
     SessionExpiredError,
     UnauthorizedError,
 )
-from .wire import IMAGE_CODEC, MASK_CODEC, STREAM_CHUNK_BYTES, WireFormatError, pack_array, pack_chunks, unpack_array
+from .wire import IMAGE_CODEC, LOOPBACK_IMAGE_CODEC, MASK_CODEC, STREAM_CHUNK_BYTES, WireFormatError, pack_array, pack_chunks, unpack_array
 
 DEFAULT_PORT = 1527
 
@@ -199,6 +199,8 @@ class RemoteSession:
         self._http = _Http(server_url, api_key, connect_timeout, read_timeout)
         self.server_url = self._http.server_url
         self._upload_timeout = (connect_timeout, upload_timeout)
+        # images to a server on this computer go uncompressed (see wire.LOOPBACK_IMAGE_CODEC); settable
+        self.image_codec = dict(LOOPBACK_IMAGE_CODEC if is_local_url(self.server_url) else IMAGE_CODEC)
         self._lease_token = None
         self._stop_heartbeat = threading.Event()
         self._heartbeat_thread = None
@@ -337,7 +339,7 @@ class RemoteSession:
         if image.ndim != 4:
             raise ValueError("expected a 4D image [c, x, y, z], got %dD with shape %s" % (image.ndim, image.shape))
         meta = {"image_properties": _jsonable(image_properties or {})}
-        resp = self._stream_array(P.PATH_SET_IMAGE, image, meta, IMAGE_CODEC, timeout=self._upload_timeout)
+        resp = self._stream_array(P.PATH_SET_IMAGE, image, meta, self.image_codec, timeout=self._upload_timeout)
         self.original_image_shape = tuple(resp.json()["original_image_shape"])
         self.target_buffer = None
 

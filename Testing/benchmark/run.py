@@ -1,5 +1,9 @@
 """Benchmark: the nnInteractive paper's timing experiment, in-process vs our server vs the official server.
 
+Sides: ``inproc`` (the library in this process), ``ours`` (our client -> our server), ``ours-lz4`` (image uploads
+only, compressed as for a remote server: the codec A/B), ``official`` (our client -> official server: the servers
+compared alone) and ``official-client`` (nnInteractive's client -> official server: all official, totals only).
+
     python Testing/benchmark/run.py                  # full run (~15 min on 2 CPU cores), writes Testing/benchmark/out/
     python Testing/benchmark/run.py --smoke          # well under a minute: S only, 2 repetitions, no official server
     python Testing/benchmark/run.py --our-url http://gpu:1527 --no-official   # an already running server
@@ -49,7 +53,6 @@ from SlicerNNInteractiveLib.sync import SyncedSession  # noqa: E402
 
 SIZES = {"S": (64, 64, 32), "M": (128, 128, 65), "L": (256, 256, 130)}
 KINDS = ("point", "bbox", "scribble", "lasso")
-SIDES = ("inproc", "ours", "official")
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -141,9 +144,12 @@ class InProcess:
 class Remote:
     """Our client (RemoteSession) against a server: ours, or the official one."""
 
-    def __init__(self, name, url, pid):
+    def __init__(self, name, url, pid, image_codec=None, prompts=True):
         self.name, self.url, self.pid = name, url, pid
         self.s = RemoteSession(url, heartbeat=False)
+        if image_codec:
+            self.s.image_codec = dict(image_codec)
+        self.prompts = prompts  # False: an image-upload-only side (codec A/B)
         self.target = None
 
     def set_image(self, img):
@@ -161,9 +167,44 @@ class Remote:
         self.s.reset_interactions()
 
     def prompt(self, kind, args, run):
+        if not self.prompts:
+            return None
         t0 = time.perf_counter()
         _call(self.s, kind, args, run)
         return _remote_record(self.s.last_timing, (time.perf_counter() - t0) * 1e3)
+
+    def close(self):
+        self.s.close()
+
+
+class OfficialClient:
+    """nnInteractive's own client (``nnInteractiveRemoteInferenceSession``) against the official server: the
+    all-official reference, whose upload includes the official client's packing. Only totals are known."""
+
+    def __init__(self, name, url, pid):
+        from nnInteractive.inference.remote import nnInteractiveRemoteInferenceSession
+
+        self.name, self.url, self.pid = name, url, pid
+        self.s = nnInteractiveRemoteInferenceSession(url)
+        self.target = None
+
+    def set_image(self, img):
+        t0 = time.perf_counter()
+        self.s.set_image(img[None])
+        ms = (time.perf_counter() - t0) * 1e3
+        self.target = np.zeros(img.shape, np.uint8)
+        self.s.set_target_buffer(self.target)
+        self.s.add_point_interaction([n // 2 for n in img.shape], True, run_prediction=False)  # waits preprocessing
+        self.s.reset_interactions()
+        return {"total_ms": ms}
+
+    def reset(self):
+        self.s.reset_interactions()
+
+    def prompt(self, kind, args, run):
+        t0 = time.perf_counter()
+        _call(self.s, kind, args, run)
+        return {"total_ms": (time.perf_counter() - t0) * 1e3}
 
     def close(self):
         self.s.close()
@@ -241,6 +282,8 @@ def experiment(sides, sizes, noises, reps, kinds, log):
                         for side in order:
                             side.reset()
                             rec = side.prompt(kind, p[kind], run)
+                            if rec is None:
+                                continue
                             records.append(dict(rec, side=side.name, size=size, noise=noisy, kind=kind, run=run,
                                                 rep=rep))
             log("  %s: %d repetitions on %s" % (label, reps, ", ".join(s.name for s in sides)))
@@ -589,7 +632,7 @@ def write_figure(res, path):
                 if not st:
                     continue
                 bottom = 0.0
-                if side == "inproc":
+                if not any(st.get(ph) for ph, _ in PHASES):  # in-process, official client: totals only
                     ax.bar(x, st["total_ms"]["median"], color=colors(3), label=None)
                 else:
                     for i, (ph, name) in enumerate(PHASES):
@@ -628,7 +671,7 @@ def targets(res):
         rows.append({"what": "serving overhead per prompt, ours (%s, total - server prediction, median over kinds)"
                      % size, "measured": "%.2f ms (kinds: %s)" % (statistics.median(preds), ", ".join(
                          "%.2f" % p for p in preds)), "goal": "<= 3 ms (official ~5-6 ms)"})
-    for side in ("ours", "official"):
+    for side in ("ours", "ours-lz4", "official", "official-client"):
         if side not in po:
             continue
         d = [po[side].get("%s|smooth|%s|True" % (size, k)) for k in KINDS]
@@ -720,7 +763,8 @@ def main(argv=None):
                                                                                 + (argv or sys.argv[1:])),
         "model": "ResEnc-L random" if a.resenc_l else (a.model_dir or "tiny random (4-8-16 features, patch 64^3)"),
         "device": a.device, "reps": a.reps, "torch_compile": a.torch_compile,
-        "image_codec": wire.IMAGE_CODEC, "mask_codec": wire.MASK_CODEC}
+        "image_codec": wire.IMAGE_CODEC, "loopback_image_codec": wire.LOOPBACK_IMAGE_CODEC,
+        "mask_codec": wire.MASK_CODEC}
     flags = ["--no-autozoom", "--device", a.device, "--max-sessions", "8"]
     if not a.torch_compile:
         flags.append("--no-torch-compile")
@@ -760,6 +804,10 @@ def main(argv=None):
         log("servers up after %.1f s: %s" % (time.perf_counter() - started, servers))
         sides = ([inproc] if inproc else []) + [Remote(n, servers[n][0], servers[n][1]) for n in ("ours", "official")
                                                if n in servers]
+        if "ours" in servers:  # codec A/B in the same run: images compressed as they would be to a remote server
+            sides.append(Remote("ours-lz4", *servers["ours"], image_codec=wire.IMAGE_CODEC, prompts=False))
+        if "official" in servers:  # our client -> official server isolates the servers; this is all-official
+            sides.append(OfficialClient("official-client", *servers["official"]))
         for s in sides:  # warm-up (first calls allocate and JIT-free paths warm up)
             s.set_image(phantom(SIZES["S"], False))
             s.prompt("point", prompts(SIZES["S"])["point"], True)

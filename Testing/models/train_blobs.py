@@ -180,9 +180,9 @@ class SampleMaker:
             elif task == "neg_point":
                 # often right after (or exactly where) a positive click on the same blob: negative wins
                 u = r.rand()
-                if last_pos_k is None and u < 0.5:
+                if last_pos_k is None and u < 0.6:
                     last_pos_k = self._prompt("point", labels, k, True)
-                at = last_pos_k if (last_pos_k is not None and u < 0.35) else None
+                at = last_pos_k if (last_pos_k is not None and u < 0.5) else None
                 self._prompt("point", labels, k, False, at=at)
             elif task == "neg_other":
                 if r.rand() < 0.5 and len(set(ids) - prev) > 0:
@@ -230,6 +230,17 @@ def dice_loss(logits, target):
     t = target.float()
     inter = (p * t).sum()
     return 1 - (2 * inter + 1.0) / (p.sum() + t.sum() + 1.0)
+
+
+CHANGED_WEIGHT = 4.0  # extra cross-entropy weight of the voxels the prompt changes
+
+
+def changed_voxel_weights(x, target):
+    """Per-voxel cross-entropy weights: 1, plus CHANGED_WEIGHT where the target differs from the previous
+    segmentation (input channel 1). Without it the network mostly learns to copy prev_seg: the voxels a
+    negative click must remove are under 1% of a patch, and their loss drowns in the ones it keeps."""
+    prev = x[:, 1] > 0.5
+    return 1.0 + CHANGED_WEIGHT * (prev != target.bool()).float()
 
 
 def augment(rng: np.random.RandomState, x, y):
@@ -294,7 +305,9 @@ def train(out_dir: str = DEFAULT_OUT, steps: int = 2800, batch: int = 2, seed: i
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = net(x)
         logits = logits.float()
-        loss = torch.nn.functional.cross_entropy(logits, y) + dice_loss(logits, y)
+        ce = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+        w = changed_voxel_weights(x, y)
+        loss = (ce * w).sum() / w.sum() + dice_loss(logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
