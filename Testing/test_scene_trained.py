@@ -1,13 +1,11 @@
 """End to end with the tiny trained model: prompts placed in world coordinates on a rotated, anisotropic volume
 under a parent transform go through geometry, rasterization, the controller and the labelmap scene, and segment
-the right blob. Skipped until the trained model is in Testing/models/blobs."""
-
-import os
+the right blob."""
 
 import numpy as np
 import pytest
 
-from conftest import BLOB_MODEL, our_server
+from conftest import our_server
 from phantoms import blob_mask, box_2d, dice, interior_voxel, lasso_2d, make_phantom, scribble_2d
 
 from SlicerNNInteractiveLib import geometry as G
@@ -16,15 +14,13 @@ from SlicerNNInteractiveLib.client import RemoteSession
 from SlicerNNInteractiveLib.controller import Controller
 from SlicerNNInteractiveLib.scene import ArrayScene
 
-pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(BLOB_MODEL, "fold_0", "checkpoint_final.pth")),
-                                reason="the trained test model is not in Testing/models/blobs yet")
 SEED = 101  # a phantom the model never saw in training
 AXIS = 2  # prompts on slices of the last array axis, like phantoms' 2D prompts
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with our_server(BLOB_MODEL, tmp_path_factory.mktemp("trained-scene"), "--max-sessions", "4") as (url, _):
+def server(blob_model, tmp_path_factory):
+    with our_server(blob_model, tmp_path_factory.mktemp("trained-scene"), "--max-sessions", "4") as (url, _):
         yield url
 
 
