@@ -14,13 +14,14 @@ def test_benchmark_smoke_writes_table_json_and_figure(tmp_path):
                            "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
-    assert res["sides"] == ["inproc", "ours"]
+    assert res["sides"] == ["inproc", "ours", "ours-lz4"]  # ours-lz4: image uploads only (the codec A/B)
     assert res["meta"]["reps"] == 2 and res["meta"]["torch"] and res["meta"]["date"]
     kinds = {(r["side"], r["kind"], r["run"]) for r in res["records"]}
     for side in ("inproc", "ours"):
         assert (side, "image", True) in kinds
         for kind in ("point", "bbox", "scribble", "lasso"):
             assert (side, kind, True) in kinds and (side, kind, False) in kinds
+    assert {(kind, run) for side, kind, run in kinds if side == "ours-lz4"} == {("image", True)}
     ours = [r for r in res["records"] if r["side"] == "ours" and r["kind"] != "image" and r["run"]]
     for r in ours:  # every phase of a remote prediction is there, and they add up to no more than the whole
         for phase in ("prepare_ms", "upload_ms", "queue_ms", "predict_ms", "encode_response_ms", "download_ms",

@@ -152,11 +152,13 @@ class Remote:
         self.prompts = prompts  # False: an image-upload-only side (codec A/B)
         self.target = None
 
+    def _record(self, total_ms):
+        return _remote_record(self.s.last_timing, total_ms)
+
     def set_image(self, img):
         t0 = time.perf_counter()
         self.s.set_image(img[None])
-        ms = (time.perf_counter() - t0) * 1e3
-        rec = _remote_record(self.s.last_timing, ms)
+        rec = self._record((time.perf_counter() - t0) * 1e3)
         self.target = np.zeros(img.shape, np.uint8)
         self.s.set_target_buffer(self.target)
         self.s.add_point_interaction([n // 2 for n in img.shape], True, run_prediction=False)  # waits preprocessing
@@ -171,13 +173,13 @@ class Remote:
             return None
         t0 = time.perf_counter()
         _call(self.s, kind, args, run)
-        return _remote_record(self.s.last_timing, (time.perf_counter() - t0) * 1e3)
+        return self._record((time.perf_counter() - t0) * 1e3)
 
     def close(self):
         self.s.close()
 
 
-class OfficialClient:
+class OfficialClient(Remote):
     """nnInteractive's own client (``nnInteractiveRemoteInferenceSession``) against the official server: the
     all-official reference, whose upload includes the official client's packing. Only totals are known."""
 
@@ -186,28 +188,11 @@ class OfficialClient:
 
         self.name, self.url, self.pid = name, url, pid
         self.s = nnInteractiveRemoteInferenceSession(url)
+        self.prompts = True
         self.target = None
 
-    def set_image(self, img):
-        t0 = time.perf_counter()
-        self.s.set_image(img[None])
-        ms = (time.perf_counter() - t0) * 1e3
-        self.target = np.zeros(img.shape, np.uint8)
-        self.s.set_target_buffer(self.target)
-        self.s.add_point_interaction([n // 2 for n in img.shape], True, run_prediction=False)  # waits preprocessing
-        self.s.reset_interactions()
-        return {"total_ms": ms}
-
-    def reset(self):
-        self.s.reset_interactions()
-
-    def prompt(self, kind, args, run):
-        t0 = time.perf_counter()
-        _call(self.s, kind, args, run)
-        return {"total_ms": (time.perf_counter() - t0) * 1e3}
-
-    def close(self):
-        self.s.close()
+    def _record(self, total_ms):
+        return {"total_ms": total_ms}
 
 
 def _call(s, kind, args, run):
