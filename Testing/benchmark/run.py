@@ -4,7 +4,7 @@ Sides: ``inproc`` (the library in this process), ``ours`` (our client -> our ser
 only, compressed as for a remote server: the codec A/B), ``official`` (our client -> official server: the servers
 compared alone) and ``official-client`` (nnInteractive's client -> official server: all official, totals only).
 
-    python Testing/benchmark/run.py                  # full run (~15 min on 2 CPU cores), writes Testing/benchmark/out/
+    python Testing/benchmark/run.py                  # full run (~9 min on 2 CPU cores), writes Testing/benchmark/out/
     python Testing/benchmark/run.py --smoke          # well under a minute: S only, 2 repetitions, no official server
     python Testing/benchmark/run.py --our-url http://gpu:1527 --no-official   # an already running server
     python Testing/benchmark/run.py --resenc-l --device cuda [--torch-compile]   # GPU: official-size network
