@@ -31,10 +31,10 @@ def free_port():
 
 
 @contextlib.contextmanager
-def running(cmd, url, log_path, timeout=120.0):
+def running(cmd, url, log_path, timeout=120.0, env=None):
     """Start ``cmd``, wait until ``url``/healthz answers, yield, then stop it."""
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=SERVER_ENV)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env or SERVER_ENV)
     try:
         deadline = time.monotonic() + timeout
         while True:

@@ -7,7 +7,9 @@ import sys
 
 import pytest
 
-from conftest import SERVER_ENV
+import requests
+
+from conftest import SERVER_ENV, free_port, running
 
 
 def run(*args, env=None):
@@ -65,6 +67,19 @@ def test_download_impossible(tmp_path):
     p = subprocess.run([sys.executable, "-c", "from nninteractive_slicer_server.cli import download_main; "
                         "raise SystemExit(download_main([]))"], capture_output=True, text=True, env=env)
     assert p.returncode == 2 and "Traceback" not in p.stderr and "--model-dir" in p.stderr
+
+
+def test_a_downloaded_model_starts_without_network(quiet_model, tmp_path):
+    # where the official downloader keeps a model: $NNINTERACTIVE_MODEL_DIR/models/<id>/
+    shutil.copytree(quiet_model, str(tmp_path / "root" / "models" / "nnInteractive_v1.0"))
+    env = dict(SERVER_ENV, NNINTERACTIVE_MODEL_DIR=str(tmp_path / "root"), HF_HUB_OFFLINE="1")
+    port = free_port()
+    url = "http://127.0.0.1:%d" % port
+    cmd = [sys.executable, "-m", "nninteractive_slicer_server", "--model", "nnInteractive_v1.0", "--device", "cpu",
+           "--port", str(port)]
+    with running(cmd, url, str(tmp_path / "server.log"), env=env):
+        info = requests.get(url + "/x/info", timeout=10).json()
+    assert info["model"] == "nnInteractive_v1.0", info
 
 
 def test_conflicting_flags(quiet_model):
