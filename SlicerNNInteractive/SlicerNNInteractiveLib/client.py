@@ -36,7 +36,16 @@ from .errors import (
     SessionExpiredError,
     UnauthorizedError,
 )
-from .wire import IMAGE_CODEC, LOOPBACK_IMAGE_CODEC, MASK_CODEC, STREAM_CHUNK_BYTES, WireFormatError, pack_array, pack_chunks, unpack_array
+from .wire import (
+    IMAGE_CODEC,
+    LOOPBACK_IMAGE_CODEC,
+    MASK_CODEC,
+    STREAM_CHUNK_BYTES,
+    WireFormatError,
+    pack_array,
+    pack_chunks,
+    unpack_array,
+)
 
 DEFAULT_PORT = 1527
 
