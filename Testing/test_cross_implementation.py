@@ -10,6 +10,7 @@ import pytest
 from conftest import official_server, our_server
 from test_equivalence import local_session, make_image, steps
 
+from SlicerNNInteractiveLib import wire
 from SlicerNNInteractiveLib.client import RemoteSession
 from SlicerNNInteractiveLib.errors import SessionExpiredError
 
@@ -124,6 +125,13 @@ def test_streamed_image_upload_reaches_both_servers_intact(servers, side):
         s.set_target_buffer(buf)
         s.add_point_interaction((80, 80, 60), include_interaction=True)
         streamed = buf.copy()
+        # the same image stored instead of compressed (or the other way round) gives the same answer
+        s.image_codec = wire.IMAGE_CODEC if s.image_codec == wire.LOOPBACK_IMAGE_CODEC else wire.LOOPBACK_IMAGE_CODEC
+        s.set_image(image)
+        s.set_target_buffer(buf)
+        buf[:] = 0
+        s.add_point_interaction((80, 80, 60), include_interaction=True)
+        assert np.array_equal(streamed, buf)
         # the same image sent in one piece gives the same answer
         s._stream_array = s._post_array
         s.set_image(image)
@@ -131,6 +139,19 @@ def test_streamed_image_upload_reaches_both_servers_intact(servers, side):
         buf[:] = 0
         s.add_point_interaction((80, 80, 60), include_interaction=True)
         assert np.array_equal(streamed, buf) and buf.any()
+
+
+@pytest.mark.parametrize("side", ["ours", "official"])
+def test_images_are_stored_uncompressed_only_for_our_server_on_this_computer(servers, side):
+    # both are on a loopback URL; only ours reports this computer's machine id (an SSH tunnel is loopback too)
+    with RemoteSession(servers[side]) as s:
+        assert s.image_codec == (wire.LOOPBACK_IMAGE_CODEC if side == "ours" else wire.IMAGE_CODEC)
+        image = big_image()
+        s.set_image(image)
+        if side == "ours":
+            assert s.last_timing["bytes_sent"] > image.nbytes
+        else:
+            assert s.last_timing["bytes_sent"] < 0.8 * image.nbytes
 
 
 def test_streamed_upload_on_an_expired_lease_reads_as_expired(servers):

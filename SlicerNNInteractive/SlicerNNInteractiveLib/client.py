@@ -208,8 +208,7 @@ class RemoteSession:
         self._http = _Http(server_url, api_key, connect_timeout, read_timeout)
         self.server_url = self._http.server_url
         self._upload_timeout = (connect_timeout, upload_timeout)
-        # images to a server on this computer go uncompressed (see wire.LOOPBACK_IMAGE_CODEC); settable
-        self.image_codec = dict(LOOPBACK_IMAGE_CODEC if is_local_url(self.server_url) else IMAGE_CODEC)
+        self.image_codec = dict(IMAGE_CODEC)  # settable; see _choose_image_codec
         self._lease_token = None
         self._stop_heartbeat = threading.Event()
         self._heartbeat_thread = None
@@ -240,11 +239,26 @@ class RemoteSession:
         self.supports_undo = bool(caps.get("supports_undo", False))
         self.do_autozoom = bool(caps.get("do_autozoom", True))
 
+        self._choose_image_codec()
+
         if heartbeat and self.liveness_timeout_seconds > 0:
             interval = max(0.2, self.liveness_timeout_seconds / 3.0)
             self._heartbeat_thread = threading.Thread(
                 target=self._heartbeat_loop, args=(interval,), name="nninteractive-heartbeat", daemon=True)
             self._heartbeat_thread.start()
+
+    def _choose_image_codec(self):
+        """Images to a server on this computer go stored, not compressed (wire.LOOPBACK_IMAGE_CODEC). A loopback
+        URL is not enough (an SSH tunnel is one too, with a network behind it): our server must also report this
+        computer's machine id. Anything else (another machine, an official server) gets compressed images."""
+        if not is_local_url(self.server_url):
+            return
+        try:
+            info = self._http.call("GET", P.PATH_SERVER_INFO).json()
+        except (NNInteractiveError, ValueError):
+            return  # not our server: keep compressing
+        if isinstance(info, dict) and info.get("machine") == P.machine_id():
+            self.image_codec = dict(LOOPBACK_IMAGE_CODEC)
 
     # ------------------------------------------------------------------ transport
 

@@ -27,5 +27,16 @@ PATH_ADD_LASSO = "/add_lasso_interaction"
 PATH_ADD_INITIAL_SEG = "/add_initial_seg_interaction"
 
 # Our additions (never used by the official client).
-PATH_SERVER_INFO = "/x/info"  # version, model, license, timing of the last request
+PATH_SERVER_INFO = "/x/info"  # version, model, license, device, sessions, memory, machine
 TIMING_HEADER = "X-NNI-Timing"  # per-phase server timings in ms, JSON; ignored by official clients
+
+
+def machine_id():
+    """An opaque name of this computer (host name and hardware address, hashed). Our server reports it in
+    /x/info, so a client on a loopback URL can tell a server on this computer from one reached through an SSH
+    tunnel (also a loopback URL, but with a network behind it)."""
+    import hashlib
+    import socket
+    import uuid
+
+    return hashlib.sha256(("%s|%012x" % (socket.gethostname(), uuid.getnode())).encode()).hexdigest()[:16]

@@ -48,6 +48,7 @@ IMAGE_CODEC = {"codec": "lz4", "clevel": 5, "filter": "shuffle"}
 # On loopback there is no link to save bytes on: compressing an L image costs 9-14 ms, storing it in 2 MB chunks
 # (clevel 0, still a valid blosc2 chunk any unpacker reads) 2-7 ms, and its decompression is a memcpy. In one
 # benchmark run: L upload +20.9 ms over in-process stored vs +29.0 ms compressed (noisy), a tie on smooth.
+# RemoteSession uses it only for our server on this computer (see its _choose_image_codec).
 LOOPBACK_IMAGE_CODEC = {"codec": "lz4", "clevel": 0, "filter": "none"}
 MASK_CODEC = {"codec": "lz4", "clevel": 5, "filter": "none"}
 

@@ -44,6 +44,7 @@ def _rss_bytes():
 def make_app(engine, max_sessions=1, idle_timeout=600.0, liveness_timeout=60.0, api_key=None):
     registry = LeaseRegistry(engine.new_session, engine.close_session, max_sessions, idle_timeout, liveness_timeout)
     caps = engine.capabilities
+    machine = P.machine_id()
     supports_3d_box = bool(caps["supported_interactions"].get("bbox3d"))
     image_channels = len(engine.artifacts["dataset_json"]["channel_names"])
     expected_auth = ("Bearer " + api_key).encode() if api_key else None
@@ -201,7 +202,8 @@ def make_app(engine, max_sessions=1, idle_timeout=600.0, liveness_timeout=60.0, 
         return {"server": "nninteractive-slicer-server", "server_version": __version__,
                 "version": caps["inference_session_version"], "model": engine.model_name,
                 "license": engine.license, "device": str(engine.device), "torch_compile": engine.use_torch_compile,
-                "sessions": registry.count(), "max_sessions": registry.max_sessions, "rss_bytes": _rss_bytes()}
+                "sessions": registry.count(), "max_sessions": registry.max_sessions, "rss_bytes": _rss_bytes(),
+                "machine": machine}
 
     @app.post(P.PATH_CLAIM)
     async def claim(request: Request):
