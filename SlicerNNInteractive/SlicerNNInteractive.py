@@ -1588,8 +1588,9 @@ class SlicerNNInteractiveLogic(ScriptedLoadableModuleLogic):
             for node in created:
                 if slicer.mrmlScene.IsNodePresent(node):
                     slicer.mrmlScene.RemoveNode(node)
-        text = timing.format_summary(timing.summarize(records))
-        text += "\n\n" + timing.format_summary(timing.summarize(records), phases=(
+        summary = timing.summarize(records)
+        text = timing.format_summary(summary)
+        text += "\n\n" + timing.format_summary(summary, phases=(
             "upload_image_ms", "encode_ms", "decode_ms", "upload_segment_ms"))
         log("\n" + text)
         self.lastTimingRecords = records

@@ -7,6 +7,7 @@ import pytest
 
 from conftest import our_server
 from phantoms import blob_mask, box_2d, dice, interior_voxel, lasso_2d, make_phantom, scribble_2d
+from test_scene_geometry import rotation
 
 from SlicerNNInteractiveLib import geometry as G
 from SlicerNNInteractiveLib import rasterize as R
@@ -24,24 +25,15 @@ def server(blob_model, tmp_path_factory):
         yield url
 
 
-def rot(axis, deg):
-    a = np.radians(deg)
-    c, s = np.cos(a), np.sin(a)
-    r = np.eye(3)
-    i, j = [(1, 2), (0, 2), (0, 1)][axis]
-    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-    return r
-
-
 class World(object):
     """A volume geometry with rotated directions, anisotropic spacing, an origin and a parent transform."""
 
     def __init__(self):
         ijk_to_ras = np.eye(4)
-        ijk_to_ras[:3, :3] = rot(2, 25) @ rot(0, 10) @ np.diag([0.7, 1.1, 2.5])
+        ijk_to_ras[:3, :3] = rotation(2, 25) @ rotation(0, 10) @ np.diag([0.7, 1.1, 2.5])
         ijk_to_ras[:3, 3] = [-20.0, 14.0, 3.0]
         parent = np.eye(4)
-        parent[:3, :3] = rot(1, -12)
+        parent[:3, :3] = rotation(1, -12)
         parent[:3, 3] = [4.0, -6.0, 9.0]
         self.ras_to_ijk = np.linalg.inv(ijk_to_ras)
         self.world_to_ras = np.linalg.inv(parent)

@@ -4,6 +4,8 @@ Both our server and our client import these, so a path is spelled once.
 Our own endpoints live under ``/x/`` so that they can never collide with the official protocol.
 """
 
+import functools
+
 META_HEADER = "X-Meta"  # JSON beside a binary body (requests) or a packed array (responses)
 LEASE_HEADER = "X-Lease-Token"
 OCTET_STREAM = "application/octet-stream"
@@ -31,6 +33,7 @@ PATH_SERVER_INFO = "/x/info"  # version, model, license, device, sessions, memor
 TIMING_HEADER = "X-NNI-Timing"  # per-phase server timings in ms, JSON; ignored by official clients
 
 
+@functools.lru_cache(maxsize=None)
 def machine_id():
     """An opaque name of this computer (host name and hardware address, hashed). Our server reports it in
     /x/info, so a client on a loopback URL can tell a server on this computer from one reached through an SSH

@@ -49,6 +49,7 @@ sys.path.insert(0, os.path.join(REPO, "SlicerNNInteractive"))
 from conftest import official_server, our_server  # noqa: E402  (real servers on free loopback ports)
 from SlicerNNInteractiveLib import wire  # noqa: E402
 from SlicerNNInteractiveLib.client import RemoteSession  # noqa: E402
+from SlicerNNInteractiveLib.rasterize import crop_to_bbox  # noqa: E402
 from SlicerNNInteractiveLib.sync import SyncedSession  # noqa: E402
 
 SIZES = {"S": (64, 64, 32), "M": (128, 128, 65), "L": (256, 256, 130)}
@@ -91,9 +92,8 @@ def prompts(shape):
 def cropped(mask):
     """A mask prompt as the Slicer module sends it: cropped to its bounding box, with ``interaction_bbox``
     (the rasterizer knows the box, so no full-volume mask is packed, sent or scanned)."""
-    box = [[int(np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != ax))).min()),
-            int(np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != ax))).max()) + 1] for ax in range(3)]
-    return {"mask": np.ascontiguousarray(mask[tuple(slice(lo, hi) for lo, hi in box)]), "interaction_bbox": box}
+    crop, box = crop_to_bbox(mask)
+    return {"mask": crop, "interaction_bbox": box}
 
 
 # ---------------------------------------------------------------------------------------------- sides

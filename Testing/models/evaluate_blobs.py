@@ -25,20 +25,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import phantoms as P  # noqa: E402
+import tiny_models  # noqa: E402
 
 DEFAULT_MODEL = os.path.join(HERE, "blobs")
 DEFAULT_SEEDS = (1000, 1001, 1002, 1003, 1004, 1005)
-
-
-def load_session(model_dir: str = DEFAULT_MODEL, do_autozoom: bool = True, threads: int = 2):
-    import torch
-    from nnInteractive.inference.inference_session import nnInteractiveInferenceSession
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        s = nnInteractiveInferenceSession(device=torch.device("cpu"), use_torch_compile=False,
-                                          do_autozoom=do_autozoom, torch_n_threads=threads)
-        s.initialize_from_trained_model_folder(model_dir)
-    return s
 
 
 class Runner:
@@ -68,7 +58,7 @@ class Runner:
 
 def evaluate(model_dir: str = DEFAULT_MODEL, seeds: Sequence[int] = DEFAULT_SEEDS, autozoom: bool = False,
              threads: int = 2) -> Dict[str, List[float]]:
-    s = load_session(model_dir, autozoom, threads)
+    s = tiny_models.cpu_session(model_dir, autozoom, threads)
     res: Dict[str, List[float]] = defaultdict(list)
     n_predictions = 0
     zooms = 0

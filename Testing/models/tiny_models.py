@@ -172,6 +172,22 @@ def make_random_resenc_l(out_dir: str, seed: int = 0, background_bias: Optional[
     return write_model_folder(out_dir, net.state_dict(), RESENC_L_PATCH, RESENC_L_FEATURES, arch=arch)
 
 
+def cpu_session(model_dir: str, do_autozoom: bool = False, threads: Optional[int] = None):
+    """The real library's ``nnInteractiveInferenceSession`` on the CPU for a model folder, its start-up output
+    silenced; ``threads`` defaults to torch's current setting."""
+    import contextlib
+    import io
+
+    import torch
+    from nnInteractive.inference.inference_session import nnInteractiveInferenceSession
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        s = nnInteractiveInferenceSession(device=torch.device("cpu"), use_torch_compile=False, verbose=False,
+                                          do_autozoom=do_autozoom, torch_n_threads=threads or torch.get_num_threads())
+        s.initialize_from_trained_model_folder(model_dir)
+    return s
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out_dir")

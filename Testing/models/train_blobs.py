@@ -61,17 +61,6 @@ def quiet():
         yield
 
 
-def make_session(model_dir: str):
-    import torch
-    from nnInteractive.inference.inference_session import nnInteractiveInferenceSession
-
-    with quiet():
-        s = nnInteractiveInferenceSession(device=torch.device("cpu"), use_torch_compile=False, verbose=False,
-                                          do_autozoom=False, torch_n_threads=torch.get_num_threads())
-        s.initialize_from_trained_model_folder(model_dir)
-    return s
-
-
 def _good_slice(rng: np.random.RandomState, labels: np.ndarray, k: int, axis: int) -> int:
     """A slice along axis whose cross-section of blob k is at least 40% of its largest."""
     other = tuple(a for a in range(3) if a != axis)
@@ -344,7 +333,7 @@ def train(out_dir: str = DEFAULT_OUT, phases: Sequence[Tuple[int, float, dict]] 
         # the library encodes the samples; it needs a model folder, whose weights play no part in the encoding
         tmp = tempfile.mkdtemp(prefix="blobs_enc_")
         tiny_models.write_model_folder(tmp, net.state_dict(), PATCH, FEATURES, N_CONV)
-        maker = SampleMaker(make_session(tmp), seed=seed + 1, tasks=tasks)
+        maker = SampleMaker(tiny_models.cpu_session(tmp), seed=seed + 1, tasks=tasks)
         net = net.to(memory_format=torch.channels_last_3d)
         train_phase(net, maker, steps, lr, batch, seed)
         state = {k: v.detach().contiguous().clone() for k, v in net.state_dict().items()}

@@ -44,7 +44,6 @@ def _rss_bytes():
 def make_app(engine, max_sessions=1, idle_timeout=600.0, liveness_timeout=60.0, api_key=None):
     registry = LeaseRegistry(engine.new_session, engine.close_session, max_sessions, idle_timeout, liveness_timeout)
     caps = engine.capabilities
-    machine = P.machine_id()
     supports_3d_box = bool(caps["supported_interactions"].get("bbox3d"))
     image_channels = len(engine.artifacts["dataset_json"]["channel_names"])
     expected_auth = ("Bearer " + api_key).encode() if api_key else None
@@ -119,11 +118,14 @@ def make_app(engine, max_sessions=1, idle_timeout=600.0, liveness_timeout=60.0, 
             raise HTTPException(400, "the %s header must hold a JSON object" % P.META_HEADER)
         return meta
 
+    def undecodable(exc):
+        return HTTPException(400, "could not decode the packed array: %s" % exc)
+
     def decode(body):
         try:
             return unpack_array(body)
         except WireFormatError as exc:
-            raise HTTPException(400, "could not decode the packed array: %s" % exc)
+            raise undecodable(exc)
 
     def act(lease, work):
         """Run ``work(session, timing)`` as one real action of this lease: one at a time, 400 on bad input."""
@@ -203,7 +205,7 @@ def make_app(engine, max_sessions=1, idle_timeout=600.0, liveness_timeout=60.0, 
                 "version": caps["inference_session_version"], "model": engine.model_name,
                 "license": engine.license, "device": str(engine.device), "torch_compile": engine.use_torch_compile,
                 "sessions": registry.count(), "max_sessions": registry.max_sessions, "rss_bytes": _rss_bytes(),
-                "machine": machine}
+                "machine": P.machine_id()}
 
     @app.post(P.PATH_CLAIM)
     async def claim(request: Request):
@@ -249,7 +251,7 @@ def make_app(engine, max_sessions=1, idle_timeout=600.0, liveness_timeout=60.0, 
                 try:
                     decoder.feed(piece)
                 except WireFormatError as exc:
-                    problem = HTTPException(400, "could not decode the packed array: %s" % exc)
+                    problem = undecodable(exc)
         timing = {"received_at": time.time(), "stream_decode": (time.perf_counter() - started) * 1e3}
         if problem is not None:
             raise problem
@@ -260,7 +262,7 @@ def make_app(engine, max_sessions=1, idle_timeout=600.0, liveness_timeout=60.0, 
             try:
                 arr = decoder.finish()
             except WireFormatError as exc:
-                raise HTTPException(400, "could not decode the packed array: %s" % exc)
+                raise undecodable(exc)
             timing["decode"] = (time.perf_counter() - t0) * 1e3
 
             def apply(session):
