@@ -40,18 +40,11 @@ def setSettingValue(name, value):
     qt.QSettings().setValue(SETTINGS + name, value)
 
 
-def vtkMatrixToArray(matrix):
-    import numpy as np
+def slicerScene(segmentEditorNode):
+    """The library's Scene on this Segment Editor node (imported on first use: it needs numpy)."""
+    from SlicerNNInteractiveLib.slicerscene import SlicerScene
 
-    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
-
-
-def arrayToVtkMatrix(array):
-    m = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            m.SetElement(r, c, float(array[r][c]))
-    return m
+    return SlicerScene(segmentEditorNode)
 
 
 #
@@ -77,254 +70,6 @@ class SlicerNNInteractive(ScriptedLoadableModule):
             "nnInteractive: Isensee, Rokuss et al., DKFZ (https://github.com/MIC-DKFZ/nnInteractive). "
             "Model weights have their own license, shown by Test connection."
         )
-
-
-#
-# Scene adapter: the Scene primitives of SlicerNNInteractiveLib.scene on Slicer's MRML nodes
-#
-
-_sceneClass = None
-
-
-def slicerSceneClass():
-    """The SlicerScene class, defined on first use (its base class lives in the library, imported lazily)."""
-    global _sceneClass
-    if _sceneClass is not None:
-        return _sceneClass
-    import numpy as np
-    import vtk.util.numpy_support
-
-    from SlicerNNInteractiveLib import geometry, masking
-    from SlicerNNInteractiveLib.scene import Layer, Scene
-
-    class SlicerScene(Scene):
-        """One Segment Editor parameter node: its source volume, its segmentation, its selected segment.
-
-        Segments are keyed by segment ID. Voxel arrays are views of VTK memory (no copies), in the
-        volume's array order (k, j, i); a segment's labelmap must share the volume's voxel grid.
-        """
-
-        def __init__(self, segmentEditorNode):
-            Scene.__init__(self)
-            self.editorNode = segmentEditorNode
-
-        # --- nodes
-        def volumeNode(self):
-            try:
-                return self.editorNode.GetSourceVolumeNode()
-            except AttributeError:  # Slicer < 5.3
-                return self.editorNode.GetMasterVolumeNode()
-
-        def segmentationNode(self):
-            return self.editorNode.GetSegmentationNode()
-
-        def segmentation(self):
-            return self.segmentationNode().GetSegmentation()
-
-        # --- image
-        def image_key(self):
-            return self.volumeNode().GetID()
-
-        def image_version(self):
-            imageData = self.volumeNode().GetImageData()
-            scalars = imageData.GetPointData().GetScalars()
-            return max(imageData.GetMTime(), scalars.GetMTime() if scalars is not None else 0)
-
-        def image_array(self):
-            volumeNode = self.volumeNode()
-            if volumeNode.GetImageData().GetNumberOfScalarComponents() != 1:
-                raise geometry.GeometryError("nnInteractive needs a single-channel (grayscale) volume; %s has %d "
-                                             "components." % (volumeNode.GetName(),
-                                                              volumeNode.GetImageData().GetNumberOfScalarComponents()))
-            return slicer.util.arrayFromVolume(volumeNode)
-
-        # --- geometry
-        def volumeIJKToLocal(self):
-            return vtkMatrixToArray(self._ijkToRAS())
-
-        def _ijkToRAS(self):
-            m = vtk.vtkMatrix4x4()
-            self.volumeNode().GetIJKToRASMatrix(m)
-            return m
-
-        def rasToIJK(self):
-            m = vtk.vtkMatrix4x4()
-            self.volumeNode().GetRASToIJKMatrix(m)
-            return vtkMatrixToArray(m)
-
-        def worldToVolume(self):
-            """None, a 4x4 array (linear parent transforms) or a callable (non-linear ones)."""
-            transformNode = self.volumeNode().GetParentTransformNode()
-            if transformNode is None:
-                return None
-            if transformNode.IsTransformToWorldLinear():
-                m = vtk.vtkMatrix4x4()
-                transformNode.GetMatrixTransformFromWorld(m)
-                return vtkMatrixToArray(m)
-            transform = transformNode.GetTransformFromWorld()
-
-            def apply(points):
-                return np.array([transform.TransformPoint([float(c) for c in p]) for p in points])
-
-            return apply
-
-        def segmentationToVolume(self):
-            """4x4 from the segmentation node's coordinates to the volume's, or None when not linear."""
-            m = vtk.vtkMatrix4x4()
-            ok = slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(
-                self.segmentationNode().GetParentTransformNode(), self.volumeNode().GetParentTransformNode(), m)
-            return vtkMatrixToArray(m) if ok else None
-
-        def _latticeOffset(self, labelmap):
-            segToVol = self.segmentationToVolume()
-            if segToVol is None:
-                return None
-            m = vtk.vtkMatrix4x4()
-            labelmap.GetImageToWorldMatrix(m)
-            return geometry.lattice_offset(self.volumeIJKToLocal(), segToVol @ vtkMatrixToArray(m))
-
-        # --- segments
-        def segment_keys(self):
-            segmentationNode = self.segmentationNode()
-            if segmentationNode is None:
-                return []
-            return list(segmentationNode.GetSegmentation().GetSegmentIDs())
-
-        def selected_segment(self):
-            segmentId = self.editorNode.GetSelectedSegmentID()
-            if not segmentId or self.segmentationNode() is None:
-                return None
-            if self.segmentation().GetSegment(segmentId) is None:
-                return None
-            return segmentId
-
-        def select_segment(self, key):
-            self.editorNode.SetSelectedSegmentID(key)
-
-        def add_segment(self):
-            segmentationNode = self.segmentationNode()
-            segmentId = segmentationNode.GetSegmentation().AddEmptySegment()
-            displayNode = segmentationNode.GetDisplayNode()
-            if displayNode is not None:
-                displayNode.SetSegmentVisibility(segmentId, True)
-            self.editorNode.SetSelectedSegmentID(segmentId)
-            return segmentId
-
-        def segment_visible(self, key):
-            displayNode = self.segmentationNode().GetDisplayNode()
-            return True if displayNode is None else bool(displayNode.GetSegmentVisibility(key))
-
-        def masking_settings(self):
-            node = self.editorNode
-            try:
-                useRange = node.GetSourceVolumeIntensityMask()
-                intensityRange = node.GetSourceVolumeIntensityMaskRange()
-            except AttributeError:  # Slicer < 5.3
-                useRange = node.GetMasterVolumeIntensityMask()
-                intensityRange = node.GetMasterVolumeIntensityMaskRange()
-            return masking.MaskingSettings(
-                mask_mode=int(node.GetMaskMode()), overwrite_mode=int(node.GetOverwriteMode()),
-                mask_segment_id=node.GetMaskSegmentID() or None,
-                intensity_range=(intensityRange[0], intensityRange[1]) if useRange else None)
-
-        def _labelmap(self, key):
-            return self.segmentationNode().GetBinaryLabelmapInternalRepresentation(key)
-
-        def segment_version(self, key):
-            labelmap = self._labelmap(key)
-            if labelmap is None:
-                return None
-            # MTimes come from one global clock: a segment moved to another layer gets a new, larger one too.
-            scalars = labelmap.GetPointData().GetScalars()
-            return max(labelmap.GetMTime(), scalars.GetMTime() if scalars is not None else 0)
-
-        def layer(self, key):
-            segment = self.segmentation().GetSegment(key)
-            label = segment.GetLabelValue()
-            labelmap = self._labelmap(key)
-            extent = labelmap.GetExtent() if labelmap is not None else (0, -1, 0, -1, 0, -1)
-            if labelmap is None or extent[0] > extent[1] or extent[2] > extent[3] or extent[4] > extent[5] \
-                    or labelmap.GetPointData().GetScalars() is None:
-                return Layer(None, (0, 0, 0), label)
-            offset = self._latticeOffset(labelmap)
-            if offset is None:
-                raise geometry.GeometryError(
-                    "The segmentation's voxel grid differs from the volume's, so results cannot be written "
-                    "voxel for voxel. In the Segment Editor, use 'Specify geometry' (next to the segmentation "
-                    "selector) to set the source volume as reference geometry, or start a new segmentation.")
-            slicer.vtkOrientedImageDataResample.CastImageForValue(labelmap, label)
-            dims = labelmap.GetDimensions()
-            array = vtk.util.numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars())
-            array = array.reshape(dims[2], dims[1], dims[0])
-            return Layer(array, (extent[4] - offset[2], extent[2] - offset[1], extent[0] - offset[0]), label)
-
-        def shares_layer_with(self, key):
-            labelmap = self._labelmap(key)
-            return [other for other in self.segment_keys() if other != key and self._labelmap(other) is labelmap]
-
-        def grow_layer(self, key, offset, shape):
-            labelmap = self._labelmap(key)
-            extent = labelmap.GetExtent()
-            empty = extent[0] > extent[1] or extent[2] > extent[3] or extent[4] > extent[5] \
-                or labelmap.GetPointData().GetScalars() is None
-            if empty:
-                # An empty layer takes the volume's voxel grid (in the segmentation's coordinates).
-                segToVol = self.segmentationToVolume()
-                if segToVol is None:
-                    raise geometry.GeometryError("The segmentation is under a non-linear transform relative to "
-                                                 "the volume; harden or remove the transform first.")
-                labelmap.SetImageToWorldMatrix(arrayToVtkMatrix(np.linalg.inv(segToVol) @ self.volumeIJKToLocal()))
-                labelmap.SetExtent(offset[2], offset[2] + shape[2] - 1, offset[1], offset[1] + shape[1] - 1,
-                                   offset[0], offset[0] + shape[0] - 1)
-                labelmap.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-                labelmap.GetPointData().GetScalars().Fill(0)
-                return
-            lattice = self._latticeOffset(labelmap)
-            contained = slicer.vtkOrientedImageData()
-            m = vtk.vtkMatrix4x4()
-            labelmap.GetImageToWorldMatrix(m)
-            contained.SetImageToWorldMatrix(m)
-            contained.SetExtent(offset[2] + lattice[0], offset[2] + shape[2] - 1 + lattice[0],
-                                offset[1] + lattice[1], offset[1] + shape[1] - 1 + lattice[1],
-                                offset[0] + lattice[2], offset[0] + shape[0] - 1 + lattice[2])
-            slicer.vtkOrientedImageDataResample.PadImageToContainImage(labelmap, contained, labelmap)
-
-        def separate_segment(self, key):
-            self.segmentation().SeparateSegmentLabelmap(key)
-
-        def layers_modified(self, keys):
-            done = []
-            for key in keys:
-                labelmap = self._labelmap(key)
-                if labelmap is not None and not any(labelmap is d for d in done):
-                    labelmap.Modified()
-                    done.append(labelmap)
-                segment = self.segmentation().GetSegment(key)
-                logic = slicer.vtkSlicerSegmentationsModuleLogic
-                if segment is not None and logic.GetSegmentStatus(segment) == logic.NotStarted:
-                    logic.SetSegmentStatus(segment, logic.InProgress)
-
-        def clear_segment(self, key):
-            self.segmentation().ClearSegment(key)
-
-        # --- prompts: world RAS -> voxels
-        def shape_kji(self):
-            dims = self.volumeNode().GetImageData().GetDimensions()
-            return (dims[2], dims[1], dims[0])
-
-        def worldToIJK(self, points):
-            return geometry.world_to_ijk(points, self.rasToIJK(), self.worldToVolume())
-
-        def sliceNodePlacement(self, sliceNode):
-            toVolume = self.worldToVolume()
-            if callable(toVolume):
-                raise geometry.GeometryError("The volume is under a non-linear transform. Harden the transform "
-                                             "(Data module, right-click the transform) before drawing boxes.")
-            return geometry.slice_placement(vtkMatrixToArray(sliceNode.GetSliceToRAS()), self.rasToIJK(),
-                                            self.shape_kji(), toVolume)
-
-    _sceneClass = SlicerScene
-    return _sceneClass
 
 
 #
@@ -728,7 +473,7 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def getScene(self):
         if self.scene is None:
-            self.scene = slicerSceneClass()(self.editorNode)
+            self.scene = slicerScene(self.editorNode)
         return self.scene
 
     def serverUrl(self):
@@ -994,37 +739,29 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def processPoints(self, node):
         from SlicerNNInteractiveLib.geometry import GeometryError
+        from SlicerNNInteractiveLib.slicerscene import definedWorldPoints
 
         positive = node is self.pointNodes.get("positive")
-        for n in range(node.GetNumberOfControlPoints()):
-            pointId = node.GetNthControlPointID(n)
+        for n, pointId, world in definedWorldPoints(node):
             if pointId in self.processedPointIds:
-                continue
-            if node.GetNthControlPointPositionStatus(n) != slicer.vtkMRMLMarkupsNode.PositionDefined:
                 continue
             self.processedPointIds.add(pointId)
             node.SetNthControlPointLocked(n, True)
-            start = time.perf_counter()
-            world = [0.0, 0.0, 0.0]
-            node.GetNthControlPointPositionWorld(n, world)
             try:
-                self.placePoint(world, positive, start)
+                self.placePoint(world, positive)
             except GeometryError as exc:
                 node.RemoveNthControlPoint(n)
                 self.reportError(str(exc))
                 return
 
-    def placePoint(self, world, positive, start=None):
+    def placePoint(self, world, positive):
         """A point prompt at a world RAS position (also used by the self-test)."""
-        from SlicerNNInteractiveLib import geometry
-
-        start = start or time.perf_counter()
-        scene = self.getScene()
-        index = geometry.click_to_voxel(world, scene.rasToIJK(), scene.shape_kji(), scene.worldToVolume())
+        start = time.perf_counter()
+        args = self.getScene().pointPrompt(world)
         if self.ensureController() is None:
             return None
         self.controller.set_positive(positive)
-        return self.submit("point", {"coordinates": index}, start)
+        return self.submit("point", args, start)
 
     # --- box
 
@@ -1038,14 +775,8 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def placeBox(self, sliceNode, rasA, rasB):
         """A box prompt from two world corners drawn on a slice view (also used by the self-test)."""
-        from SlicerNNInteractiveLib import rasterize
-
         start = time.perf_counter()
-        scene = self.getScene()
-        placement = scene.sliceNodePlacement(sliceNode)
-        ijk = scene.worldToIJK([rasA, rasB])
-        box = rasterize.box_from_corners(ijk[0], ijk[1], placement, scene.shape_kji())
-        return self.submit("bbox", {"bbox": box}, start)
+        return self.submit("bbox", self.getScene().boxPrompt(sliceNode, rasA, rasB), start)
 
     # --- lasso
 
@@ -1056,14 +787,10 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def onLassoClosed(self):
         from SlicerNNInteractiveLib.geometry import GeometryError
+        from SlicerNNInteractiveLib.slicerscene import definedWorldPoints
 
         node = self.getLassoNode()
-        points = []
-        for n in range(node.GetNumberOfControlPoints()):
-            if node.GetNthControlPointPositionStatus(n) == slicer.vtkMRMLMarkupsNode.PositionDefined:
-                world = [0.0, 0.0, 0.0]
-                node.GetNthControlPointPositionWorld(n, world)
-                points.append(world)
+        points = [world for _, _, world in definedWorldPoints(node)]
         try:
             if len(points) >= 3:
                 self.placeLasso(points)
@@ -1079,17 +806,8 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def placeLasso(self, worldPoints):
         """A lasso prompt from the world positions of a closed outline (also used by the self-test)."""
-        from SlicerNNInteractiveLib import geometry, rasterize
-
         start = time.perf_counter()
-        scene = self.getScene()
-        ijk = scene.worldToIJK(worldPoints)
-        placement = geometry.placement_from_points(ijk, scene.shape_kji())
-        result = rasterize.lasso_from_polygon(ijk, placement, scene.shape_kji())
-        if result is None:
-            raise geometry.GeometryError("The lasso is outside the image. Draw it on the image.")
-        mask, bbox = result
-        return self.submit("lasso", {"mask": mask, "interaction_bbox": bbox}, start)
+        return self.submit("lasso", self.getScene().lassoPrompt(worldPoints), start)
 
     # --- scribble: the Segment Editor's paint brush on a hidden scratch segmentation
 
@@ -1162,48 +880,22 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             qt.QTimer.singleShot(0, self.processScribble)
 
     def processScribble(self):
-        from SlicerNNInteractiveLib import geometry, rasterize
+        from SlicerNNInteractiveLib.geometry import GeometryError
 
         start = time.perf_counter()
         scratch = self.scratchNode
         if scratch is None:
             return
-        scene = self.getScene()
-        import numpy as np
-        import vtk.util.numpy_support
-
-        labelmap = scratch.GetBinaryLabelmapInternalRepresentation("scribble")
-        extent = labelmap.GetExtent() if labelmap is not None else (0, -1, 0, -1, 0, -1)
-        if labelmap is None or extent[0] > extent[1] or labelmap.GetPointData().GetScalars() is None:
+        try:
+            args = self.getScene().scribblePrompt(scratch, "scribble")
+        except GeometryError as exc:
+            self.reportError(str(exc))
             return
-        m = vtk.vtkMatrix4x4()
-        labelmap.GetImageToWorldMatrix(m)
-        offset = geometry.lattice_offset(scene.volumeIJKToLocal(), vtkMatrixToArray(m))
-        dims = labelmap.GetDimensions()
-        view = vtk.util.numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars()).reshape(
-            dims[2], dims[1], dims[0])
-        painted = view != 0
-        scratch.GetSegmentation().ClearSegment("scribble")
-        if offset is None:
-            self.reportError("The scribble could not be mapped to the volume's voxels.")
-            return
-        cropped = rasterize.crop_to_bbox(
-            painted, (extent[4] - offset[2], extent[2] - offset[1], extent[0] - offset[0]))
-        if cropped is None:
-            return
-        mask, bbox = cropped
-        shape = scene.shape_kji()
-        clipped = [[max(0, lo), min(n, hi)] for (lo, hi), n in zip(bbox, shape)]
-        if any(hi <= lo for lo, hi in clipped):
-            return
-        mask = mask[tuple(slice(c[0] - b[0], c[1] - b[0]) for c, b in zip(clipped, bbox))]
-        if not any(hi - lo == 1 for lo, hi in clipped):
-            self.reportError("The scribble covers more than one voxel slice: paint on a slice view aligned with the "
-                             "volume (slice view menu: 'Rotate to volume plane') and with the sphere brush off.")
-            return
-        if not np.any(mask):
-            return
-        self.submit("scribble", {"mask": mask, "interaction_bbox": clipped}, start)
+        finally:
+            # Each stroke is one prompt: the scratch layer starts empty for the next.
+            scratch.GetSegmentation().ClearSegment("scribble")
+        if args is not None:
+            self.submit("scribble", args, start)
 
     # ------------------------------------------------------------------ polarity, segments, undo
 
@@ -1572,7 +1264,7 @@ class SlicerNNInteractiveLogic(ScriptedLoadableModuleLogic):
             except AttributeError:  # Slicer < 5.3
                 editorNode.SetAndObserveMasterVolumeNode(volumeNode)
             created.extend([editorNode, segmentationNode, volumeNode])
-            return slicerSceneClass()(editorNode)
+            return slicerScene(editorNode)
 
         def makeController(scene):
             controller = Controller(scene, lambda: self.connect(url, apiKey))

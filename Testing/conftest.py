@@ -99,3 +99,16 @@ def blob_model():
     assert os.path.isfile(os.path.join(BLOB_MODEL, "fold_0", "checkpoint_final.pth")), (
         "Testing/models/blobs is missing; rebuild it with Testing/models/train_blobs.py")
     return BLOB_MODEL
+
+
+@pytest.fixture(params=["array", "mrml"])
+def Scene(request):
+    """The scene class a test builds: ``ArrayScene`` (numpy) or ``MrmlScene`` (the module's SlicerScene on real
+    Slicer MRML nodes, from the slicer-core wheel). Both take ``(image, segments=None, shared=False)``."""
+    if request.param == "array":
+        from SlicerNNInteractiveLib.scene import ArrayScene
+
+        return ArrayScene
+    from mrml import MrmlScene
+
+    return MrmlScene

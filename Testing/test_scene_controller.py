@@ -17,7 +17,6 @@ from SlicerNNInteractiveLib import masking as M
 from SlicerNNInteractiveLib.client import RemoteSession
 from SlicerNNInteractiveLib.controller import Controller, format_timing
 from SlicerNNInteractiveLib.errors import ServerUnreachableError
-from SlicerNNInteractiveLib.scene import ArrayScene
 from SlicerNNInteractiveLib.sync import SyncedSession
 
 POINTS = [(20, 30, 18), (22, 28, 18), (18, 33, 20), (25, 25, 15)]
@@ -92,8 +91,8 @@ def submit(c, prompt):
     return c.submit(kind, args)
 
 
-def test_first_prompt_creates_a_segment_and_matches_the_oracle(make, oracle, image):
-    scene = ArrayScene(image)
+def test_first_prompt_creates_a_segment_and_matches_the_oracle(Scene, make, oracle, image):
+    scene = Scene(image)
     c = make(scene)
     prompts = [pt(0), pt(1, False), ("bbox", {"bbox": [[10, 30], [20, 40], [18, 19]]}, True)]
     for p in prompts:
@@ -114,8 +113,8 @@ def test_first_prompt_creates_a_segment_and_matches_the_oracle(make, oracle, ima
         assert "network+server" in format_timing(timings)
 
 
-def test_queued_prompts_run_in_order_and_on_the_segment_they_were_placed_on(make, oracle, image):
-    scene = ArrayScene(image)
+def test_queued_prompts_run_in_order_and_on_the_segment_they_were_placed_on(Scene, make, oracle, image):
+    scene = Scene(image)
     c = make(scene)
     submit(c, pt(0))
     submit(c, pt(1))
@@ -130,8 +129,8 @@ def test_queued_prompts_run_in_order_and_on_the_segment_they_were_placed_on(make
     assert c.sync.uploads["segment"] == 2  # the second segment replaced the first on the server
 
 
-def test_switching_back_sends_the_segment_as_initial_mask(make, oracle, image):
-    scene = ArrayScene(image)
+def test_switching_back_sends_the_segment_as_initial_mask(Scene, make, oracle, image):
+    scene = Scene(image)
     c = make(scene)
     submit(c, pt(0))
     c.wait()
@@ -147,8 +146,8 @@ def test_switching_back_sends_the_segment_as_initial_mask(make, oracle, image):
     assert np.array_equal(scene.read_segment(a), oracle(image, [pt(2)], segment=after_a))
 
 
-def test_undo_restores_the_segment_and_the_server_continues_from_there(make, oracle, image):
-    scene = ArrayScene(image)
+def test_undo_restores_the_segment_and_the_server_continues_from_there(Scene, make, oracle, image):
+    scene = Scene(image)
     c = make(scene)
     submit(c, pt(0))
     submit(c, pt(1, False))
@@ -175,8 +174,8 @@ def test_undo_restores_the_segment_and_the_server_continues_from_there(make, ora
     assert np.array_equal(scene.read_segment(key), oracle(image, [pt(3)]))
 
 
-def test_undo_after_a_hand_edit_is_left_to_the_editor(make, image):
-    scene = ArrayScene(image)
+def test_undo_after_a_hand_edit_is_left_to_the_editor(Scene, make, image):
+    scene = Scene(image)
     c = make(scene)
     submit(c, pt(0))
     c.wait()
@@ -185,8 +184,8 @@ def test_undo_after_a_hand_edit_is_left_to_the_editor(make, image):
     assert not c.can_undo()
 
 
-def test_hand_edit_is_sent_before_the_next_prompt(make, oracle, image):
-    scene = ArrayScene(image)
+def test_hand_edit_is_sent_before_the_next_prompt(Scene, make, oracle, image):
+    scene = Scene(image)
     c = make(scene)
     submit(c, pt(0))
     c.wait()
@@ -203,8 +202,8 @@ def test_hand_edit_is_sent_before_the_next_prompt(make, oracle, image):
     assert np.array_equal(scene.read_segment(key), oracle(image, [pt(1)], segment=edited))
 
 
-def test_reset_clears_segment_and_prompts(make, oracle, image):
-    scene = ArrayScene(image)
+def test_reset_clears_segment_and_prompts(Scene, make, oracle, image):
+    scene = Scene(image)
     c = make(scene)
     submit(c, pt(0))
     c.wait()
@@ -221,10 +220,10 @@ def test_reset_clears_segment_and_prompts(make, oracle, image):
     assert np.array_equal(scene.read_segment(key), oracle(image, [pt(2)]))
 
 
-def test_masking_settings_are_honoured(make, oracle, image):
+def test_masking_settings_are_honoured(Scene, make, oracle, image):
     locked = np.zeros(image.shape, bool)
     locked[:, :30, :] = True
-    scene = ArrayScene(image, {"locked": locked})
+    scene = Scene(image, {"locked": locked})
     scene.select_segment(None)
     scene.settings = M.MaskingSettings(M.EDIT_OUTSIDE_ALL, M.OVERWRITE_ALL)
     c = make(scene)
@@ -250,8 +249,8 @@ def test_masking_settings_are_honoured(make, oracle, image):
     assert np.array_equal(scene.read_segment("locked").astype(bool), locked)
 
 
-def test_recovers_when_the_server_forgot_the_session(make, oracle, server, image):
-    scene = ArrayScene(image)
+def test_recovers_when_the_server_forgot_the_session(Scene, make, oracle, server, image):
+    scene = Scene(image)
     c = make(scene)
     submit(c, pt(0))
     c.wait()
@@ -269,10 +268,10 @@ def test_recovers_when_the_server_forgot_the_session(make, oracle, server, image
     assert np.array_equal(scene.read_segment(key), before)
 
 
-def test_unreachable_server_reports_and_keeps_the_segment(make, image):
+def test_unreachable_server_reports_and_keeps_the_segment(Scene, make, image):
     seg = np.zeros(image.shape, bool)
     seg[5:10, 5:10, 5:10] = True
-    scene = ArrayScene(image, {"mine": seg})
+    scene = Scene(image, {"mine": seg})
     scene.select_segment("mine")
     c = make(scene, url="http://127.0.0.1:%d" % free_port())
     submit(c, pt(0))
@@ -286,8 +285,8 @@ def test_unreachable_server_reports_and_keeps_the_segment(make, image):
     assert not c.busy
 
 
-def test_the_caller_thread_never_waits(make, image):
-    scene = ArrayScene(image)
+def test_the_caller_thread_never_waits(Scene, make, image):
+    scene = Scene(image)
     c = make(scene)
     main = threading.current_thread()
     seen = []
@@ -305,9 +304,8 @@ def test_the_caller_thread_never_waits(make, image):
     assert seen == [True, True]  # scene writes on the caller's thread only
 
 
-def test_timing_run_reports_every_prompt_type(server):
+def test_timing_run_reports_every_prompt_type(Scene, server):
     from SlicerNNInteractiveLib import timing
-    from SlicerNNInteractiveLib.scene import ArrayScene as Scene
 
     def make_controller(scene):
         c = Controller(scene, lambda: RemoteSession(server))

@@ -1,4 +1,4 @@
-"""Segment writes through labelmap layers (ArrayScene: the Slicer layer model on numpy)."""
+"""Segment writes through labelmap layers, on numpy (ArrayScene) and on real Slicer segmentations (MrmlScene)."""
 
 import os
 import sys
@@ -8,7 +8,6 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "SlicerNNInteractive"))
 
 from SlicerNNInteractiveLib import masking as M  # noqa: E402
-from SlicerNNInteractiveLib.scene import ArrayScene  # noqa: E402
 
 SHAPE = (8, 10, 12)
 
@@ -19,8 +18,8 @@ def box(shape, sl):
     return m
 
 
-def test_write_grows_an_empty_layer_to_the_new_voxels_only():
-    scene = ArrayScene(np.zeros(SHAPE, np.int16))
+def test_write_grows_an_empty_layer_to_the_new_voxels_only(Scene):
+    scene = Scene(np.zeros(SHAPE, np.int16))
     key = scene.add_segment()
     bbox = [[2, 6], [3, 7], [4, 8]]
     pred = np.zeros((4, 4, 4), np.uint8)
@@ -37,10 +36,10 @@ def test_write_grows_an_empty_layer_to_the_new_voxels_only():
     assert scene.read_segment(key).sum() == 8
 
 
-def test_overwrite_none_separates_a_shared_layer_instead_of_erasing():
+def test_overwrite_none_separates_a_shared_layer_instead_of_erasing(Scene):
     a = box(SHAPE, np.s_[0:4, 0:4, 0:4])
     b = box(SHAPE, np.s_[4:8, 4:8, 4:8])
-    scene = ArrayScene(np.zeros(SHAPE), {"a": a, "b": b}, shared=True)
+    scene = Scene(np.zeros(SHAPE), {"a": a, "b": b}, shared=True)
     assert scene.layer_count() == 1
     scene.settings = M.MaskingSettings(overwrite_mode=M.OVERWRITE_NONE)
     bbox = [[2, 6], [2, 6], [2, 6]]
@@ -50,13 +49,12 @@ def test_overwrite_none_separates_a_shared_layer_instead_of_erasing():
     assert scene.read_segment("a").sum() == (a | box(SHAPE, np.s_[2:6, 2:6, 2:6])).sum()
 
 
-def test_overwrite_all_takes_voxels_from_shared_and_separate_layers_and_undo_restores_them():
+def test_overwrite_all_takes_voxels_from_shared_and_separate_layers_and_undo_restores_them(Scene):
     a = box(SHAPE, np.s_[0:4, 0:4, 0:4])
     b = box(SHAPE, np.s_[4:8, 4:8, 4:8])
     c = box(SHAPE, np.s_[0:2, 6:10, 6:12])
-    scene = ArrayScene(np.zeros(SHAPE), {"a": a, "b": b}, shared=True)
-    scene._layers.append({"array": c.astype(np.uint8), "offset": (0, 0, 0), "version": 0})
-    scene._add("c", len(scene._layers) - 1, 1)
+    scene = Scene(np.zeros(SHAPE), {"a": a, "b": b, "c": c}, shared=True)
+    scene.separate_segment("c")
     scene.settings = M.MaskingSettings(overwrite_mode=M.OVERWRITE_ALL)
     before = {k: scene.read_segment(k).copy() for k in "abc"}
     bbox = [[0, 8], [3, 8], [3, 8]]
@@ -72,9 +70,9 @@ def test_overwrite_all_takes_voxels_from_shared_and_separate_layers_and_undo_res
         assert np.array_equal(scene.read_segment(k), before[k])
 
 
-def test_masked_merge_through_scene_and_hidden_segments():
+def test_masked_merge_through_scene_and_hidden_segments(Scene):
     a = box(SHAPE, np.s_[0:8, 0:5, 0:12])
-    scene = ArrayScene(np.arange(np.prod(SHAPE)).reshape(SHAPE), {"a": a})
+    scene = Scene(np.arange(np.prod(SHAPE), dtype=np.int32).reshape(SHAPE), {"a": a})
     key = scene.add_segment()
     scene.settings = M.MaskingSettings(M.EDIT_OUTSIDE_VISIBLE, M.OVERWRITE_NONE)
     full = [[0, n] for n in SHAPE]
@@ -91,8 +89,8 @@ def test_masked_merge_through_scene_and_hidden_segments():
     assert scene.read_segment(key).sum() == 100
 
 
-def test_no_change_no_write():
-    scene = ArrayScene(np.zeros(SHAPE), {"a": box(SHAPE, np.s_[1:3, 1:3, 1:3])})
+def test_no_change_no_write(Scene):
+    scene = Scene(np.zeros(SHAPE), {"a": box(SHAPE, np.s_[1:3, 1:3, 1:3])})
     version = scene.segment_version("a")
     new, undo = scene.merge("a", [[1, 3], [1, 3], [1, 3]], np.ones((2, 2, 2)))
     assert undo is None and scene.segment_version("a") == version and scene.modified_calls == []

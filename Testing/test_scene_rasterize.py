@@ -129,12 +129,21 @@ def test_lasso_concave_polygon_and_small_lasso():
         R.lasso_from_polygon(tiny[:2], p, SHAPE)
 
 
-def test_crop_and_new_voxels():
+def test_crop():
     m = np.zeros((5, 6, 7), dtype=np.uint8)
     m[1, 2:4, 3] = 1
     mask, bbox = R.crop_to_bbox(m, offset=(10, 20, 30))
     assert bbox == [[11, 12], [22, 24], [33, 34]] and mask.shape == (1, 2, 1)
     assert R.crop_to_bbox(np.zeros((2, 2, 2))) is None
-    prev = m.copy()
-    m[1, 5, 5] = 1
-    assert np.argwhere(R.new_voxels(m, prev)).tolist() == [[1, 5, 5]]
+
+
+def test_painted_scribble_is_clipped_to_the_image_and_must_lie_on_one_slice():
+    painted = np.zeros((3, 8, 8), bool)
+    painted[1, 2:6, 0:8] = True  # one slice along axis 0, reaching 2 voxels past the image's first column
+    mask, bbox = R.scribble_from_painted(painted, (4, 10, -2), SHAPE)
+    assert bbox == [[5, 6], [12, 16], [0, 6]] and mask.all() and mask.shape == (1, 4, 6)
+    assert R.scribble_from_painted(painted, (4, 10, -8), SHAPE) is None  # painted off the image
+    assert R.scribble_from_painted(np.zeros((1, 2, 2)), (0, 0, 0), SHAPE) is None
+    painted[2, 2:6, 0:8] = True  # a second slice: as a sphere brush or an oblique view would paint
+    with pytest.raises(GeometryError, match="more than one voxel slice"):
+        R.scribble_from_painted(painted, (4, 10, 0), SHAPE)

@@ -197,10 +197,25 @@ def crop_to_bbox(mask, offset=(0, 0, 0)):
     return nz[tuple(slices)].astype(np.uint8), bbox
 
 
-def new_voxels(painted, previous):
-    """Voxels set in ``painted`` and not in ``previous`` (same-shape arrays, or previous None): what the
-    last brush stroke added to a scratch labelmap that accumulates strokes."""
-    p = np.asarray(painted) != 0
-    if previous is None:
-        return p
-    return p & ~(np.asarray(previous) != 0)
+def scribble_from_painted(painted, offset, shape):
+    """A brush stroke as the Segment Editor's paint effect leaves it in a labelmap -> ``(mask, bbox)``.
+
+    ``painted``: 3D mask (array order) of the stroke, ``offset``: volume index of ``painted[0, 0, 0]``,
+    ``shape``: the volume's. The stroke is clipped to the volume and cropped; None when nothing is left.
+    GeometryError when it spans more than one voxel slice along every axis (painted on an oblique view,
+    or with the sphere brush), since the server takes a scribble on one slice.
+    """
+    painted = np.asarray(painted)
+    lo = [max(0, int(o)) for o in offset]
+    hi = [min(int(n), int(o) + s) for o, s, n in zip(offset, painted.shape, shape)]
+    if any(h <= l for l, h in zip(lo, hi)):
+        return None
+    inside = painted[tuple(slice(l - int(o), h - int(o)) for l, h, o in zip(lo, hi, offset))]
+    result = crop_to_bbox(inside, lo)
+    if result is None:
+        return None
+    mask, bbox = result
+    if not any(b - a == 1 for a, b in bbox):
+        raise GeometryError("The scribble covers more than one voxel slice: paint on a slice view aligned with "
+                            "the volume (slice view menu: 'Rotate to volume plane') and with the sphere brush off.")
+    return mask, bbox

@@ -1,0 +1,323 @@
+"""The Scene on Slicer's MRML nodes, and prompts read from Slicer's markups, slice views and labelmaps.
+
+This is the one submodule that needs Slicer's Python (``slicer`` and ``vtk``): inside Slicer, or the
+``slicer-core`` wheel (Slicer's MRML and logic libraries without the application), on which the tests run
+it against a real server. Everything else it needs (which voxel a click is, how a prompt is rasterized,
+how a result is merged) comes from the pure-Python modules beside it.
+
+Voxel arrays are views of VTK memory (no copies), in the volume's array order (k, j, i).
+"""
+
+import numpy as np
+import vtk
+import vtk.util.numpy_support
+
+import slicer
+
+from . import geometry, masking, rasterize
+from .scene import Layer, Scene
+
+
+def vtkMatrixToArray(matrix):
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def arrayToVtkMatrix(array):
+    m = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, float(array[r][c]))
+    return m
+
+
+def _isEmpty(imageData):
+    if imageData is None:
+        return True
+    extent = imageData.GetExtent()
+    return extent[0] > extent[1] or extent[2] > extent[3] or extent[4] > extent[5] \
+        or imageData.GetPointData().GetScalars() is None
+
+
+def _arrayView(imageData):
+    """The scalars of an image as a writable (k, j, i) numpy view."""
+    dims = imageData.GetDimensions()
+    return vtk.util.numpy_support.vtk_to_numpy(imageData.GetPointData().GetScalars()).reshape(
+        dims[2], dims[1], dims[0])
+
+
+def definedWorldPoints(markupsNode):
+    """[(n, control point ID, world position)] of the control points whose position is defined
+    (world: after the markups node's own parent transforms)."""
+    points = []
+    for n in range(markupsNode.GetNumberOfControlPoints()):
+        if markupsNode.GetNthControlPointPositionStatus(n) != slicer.vtkMRMLMarkupsNode.PositionDefined:
+            continue
+        world = [0.0, 0.0, 0.0]
+        markupsNode.GetNthControlPointPositionWorld(n, world)
+        points.append((n, markupsNode.GetNthControlPointID(n), world))
+    return points
+
+
+class SlicerScene(Scene):
+    """One Segment Editor parameter node: its source volume, its segmentation, its selected segment.
+
+    Segments are keyed by segment ID; a segment's labelmap must share the volume's voxel grid (up to a
+    whole-voxel offset of its extent), which is what the Segment Editor makes when the source volume is the
+    segmentation's reference geometry.
+    """
+
+    def __init__(self, segmentEditorNode):
+        Scene.__init__(self)
+        self.editorNode = segmentEditorNode
+
+    # --- nodes
+    def volumeNode(self):
+        try:
+            return self.editorNode.GetSourceVolumeNode()
+        except AttributeError:  # Slicer < 5.3
+            return self.editorNode.GetMasterVolumeNode()
+
+    def segmentationNode(self):
+        return self.editorNode.GetSegmentationNode()
+
+    def segmentation(self):
+        return self.segmentationNode().GetSegmentation()
+
+    # --- image
+    def image_key(self):
+        return self.volumeNode().GetID()
+
+    def image_version(self):
+        imageData = self.volumeNode().GetImageData()
+        scalars = imageData.GetPointData().GetScalars()
+        return max(imageData.GetMTime(), scalars.GetMTime() if scalars is not None else 0)
+
+    def image_array(self):
+        volumeNode = self.volumeNode()
+        components = volumeNode.GetImageData().GetNumberOfScalarComponents()
+        if components != 1:
+            raise geometry.GeometryError("nnInteractive needs a single-channel (grayscale) volume; %s has %d "
+                                         "components." % (volumeNode.GetName(), components))
+        return slicer.util.arrayFromVolume(volumeNode)
+
+    # --- geometry
+    def volumeIJKToLocal(self):
+        m = vtk.vtkMatrix4x4()
+        self.volumeNode().GetIJKToRASMatrix(m)
+        return vtkMatrixToArray(m)
+
+    def rasToIJK(self):
+        m = vtk.vtkMatrix4x4()
+        self.volumeNode().GetRASToIJKMatrix(m)
+        return vtkMatrixToArray(m)
+
+    def worldToVolume(self):
+        """None, a 4x4 array (linear parent transforms) or a callable (non-linear ones)."""
+        transformNode = self.volumeNode().GetParentTransformNode()
+        if transformNode is None:
+            return None
+        if transformNode.IsTransformToWorldLinear():
+            m = vtk.vtkMatrix4x4()
+            transformNode.GetMatrixTransformFromWorld(m)
+            return vtkMatrixToArray(m)
+        transform = transformNode.GetTransformFromWorld()
+
+        def apply(points):
+            return np.array([transform.TransformPoint([float(c) for c in p]) for p in points])
+
+        return apply
+
+    def segmentationToVolume(self):
+        """4x4 from the segmentation node's coordinates to the volume's, or None when not linear."""
+        m = vtk.vtkMatrix4x4()
+        ok = slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(
+            self.segmentationNode().GetParentTransformNode(), self.volumeNode().GetParentTransformNode(), m)
+        return vtkMatrixToArray(m) if ok else None
+
+    def latticeOffset(self, orientedImage, toVolume=None):
+        """(di, dj, dk) from the volume's IJK to the oriented image's, or None when the grids differ.
+        ``toVolume``: 4x4 from the image's world (its node's coordinates) to the volume's coordinates."""
+        if toVolume is None:
+            return None
+        m = vtk.vtkMatrix4x4()
+        orientedImage.GetImageToWorldMatrix(m)
+        return geometry.lattice_offset(self.volumeIJKToLocal(), toVolume @ vtkMatrixToArray(m))
+
+    # --- segments
+    def segment_keys(self):
+        segmentationNode = self.segmentationNode()
+        if segmentationNode is None:
+            return []
+        return list(segmentationNode.GetSegmentation().GetSegmentIDs())
+
+    def selected_segment(self):
+        segmentId = self.editorNode.GetSelectedSegmentID()
+        if not segmentId or self.segmentationNode() is None:
+            return None
+        if self.segmentation().GetSegment(segmentId) is None:
+            return None
+        return segmentId
+
+    def select_segment(self, key):
+        self.editorNode.SetSelectedSegmentID(key)
+
+    def add_segment(self):
+        segmentationNode = self.segmentationNode()
+        segmentId = segmentationNode.GetSegmentation().AddEmptySegment()
+        displayNode = segmentationNode.GetDisplayNode()
+        if displayNode is not None:
+            displayNode.SetSegmentVisibility(segmentId, True)
+        self.editorNode.SetSelectedSegmentID(segmentId)
+        return segmentId
+
+    def segment_visible(self, key):
+        displayNode = self.segmentationNode().GetDisplayNode()
+        return True if displayNode is None else bool(displayNode.GetSegmentVisibility(key))
+
+    def masking_settings(self):
+        node = self.editorNode
+        try:
+            useRange = node.GetSourceVolumeIntensityMask()
+            intensityRange = node.GetSourceVolumeIntensityMaskRange()
+        except AttributeError:  # Slicer < 5.3
+            useRange = node.GetMasterVolumeIntensityMask()
+            intensityRange = node.GetMasterVolumeIntensityMaskRange()
+        return masking.MaskingSettings(
+            mask_mode=int(node.GetMaskMode()), overwrite_mode=int(node.GetOverwriteMode()),
+            mask_segment_id=node.GetMaskSegmentID() or None,
+            intensity_range=(intensityRange[0], intensityRange[1]) if useRange else None)
+
+    def _labelmap(self, key):
+        return self.segmentationNode().GetBinaryLabelmapInternalRepresentation(key)
+
+    def segment_version(self, key):
+        labelmap = self._labelmap(key)
+        if labelmap is None:
+            return None
+        # MTimes come from one global clock: a segment moved to another layer gets a new, larger one too.
+        scalars = labelmap.GetPointData().GetScalars()
+        return max(labelmap.GetMTime(), scalars.GetMTime() if scalars is not None else 0)
+
+    def layer(self, key):
+        label = self.segmentation().GetSegment(key).GetLabelValue()
+        labelmap = self._labelmap(key)
+        if _isEmpty(labelmap):
+            return Layer(None, (0, 0, 0), label)
+        offset = self.latticeOffset(labelmap, self.segmentationToVolume())
+        if offset is None:
+            raise geometry.GeometryError(
+                "The segmentation's voxel grid differs from the volume's, so results cannot be written "
+                "voxel for voxel. In the Segment Editor, use 'Specify geometry' (next to the segmentation "
+                "selector) to set the source volume as reference geometry, or start a new segmentation.")
+        slicer.vtkOrientedImageDataResample.CastImageForValue(labelmap, label)
+        extent = labelmap.GetExtent()
+        return Layer(_arrayView(labelmap), (extent[4] - offset[2], extent[2] - offset[1], extent[0] - offset[0]),
+                     label)
+
+    def shares_layer_with(self, key):
+        labelmap = self._labelmap(key)
+        return [other for other in self.segment_keys() if other != key and self._labelmap(other) is labelmap]
+
+    def grow_layer(self, key, offset, shape):
+        labelmap = self._labelmap(key)
+        if _isEmpty(labelmap):
+            # An empty layer takes the volume's voxel grid (in the segmentation's coordinates).
+            segToVol = self.segmentationToVolume()
+            if segToVol is None:
+                raise geometry.GeometryError("The segmentation is under a non-linear transform relative to "
+                                             "the volume; harden or remove the transform first.")
+            labelmap.SetImageToWorldMatrix(arrayToVtkMatrix(np.linalg.inv(segToVol) @ self.volumeIJKToLocal()))
+            labelmap.SetExtent(offset[2], offset[2] + shape[2] - 1, offset[1], offset[1] + shape[1] - 1,
+                               offset[0], offset[0] + shape[0] - 1)
+            labelmap.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+            labelmap.GetPointData().GetScalars().Fill(0)
+            return
+        lattice = self.latticeOffset(labelmap, self.segmentationToVolume())
+        contained = slicer.vtkOrientedImageData()
+        m = vtk.vtkMatrix4x4()
+        labelmap.GetImageToWorldMatrix(m)
+        contained.SetImageToWorldMatrix(m)
+        contained.SetExtent(offset[2] + lattice[0], offset[2] + shape[2] - 1 + lattice[0],
+                            offset[1] + lattice[1], offset[1] + shape[1] - 1 + lattice[1],
+                            offset[0] + lattice[2], offset[0] + shape[0] - 1 + lattice[2])
+        slicer.vtkOrientedImageDataResample.PadImageToContainImage(labelmap, contained, labelmap)
+
+    def separate_segment(self, key):
+        self.segmentation().SeparateSegmentLabelmap(key)
+
+    def layers_modified(self, keys):
+        done = []
+        for key in keys:
+            labelmap = self._labelmap(key)
+            if labelmap is not None and not any(labelmap is d for d in done):
+                labelmap.Modified()
+                done.append(labelmap)
+            segment = self.segmentation().GetSegment(key)
+            logic = slicer.vtkSlicerSegmentationsModuleLogic
+            if segment is not None and logic.GetSegmentStatus(segment) == logic.NotStarted:
+                logic.SetSegmentStatus(segment, logic.InProgress)
+
+    def clear_segment(self, key):
+        self.segmentation().ClearSegment(key)
+
+    # --- prompts: world RAS -> voxels -> the arguments of the server's calls
+    def shape_kji(self):
+        dims = self.volumeNode().GetImageData().GetDimensions()
+        return (dims[2], dims[1], dims[0])
+
+    def worldToIJK(self, points):
+        return geometry.world_to_ijk(points, self.rasToIJK(), self.worldToVolume())
+
+    def sliceNodePlacement(self, sliceNode):
+        toVolume = self.worldToVolume()
+        if callable(toVolume):
+            raise geometry.GeometryError("The volume is under a non-linear transform. Harden the transform "
+                                         "(Data module, right-click the transform) before drawing boxes.")
+        return geometry.slice_placement(vtkMatrixToArray(sliceNode.GetSliceToRAS()), self.rasToIJK(),
+                                        self.shape_kji(), toVolume)
+
+    def pointPrompt(self, world):
+        """A click at a world position -> ``{"coordinates": (k, j, i)}``; GeometryError when outside."""
+        index = geometry.click_to_voxel(world, self.rasToIJK(), self.shape_kji(), self.worldToVolume())
+        return {"coordinates": index}
+
+    def boxPrompt(self, sliceNode, worldA, worldB):
+        """Two world corners drawn on a slice view -> ``{"bbox": ...}``, a 2D box on that view's voxel slice."""
+        placement = self.sliceNodePlacement(sliceNode)
+        ijk = self.worldToIJK([worldA, worldB])
+        return {"bbox": rasterize.box_from_corners(ijk[0], ijk[1], placement, self.shape_kji())}
+
+    def lassoPrompt(self, worldPoints):
+        """The world positions of a closed outline -> ``{"mask", "interaction_bbox"}``, filled on its slice."""
+        shape = self.shape_kji()
+        ijk = self.worldToIJK(worldPoints)
+        placement = geometry.placement_from_points(ijk, shape)
+        result = rasterize.lasso_from_polygon(ijk, placement, shape)
+        if result is None:
+            raise geometry.GeometryError("The lasso is outside the image. Draw it on the image.")
+        mask, bbox = result
+        return {"mask": mask, "interaction_bbox": bbox}
+
+    def scribblePrompt(self, scratchNode, segmentId):
+        """What the paint brush left in a scratch segmentation's segment -> ``{"mask", "interaction_bbox"}``,
+        or None when nothing of it is on the image. The scratch node must share the volume's voxel grid
+        (its reference geometry is the volume, and it sits under the volume's transform)."""
+        labelmap = scratchNode.GetBinaryLabelmapInternalRepresentation(segmentId)
+        if _isEmpty(labelmap):
+            return None
+        m = vtk.vtkMatrix4x4()
+        ok = slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(
+            scratchNode.GetParentTransformNode(), self.volumeNode().GetParentTransformNode(), m)
+        offset = self.latticeOffset(labelmap, vtkMatrixToArray(m) if ok else None)
+        if offset is None:
+            raise geometry.GeometryError("The scribble could not be mapped to the volume's voxels. Select the "
+                                         "tool again to re-create the scribble layer on this volume.")
+        segment = scratchNode.GetSegmentation().GetSegment(segmentId)
+        painted = _arrayView(labelmap) == segment.GetLabelValue()
+        extent = labelmap.GetExtent()
+        result = rasterize.scribble_from_painted(
+            painted, (extent[4] - offset[2], extent[2] - offset[1], extent[0] - offset[0]), self.shape_kji())
+        if result is None:
+            return None
+        mask, bbox = result
+        return {"mask": mask, "interaction_bbox": bbox}
