@@ -340,13 +340,9 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def selectEditorNode(self):
         """Use the Segment Editor module's parameter node, so both show the same segmentation and settings."""
-        tag = "SegmentEditor"
-        node = slicer.mrmlScene.GetSingletonNode(tag, "vtkMRMLSegmentEditorNode")
-        if node is None:
-            node = slicer.mrmlScene.CreateNodeByClass("vtkMRMLSegmentEditorNode")
-            node.UnRegister(None)
-            node.SetSingletonTag(tag)
-            node = slicer.mrmlScene.AddNode(node)
+        from SlicerNNInteractiveLib.slicerscene import segmentEditorSingleton
+
+        node = segmentEditorSingleton(slicer.mrmlScene)
         if node is not self.editorNode:
             self.editorNode = node
             self.editor.setMRMLSegmentEditorNode(node)
@@ -669,12 +665,11 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                 self.switchingTool = False
 
     def armPlacement(self, markupsNode):
-        selectionNode = self.selectionNode()
-        selectionNode.SetReferenceActivePlaceNodeClassName(markupsNode.GetClassName())
-        selectionNode.SetActivePlaceNodeID(markupsNode.GetID())
-        self.switchingTool = True
+        from SlicerNNInteractiveLib.slicerscene import armPlacement
+
+        self.switchingTool = True  # our own mode change: not the user leaving the tool
         try:
-            self.interactionNode().SwitchToPersistentPlaceMode()
+            armPlacement(self.selectionNode(), self.interactionNode(), markupsNode)
         finally:
             self.switchingTool = False
 
@@ -690,17 +685,9 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     # --- markups nodes for prompts (not saved with the scene)
 
     def newPromptNode(self, className, name, color):
-        node = slicer.mrmlScene.AddNewNodeByClass(className, name)
-        node.SetSaveWithScene(False)
-        node.CreateDefaultDisplayNodes()
-        display = node.GetDisplayNode()
-        display.SetSelectedColor(*color)
-        display.SetColor(*color)
-        display.SetActiveColor(*color)
-        display.SetPointLabelsVisibility(False)
-        display.SetPropertiesLabelVisibility(False)
-        display.SetGlyphScale(2.0)
-        return node
+        from SlicerNNInteractiveLib.slicerscene import newPromptNode
+
+        return newPromptNode(slicer.mrmlScene, className, name, color)
 
     def pointNode(self, positive):
         key = "positive" if positive else "negative"
@@ -812,26 +799,19 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     # --- scribble: the Segment Editor's paint brush on a hidden scratch segmentation
 
     def getScratch(self):
-        volumeNode = self.sourceVolumeNode()
-        if self.scratchNode is None or slicer.mrmlScene.GetNodeByID(self.scratchNode.GetID()) is None:
-            node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "nnInteractive scribbles")
-            node.SetSaveWithScene(False)
-            node.SetHideFromEditors(True)
-            node.CreateDefaultDisplayNodes()
-            node.GetSegmentation().AddEmptySegment("scribble", "scribble")
-            node.GetDisplayNode().SetSegmentOpacity2DFill("scribble", 0.6)
+        from SlicerNNInteractiveLib.slicerscene import scratchSegmentation
+
+        node = scratchSegmentation(slicer.mrmlScene, self.sourceVolumeNode(), self.scratchNode, self.polarityColor())
+        if node is not self.scratchNode:
             self.addObserver(node.GetSegmentation(), slicer.vtkSegmentation.SourceRepresentationModified,
                              self.onScribblePainted)
             self.scratchNode = node
-        node = self.scratchNode
-        if node.GetNodeReferenceID(node.GetReferenceImageGeometryReferenceRole()) != volumeNode.GetID():
-            node.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
-        node.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
-        node.GetSegmentation().GetSegment("scribble").SetColor(*self.polarityColor())
         return node
 
     def armScribble(self):
         import qSlicerSegmentationsModuleWidgetsPythonQt
+
+        from SlicerNNInteractiveLib.slicerscene import SCRIBBLE_SEGMENT
 
         scratch = self.getScratch()
         if self.scratchEditor is None:
@@ -851,7 +831,7 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.scratchEditor.setSourceVolumeNode(self.sourceVolumeNode())
         except AttributeError:  # Slicer < 5.3
             self.scratchEditor.setMasterVolumeNode(self.sourceVolumeNode())
-        self.scratchEditor.setCurrentSegmentID("scribble")
+        self.scratchEditor.setCurrentSegmentID(SCRIBBLE_SEGMENT)
         self.scratchEditor.setActiveEffectByName("Paint")
         self.configureBrush()
 
@@ -881,19 +861,20 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def processScribble(self):
         from SlicerNNInteractiveLib.geometry import GeometryError
+        from SlicerNNInteractiveLib.slicerscene import SCRIBBLE_SEGMENT
 
         start = time.perf_counter()
         scratch = self.scratchNode
         if scratch is None:
             return
         try:
-            args = self.getScene().scribblePrompt(scratch, "scribble")
+            args = self.getScene().scribblePrompt(scratch, SCRIBBLE_SEGMENT)
         except GeometryError as exc:
             self.reportError(str(exc))
             return
         finally:
             # Each stroke is one prompt: the scratch layer starts empty for the next.
-            scratch.GetSegmentation().ClearSegment("scribble")
+            scratch.GetSegmentation().ClearSegment(SCRIBBLE_SEGMENT)
         if args is not None:
             self.submit("scribble", args, start)
 
@@ -1352,6 +1333,8 @@ class SlicerNNInteractiveTest(ScriptedLoadableModuleTest):
                 localServer.stop()
 
     def runPrompts(self, url, apiKey, np, timing):
+        from SlicerNNInteractiveLib.slicerscene import SCRIBBLE_SEGMENT
+
         # A volume with an oblique-free but non-trivial geometry: anisotropic, LPS-like directions, offset origin.
         image, truth = timing.synthetic_volume((40, 72, 64))
         volumeNode = SlicerNNInteractiveLogic.addSyntheticVolume(
@@ -1436,7 +1419,7 @@ class SlicerNNInteractiveTest(ScriptedLoadableModuleTest):
         widget.activateTool("scribble")
         stroke = np.zeros(image.shape, np.uint8)
         stroke[k, j - 1:j + 2, i - 8:i + 8] = 1
-        slicer.util.updateSegmentBinaryLabelmapFromArray(stroke, widget.getScratch(), "scribble", volumeNode)
+        slicer.util.updateSegmentBinaryLabelmapFromArray(stroke, widget.getScratch(), SCRIBBLE_SEGMENT, volumeNode)
         slicer.app.processEvents()
         self.waitIdle(widget)
         self.assertEqual(widget.quietErrors, [])

@@ -120,7 +120,8 @@ class SlicerScene(Scene):
             m = vtk.vtkMatrix4x4()
             transformNode.GetMatrixTransformFromWorld(m)
             return vtkMatrixToArray(m)
-        transform = transformNode.GetTransformFromWorld()
+        transform = vtk.vtkGeneralTransform()
+        transformNode.GetTransformFromWorld(transform)
 
         def apply(points):
             return np.array([transform.TransformPoint([float(c) for c in p]) for p in points])
@@ -321,3 +322,61 @@ class SlicerScene(Scene):
             return None
         mask, bbox = result
         return {"mask": mask, "interaction_bbox": bbox}
+
+
+# --- the nodes the prompt tools work with (not saved with the scene)
+
+SCRIBBLE_SEGMENT = "scribble"
+
+
+def newPromptNode(mrmlScene, className, name, color):
+    """A markups node (points or closed curve) for prompts: not saved with the scene, in the polarity's color,
+    without labels."""
+    node = mrmlScene.AddNewNodeByClass(className, name)
+    node.SetSaveWithScene(False)
+    node.CreateDefaultDisplayNodes()
+    display = node.GetDisplayNode()
+    display.SetSelectedColor(*color)
+    display.SetColor(*color)
+    display.SetActiveColor(*color)
+    display.SetPointLabelsVisibility(False)
+    display.SetPropertiesLabelVisibility(False)
+    display.SetGlyphScale(2.0)
+    return node
+
+
+def scratchSegmentation(mrmlScene, volumeNode, node=None, color=(1.0, 1.0, 0.0)):
+    """The hidden segmentation the Segment Editor's brush paints scribbles into (segment ``scribble``), kept
+    on the volume's voxel grid and under the volume's transform, so that a stroke maps to voxels exactly.
+    Pass the existing node to re-use it (after the volume changed, say)."""
+    if node is None or mrmlScene.GetNodeByID(node.GetID()) is None:
+        node = mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "nnInteractive scribbles")
+        node.SetSaveWithScene(False)
+        node.SetHideFromEditors(True)
+        node.CreateDefaultDisplayNodes()
+        node.GetSegmentation().AddEmptySegment(SCRIBBLE_SEGMENT, SCRIBBLE_SEGMENT)
+        node.GetDisplayNode().SetSegmentOpacity2DFill(SCRIBBLE_SEGMENT, 0.6)
+    if node.GetNodeReferenceID(node.GetReferenceImageGeometryReferenceRole()) != volumeNode.GetID():
+        node.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+    node.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
+    node.GetSegmentation().GetSegment(SCRIBBLE_SEGMENT).SetColor(*color)
+    return node
+
+
+def segmentEditorSingleton(mrmlScene, tag="SegmentEditor"):
+    """The Segment Editor module's parameter node (created when missing), so that this module and the Segment
+    Editor show the same segmentation, source volume and masking settings."""
+    node = mrmlScene.GetSingletonNode(tag, "vtkMRMLSegmentEditorNode")
+    if node is None:
+        node = mrmlScene.CreateNodeByClass("vtkMRMLSegmentEditorNode")
+        node.UnRegister(None)  # CreateNodeByClass hands over a reference; the scene keeps its own
+        node.SetSingletonTag(tag)
+        node = mrmlScene.AddNode(node)
+    return node
+
+
+def armPlacement(selectionNode, interactionNode, markupsNode):
+    """Put the views in persistent place mode for ``markupsNode``: each click adds a control point to it."""
+    selectionNode.SetReferenceActivePlaceNodeClassName(markupsNode.GetClassName())
+    selectionNode.SetActivePlaceNodeID(markupsNode.GetID())
+    interactionNode.SwitchToPersistentPlaceMode()
