@@ -48,3 +48,59 @@ def test_module_file_imports_only_stdlib_and_slicer_at_file_scope():
             top = name.split(".")[0]
             assert top in stdlib or top in SLICER_MODULES, (
                 "SlicerNNInteractive.py imports %s at file scope; import it where it is used" % name)
+
+
+def ui_widget_names():
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(os.path.join(MODULE_DIR, "Resources", "UI", "SlicerNNInteractive.ui")).getroot()
+    return {w.get("name"): w for w in root.iter("widget")}
+
+
+def widget_text(widget):
+    for prop in widget.findall("property"):
+        if prop.get("name") == "text":
+            return prop.find("string").text
+    return None
+
+
+def test_every_ui_widget_the_module_uses_is_in_the_ui_file():
+    import re
+
+    source = open(os.path.join(MODULE_DIR, "SlicerNNInteractive.py")).read()
+    used = set(re.findall(r"\.ui\.([A-Za-z_]\w*)", source))
+    assert used and not used - set(ui_widget_names()), sorted(used - set(ui_widget_names()))
+
+
+# The underlined letter of each button is its shortcut (issue: "shown by the underlined letter in its label").
+BUTTON_SHORTCUTS = {"pointButton": "P", "boxButton": "B", "scribbleButton": "S", "lassoButton": "L",
+                    "polarityButton": "T", "nextSegmentButton": "E", "resetSegmentButton": "R", "undoButton": "Z"}
+
+
+def test_each_button_underlines_the_key_of_its_shortcut():
+    import re
+
+    widgets = ui_widget_names()
+    source = open(os.path.join(MODULE_DIR, "SlicerNNInteractive.py")).read()
+    bound = set(re.findall(r'\("((?:Ctrl\+)?[A-Z])", ', source))
+    for button, key in BUTTON_SHORTCUTS.items():
+        text = widget_text(widgets[button])
+        assert "&" + key.lower() in text.lower(), (button, text)
+        assert key in bound or "Ctrl+" + key in bound, (button, key, sorted(bound))
+    # the polarity button's label is rewritten when toggled: it keeps the underline
+    assert "Posi&tive prompt" in source and "Nega&tive prompt" in source
+
+
+def test_resources_the_module_loads_exist_and_are_packaged():
+    import struct
+
+    cmake = open(os.path.join(MODULE_DIR, "CMakeLists.txt")).read()
+    paths = ["UI/SlicerNNInteractive.ui", "Icons/SlicerNNInteractive.png"]
+    paths += ["Icons/%s/%s.png" % (theme, tool) for theme in ("light", "dark")
+              for tool in ("point", "box", "scribble", "lasso")]
+    for path in paths:
+        assert os.path.isfile(os.path.join(MODULE_DIR, "Resources", path)), path
+        assert "Resources/" + path.replace("SlicerNNInteractive", "${MODULE_NAME}") in cmake, path
+    # The extension icon for the Extensions Index: a 128x128 PNG.
+    head = open(os.path.join(REPO, "Resources", "SlicerNNInteractive.png"), "rb").read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", head[16:24]) == (128, 128)
