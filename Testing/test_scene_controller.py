@@ -202,6 +202,41 @@ def test_hand_edit_is_sent_before_the_next_prompt(Scene, make, oracle, image):
     assert np.array_equal(scene.read_segment(key), oracle(image, [pt(1)], segment=edited))
 
 
+def test_the_image_is_sent_again_only_after_it_changed(Scene, make, oracle, image):
+    scene = Scene(image)
+    c = make(scene)
+    submit(c, pt(0))
+    submit(c, pt(1))
+    c.wait()
+    assert c.sync.uploads["image"] == 1
+    key = scene.selected_segment()
+    edited = (image[::-1] + 7).astype(image.dtype)  # new voxel values in the same volume (e.g. a filter ran)
+    scene.replace_image(edited)
+    before = scene.read_segment(key).copy()
+    submit(c, pt(2))
+    c.wait()
+    assert c.sync.uploads["image"] == 2 and c.events.errors == []
+    assert np.array_equal(scene.read_segment(key), oracle(edited, [pt(2)], segment=before))
+
+
+def test_removing_the_segment_drops_its_queued_prompts_and_keeps_the_others(Scene, make, image):
+    seg = np.zeros(image.shape, bool)
+    seg[5:10, 5:10, 5:10] = True
+    scene = Scene(image, {"kept": seg})
+    c = make(scene)
+    scene.select_segment(None)
+    submit(c, pt(0))
+    key = scene.selected_segment()
+    submit(c, pt(1))
+    scene.remove_segment(key)  # while its prompts are queued or running
+    c.wait()
+    assert key not in scene.segment_keys() and c.events.errors == []
+    assert np.array_equal(scene.read_segment("kept").astype(bool), seg)
+    submit(c, pt(2))  # the next prompt makes a new segment
+    c.wait()
+    assert scene.selected_segment() not in (None, key, "kept") and scene.read_segment(scene.selected_segment()).any()
+
+
 def test_reset_clears_segment_and_prompts(Scene, make, oracle, image):
     scene = Scene(image)
     c = make(scene)
