@@ -684,17 +684,14 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     # --- markups nodes for prompts (not saved with the scene)
 
-    def newPromptNode(self, className, name, color):
-        from SlicerNNInteractiveLib.slicerscene import newPromptNode
-
-        return newPromptNode(slicer.mrmlScene, className, name, color)
-
     def pointNode(self, positive):
         key = "positive" if positive else "negative"
         node = self.pointNodes.get(key)
         if node is None or slicer.mrmlScene.GetNodeByID(node.GetID()) is None:
-            node = self.newPromptNode("vtkMRMLMarkupsFiducialNode", "nnInteractive %s points" % key,
-                                      POSITIVE_COLOR if positive else NEGATIVE_COLOR)
+            from SlicerNNInteractiveLib.slicerscene import newPromptNode
+
+            node = newPromptNode(slicer.mrmlScene, "vtkMRMLMarkupsFiducialNode", "nnInteractive %s points" % key,
+                                 POSITIVE_COLOR if positive else NEGATIVE_COLOR)
             self.addObserver(node, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onPointDefined)
             self.pointNodes[key] = node
         return node
@@ -702,7 +699,10 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def getLassoNode(self):
         node = self.lassoNode
         if node is None or slicer.mrmlScene.GetNodeByID(node.GetID()) is None:
-            node = self.newPromptNode("vtkMRMLMarkupsClosedCurveNode", "nnInteractive lasso", POSITIVE_COLOR)
+            from SlicerNNInteractiveLib.slicerscene import newPromptNode
+
+            node = newPromptNode(slicer.mrmlScene, "vtkMRMLMarkupsClosedCurveNode", "nnInteractive lasso",
+                                 POSITIVE_COLOR)
             node.GetDisplayNode().SetLineThickness(0.3)
             self.lassoNode = node
         color = self.polarityColor()

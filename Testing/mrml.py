@@ -114,15 +114,7 @@ class MrmlScene(SlicerScene):
             self.segmentation().CollapseBinaryLabelmaps(False)
             assert self.layer_count() == 1
 
-    @property
-    def shape(self):
-        return self.shape_kji()
-
     # --- as ArrayScene
-    @property
-    def image(self):
-        return self.image_array()
-
     def replace_image(self, image):
         slicer.util.updateVolumeFromArray(self.volume_node, np.ascontiguousarray(image))
 

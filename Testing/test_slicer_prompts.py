@@ -144,15 +144,11 @@ def lasso_args(s, blob, orientation):
     return args
 
 
-def scratch_segmentation(s):
-    return scratchSegmentation(s.mrml, s.scene.volume_node)
-
-
 def scribble_args(s, blob, orientation):
     inside = interior_voxel(s.labels, blob)
     axis = s.show_slice(orientation, inside)
     painted = scribble_2d(s.labels, blob, axis=axis, slice_index=int(inside[axis]))
-    scratch = scratch_segmentation(s)
+    scratch = scratchSegmentation(s.mrml, s.scene.volume_node)
     write_segment(scratch, "scribble", painted, s.scene.volume_node)  # what the paint effect leaves
     args = s.scene.scribblePrompt(scratch, "scribble")
     expected = R.crop_to_bbox(painted)
@@ -223,7 +219,7 @@ def test_scribble_painted_on_an_oblique_view_is_refused(setup):
     for n in range(10):
         painted[30 + n // 3, 20 + n, 30] = True  # a stroke crossing several slices along every axis
         painted[30, 20, 30 + n // 3] = True
-    scratch = scratch_segmentation(setup)
+    scratch = scratchSegmentation(setup.mrml, setup.scene.volume_node)
     write_segment(scratch, "scribble", painted, setup.scene.volume_node)
     with pytest.raises(GeometryError, match="more than one voxel slice"):
         setup.scene.scribblePrompt(scratch, "scribble")

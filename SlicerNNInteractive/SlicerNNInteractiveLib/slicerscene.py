@@ -128,12 +128,15 @@ class SlicerScene(Scene):
 
         return apply
 
-    def segmentationToVolume(self):
-        """4x4 from the segmentation node's coordinates to the volume's, or None when not linear."""
+    def nodeToVolume(self, node):
+        """4x4 from a transformable node's coordinates to the volume's, or None when not linear."""
         m = vtk.vtkMatrix4x4()
         ok = slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(
-            self.segmentationNode().GetParentTransformNode(), self.volumeNode().GetParentTransformNode(), m)
+            node.GetParentTransformNode(), self.volumeNode().GetParentTransformNode(), m)
         return vtkMatrixToArray(m) if ok else None
+
+    def segmentationToVolume(self):
+        return self.nodeToVolume(self.segmentationNode())
 
     def latticeOffset(self, orientedImage, toVolume=None):
         """(di, dj, dk) from the volume's IJK to the oriented image's, or None when the grids differ.
@@ -262,7 +265,9 @@ class SlicerScene(Scene):
         self.segmentation().ClearSegment(key)
 
     # --- prompts: world RAS -> voxels -> the arguments of the server's calls
-    def shape_kji(self):
+    @property
+    def shape(self):
+        """(K, J, I), from the image's dimensions (no array view needed)."""
         dims = self.volumeNode().GetImageData().GetDimensions()
         return (dims[2], dims[1], dims[0])
 
@@ -275,22 +280,22 @@ class SlicerScene(Scene):
             raise geometry.GeometryError("The volume is under a non-linear transform. Harden the transform "
                                          "(Data module, right-click the transform) before drawing boxes.")
         return geometry.slice_placement(vtkMatrixToArray(sliceNode.GetSliceToRAS()), self.rasToIJK(),
-                                        self.shape_kji(), toVolume)
+                                        self.shape, toVolume)
 
     def pointPrompt(self, world):
         """A click at a world position -> ``{"coordinates": (k, j, i)}``; GeometryError when outside."""
-        index = geometry.click_to_voxel(world, self.rasToIJK(), self.shape_kji(), self.worldToVolume())
+        index = geometry.click_to_voxel(world, self.rasToIJK(), self.shape, self.worldToVolume())
         return {"coordinates": index}
 
     def boxPrompt(self, sliceNode, worldA, worldB):
         """Two world corners drawn on a slice view -> ``{"bbox": ...}``, a 2D box on that view's voxel slice."""
         placement = self.sliceNodePlacement(sliceNode)
         ijk = self.worldToIJK([worldA, worldB])
-        return {"bbox": rasterize.box_from_corners(ijk[0], ijk[1], placement, self.shape_kji())}
+        return {"bbox": rasterize.box_from_corners(ijk[0], ijk[1], placement, self.shape)}
 
     def lassoPrompt(self, worldPoints):
         """The world positions of a closed outline -> ``{"mask", "interaction_bbox"}``, filled on its slice."""
-        shape = self.shape_kji()
+        shape = self.shape
         ijk = self.worldToIJK(worldPoints)
         placement = geometry.placement_from_points(ijk, shape)
         result = rasterize.lasso_from_polygon(ijk, placement, shape)
@@ -306,10 +311,7 @@ class SlicerScene(Scene):
         labelmap = scratchNode.GetBinaryLabelmapInternalRepresentation(segmentId)
         if _isEmpty(labelmap):
             return None
-        m = vtk.vtkMatrix4x4()
-        ok = slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(
-            scratchNode.GetParentTransformNode(), self.volumeNode().GetParentTransformNode(), m)
-        offset = self.latticeOffset(labelmap, vtkMatrixToArray(m) if ok else None)
+        offset = self.latticeOffset(labelmap, self.nodeToVolume(scratchNode))
         if offset is None:
             raise geometry.GeometryError("The scribble could not be mapped to the volume's voxels. Select the "
                                          "tool again to re-create the scribble layer on this volume.")
@@ -317,7 +319,7 @@ class SlicerScene(Scene):
         painted = _arrayView(labelmap) == segment.GetLabelValue()
         extent = labelmap.GetExtent()
         result = rasterize.scribble_from_painted(
-            painted, (extent[4] - offset[2], extent[2] - offset[1], extent[0] - offset[0]), self.shape_kji())
+            painted, (extent[4] - offset[2], extent[2] - offset[1], extent[0] - offset[0]), self.shape)
         if result is None:
             return None
         mask, bbox = result
