@@ -868,13 +868,10 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if scratch is None:
             return
         try:
-            args = self.getScene().scribblePrompt(scratch, SCRIBBLE_SEGMENT)
+            args = self.getScene().takeScribble(scratch, SCRIBBLE_SEGMENT)
         except GeometryError as exc:
             self.reportError(str(exc))
             return
-        finally:
-            # Each stroke is one prompt: the scratch layer starts empty for the next.
-            scratch.GetSegmentation().ClearSegment(SCRIBBLE_SEGMENT)
         if args is not None:
             self.submit("scribble", args, start)
 

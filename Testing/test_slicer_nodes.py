@@ -80,8 +80,13 @@ def test_scratch_segmentation_follows_the_volume_and_signals_each_stroke():
     painted[5, 3:9, 4] = True
     write_segment(scratch, SCRIBBLE_SEGMENT, painted, scene.volume_node)  # as the paint effect writes
     assert strokes  # the event the module sends a scribble on
-    args = scene.scribblePrompt(scratch, SCRIBBLE_SEGMENT)
+    args = scene.takeScribble(scratch, SCRIBBLE_SEGMENT)
     assert args["interaction_bbox"] == [[5, 6], [3, 9], [4, 5]] and args["mask"].all()
+    # Taken: the scratch segment is empty for the next stroke, and taking again from it signals nothing (each
+    # signal makes the module take again: a signal here would loop forever).
+    assert scene.scribblePrompt(scratch, SCRIBBLE_SEGMENT) is None
+    del strokes[:]
+    assert scene.takeScribble(scratch, SCRIBBLE_SEGMENT) is None and strokes == []
     # Another volume: the same node moves to its grid and transform.
     other = MrmlScene(np.zeros((4, 5, 6), np.int16), scene=scene.mrml)
     assert scratchSegmentation(scene.mrml, other.volume_node, scratch) is scratch

@@ -325,6 +325,17 @@ class SlicerScene(Scene):
         mask, bbox = result
         return {"mask": mask, "interaction_bbox": bbox}
 
+    def takeScribble(self, scratchNode, segmentId):
+        """``scribblePrompt``, then empty the scratch segment so that the next stroke is a prompt of its own.
+        An empty segment is left alone: clearing it would still signal SourceRepresentationModified, the event
+        that calls this, and so call it again forever."""
+        if _isEmpty(scratchNode.GetBinaryLabelmapInternalRepresentation(segmentId)):
+            return None
+        try:
+            return self.scribblePrompt(scratchNode, segmentId)
+        finally:
+            scratchNode.GetSegmentation().ClearSegment(segmentId)
+
 
 # --- the nodes the prompt tools work with (not saved with the scene)
 
