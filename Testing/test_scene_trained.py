@@ -29,15 +29,15 @@ class World(object):
     """A volume geometry with rotated directions, anisotropic spacing, an origin and a parent transform."""
 
     def __init__(self):
-        ijk_to_ras = np.eye(4)
-        ijk_to_ras[:3, :3] = rotation(2, 25) @ rotation(0, 10) @ np.diag([0.7, 1.1, 2.5])
-        ijk_to_ras[:3, 3] = [-20.0, 14.0, 3.0]
-        parent = np.eye(4)
-        parent[:3, :3] = rotation(1, -12)
-        parent[:3, 3] = [4.0, -6.0, 9.0]
-        self.ras_to_ijk = np.linalg.inv(ijk_to_ras)
-        self.world_to_ras = np.linalg.inv(parent)
-        self.ijk_to_world = parent @ ijk_to_ras
+        self.ijk_to_ras = np.eye(4)
+        self.ijk_to_ras[:3, :3] = rotation(2, 25) @ rotation(0, 10) @ np.diag([0.7, 1.1, 2.5])
+        self.ijk_to_ras[:3, 3] = [-20.0, 14.0, 3.0]
+        self.parent = np.eye(4)  # the volume's parent transform: its RAS -> world
+        self.parent[:3, :3] = rotation(1, -12)
+        self.parent[:3, 3] = [4.0, -6.0, 9.0]
+        self.ras_to_ijk = np.linalg.inv(self.ijk_to_ras)
+        self.world_to_ras = np.linalg.inv(self.parent)
+        self.ijk_to_world = self.parent @ self.ijk_to_ras
 
     def point(self, index):
         """World position of an array index (k, j, i) (continuous allowed)."""

@@ -46,11 +46,9 @@ class Setup(object):
     def __init__(self, server, phantom, segmentation_transformed=True):
         self.world = World()
         self.labels = phantom.labels
-        ijk_to_ras = np.linalg.inv(self.world.ras_to_ijk)
-        parent = self.world.ijk_to_world @ self.world.ras_to_ijk
-        self.scene = MrmlScene(phantom.image, ijk_to_ras=ijk_to_ras)
+        self.scene = MrmlScene(phantom.image, ijk_to_ras=self.world.ijk_to_ras)
         self.mrml = self.scene.mrml
-        transform = add_linear_transform(self.mrml, parent)
+        transform = add_linear_transform(self.mrml, self.world.parent)
         self.scene.volume_node.SetAndObserveTransformNodeID(transform.GetID())
         if segmentation_transformed:
             self.scene.segmentation_node.SetAndObserveTransformNodeID(transform.GetID())
@@ -248,11 +246,10 @@ def test_points_under_a_bending_transform_map_to_their_voxel_and_boxes_are_refus
     node = bending_transform_node(setup.mrml)
     setup.scene.volume_node.SetAndObserveTransformNodeID(node.GetID())
     assert not node.IsTransformToWorldLinear()
-    ijk_to_ras = np.linalg.inv(setup.world.ras_to_ijk)
     to_world = vtk.vtkGeneralTransform()
     node.GetTransformToWorld(to_world)
     for index in [(10, 20, 30), (40, 5, 50), (32, 32, 32)]:
-        ras = ijk_to_ras @ np.array([index[2], index[1], index[0], 1.0])
+        ras = setup.world.ijk_to_ras @ np.array([index[2], index[1], index[0], 1.0])
         world = to_world.TransformPoint(ras[:3])
         assert setup.scene.pointPrompt(world) == {"coordinates": index}
     with pytest.raises(GeometryError, match="non-linear"):
