@@ -51,3 +51,14 @@ def test_arguments():
         LocalServer(os.path.join("no", "such", "server")).start()
     s = LocalServer("server")
     assert s.argv()[:3] == ["server", "--host", "127.0.0.1"] and len(s.api_key) >= 24
+
+
+def test_key_and_environment(monkeypatch):
+    """The key travels in the environment, never on the command line; a given environment (Slicer's startup
+    environment) is used as it is, so the launcher's Python variables do not reach the server."""
+    monkeypatch.setenv("PYTHONPATH", "/slicer/lib/python")
+    s = LocalServer("server", env={"PATH": "/usr/bin", "HOME": "/home/u"})
+    assert s.api_key not in " ".join(s.argv()) and "--api-key" not in s.argv()
+    env = s.environment()
+    assert env["NN_INTERACTIVE_API_KEY"] == s.api_key and "PYTHONPATH" not in env and env["HOME"] == "/home/u"
+    assert "127.0.0.1" in env["NO_PROXY"]

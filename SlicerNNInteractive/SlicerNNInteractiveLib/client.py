@@ -15,12 +15,10 @@ Needs only numpy, requests and blosc2. Errors are the typed ones of ``errors.py`
 server's own phases when the server reports them, and the bytes sent and received.
 """
 
-import ipaddress
 import json
 import os
 import threading
 import time
-from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -46,42 +44,7 @@ from .wire import (
     pack_chunks,
     unpack_array,
 )
-
-DEFAULT_PORT = 1527
-
-
-def normalize_url(url):
-    """Return ``url`` as ``http(s)://host:port`` without a trailing slash, or raise ValueError saying why not."""
-    url = (url or "").strip()
-    if not url:
-        raise ValueError("The server URL is empty. Enter one such as http://127.0.0.1:%d" % DEFAULT_PORT)
-    if "://" not in url:
-        url = "http://" + url
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https"):
-        raise ValueError("The server URL must start with http:// or https://, not %s://" % parts.scheme)
-    if not parts.hostname:
-        raise ValueError("The server URL %r names no host. Enter one such as http://127.0.0.1:%d" % (url, DEFAULT_PORT))
-    try:
-        parts.port
-    except ValueError:
-        raise ValueError("The port in the server URL %r is not a number between 1 and 65535" % url)
-    return url.rstrip("/")
-
-
-def is_loopback_host(host):
-    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def is_local_url(url):
-    """True when the URL points at this computer (loopback), so no image leaves the machine."""
-    return is_loopback_host(urlsplit(normalize_url(url)).hostname or "")
+from .urls import DEFAULT_PORT, is_local_url, is_loopback_host, normalize_url  # noqa: F401 (re-exported)
 
 
 def _detail(resp):
@@ -104,7 +67,9 @@ def _looks_like_json(resp):
 
 
 class _Http:
-    """HTTP to one server, translating every failure into a typed error with a readable message."""
+    """HTTP to one server, translating every failure into a typed error with a readable message. One connection
+    (pool) per instance, used by one thread at a time; ``companion()`` makes another on the same server with the
+    same headers and cookies (a balancer's sticky-session cookie included)."""
 
     def __init__(self, server_url, api_key, connect_timeout, read_timeout):
         import requests  # imported here so that importing this module stays free
@@ -121,7 +86,13 @@ class _Http:
             self._session.headers["Authorization"] = "Bearer " + api_key
         self.headers = self._session.headers
         self._timeout = (connect_timeout, read_timeout)
-        self._lock = threading.Lock()  # one request at a time (the heartbeat shares the connection)
+
+    def companion(self):
+        other = _Http(self.server_url, None, *self._timeout)
+        other._session.trust_env = self._session.trust_env
+        other._session.headers.update(self._session.headers)
+        other._session.cookies = self._session.cookies  # one jar, shared
+        return other
 
     def call(self, method, path, data=None, meta=None, timeout=None, json_type=False):
         headers = {"Content-Type": "application/json"} if json_type else {}
@@ -130,9 +101,7 @@ class _Http:
             headers["Content-Type"] = P.OCTET_STREAM
         url = self.server_url + path
         try:
-            with self._lock:
-                resp = self._session.request(method, url, data=data, headers=headers,
-                                          timeout=timeout or self._timeout)
+            resp = self._session.request(method, url, data=data, headers=headers, timeout=timeout or self._timeout)
         except self._requests.exceptions.ConnectTimeout:
             raise ServerUnreachableError(
                 "Could not connect to %s within %.0f s. Check the URL, that the server is running, and any "
@@ -212,6 +181,7 @@ class RemoteSession:
         self._lease_token = None
         self._stop_heartbeat = threading.Event()
         self._heartbeat_thread = None
+        self._beat = None  # the heartbeat's own connection: a beat never waits behind an upload or a prediction
         self.last_timing = {}
         self.last_region = None
         self._last_paste_bbox = None
@@ -242,6 +212,7 @@ class RemoteSession:
         self._choose_image_codec()
 
         if heartbeat and self.liveness_timeout_seconds > 0:
+            self._beat = self._http.companion()
             interval = max(0.2, self.liveness_timeout_seconds / 3.0)
             self._heartbeat_thread = threading.Thread(
                 target=self._heartbeat_loop, args=(interval,), name="nninteractive-heartbeat", daemon=True)
@@ -450,8 +421,10 @@ class RemoteSession:
         return self._http.get_quietly(P.PATH_HEALTHZ, timeout) == 200
 
     def heartbeat(self):
-        """Prove liveness (does not postpone the idle timeout). Returns seconds left before the idle timeout."""
-        return float(self._http.call("POST", P.PATH_HEARTBEAT).json().get("remaining_seconds", 0.0))
+        """Prove liveness (does not postpone the idle timeout). Returns seconds left before the idle timeout.
+        Safe to call while another thread's request is in progress (it has its own connection)."""
+        http = self._beat or self._http
+        return float(http.call("POST", P.PATH_HEARTBEAT).json().get("remaining_seconds", 0.0))
 
     def lease_status(self):
         """``{"remaining_seconds", "idle_timeout_seconds"}``; touches no clock on the server."""
@@ -468,27 +441,42 @@ class RemoteSession:
             except Exception:
                 return
 
-    def close(self):
-        """Stop the heartbeat and release the lease (idempotent, never raises)."""
+    def close(self, wait=False):
+        """Stop the heartbeat and release the lease; idempotent, never raises. Returns at once: the release is sent
+        from a background thread (best effort: an unreleased lease expires after the liveness timeout), unless
+        ``wait`` is true."""
         self._stop_heartbeat.set()
-        thread, self._heartbeat_thread = self._heartbeat_thread, None
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=5.0)
-        if self._lease_token is not None:
-            self._http.post_quietly(P.PATH_RELEASE, timeout=(2.0, 5.0))
-            self._lease_token = None
-            self._http.headers.pop(P.LEASE_HEADER, None)
-        self._http.close()
+        self._heartbeat_thread = None
+        token, self._lease_token = self._lease_token, None
+        http, beat = self._http, self._beat
+        self._beat = None
+
+        def release():
+            try:
+                if token is not None:
+                    releaser = http.companion()  # not the main connection: a request may still be in flight there
+                    releaser.post_quietly(P.PATH_RELEASE, timeout=(2.0, 5.0))
+                    releaser.close()
+            finally:
+                http.close()
+                if beat is not None:
+                    beat.close()
+
+        if wait:
+            release()
+        else:
+            threading.Thread(target=release, name="nninteractive-release", daemon=True).start()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self.close()
+        self.close(wait=True)  # a script that ends its session expects the slot to be free
 
     def __del__(self):
         try:
-            self.close()
+            if self._lease_token is not None:
+                self.close()
         except Exception:
             pass
 

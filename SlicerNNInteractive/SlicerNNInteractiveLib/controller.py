@@ -7,7 +7,10 @@ under the editor's masking rules, keeps an undo stack in step with the server's,
 segments. Every scene access happens on the caller's thread (Slicer's GUI thread), inside ``poll()``;
 the worker thread only talks to the server, through ``sync.SyncedSession``.
 
-The host calls ``poll()`` periodically while ``busy`` (Slicer: a qt.QTimer); scripts call ``wait()``.
+The host calls ``tick()`` every ``tick_interval_ms()`` (Slicer: a qt.QTimer); scripts call ``wait()``. In Slicer
+the GUI thread holds the GIL while it waits in Qt's event loop (PythonQt runs without thread support), so the
+worker and the session's heartbeat thread advance only while GUI-thread Python runs: ``tick`` polls, then sleeps
+a moment to hand them the GIL, often while prompts run and seldom while a session is only kept alive.
 
 The server's copy of the segment is kept in step cheaply: the controller keeps a *shadow* of the selected
 segment (a uint8 array the size of the image) which is refreshed from the scene only when the segment's
@@ -26,6 +29,9 @@ from .scene import UndoRecord
 from .sync import SyncedSession
 
 PROMPT_KINDS = ("point", "bbox", "scribble", "lasso")
+BUSY_TICK_MS = 5  # while prompts run: each hand-off to the worker waits for a tick
+IDLE_TICK_MS = 200  # while a session exists: the heartbeat (every liveness timeout / 3) needs the GIL now and then
+YIELD_SECONDS = 0.001  # a sleep releases the GIL; a waiting thread takes it
 
 
 class Job(object):
@@ -92,11 +98,12 @@ class _Worker(object):
                 fut.trace = traceback.format_exc()
             fut.done.set()
 
-    def stop(self, timeout=5.0):
+    def stop(self):
+        """Returns at once; a callable in progress finishes, queued ones are dropped."""
         with self._cv:
             self._stopped = True
+            self._queue.clear()
             self._cv.notify()
-        self._thread.join(timeout)
 
 
 class Controller(object):
@@ -105,17 +112,20 @@ class Controller(object):
     ``scene``: a ``scene.Scene``; ``connect``: returns a new ``client.RemoteSession`` (called on the worker).
     Callbacks (all called on the caller's thread, from ``poll()`` or the submitting call):
     ``on_busy(busy, pending)``, ``on_error(exc, job)``, ``on_result(job, result, timings)``,
-    ``on_connected(capabilities)``.
+    ``on_connected(capabilities)``, and ``before_write(segment_key)`` just before the controller changes a segment
+    (a result, a reset, an undo): Slicer saves the Segment Editor's undo state there, so that the editor's own
+    Undo / Redo covers every change of ours.
     """
 
     def __init__(self, scene, connect, on_busy=None, on_error=None, on_result=None, on_connected=None,
-                 log=None):
+                 log=None, before_write=None):
         self.scene = scene
         self.sync = SyncedSession(connect)
         self.on_busy = on_busy
         self.on_error = on_error
         self.on_result = on_result
         self.on_connected = on_connected
+        self.before_write = before_write or (lambda key: None)
         self.log = log or (lambda msg: None)
         self.positive = True
         self.capabilities = None
@@ -189,6 +199,7 @@ class Controller(object):
         self._generation += 1
         self._pending = collections.deque(j for j in self._pending if j.segment_key != key or j.kind == "connect")
         self._undo = [r for r in self._undo if r.segment_key != key]
+        self.before_write(key)
         self.scene.clear_segment(key)
         self._enqueue(Job("reset", segment_key=key, generation=self._generation))
         return key
@@ -239,6 +250,20 @@ class Controller(object):
             except Exception as exc:  # preparing failed (the scene changed under us): report, keep going
                 self._fail(job, exc, traceback.format_exc())
         self._report_busy()
+
+    def tick(self):
+        """``poll()``, then hand the GIL to the worker and heartbeat threads for a moment (see the module
+        docstring). For the host's timer, every ``tick_interval_ms()``."""
+        self.poll()
+        if self.busy or self.sync.connected:
+            time.sleep(YIELD_SECONDS)
+
+    def tick_interval_ms(self):
+        """How often the host should call ``tick``: often while busy, seldom while a session is kept alive,
+        never (None) without one."""
+        if self.busy:
+            return BUSY_TICK_MS
+        return IDLE_TICK_MS if self.sync.connected else None
 
     def wait(self, timeout=120.0, interval=0.005):
         """Poll until idle (for scripts and tests). Raises TimeoutError."""
@@ -303,6 +328,10 @@ class Controller(object):
         scene = self.scene
         image = scene.image_array()
         image_key, image_version = scene.image_key(), scene.image_version()
+        if not self.sync.has_image(image_key, image_version):
+            # It will be uploaded from the worker thread while the scene may change or close: send a copy, not a
+            # view of the volume's memory.
+            image = image.copy()
         version = self._prepare_shadow(key)
         shadow, sync = self._shadow, self.sync
         kind, args, positive = job.kind, job.args, job.positive
@@ -318,6 +347,7 @@ class Controller(object):
             return
         self._undo.pop()
         key = record.segment_key
+        self.before_write(key)
         self.scene.restore(record)
         if key in record.regions:
             self._shadow[tuple(slice(lo, hi) for lo, hi in record.bbox)] = record.regions[key]
@@ -363,6 +393,7 @@ class Controller(object):
             if self._shadow_key == key and self.scene.segment_version(key) != self._shadow_version:
                 # Edited by hand while the prompt ran: merge into what is there now, send it next time.
                 self._shadow_key = None
+            self.before_write(key)
             new_region, record = self.scene.merge(key, result.bbox, result.region)
             if self._shadow_key == key:
                 self._shadow[result.slices] = new_region
@@ -403,14 +434,14 @@ class Controller(object):
             self.on_error(exc, job, dropped)
 
     def close(self):
+        """Returns at once: queued prompts are dropped, one in flight ends on its own with its result ignored, and
+        the server session is released in the background. No session is claimed afterwards."""
         self._pending.clear()
-        if self._worker is not None:
-            self._worker.stop(timeout=1.0)
-            self._worker = None
-        try:
-            self.sync.close()
-        except Exception:
-            pass
+        self._inflight = None
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.stop()
+        self.sync.close()
 
 
 PHASES = (

@@ -43,3 +43,7 @@ class ServerTimeoutError(NNInteractiveError):
 
 class ServerError(NNInteractiveError):
     """HTTP 5xx other than capacity: a fault on the server side."""
+
+
+class SessionClosedError(NNInteractiveError):
+    """The connection was closed by its owner; nothing more is sent (no new session is claimed)."""

@@ -1,7 +1,14 @@
 """Start and stop an nnInteractive server on this computer (127.0.0.1, a free port, a random API key).
 
-Used by the Slicer module's "Start local server" button; plain Python (subprocess + requests), so it is
-tested without Slicer. The caller polls ``status()`` (or calls ``wait_ready``) instead of blocking its GUI.
+Used by the Slicer module's "Start local server" button; plain Python (subprocess + urllib), so it is
+tested without Slicer. The caller polls ``status()`` (or calls ``wait_ready``) from its GUI thread instead of
+blocking: each call checks the process and the health endpoint at once (connecting to a port on this computer is
+refused or accepted immediately), so no background thread has to be scheduled (in Slicer a Python thread starves
+while the GUI is idle, see DESIGN.md section 8).
+
+The API key goes to the server in the environment (``NN_INTERACTIVE_API_KEY``), never on its command line, where
+any user of the computer could read it. ``env``: the environment to start from; inside Slicer pass
+``slicer.util.startupEnvironment()``, else the server inherits Slicer's ``PYTHONHOME`` / ``PYTHONPATH``.
 """
 
 import os
@@ -11,8 +18,9 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+
+from .urls import answers_healthz
 
 
 def free_port(host="127.0.0.1"):
@@ -48,20 +56,28 @@ class LocalServer(object):
         self.process = None
         self._state = self.STOPPED
         self._message = ""
-        self._lock = threading.Lock()
+        self._deadline = None
 
     def argv(self):
-        """The full command line (the key included: do not log it)."""
+        """The full command line (without the key, which goes in the environment)."""
         reserved = {"--host", "--port", "--api-key"}
         for arg in self.extra_args:
             if arg.split("=", 1)[0] in reserved:
                 raise ValueError("%s is chosen by Slicer for a local server; remove it from the extra arguments"
                                  % arg.split("=", 1)[0])
-        return self.command + ["--host", "127.0.0.1", "--port", str(self.port), "--api-key", self.api_key] + \
-            self.extra_args
+        return self.command + ["--host", "127.0.0.1", "--port", str(self.port)] + self.extra_args
 
-    def start(self):
-        """Start the process and a thread that waits until it answers. Returns at once."""
+    def environment(self):
+        """The server's environment: ``env`` (or this process's) with the key, unbuffered output and no proxy
+        for loopback."""
+        env = dict(os.environ if self.env is None else self.env)
+        env["NN_INTERACTIVE_API_KEY"] = self.api_key
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        env["NO_PROXY"] = ",".join(x for x in (env.get("NO_PROXY", ""), "127.0.0.1", "localhost") if x)
+        return env
+
+    def start(self, timeout=600.0):
+        """Start the process. Returns at once; ``status()`` tells when it answers (within ``timeout`` s)."""
         if self.command and not self.command[0]:
             raise ValueError("Choose the nninteractive-slicer-server executable first.")
         exe = self.command[0]
@@ -69,10 +85,8 @@ class LocalServer(object):
             if not os.path.isfile(exe):
                 raise ValueError("The server executable %s does not exist." % exe)
         argv = self.argv()
+        env = self.environment()
         log = open(self.log_path, "w")
-        env = dict(os.environ if self.env is None else self.env)
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        env["NO_PROXY"] = ",".join(x for x in (env.get("NO_PROXY", ""), "127.0.0.1", "localhost") if x)
         kwargs = {}
         if os.name == "nt":
             kwargs["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0)
@@ -83,52 +97,27 @@ class LocalServer(object):
             log.close()
             raise ValueError("Could not start %s: %s" % (exe, exc))
         log.close()
-        with self._lock:
-            self._state, self._message = self.STARTING, "Starting %s on port %d..." % (os.path.basename(exe), self.port)
-        t = threading.Thread(target=self._wait_thread, name="nninteractive-local-server-wait")
-        t.daemon = True
-        t.start()
-
-    def _wait_thread(self, timeout=600.0):
-        import requests
-
-        session = requests.Session()
-        session.trust_env = False  # never through a proxy to loopback
-        deadline = time.monotonic() + timeout
-        while True:
-            proc = self.process
-            if proc is None:
-                return
-            code = proc.poll()
-            if code is not None:
-                with self._lock:
-                    self._state = self.FAILED
-                    self._message = "The server exited (code %s) before answering:\n%s" % (code, self.log_tail())
-                return
-            try:
-                if session.get(self.url + "/healthz", timeout=1.0).status_code == 200:
-                    with self._lock:
-                        self._state, self._message = self.READY, "Running at %s (pid %d)." % (self.url, proc.pid)
-                    return
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                with self._lock:
-                    self._state = self.FAILED
-                    self._message = "The server did not answer within %.0f s:\n%s" % (timeout, self.log_tail())
-                return
-            time.sleep(0.25)
+        self._deadline = time.monotonic() + timeout
+        self._state, self._message = self.STARTING, "Starting %s on port %d..." % (os.path.basename(exe), self.port)
 
     def status(self):
-        """(state, message): state is one of starting / ready / failed / stopped."""
-        with self._lock:
-            state, message = self._state, self._message
-        if state == self.READY and self.process is not None and self.process.poll() is not None:
-            with self._lock:
+        """(state, message): state is one of starting / ready / failed / stopped. Checks at once, never waits
+        longer than the health request to this computer."""
+        proc = self.process
+        if proc is None or self._state in (self.FAILED, self.STOPPED):
+            return self._state, self._message
+        code = proc.poll()
+        if code is not None:
+            what = "stopped" if self._state == self.READY else "exited before answering"
+            self._state = self.FAILED
+            self._message = "The server %s (code %s):\n%s" % (what, code, self.log_tail())
+        elif self._state == self.STARTING:
+            if answers_healthz(self.url, timeout=1.0):
+                self._state, self._message = self.READY, "Running at %s (pid %d)." % (self.url, proc.pid)
+            elif time.monotonic() > self._deadline:
                 self._state = self.FAILED
-                self._message = "The server stopped (code %s):\n%s" % (self.process.returncode, self.log_tail())
-            return self.status()
-        return state, message
+                self._message = "The server did not answer in time:\n%s" % self.log_tail()
+        return self._state, self._message
 
     def wait_ready(self, timeout=600.0, interval=0.1, pump=None):
         deadline = time.monotonic() + timeout
@@ -149,10 +138,9 @@ class LocalServer(object):
         except OSError:
             return ""
 
-    def stop(self, timeout=10.0):
+    def stop(self, timeout=3.0):
         proc, self.process = self.process, None
-        with self._lock:
-            self._state, self._message = self.STOPPED, "Not running."
+        self._state, self._message = self.STOPPED, "Not running."
         if proc is None or proc.poll() is not None:
             return
         proc.terminate()

@@ -19,7 +19,7 @@ import zlib
 
 import numpy as np
 
-from .errors import SessionExpiredError
+from .errors import SessionClosedError, SessionExpiredError
 
 KINDS = ("point", "bbox", "scribble", "lasso")
 
@@ -56,6 +56,7 @@ class SyncedSession:
     def __init__(self, connect):
         """``connect()`` returns a new ``RemoteSession`` (it claims a lease); called lazily and after expiry."""
         self._connect = connect
+        self._closed = False
         self._session = None
         self._image_state = None  # (key, version) of the image the server has
         self._segment_state = None  # (key, version) of the segment the server's target buffer holds
@@ -67,10 +68,25 @@ class SyncedSession:
     @property
     def session(self):
         if self._session is None:
-            self._session = self._connect()
+            if self._closed:
+                raise SessionClosedError("This connection to the server was closed.")
+            session = self._connect()
+            if self._closed:  # closed while claiming: give the new lease back at once
+                session.close()
+                raise SessionClosedError("This connection to the server was closed.")
+            self._session = session
             self._image_state = self._segment_state = None
             self.server_generation += 1
         return self._session
+
+    @property
+    def connected(self):
+        """Whether a server session is held now."""
+        return self._session is not None
+
+    def has_image(self, key, version):
+        """Whether the server holds the image ``key`` at ``version`` (then a prompt sends no image)."""
+        return version is not None and (key, version) == self._image_state
 
     @property
     def supports_undo(self):
@@ -208,4 +224,6 @@ class SyncedSession:
             session.close()
 
     def close(self):
+        """Release the session (in the background) and never claim another."""
+        self._closed = True
         self._drop_session()

@@ -5,7 +5,7 @@ import logging
 import os
 import sys
 
-from SlicerNNInteractiveLib.client import is_loopback_host
+from SlicerNNInteractiveLib.urls import is_loopback_host
 
 from .models import StartupError, check_model_dir, resolve_official
 
