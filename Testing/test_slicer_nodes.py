@@ -9,9 +9,9 @@ import slicer
 
 from mrml import MrmlScene, add_linear_transform, write_segment
 
+from SlicerNNInteractiveLib.tools import PromptTools
 from SlicerNNInteractiveLib.slicerscene import (
     SCRIBBLE_SEGMENT,
-    armPlacement,
     definedWorldPoints,
     newPromptNode,
     scratchSegmentation,
@@ -57,7 +57,7 @@ def test_place_mode_is_persistent_for_the_prompt_node():
     lasso = newPromptNode(scene.mrml, "vtkMRMLMarkupsClosedCurveNode", "nnInteractive lasso", (1.0, 0.0, 0.0))
     changed = events(interaction, slicer.vtkMRMLInteractionNode.InteractionModeChangedEvent)
     ended = events(interaction, slicer.vtkMRMLInteractionNode.EndPlacementEvent)
-    armPlacement(selection, interaction, lasso)
+    PromptTools(interaction, selection, defer=lambda fn: None).arm("lasso", lasso)
     assert interaction.GetCurrentInteractionMode() == interaction.Place and interaction.GetPlaceModePersistence()
     assert selection.GetActivePlaceNodeID() == lasso.GetID()
     assert selection.GetActivePlaceNodeClassName() == "vtkMRMLMarkupsClosedCurveNode"

@@ -386,10 +386,3 @@ def segmentEditorSingleton(mrmlScene, tag="SegmentEditor"):
         node.SetSingletonTag(tag)
         node = mrmlScene.AddNode(node)
     return node
-
-
-def armPlacement(selectionNode, interactionNode, markupsNode):
-    """Put the views in persistent place mode for ``markupsNode``: each click adds a control point to it."""
-    selectionNode.SetReferenceActivePlaceNodeClassName(markupsNode.GetClassName())
-    selectionNode.SetActivePlaceNodeID(markupsNode.GetID())
-    interactionNode.SwitchToPersistentPlaceMode()
