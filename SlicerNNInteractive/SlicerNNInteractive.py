@@ -1,15 +1,15 @@
 """nnInteractive in 3D Slicer: promptable 3D segmentation (point, box, scribble, lasso; positive and negative)
 computed by an nnInteractive server, written into the Segment Editor's selected segment.
 
-This file is the thin Slicer layer: widgets, MRML nodes, observers, shortcuts. Every decision (which voxel
-a click is, how a prompt is rasterized, how a result is merged under the masking settings, what to send,
-undo, recovery) lives in the pure-Python package SlicerNNInteractiveLib beside this file, tested with pytest.
-Nothing is imported from that package (or from numpy) until the module is used.
+This file is the thin Slicer layer: widgets, MRML nodes, observers, shortcuts. Every decision lives in the
+package SlicerNNInteractiveLib beside this file, tested with pytest: which voxel a click is, how a prompt is
+rasterized, how a result is merged under the masking settings, what to send, undo, recovery (controller.py);
+which tool is armed and what disarms it, which control points are new (tools.py). Nothing is imported from that
+package (or from numpy) until the module is used.
 """
 
 import logging
 import os
-import threading
 import time
 
 import qt
@@ -29,6 +29,7 @@ DEFAULT_URL = "http://127.0.0.1:1527"
 POSITIVE_COLOR = (0.20, 0.80, 0.35)
 NEGATIVE_COLOR = (0.90, 0.25, 0.25)
 TOOLS = ("point", "box", "scribble", "lasso")
+NO_VOLUME = "Select a volume first: choose it as 'Source volume' in the Segment Editor below."
 
 
 def settingValue(name, default=""):
@@ -45,6 +46,26 @@ def slicerScene(segmentEditorNode):
     from SlicerNNInteractiveLib.slicerscene import SlicerScene
 
     return SlicerScene(segmentEditorNode)
+
+
+def firstVisibleNode(className):
+    """The first node of a class that the user can see in node selectors (not our hidden helpers)."""
+    for n in range(slicer.mrmlScene.GetNumberOfNodesByClass(className)):
+        node = slicer.mrmlScene.GetNthNodeByClass(n, className)
+        if not node.GetHideFromEditors():
+            return node
+    return None
+
+
+def setEditorNodeInputs(editorNode, segmentationNode, volumeNode):
+    """Set the segmentation and source volume on a Segment Editor node (what its widget shows). On the node, not
+    the widget: on Slicer 5.6 / 5.8 the widget's setSourceVolumeNode gives up when its segmentation combo box,
+    which hides hidden nodes, is empty."""
+    editorNode.SetAndObserveSegmentationNode(segmentationNode)
+    try:
+        editorNode.SetAndObserveSourceVolumeNode(volumeNode)
+    except AttributeError:  # Slicer < 5.3
+        editorNode.SetAndObserveMasterVolumeNode(volumeNode)
 
 
 #
@@ -73,184 +94,6 @@ class SlicerNNInteractive(ScriptedLoadableModule):
 
 
 #
-# Box tool: a Qt event filter on the slice views (drag, or two clicks), with a live rectangle
-#
-
-
-class BoxTool(qt.QObject):
-    """Captures left-button drags and click pairs in slice views while the box tool is armed.
-
-    Events are consumed (so the view does not pan or change window/level), the rectangle is drawn as a 2D
-    actor in the view, and ``onBox(sliceWidget, rasA, rasB)`` is called with the two world corners.
-    """
-
-    DRAG_PIXELS = 4
-
-    def __init__(self, onBox, color):
-        qt.QObject.__init__(self)
-        self.onBox = onBox
-        self.color = color
-        self.installed = []  # (watched QWidget, slice widget)
-        self.start = None  # (slice widget, display xy, world ras)
-        self.pressed = False
-        self.moved = False
-        self.preview = None
-
-    def install(self):
-        self.uninstall()
-        layoutManager = slicer.app.layoutManager()
-        if layoutManager is None:
-            return
-        for name in layoutManager.sliceViewNames():
-            sliceWidget = layoutManager.sliceWidget(name)
-            view = sliceWidget.sliceView()
-            target = view
-            try:
-                target = view.VTKWidget() or view
-            except AttributeError:
-                pass
-            target.installEventFilter(self)
-            self.installed.append((target, sliceWidget))
-
-    def uninstall(self):
-        self.cancel()
-        for target, _ in self.installed:
-            target.removeEventFilter(self)
-        self.installed = []
-
-    def _sliceWidgetOf(self, obj):
-        for target, sliceWidget in self.installed:
-            if target is obj or target == obj:
-                return sliceWidget
-        return None
-
-    def _display(self, obj, event):
-        """Qt widget position -> VTK display (slice XY) coordinates: device pixels, y up."""
-        try:
-            ratio = obj.devicePixelRatioF()
-        except AttributeError:
-            ratio = obj.devicePixelRatio()
-        pos = event.pos()
-        return (pos.x() * ratio, obj.height * ratio - pos.y() * ratio - 1)
-
-    @staticmethod
-    def _ras(sliceWidget, xy):
-        ras = sliceWidget.mrmlSliceNode().GetXYToRAS().MultiplyPoint([xy[0], xy[1], 0.0, 1.0])
-        return [ras[0], ras[1], ras[2]]
-
-    def eventFilter(self, obj, event):
-        sliceWidget = self._sliceWidgetOf(obj)
-        if sliceWidget is None:
-            return False
-        etype = event.type()
-        if etype == qt.QEvent.KeyPress and event.key() == qt.Qt.Key_Escape and self.start is not None:
-            self.cancel()
-            return True
-        if etype == qt.QEvent.MouseButtonDblClick and event.button() == qt.Qt.LeftButton:
-            return True
-        if etype == qt.QEvent.MouseButtonPress and event.button() == qt.Qt.LeftButton:
-            xy = self._display(obj, event)
-            if self.start is None or self.start[0] is not sliceWidget:
-                self.cancel()
-                self.start = (sliceWidget, xy, self._ras(sliceWidget, xy))
-                self._showPreview(sliceWidget, xy, xy)
-                self.moved = False
-            self.pressed = True
-            return True
-        if etype == qt.QEvent.MouseMove and self.start is not None and self.start[0] is sliceWidget:
-            xy = self._display(obj, event)
-            x0, y0 = self.start[1]
-            if abs(xy[0] - x0) > self.DRAG_PIXELS or abs(xy[1] - y0) > self.DRAG_PIXELS:
-                self.moved = True
-            self._showPreview(sliceWidget, self.start[1], xy)
-            return self.pressed
-        if etype == qt.QEvent.MouseButtonRelease and event.button() == qt.Qt.LeftButton:
-            if self.start is None:
-                return False
-            self.pressed = False
-            xy = self._display(obj, event)
-            x0, y0 = self.start[1]
-            far = abs(xy[0] - x0) > self.DRAG_PIXELS or abs(xy[1] - y0) > self.DRAG_PIXELS
-            if self.start[0] is sliceWidget and far:
-                # the end of a drag, or the second of two clicks
-                start = self.start
-                self.cancel()
-                self.onBox(sliceWidget, start[2], self._ras(sliceWidget, xy))
-            # else: a click without moving: the first corner; the box follows the mouse until the next click
-            return True
-        return False
-
-    def _renderer(self, sliceWidget):
-        return sliceWidget.sliceView().renderWindow().GetRenderers().GetFirstRenderer()
-
-    def _showPreview(self, sliceWidget, xy0, xy1):
-        if self.preview is None:
-            points = vtk.vtkPoints()
-            polyData = vtk.vtkPolyData()
-            polyData.SetPoints(points)
-            lines = vtk.vtkCellArray()
-            polyData.SetLines(lines)
-            mapper = vtk.vtkPolyDataMapper2D()
-            mapper.SetInputData(polyData)
-            actor = vtk.vtkActor2D()
-            actor.SetMapper(mapper)
-            actor.GetProperty().SetColor(*self.color)
-            actor.GetProperty().SetLineWidth(2)
-            renderer = self._renderer(sliceWidget)
-            renderer.AddActor2D(actor)
-            self.preview = (sliceWidget, renderer, actor, points, polyData)
-        sliceWidget_, renderer, actor, points, polyData = self.preview
-        points.Reset()
-        for x, y in ((xy0[0], xy0[1]), (xy1[0], xy0[1]), (xy1[0], xy1[1]), (xy0[0], xy1[1])):
-            points.InsertNextPoint(x, y, 0.0)
-        lines = vtk.vtkCellArray()
-        lines.InsertNextCell(5)
-        for n in (0, 1, 2, 3, 0):
-            lines.InsertCellPoint(n)
-        polyData.SetLines(lines)
-        points.Modified()
-        polyData.Modified()
-        sliceWidget.sliceView().scheduleRender()
-
-    def cancel(self):
-        self.start = None
-        self.pressed = False
-        if self.preview is not None:
-            sliceWidget, renderer, actor, points, polyData = self.preview
-            renderer.RemoveActor2D(actor)
-            sliceWidget.sliceView().scheduleRender()
-            self.preview = None
-
-
-class Background(object):
-    """Run ``fn`` on a thread; ``onDone(result, error)`` is called on the GUI thread (polled by a QTimer)."""
-
-    def __init__(self, fn, onDone, interval=50):
-        self.result = None
-        self.error = None
-        self.onDone = onDone
-        self.thread = threading.Thread(target=self._run, args=(fn,))
-        self.thread.daemon = True
-        self.timer = qt.QTimer()
-        self.timer.setInterval(interval)
-        self.timer.connect("timeout()", self._poll)
-        self.thread.start()
-        self.timer.start()
-
-    def _run(self, fn):
-        try:
-            self.result = fn()
-        except Exception as exc:
-            self.error = exc
-
-    def _poll(self):
-        if self.thread.is_alive():
-            return
-        self.timer.stop()
-        self.onDone(self.result, self.error)
-
-
-#
 # Widget
 #
 
@@ -265,7 +108,7 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.editorNode = None
         self.controller = None
         self.scene = None
-        self.activeTool = None
+        self.tools = None
         self.shortcuts = []
         self.boxTool = None
         self.pointNodes = {}
@@ -273,14 +116,13 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.scratchNode = None
         self.scratchEditor = None
         self.scratchEditorNode = None
-        self.pollTimer = None
+        self.tickTimer = None
         self.localServer = None
         self.localServerTimer = None
-        self.switchingTool = False
-        self.processedPointIds = set()
+        self.connectionCheck = None
+        self.connectionTimer = None
         self.quietErrors = None  # a list in self-tests: errors are collected instead of shown in dialogs
         self.lastMessage = ""
-        self.background = None
 
     # ------------------------------------------------------------------ setup
 
@@ -297,19 +139,24 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
         self.editor = qSlicerSegmentationsModuleWidgetsPythonQt.qMRMLSegmentEditorWidget()
         self.editor.setMaximumNumberOfUndoStates(10)
-        self.selectEditorNode()
         self.editor.setMRMLScene(slicer.mrmlScene)
+        self.selectEditorNode()
         self.layout.addWidget(self.editor)
 
         self.ui.busyBar.setVisible(False)
         self.updateToolIcons()
         for tool in TOOLS:
             self.toolButton(tool).connect("clicked(bool)", lambda checked, t=tool: self.onToolButton(t, checked))
-        self.ui.polarityButton.connect("clicked(bool)", lambda checked: self.onTogglePolarity())
+        self.ui.positiveButton.connect("clicked()", lambda: self.setPolarity(True))
+        self.ui.negativeButton.connect("clicked()", lambda: self.setPolarity(False))
         self.ui.nextSegmentButton.connect("clicked()", self.onNextSegment)
         self.ui.resetSegmentButton.connect("clicked()", self.onResetSegment)
         self.ui.undoButton.connect("clicked()", self.onUndo)
         self.ui.showTimingsButton.connect("clicked()", self.onShowTimings)
+        for button in (self.ui.positiveButton, self.ui.negativeButton, self.ui.nextSegmentButton,
+                       self.ui.resetSegmentButton, self.ui.undoButton) + tuple(self.toolButton(t) for t in TOOLS):
+            # The underlined letter shows the module's own key; no Alt+letter mnemonic (Alt+E is the Edit menu).
+            button.setShortcut(qt.QKeySequence())
 
         self.ui.serverUrlLineEdit.text = settingValue("ServerURL", DEFAULT_URL)
         self.ui.apiKeyLineEdit.text = settingValue("APIKey", "")
@@ -327,16 +174,19 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.updateServerSummary()
         self.updatePolarityUI()
 
-        self.pollTimer = qt.QTimer()
-        self.pollTimer.setInterval(25)
-        self.pollTimer.connect("timeout()", self.onPoll)
+        self.tickTimer = qt.QTimer()
+        self.tickTimer.connect("timeout()", self.onTick)
 
+        from SlicerNNInteractiveLib.tools import PromptTools
+
+        self.tools = PromptTools(self.interactionNode(), self.selectionNode(),
+                                 defer=lambda fn: qt.QTimer.singleShot(0, fn), onDisarmed=self.onToolDisarmed,
+                                 onLassoClosed=self.onLassoClosed)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        self.addObserver(self.interactionNode(), slicer.vtkMRMLInteractionNode.EndPlacementEvent, self.onEndPlacement)
-        self.addObserver(self.interactionNode(), slicer.vtkMRMLInteractionNode.InteractionModeChangedEvent,
-                         self.onInteractionModeChanged)
         slicer.app.connect("aboutToQuit()", self.onAboutToQuit)
+        if self.parent.isEntered:  # Developer mode > Reload calls setup() on a module that is shown, not enter()
+            self.enter()
 
     def selectEditorNode(self):
         """Use the Segment Editor module's parameter node, so both show the same segmentation and settings."""
@@ -344,8 +194,11 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
         node = segmentEditorSingleton(slicer.mrmlScene)
         if node is not self.editorNode:
+            if self.editorNode is not None:
+                self.removeObserver(self.editorNode, vtk.vtkCommand.ModifiedEvent, self.onEditorNodeModified)
             self.editorNode = node
             self.editor.setMRMLSegmentEditorNode(node)
+            self.addObserver(node, vtk.vtkCommand.ModifiedEvent, self.onEditorNodeModified)
             self.scene = None
             if self.controller is not None:
                 self.controller.scene = self.getScene()
@@ -354,7 +207,7 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.selectEditorNode()
         self.editor.updateWidgetFromMRML()
         if not self.editor.segmentationNodeID():
-            segmentationNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSegmentationNode")
+            segmentationNode = firstVisibleNode("vtkMRMLSegmentationNode")
             if segmentationNode is None:
                 segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
             self.editor.setSegmentationNode(segmentationNode)
@@ -365,7 +218,7 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.installShortcuts()
 
     def exit(self):
-        self.deactivateTools()
+        self.disarmTool()
         self.editor.setActiveEffect(None)
         self.editor.removeViewObservations()
         self.removeShortcuts()
@@ -373,8 +226,11 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def cleanup(self):
         self.exit()
         self.removeObservers()
-        if self.pollTimer is not None:
-            self.pollTimer.stop()
+        if self.tools is not None:
+            self.tools.close()
+        for timer in (self.tickTimer, self.connectionTimer):
+            if timer is not None:
+                timer.stop()
         if self.controller is not None:
             self.controller.close()
             self.controller = None
@@ -403,9 +259,10 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         ScriptedLoadableModuleWidget.onReload(self)
 
     def onSceneStartClose(self, caller, event):
-        self.deactivateTools()
+        self.disarmTool()
         self.pointNodes = {}
         self.lassoNode = None
+        self.tools.watchLasso(None)
         self.scratchNode = None
         self.scratchEditorNode = None
         if self.scratchEditor is not None:
@@ -453,7 +310,18 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                 volumeId = compositeNode.GetBackgroundVolumeID()
                 if volumeId:
                     return slicer.mrmlScene.GetNodeByID(volumeId)
-        return slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+        return firstVisibleNode("vtkMRMLScalarVolumeNode")
+
+    def ensureSegmentationNode(self):
+        """The editor's segmentation, created (on the source volume's grid) when there is none."""
+        segmentationNode = self.editor.segmentationNode()
+        if segmentationNode is None:
+            segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+            segmentationNode.CreateDefaultDisplayNodes()
+            if self.sourceVolumeNode() is not None:
+                segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(self.sourceVolumeNode())
+            self.editor.setSegmentationNode(segmentationNode)
+        return segmentationNode
 
     def toolButton(self, tool):
         return {"point": self.ui.pointButton, "box": self.ui.boxButton, "scribble": self.ui.scribbleButton,
@@ -473,7 +341,7 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         return self.scene
 
     def serverUrl(self):
-        from SlicerNNInteractiveLib.client import normalize_url
+        from SlicerNNInteractiveLib.urls import normalize_url
 
         return normalize_url(self.ui.serverUrlLineEdit.text or DEFAULT_URL)
 
@@ -522,66 +390,62 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             shortcut.deleteLater()
         self.shortcuts = []
 
-    # ------------------------------------------------------------------ controller
+    # ------------------------------------------------------------------ controller and server session
 
-    def ensureController(self, interactive=True):
-        """The controller, created on first use: checks the volume, the dependencies and the consent."""
-        if self.sourceVolumeNode() is None:
-            self.reportError("Select a volume first: choose it as 'Source volume' in the Segment Editor below.")
-            return None
-        if self.editor.segmentationNode() is None:
-            segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
-            segmentationNode.CreateDefaultDisplayNodes()
-            segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(self.sourceVolumeNode())
-            self.editor.setSegmentationNode(segmentationNode)
-        if self.controller is not None:
-            return self.controller
-        try:
-            self.logic.ensureDependencies(ask=interactive)
-            url, apiKey = self.serverUrl(), self.apiKey()
-        except Exception as exc:
-            self.reportError(str(exc))
-            return None
-        if not self.ensureConsent(url, interactive):
-            self.setStatus("Not sent: sending images to %s needs your consent (Configuration tab)." % url)
-            return None
-        from SlicerNNInteractiveLib.controller import Controller
+    def getController(self):
+        """The module's brain (library controller): works without a server until a prompt is sent."""
+        if self.controller is None:
+            from SlicerNNInteractiveLib.controller import Controller
 
-        self.controller = Controller(
-            self.getScene(), lambda: self.logic.connect(url, apiKey), on_busy=self.onBusy, on_error=self.onError,
-            on_result=self.onResult, on_connected=self.onConnected, log=lambda msg: logging.info("nnInteractive: " + msg))
-        self.controller.set_positive(self.ui.polarityButton.checked is False)
-        self.controller.connect()
+            self.controller = Controller(
+                self.getScene(), lambda: self.logic.connect(self.serverUrl(), self.apiKey()), on_busy=self.onBusy,
+                on_error=self.onError, on_result=self.onResult, on_connected=self.onConnected,
+                log=lambda msg: logging.info("nnInteractive: " + msg),
+                before_write=lambda key: self.editor.saveStateForUndo())
         return self.controller
 
-    def dropController(self):
-        if self.controller is not None:
-            self.controller.close()
-            self.controller = None
-        self.pollTimer.stop()
-        self.ui.busyBar.setVisible(False)
+    def mayConnect(self, interactive=True):
+        """Whether prompts may go to the configured server: blosc2 installed, consent given for a remote one."""
+        try:
+            self.logic.ensureDependencies(ask=interactive)
+            url = self.serverUrl()
+        except Exception as exc:
+            self.reportError(str(exc))
+            return False
+        if not self.ensureConsent(url, interactive):
+            self.setStatus("Not sent: sending images to %s needs your consent (Configuration tab)." % url)
+            return False
+        return True
 
-    def submit(self, kind, args, prepareStart):
-        controller = self.ensureController()
-        if controller is None:
+    def submit(self, kind, args, prepareStart, positive=None):
+        """Queue a prompt (``positive``: None for the current polarity). Returns the job, or None."""
+        if not self.mayConnect():
             return None
+        self.ensureSegmentationNode()
+        controller = self.getController()
         prepareMs = (time.perf_counter() - prepareStart) * 1e3
-        job = controller.submit(kind, args, prepare_ms=prepareMs)
-        self.pollTimer.start()
+        job = controller.submit(kind, args, positive=positive, prepare_ms=prepareMs)
+        self.startTicking()
         return job
 
-    def onPoll(self):
-        if self.controller is None:
-            self.pollTimer.stop()
+    def startTicking(self):
+        """Run the controller's timer while it has work or a session (see Controller.tick)."""
+        interval = self.controller.tick_interval_ms() if self.controller is not None else None
+        if interval is None:
+            self.tickTimer.stop()
             return
-        self.controller.poll()
-        if not self.controller.busy:
-            self.pollTimer.stop()
+        self.tickTimer.setInterval(interval)
+        if not self.tickTimer.isActive():
+            self.tickTimer.start()
+
+    def onTick(self):
+        if self.controller is not None:
+            self.controller.tick()
+        self.startTicking()
 
     def onBusy(self, busy, pending):
         self.ui.busyBar.setVisible(bool(busy))
         if busy:
-            self.pollTimer.start()
             self.setStatus("Segmenting..." if pending <= 1 else "Segmenting... (%d prompts queued)" % (pending - 1))
 
     def onResult(self, job, result, timings):
@@ -607,87 +471,74 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         thickness = capabilities.get("preferred_scribble_thickness")
         if thickness is not None:
             self.logic.scribbleThickness = thickness
-            if self.activeTool == "scribble":
+            if self.tools.active == "scribble":
                 self.configureBrush()
         self.updateServerSummary(capabilities)
 
     # ------------------------------------------------------------------ tools
 
     def onToolButton(self, tool, checked):
+        # A checkable button has already toggled when clicked(bool) fires: ``checked`` is the new state.
         if checked:
             self.activateTool(tool)
         else:
-            self.deactivateTools()
+            self.disarmTool()
 
     def activateTool(self, tool):
-        """Arm a prompt tool; it stays armed after each prompt until another tool is chosen."""
+        """Arm a prompt tool; it stays armed after each prompt until another tool or mode is chosen."""
         if self.sourceVolumeNode() is None:
             self.toolButton(tool).checked = False
-            self.reportError("Select a volume first: choose it as 'Source volume' in the Segment Editor below.")
+            self.reportError(NO_VOLUME)
             return
-        self.deactivateTools()
+        self.releaseTool()
         self.editor.setActiveEffect(None)
-        self.activeTool = tool
+        if tool == "point":
+            self.tools.arm("point", self.pointNode(self.isPositive()))
+        elif tool == "lasso":
+            self.tools.arm("lasso", self.getLassoNode())
+        else:
+            self.tools.arm(tool)
+            if tool == "box":
+                self.armBox()
+            else:
+                self.armScribble()
         for name in TOOLS:
             self.toolButton(name).checked = (name == tool)
-        if tool == "point":
-            self.armPlacement(self.pointNode(self.isPositive()))
-        elif tool == "box":
-            if self.boxTool is None:
-                self.boxTool = BoxTool(self.onBox, POSITIVE_COLOR)
-            self.boxTool.color = self.polarityColor()
-            self.boxTool.install()
-        elif tool == "scribble":
-            self.armScribble()
-        elif tool == "lasso":
-            lasso = self.getLassoNode()
-            lasso.RemoveAllControlPoints()
-            self.armPlacement(lasso)
         self.setStatus("%s tool armed (%s prompts)." % (tool.capitalize(), "positive" if self.isPositive() else
                                                           "negative"))
 
-    def deactivateTools(self):
-        self.activeTool = None
-        if self.ui is not None:
-            for name in TOOLS:
-                self.toolButton(name).checked = False
+    def disarmTool(self):
+        """The user disarms the armed tool (its button, Esc on the module, leaving the module)."""
+        if self.tools is not None:
+            self.tools.disarm()
+
+    def onToolDisarmed(self, tool, reason):
+        self.releaseTool()
+        for name in TOOLS:
+            self.toolButton(name).checked = False
+        if reason:
+            self.setStatus("%s tool disarmed: %s." % (tool.capitalize(), reason))
+
+    def releaseTool(self):
+        """Undo what arming a tool did outside the interaction node: the box's event filter, the scribble brush,
+        a half-drawn lasso."""
         if self.boxTool is not None:
             self.boxTool.uninstall()
         if self.scratchEditor is not None:
             self.scratchEditor.setActiveEffect(None)
             self.scratchEditor.removeViewObservations()
-        interactionNode = self.interactionNode()
-        if interactionNode.GetCurrentInteractionMode() == interactionNode.Place:
-            self.switchingTool = True
-            try:
-                interactionNode.SwitchToViewTransformMode()
-            finally:
-                self.switchingTool = False
+        if self.lassoNode is not None and slicer.mrmlScene.IsNodePresent(self.lassoNode):
+            self.lassoNode.RemoveAllControlPoints()
 
-    def armPlacement(self, markupsNode):
-        from SlicerNNInteractiveLib.slicerscene import armPlacement
-
-        self.switchingTool = True  # our own mode change: not the user leaving the tool
-        try:
-            armPlacement(self.selectionNode(), self.interactionNode(), markupsNode)
-        finally:
-            self.switchingTool = False
-
-    def onInteractionModeChanged(self, caller, event):
-        if self.switchingTool or self.activeTool not in ("point", "lasso"):
-            return
-        if self.interactionNode().GetCurrentInteractionMode() != self.interactionNode().Place:
-            # Left place mode by other means (Esc, the toolbar, another module) -- unless the lasso just closed,
-            # which re-arms itself in onEndPlacement.
-            if self.activeTool == "point":
-                qt.QTimer.singleShot(0, self.deactivateTools)
+    def onEditorNodeModified(self, caller, event):
+        self.tools.effectSelected(self.editorNode.GetActiveEffectName())
 
     # --- markups nodes for prompts (not saved with the scene)
 
     def pointNode(self, positive):
         key = "positive" if positive else "negative"
         node = self.pointNodes.get(key)
-        if node is None or slicer.mrmlScene.GetNodeByID(node.GetID()) is None:
+        if node is None or not slicer.mrmlScene.IsNodePresent(node):
             from SlicerNNInteractiveLib.slicerscene import newPromptNode
 
             node = newPromptNode(slicer.mrmlScene, "vtkMRMLMarkupsFiducialNode", "nnInteractive %s points" % key,
@@ -698,25 +549,23 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def getLassoNode(self):
         node = self.lassoNode
-        if node is None or slicer.mrmlScene.GetNodeByID(node.GetID()) is None:
+        if node is None or not slicer.mrmlScene.IsNodePresent(node):
             from SlicerNNInteractiveLib.slicerscene import newPromptNode
 
             node = newPromptNode(slicer.mrmlScene, "vtkMRMLMarkupsClosedCurveNode", "nnInteractive lasso",
                                  POSITIVE_COLOR)
             node.GetDisplayNode().SetLineThickness(0.3)
             self.lassoNode = node
+            self.tools.watchLasso(node)
         color = self.polarityColor()
         node.GetDisplayNode().SetSelectedColor(*color)
         node.GetDisplayNode().SetColor(*color)
         return node
 
     def clearPromptMarkups(self):
-        for node in self.pointNodes.values():
-            if slicer.mrmlScene.GetNodeByID(node.GetID()) is not None:
+        for node in list(self.pointNodes.values()) + [self.lassoNode]:
+            if node is not None and slicer.mrmlScene.IsNodePresent(node):
                 node.RemoveAllControlPoints()
-        self.processedPointIds = set()
-        if self.lassoNode is not None and slicer.mrmlScene.GetNodeByID(self.lassoNode.GetID()) is not None:
-            self.lassoNode.RemoveAllControlPoints()
 
     # --- point
 
@@ -726,14 +575,10 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def processPoints(self, node):
         from SlicerNNInteractiveLib.geometry import GeometryError
-        from SlicerNNInteractiveLib.slicerscene import definedWorldPoints
+        from SlicerNNInteractiveLib.tools import takeNewPoints
 
         positive = node is self.pointNodes.get("positive")
-        for n, pointId, world in definedWorldPoints(node):
-            if pointId in self.processedPointIds:
-                continue
-            self.processedPointIds.add(pointId)
-            node.SetNthControlPointLocked(n, True)
+        for n, _, world in takeNewPoints(node):
             try:
                 self.placePoint(world, positive)
             except GeometryError as exc:
@@ -741,16 +586,20 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                 self.reportError(str(exc))
                 return
 
-    def placePoint(self, world, positive):
+    def placePoint(self, world, positive=None):
         """A point prompt at a world RAS position (also used by the self-test)."""
         start = time.perf_counter()
-        args = self.getScene().pointPrompt(world)
-        if self.ensureController() is None:
-            return None
-        self.controller.set_positive(positive)
-        return self.submit("point", args, start)
+        return self.submit("point", self.getScene().pointPrompt(world), start, positive)
 
     # --- box
+
+    def armBox(self):
+        from SlicerNNInteractiveLib.boxtool import BoxTool
+
+        if self.boxTool is None:
+            self.boxTool = BoxTool(self.onBox, POSITIVE_COLOR)
+        self.boxTool.color = self.polarityColor()
+        self.boxTool.install()
 
     def onBox(self, sliceWidget, rasA, rasB):
         from SlicerNNInteractiveLib.geometry import GeometryError
@@ -767,12 +616,8 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     # --- lasso
 
-    def onEndPlacement(self, caller, event):
-        if self.switchingTool or self.activeTool != "lasso":
-            return
-        qt.QTimer.singleShot(0, self.onLassoClosed)
-
     def onLassoClosed(self):
+        """The user closed the lasso (double-click or right-click): send it; the tool stays armed."""
         from SlicerNNInteractiveLib.geometry import GeometryError
         from SlicerNNInteractiveLib.slicerscene import definedWorldPoints
 
@@ -787,9 +632,8 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         except GeometryError as exc:
             self.reportError(str(exc))
         finally:
-            if self.activeTool == "lasso":
-                node.RemoveAllControlPoints()
-                self.armPlacement(node)  # the tool stays armed
+            node.RemoveAllControlPoints()
+            self.tools.rearm()
 
     def placeLasso(self, worldPoints):
         """A lasso prompt from the world positions of a closed outline (also used by the self-test)."""
@@ -818,25 +662,24 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.scratchEditor = qSlicerSegmentationsModuleWidgetsPythonQt.qMRMLSegmentEditorWidget()
             self.scratchEditor.setMRMLScene(slicer.mrmlScene)
             self.scratchEditor.setUndoEnabled(False)
-        if self.scratchEditorNode is None or slicer.mrmlScene.GetNodeByID(self.scratchEditorNode.GetID()) is None:
+        node = self.scratchEditorNode
+        if node is None or not slicer.mrmlScene.IsNodePresent(node):
             node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentEditorNode", "nnInteractive scribble editor")
             node.SetSaveWithScene(False)
             node.SetHideFromEditors(True)
             self.scratchEditorNode = node
-            self.scratchEditor.setMRMLSegmentEditorNode(node)
-        self.scratchEditorNode.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedEverywhere)
-        self.scratchEditorNode.SetOverwriteMode(slicer.vtkMRMLSegmentEditorNode.OverwriteNone)
-        self.scratchEditor.setSegmentationNode(scratch)
-        try:
-            self.scratchEditor.setSourceVolumeNode(self.sourceVolumeNode())
-        except AttributeError:  # Slicer < 5.3
-            self.scratchEditor.setMasterVolumeNode(self.sourceVolumeNode())
-        self.scratchEditor.setCurrentSegmentID(SCRIBBLE_SEGMENT)
+        node.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedEverywhere)
+        node.SetOverwriteMode(slicer.vtkMRMLSegmentEditorNode.OverwriteNone)
+        setEditorNodeInputs(node, scratch, self.sourceVolumeNode())
+        node.SetSelectedSegmentID(SCRIBBLE_SEGMENT)
+        self.scratchEditor.setMRMLSegmentEditorNode(node)
+        self.scratchEditor.updateWidgetFromMRML()
         self.scratchEditor.setActiveEffectByName("Paint")
         self.configureBrush()
 
     def configureBrush(self):
-        """Brush diameter = the server's preferred scribble thickness, in voxels of the volume's slice."""
+        """Brush diameter = the server's preferred scribble thickness, in voxels of the volume's slice. Never the
+        pixel mode: it writes the segment on every mouse move, which would send a prompt per move."""
         if self.scratchEditor is None:
             return
         effect = self.scratchEditor.activeEffect()
@@ -845,18 +688,15 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         import numpy as np
 
         thickness = self.logic.scribbleThickness
-        voxels = float(np.max(thickness)) if thickness is not None else 2.0
+        voxels = max(1.0, float(np.max(thickness)) if thickness is not None else 2.0)
         spacing = self.sourceVolumeNode().GetSpacing()
         effect.setParameter("BrushSphere", 0)
-        if voxels <= 1.0:
-            effect.setParameter("BrushPixelMode", 1)
-        else:
-            effect.setParameter("BrushPixelMode", 0)
-            effect.setParameter("BrushDiameterIsRelative", 0)
-            effect.setParameter("BrushAbsoluteDiameter", voxels * min(spacing))
+        effect.setParameter("BrushPixelMode", 0)
+        effect.setParameter("BrushDiameterIsRelative", 0)
+        effect.setParameter("BrushAbsoluteDiameter", voxels * min(spacing))
 
     def onScribblePainted(self, caller, event):
-        if self.activeTool == "scribble":
+        if self.tools.active == "scribble":
             qt.QTimer.singleShot(0, self.processScribble)
 
     def processScribble(self):
@@ -878,28 +718,32 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     # ------------------------------------------------------------------ polarity, segments, undo
 
     def isPositive(self):
-        return not self.ui.polarityButton.checked
+        return self.controller.positive if self.controller is not None else not self.ui.negativeButton.checked
 
     def polarityColor(self):
         return POSITIVE_COLOR if self.isPositive() else NEGATIVE_COLOR
 
     def updatePolarityUI(self):
         positive = self.isPositive()
-        self.ui.polarityButton.text = "Posi&tive prompt" if positive else "Nega&tive prompt"
-        color = qt.QColor.fromRgbF(*self.polarityColor())
-        self.ui.polarityButton.setStyleSheet("QPushButton { border: 2px solid %s; padding: 4px; }" % color.name())
-        if self.controller is not None:
-            self.controller.set_positive(positive)
+        self.ui.positiveButton.checked = positive
+        self.ui.negativeButton.checked = not positive
+        for button, color in ((self.ui.positiveButton, POSITIVE_COLOR), (self.ui.negativeButton, NEGATIVE_COLOR)):
+            style = "QPushButton:checked { border: 2px solid %s; padding: 4px; }" % qt.QColor.fromRgbF(*color).name()
+            button.setStyleSheet(style)
 
     def onTogglePolarity(self):
         self.setPolarity(not self.isPositive())
 
     def setPolarity(self, positive):
-        self.ui.polarityButton.checked = not positive
+        self.getController().set_positive(positive)
         self.updatePolarityUI()
-        tool = self.activeTool
+        self.followPolarity()
+
+    def followPolarity(self):
+        """The armed tool follows the polarity: points go to the other node, the box and strokes change color."""
+        tool = self.tools.active
         if tool == "point":
-            self.armPlacement(self.pointNode(positive))
+            self.tools.arm("point", self.pointNode(self.isPositive()))
         elif tool == "box" and self.boxTool is not None:
             self.boxTool.color = self.polarityColor()
         elif tool == "scribble":
@@ -908,32 +752,31 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.getLassoNode()
 
     def onNextSegment(self):
-        if self.ensureController() is None:
-            return
-        self.controller.next_segment()
+        """A new empty segment (no server needed); prompts positive again."""
+        self.ensureSegmentationNode()
+        key = self.getController().next_segment()
         self.clearPromptMarkups()
-        self.setPolarity(True)
-        self.setStatus("New segment: prompts go to %s." % self.editorNode.GetSelectedSegmentID())
+        self.updatePolarityUI()
+        self.followPolarity()
+        self.setStatus("New segment: prompts go to %s." % key)
 
     def onResetSegment(self):
-        if self.controller is None:
-            scene = self.getScene()
-            key = scene.selected_segment()
-            if key is not None:
-                scene.clear_segment(key)
-        else:
-            self.controller.reset_segment()
-            self.pollTimer.start()
+        """Clear the segment and its prompts; the Segment Editor's Undo brings it back."""
+        if self.editor.segmentationNode() is None:
+            return
+        self.getController().reset_segment()
+        self.startTicking()
         self.clearPromptMarkups()
-        self.setPolarity(True)
-        self.setStatus("Segment reset.")
+        self.updatePolarityUI()
+        self.followPolarity()
+        self.setStatus("Segment reset (Ctrl+Z brings it back).")
 
     def onUndo(self):
-        if self.controller is not None and self.controller.can_undo():
-            self.controller.undo()
-            self.pollTimer.start()
+        """The last prompt, in step with the server; with none, the Segment Editor's own undo (hand edits, a
+        reset)."""
+        if self.controller is not None and self.controller.undo():
+            self.startTicking()
             return
-        # No prompt of ours to undo: the Segment Editor's own undo (hand edits with its effects).
         self.editor.undo()
 
     # ------------------------------------------------------------------ timings
@@ -956,36 +799,37 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         edit.setReadOnly(True)
         edit.setPlainText(text)
         edit.setLineWrapMode(qt.QPlainTextEdit.NoWrap)
-        font = qt.QFontDatabase.systemFont(qt.QFontDatabase.FixedFont)
-        edit.setFont(font)
+        edit.setFont(qt.QFontDatabase.systemFont(qt.QFontDatabase.FixedFont))
         layout.addWidget(edit)
         dialog.resize(900, 400)
         dialog.exec_()
 
     def onRunTiming(self):
-        if self.ensureController() is None:
+        """The paper's timing experiment on volumes it builds itself (no source volume needed). The module's own
+        session is released first, so that a server with --max-sessions 1 can run it."""
+        if not self.mayConnect():
             return
         if not slicer.util.confirmOkCancelDisplay(
                 "The timing experiment adds synthetic volumes of 3 sizes, runs every prompt type %d times on each "
                 "and removes them again. It can take minutes. Continue?" % self.ui.repetitionsSpinBox.value):
             return
-        self.deactivateTools()
-        url, apiKey = self.serverUrl(), self.apiKey()
+        self.disarmTool()
+        if self.controller is not None:
+            self.controller.disconnect()
         with slicer.util.tryWithErrorDisplay("The timing experiment failed.", waitCursor=True):
-            text = self.logic.runTimingExperiment(url, apiKey, reps=self.ui.repetitionsSpinBox.value)
+            text = self.logic.runTimingExperiment(self.serverUrl(), self.apiKey(),
+                                                  reps=self.ui.repetitionsSpinBox.value)
             slicer.util.infoDisplay("Timing experiment (milliseconds, mean +- std):", windowTitle="nnInteractive",
                                     detailedText=text)
 
     # ------------------------------------------------------------------ configuration
 
     def onServerSettingsChanged(self):
+        from SlicerNNInteractiveLib.urls import normalize_url
+
         text = self.ui.serverUrlLineEdit.text.strip()
         try:
-            from SlicerNNInteractiveLib.client import normalize_url
-
             url = normalize_url(text or DEFAULT_URL)
-        except ImportError:
-            url = text
         except ValueError as exc:
             self.ui.connectionInfoLabel.text = str(exc)
             return
@@ -996,7 +840,8 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         setSettingValue("ServerURL", url)
         setSettingValue("APIKey", self.ui.apiKeyLineEdit.text.strip())
         if changed:
-            self.dropController()
+            if self.controller is not None:
+                self.controller.disconnect()
             self.ui.connectionInfoLabel.text = ""
         self.updateConsentCheckBox()
         self.updateServerSummary()
@@ -1014,15 +859,27 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             return
         self.ui.connectionInfoLabel.text = "Connecting to %s..." % url
         self.ui.testConnectionButton.enabled = False
+        from SlicerNNInteractiveLib.background import BackgroundCall
         from SlicerNNInteractiveLib.client import check_server
 
-        self.background = Background(lambda: check_server(url, api_key=apiKey), self.onTestConnectionDone)
+        self.connectionCheck = BackgroundCall(lambda: check_server(url, api_key=apiKey))
+        if self.connectionTimer is None:
+            self.connectionTimer = qt.QTimer()
+            self.connectionTimer.setInterval(20)
+            self.connectionTimer.connect("timeout()", self.onTestConnectionPoll)
+        self.connectionTimer.start()
 
-    def onTestConnectionDone(self, info, error):
-        self.ui.testConnectionButton.enabled = True
-        if error is not None:
-            self.ui.connectionInfoLabel.text = "Failed: %s" % error
+    def onTestConnectionPoll(self):
+        call = self.connectionCheck
+        if call is None or not call.poll():
             return
+        self.connectionTimer.stop()
+        self.connectionCheck = None
+        self.ui.testConnectionButton.enabled = True
+        if call.error is not None:
+            self.ui.connectionInfoLabel.text = "Failed: %s" % call.error
+            return
+        info = call.result
         self.ui.connectionInfoLabel.text = self.logic.describeServer(info)
         if info.get("preferred_scribble_thickness") is not None:
             self.logic.scribbleThickness = info["preferred_scribble_thickness"]
@@ -1031,7 +888,7 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def updateServerSummary(self, info=None):
         try:
             url = self.serverUrl()
-        except Exception:
+        except ValueError:
             url = self.ui.serverUrlLineEdit.text
         text = "Server: %s" % url
         if info:
@@ -1047,22 +904,25 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         return list(value or [])
 
     def updateConsentCheckBox(self):
-        try:
-            from SlicerNNInteractiveLib.client import is_local_url
+        from SlicerNNInteractiveLib.urls import is_local_url
 
+        try:
             url = self.serverUrl()
             local = is_local_url(url)
-        except Exception:
+        except ValueError:
             url, local = None, False
         self.ui.consentCheckBox.blockSignals(True)
         self.ui.consentCheckBox.checked = local or (url in self.consentedServers())
-        self.ui.consentCheckBox.enabled = not local
+        self.ui.consentCheckBox.enabled = url is not None and not local
         self.ui.consentCheckBox.toolTip = ("The server is on this computer: nothing leaves it." if local else
                                            "Images and segments are sent to %s for processing." % url)
         self.ui.consentCheckBox.blockSignals(False)
 
     def onConsentToggled(self, checked):
-        url = self.serverUrl()
+        try:
+            url = self.serverUrl()
+        except ValueError:
+            return
         servers = [s for s in self.consentedServers() if s != url]
         if checked:
             servers.append(url)
@@ -1070,7 +930,7 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def ensureConsent(self, url, interactive=True):
         """Slicer's catalog requires explicit consent before data leaves the computer: ask once per server."""
-        from SlicerNNInteractiveLib.client import is_local_url
+        from SlicerNNInteractiveLib.urls import is_local_url
 
         if is_local_url(url) or url in self.consentedServers():
             return True
@@ -1082,8 +942,7 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             "Allow sending images to this server? (You can change this in the Configuration tab.)" % url,
             windowTitle="nnInteractive: send images to a server?")
         if answer:
-            servers = self.consentedServers() + [url]
-            setSettingValue("ConsentedServers", servers)
+            setSettingValue("ConsentedServers", self.consentedServers() + [url])
             self.updateConsentCheckBox()
         return bool(answer)
 
@@ -1127,7 +986,7 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.localServerTimer = None
         if self.localServer is not None:
             if self.controller is not None and self.localServer.url == settingValue("ServerURL", ""):
-                self.dropController()
+                self.controller.disconnect()
             self.localServer.stop()
             self.localServer = None
             if self.ui is not None:
@@ -1147,6 +1006,13 @@ class SlicerNNInteractiveLogic(ScriptedLoadableModuleLogic):
         self.scribbleThickness = None
 
     @staticmethod
+    def blosc2Requirement():
+        """The blosc2 the module installs, pinned: Slicer 5.6 / 5.8 run Python 3.9, which blosc2 3 dropped."""
+        import sys
+
+        return "blosc2==2.6.2" if sys.version_info < (3, 10) else "blosc2==4.14.1"
+
+    @staticmethod
     def ensureDependencies(ask=True):
         """blosc2 (the wire codec's compressor) is not part of Slicer's Python: install it on first use."""
         try:
@@ -1156,7 +1022,7 @@ class SlicerNNInteractiveLogic(ScriptedLoadableModuleLogic):
                     "nnInteractive needs the Python package 'blosc2' to exchange images with the server. "
                     "Install it now (a few MB from PyPI)?", windowTitle="nnInteractive"):
                 raise RuntimeError("The Python package blosc2 is needed; it was not installed.")
-            slicer.util.pip_install("blosc2")
+            slicer.util.pip_install(SlicerNNInteractiveLogic.blosc2Requirement())
             import importlib
 
             importlib.invalidate_caches()
@@ -1191,7 +1057,9 @@ class SlicerNNInteractiveLogic(ScriptedLoadableModuleLogic):
 
         if not executable:
             raise ValueError("Choose the nninteractive-slicer-server executable first.")
-        server = LocalServer(executable, split_arguments(arguments),
+        # Slicer's startup environment: the launcher's PYTHONHOME / PYTHONPATH would make the server's Python
+        # import Slicer's packages.
+        server = LocalServer(executable, split_arguments(arguments), env=slicer.util.startupEnvironment(),
                              log_path=os.path.join(slicer.app.temporaryPath, "nninteractive-local-server.log"))
         server.start()
         return server
@@ -1220,8 +1088,8 @@ class SlicerNNInteractiveLogic(ScriptedLoadableModuleLogic):
         Returns the summary table as text (and logs it); the nodes it creates are removed afterwards.
         """
         from SlicerNNInteractiveLib import timing
-        from SlicerNNInteractiveLib.client import normalize_url
         from SlicerNNInteractiveLib.controller import Controller
+        from SlicerNNInteractiveLib.urls import normalize_url
 
         self.ensureDependencies(ask=False)
         url = normalize_url(url or settingValue("ServerURL", DEFAULT_URL))
@@ -1285,24 +1153,25 @@ class SlicerNNInteractiveTest(ScriptedLoadableModuleTest):
         self.test_Prompts()
 
     def findServer(self):
-        from SlicerNNInteractiveLib.client import check_server
+        """(url, key, local server or None) of a server that answers, or Nones. Standard library only: the test
+        skips before anything is installed when there is no server (CTest offline)."""
+        from SlicerNNInteractiveLib.urls import answers_healthz
 
         candidates = []
         if os.environ.get("NNINTERACTIVE_TEST_SERVER"):
             candidates.append((os.environ["NNINTERACTIVE_TEST_SERVER"], os.environ.get("NNINTERACTIVE_TEST_API_KEY")))
         candidates.append((settingValue("ServerURL", DEFAULT_URL), settingValue("APIKey", "") or None))
         for url, key in candidates:
-            try:
-                return url, key, check_server(url, api_key=key), None
-            except Exception as exc:
-                logging.info("nnInteractive test: %s not usable: %s" % (url, exc))
+            if answers_healthz(url):
+                return url, key, None
+            logging.info("nnInteractive test: no server answers at %s" % url)
         executable = settingValue("LocalServerExecutable", "")
         if executable:
             server = SlicerNNInteractiveLogic.startLocalServer(executable, settingValue("LocalServerArguments", ""))
             if server.wait_ready(timeout=600, pump=slicer.app.processEvents):
-                return server.url, server.api_key, check_server(server.url, api_key=server.api_key), server
+                return server.url, server.api_key, server
             server.stop()
-        return None, None, None, None
+        return None, None, None
 
     def waitIdle(self, widget, timeout=120.0):
         deadline = time.monotonic() + timeout
@@ -1315,14 +1184,16 @@ class SlicerNNInteractiveTest(ScriptedLoadableModuleTest):
     def test_Prompts(self):
         import numpy as np
 
-        SlicerNNInteractiveLogic.ensureDependencies(ask=False)
-        from SlicerNNInteractiveLib import timing
-
-        url, apiKey, info, localServer = self.findServer()
+        url, apiKey, localServer = self.findServer()
         if url is None:
             self.skipTest("no nnInteractive server reachable: configure one in the module (or set "
                           "NNINTERACTIVE_TEST_SERVER) and run the test again")
         try:
+            SlicerNNInteractiveLogic.ensureDependencies(ask=False)
+            from SlicerNNInteractiveLib import timing
+            from SlicerNNInteractiveLib.client import check_server
+
+            info = check_server(url, api_key=apiKey)
             self.delayDisplay("Server: %s" % SlicerNNInteractiveLogic.describeServer(info).replace("\n", "; "))
             self.runPrompts(url, apiKey, np, timing)
         finally:
@@ -1432,7 +1303,8 @@ class SlicerNNInteractiveTest(ScriptedLoadableModuleTest):
         for n in range(16):
             a = 2 * np.pi * n / 16
             lasso.AddControlPointWorld(vtk.vtkVector3d(*world(i + 18 * np.cos(a), j + 20 * np.sin(a), k)))
-        widget.interactionNode().SwitchToViewTransformMode()
+        widget.interactionNode().SwitchToViewTransformMode()  # a double-click: place mode ends, the curve is modified
+        lasso.Modified()
         slicer.app.processEvents()
         self.waitIdle(widget)
         self.assertEqual(widget.quietErrors, [])
@@ -1441,7 +1313,7 @@ class SlicerNNInteractiveTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Lasso: Dice %.2f" % dice(segment()))
 
         # an oblique view gives a message, never a wrong box
-        widget.deactivateTools()
+        widget.disarmTool()
         sliceToRAS = redNode.GetSliceToRAS()
         rotation = vtk.vtkTransform()
         rotation.RotateX(20)

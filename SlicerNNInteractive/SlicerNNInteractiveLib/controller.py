@@ -24,6 +24,7 @@ import threading
 import time
 import traceback
 
+from .background import YIELD_SECONDS
 from .errors import NNInteractiveError
 from .scene import UndoRecord
 from .sync import SyncedSession
@@ -31,7 +32,6 @@ from .sync import SyncedSession
 PROMPT_KINDS = ("point", "bbox", "scribble", "lasso")
 BUSY_TICK_MS = 5  # while prompts run: each hand-off to the worker waits for a tick
 IDLE_TICK_MS = 200  # while a session exists: the heartbeat (every liveness timeout / 3) needs the GIL now and then
-YIELD_SECONDS = 0.001  # a sleep releases the GIL; a waiting thread takes it
 
 
 class Job(object):
@@ -120,6 +120,7 @@ class Controller(object):
     def __init__(self, scene, connect, on_busy=None, on_error=None, on_result=None, on_connected=None,
                  log=None, before_write=None):
         self.scene = scene
+        self._connect = connect
         self.sync = SyncedSession(connect)
         self.on_busy = on_busy
         self.on_error = on_error
@@ -433,14 +434,26 @@ class Controller(object):
         if self.on_error is not None:
             self.on_error(exc, job, dropped)
 
-    def close(self):
-        """Returns at once: queued prompts are dropped, one in flight ends on its own with its result ignored, and
-        the server session is released in the background. No session is claimed afterwards."""
+    def disconnect(self):
+        """Release the server session (in the background) and drop queued prompts; the next prompt claims a new
+        session and sends the image and segment again (after the server settings changed, say)."""
+        self._stop()
+        old, self.sync = self.sync, SyncedSession(self._connect)
+        self._undo = []
+        old.close()
+
+    def _stop(self):
         self._pending.clear()
         self._inflight = None
         worker, self._worker = self._worker, None
         if worker is not None:
             worker.stop()
+        self._report_busy()
+
+    def close(self):
+        """Returns at once: queued prompts are dropped, one in flight ends on its own with its result ignored, and
+        the server session is released in the background. No session is claimed afterwards."""
+        self._stop()
         self.sync.close()
 
 
