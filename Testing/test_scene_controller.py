@@ -362,3 +362,35 @@ def test_timing_run_reports_every_prompt_type(Scene, server):
         prompts = timing.prompts_for(shape)
         assert prompts["scribble"]["mask"].shape == tuple(hi - lo for lo, hi in prompts["scribble"]["interaction_bbox"])
         assert prompts["lasso"]["mask"].sum() > prompts["scribble"]["mask"].sum()
+
+
+def test_every_write_is_announced_first_and_disconnect_claims_anew(Scene, server, image):
+    """before_write runs before each change of a segment (a result, an undo, a reset) with the segment as it was,
+    so the Segment Editor can save its undo state there; disconnect releases the session and the next prompt
+    claims a new one and sends the image again."""
+    scene = Scene(image)
+    seen = []
+    c = Controller(scene, lambda: RemoteSession(server),
+                   before_write=lambda key: seen.append((key, scene.read_segment(key).copy())))
+    try:
+        submit(c, pt(0))
+        c.wait()
+        key = scene.selected_segment()
+        assert len(seen) == 1 and seen[0][0] == key and not seen[0][1].any()  # announced while still empty
+        after = scene.read_segment(key).copy()
+        assert after.any() and c.undo()
+        c.wait()
+        assert len(seen) == 2 and np.array_equal(seen[1][1], after)
+        submit(c, pt(1))
+        c.wait()
+        c.reset_segment()
+        c.wait()
+        assert len(seen) == 4 and seen[3][1].any() and not scene.read_segment(key).any()
+        lease = c.sync.session._lease_token
+        c.disconnect()
+        assert not c.sync.connected and not c.can_undo()
+        submit(c, pt(2))
+        c.wait()
+        assert c.sync.session._lease_token != lease and c.sync.uploads["image"] == 1  # the new session's upload
+    finally:
+        c.close()
