@@ -123,7 +123,11 @@ dice = 2 * np.sum((mask > 0) & ball) / (np.sum(mask > 0) + np.sum(ball))
 assert dice > 0.8, "Dice %.3f" % dice
 print("check_package: the installed server %s (%s) segmented the ball: Dice %.3f" % (version, info["model"], dice))
 EOF
-kill "$SERVER_PID"
+kill "$SERVER_PID"  # SIGTERM: uvicorn shuts down gracefully
+for _ in $(seq 100); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.3; done
+if kill -0 "$SERVER_PID" 2>/dev/null; then
+    tail -n 20 "$WORK/server.log"; echo "check_package: the server did not stop within 30 s of SIGTERM" >&2; exit 1
+fi
 wait "$SERVER_PID" || true
 SERVER_PID=
 step "served from the fresh venv and stopped; done"
