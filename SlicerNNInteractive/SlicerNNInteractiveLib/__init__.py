@@ -5,6 +5,7 @@ or the slicer-core wheel that the tests install).
 Usable from plain Python scripts too: put the folder ``SlicerNNInteractive`` on ``sys.path`` and
 ``from SlicerNNInteractiveLib.client import RemoteSession``. Submodules are imported on demand, so
 importing this package costs nothing.
-"""
 
-__version__ = "0.1.0"
+It has no version of its own: it ships inside the Slicer extension and inside the server package
+(nninteractive-slicer-server), whose version, in ``nninteractive_slicer_server/__init__.py``, is the only one.
+"""
