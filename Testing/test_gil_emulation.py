@@ -18,8 +18,8 @@ LIVENESS_S = 1.0
 
 @pytest.fixture(scope="module")
 def server(quiet_model, tmp_path_factory):
-    with our_server(quiet_model, tmp_path_factory.mktemp("gil"), "--no-autozoom", "--liveness-timeout-seconds",
-                    str(LIVENESS_S), "--idle-timeout-seconds", "120") as (url, _):
+    with our_server(quiet_model, tmp_path_factory.mktemp("gil"), "--no-autozoom", "--max-sessions", "4",
+                    "--liveness-timeout-seconds", str(LIVENESS_S), "--idle-timeout-seconds", "120") as (url, _):
         yield url
 
 
