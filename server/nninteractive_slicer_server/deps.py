@@ -204,5 +204,8 @@ async def act(request, lease_, work):
                 lease_.drop_all()
             raise OutOfMemory("the server ran out of memory (or its device failed) on this request (%s); the session "
                               "was reset: send the image again, or a smaller one" % type(exc).__name__)
+        finally:
+            if session.original_image_shape is None:  # the session holds no image (never had one, or was reset)
+                lease_.drop_all()
 
     return await server(request).registry.run(lease_, guarded)

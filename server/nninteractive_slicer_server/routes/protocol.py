@@ -173,26 +173,26 @@ async def set_image(request: Request, lease_=Depends(lease), meta_=Depends(meta)
                                                   "the image %s %s" % (list(shape), dtype)))
             kept.append(whole.split(held))  # kept by the session; the decoded array's share ends with the request
 
-        arr = await read_packed(request, lease_, accept, "the image")
-        timing = {"received_at": time.time(), "stream_decode": (time.perf_counter() - started) * 1e3}
-        props = meta_.get("image_properties") or {}
-
-        def work(session):
-            validate.image(arr, srv.image_channels)
-            t1 = time.perf_counter()
-            try:  # a previous image's preprocessing must not finish after (and overwrite) this one
-                finish_preprocessing(session)
-            except Exception:
-                pass  # that image failed; it is being replaced anyway
-            timing["preprocess_wait"] = (time.perf_counter() - t1) * 1e3
-            session.set_image(arr, props)  # preprocessing continues in the session's background thread
-            lease_.hold("target", None)  # set_image dropped the target buffer
-            lease_.hold("image", kept.pop())
-            return {"original_image_shape": list(session.original_image_shape)}
-
         try:
+            arr = await read_packed(request, lease_, accept, "the image")
+            timing = {"received_at": time.time(), "stream_decode": (time.perf_counter() - started) * 1e3}
+            props = meta_.get("image_properties") or {}
+
+            def work(session):
+                validate.image(arr, srv.image_channels)
+                t1 = time.perf_counter()
+                try:  # a previous image's preprocessing must not finish after (and overwrite) this one
+                    finish_preprocessing(session)
+                except Exception:
+                    pass  # that image failed; it is being replaced anyway
+                timing["preprocess_wait"] = (time.perf_counter() - t1) * 1e3
+                session.set_image(arr, props)  # preprocessing continues in the session's background thread
+                lease_.hold("target", None)  # set_image dropped the target buffer
+                lease_.hold("image", kept.pop())
+                return {"original_image_shape": list(session.original_image_shape)}
+
             result = await act(request, lease_, work)
-        finally:
+        finally:  # refused, failed or replaced: the reservation the session did not keep goes back
             for r in kept:
                 r.release()
     timing["total"] = (time.perf_counter() - started) * 1e3
