@@ -154,3 +154,18 @@ def test_unknown_lease_is_410_and_unknown_path_404(server):
                       headers={P.LEASE_HEADER: "nope"})
     assert r.status_code == 410 and "claim" in r.json()["detail"]
     assert requests.get(server + "/no/such/path").status_code == 404
+
+
+def test_json_fields_of_the_wrong_type_are_400_on_every_json_route(session):
+    image = make_image()
+    session.set_image(image)
+    session.set_target_buffer(np.zeros(image.shape[1:], np.uint8))
+    for path, body in ((P.PATH_PREDICT, {"force_full_refine": "yes"}), (P.PATH_SET_DO_AUTOZOOM, {"do_autozoom": 1}),
+                       (P.PATH_ADD_POINT, {"coordinates": [1, 2, 3], "include_interaction": "true"}),
+                       (P.PATH_ADD_BBOX, {"bbox_coords": "box", "include_interaction": True}),
+                       (P.PATH_SET_TARGET_BUFFER, {"shape": "48x56x40", "dtype": "uint8"}),
+                       (P.PATH_PREDICT, [1, 2])):
+        r = raw(session, path, json_body=body)
+        assert r.status_code == 400, (path, body, r.status_code, r.text)
+        assert r.headers["X-Request-ID"]  # every answer carries its request id
+    assert_still_works(session)

@@ -114,10 +114,15 @@ class ArrayDecoder:
 
     Each chunk is decompressed straight into the output as soon as it is complete, so decoding overlaps the
     transfer. Raises ``WireFormatError`` (with a readable reason) on anything malformed.
+
+    ``accept(shape, dtype)``, when given, is called once the header is read and before the output is allocated: a
+    receiver checks there what the array declares (against an image's shape, a size limit, a memory budget) and
+    raises to refuse it. Its exceptions propagate unchanged.
     """
 
-    def __init__(self, max_elements=MAX_ELEMENTS):
+    def __init__(self, max_elements=MAX_ELEMENTS, accept=None):
         self._max_elements = max_elements
+        self._accept = accept
         self._pieces = []  # received, not yet consumed (memoryviews; joined only when a chunk spans several)
         self._available = 0
         self._out = None  # flat output once the header is known
@@ -217,6 +222,8 @@ class ArrayDecoder:
         total = count * dtype.itemsize
         if (total == 0) != (nchunks == 0) or nchunks > total:
             raise WireFormatError("packed array declares %d chunks for %d bytes" % (nchunks, total))
+        if self._accept is not None:
+            self._accept(shape, dtype)
         self._shape, self._total, self._chunks_left = shape, total, nchunks
         self._out = np.empty(count, dtype=dtype)
         self._out_bytes = memoryview(self._out).cast("B")

@@ -39,11 +39,37 @@ def build_parser():
                    help="reap a session after this long without a real action (default %(default)s)")
     s.add_argument("--liveness-timeout-seconds", type=float, default=60.0,
                    help="reap a session after this long without any request, heartbeats included (default %(default)s)")
+    lim = p.add_argument_group("limits (checked before anything is allocated; over a limit: 413)")
+    lim.add_argument("--memory-budget", type=parse_size, metavar="BYTES", help="memory all sessions' images, buffers "
+                     "and in-flight arrays may hold together, e.g. 48G (default: 3/4 of this machine's RAM); when "
+                     "other sessions hold it, a request gets 503 with Retry-After")
+    lim.add_argument("--max-image-voxels", type=parse_size, metavar="N", help="largest image, in spatial voxels, e.g. "
+                     "512M (default: what fits in half the memory budget)")
+    lim.add_argument("--max-body-bytes", type=parse_size, metavar="BYTES", help="largest request body, e.g. 2G "
+                     "(default: the largest image as uncompressed float32, plus 16 MiB)")
+    lim.add_argument("--max-waiting-per-lease", type=int, default=4, metavar="N", help="requests of one session "
+                     "that may wait behind the one it runs; more get 429 with Retry-After (default %(default)s)")
     o = p.add_argument_group("logging")
     o.add_argument("--verbose", action="store_true", help="log what each session does")
     o.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="log level (default %(default)s)")
     return p
+
+
+def parse_size(text):
+    """``123``, ``64K``, ``512M``, ``48G``, ``1T`` (binary multiples)."""
+    text = str(text).strip().upper().rstrip("B").rstrip("I")
+    scale = 1
+    if text and text[-1] in "KMGT":
+        scale = 1 << (10 * ("KMGT".index(text[-1]) + 1))
+        text = text[:-1]
+    try:
+        value = float(text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a size (examples: 1000000, 512M, 48G)" % text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("a size must be positive")
+    return int(value)
 
 
 def check_args(args):
@@ -53,6 +79,8 @@ def check_args(args):
         raise StartupError("--max-sessions must be at least 1.")
     if args.idle_timeout_seconds <= 0 or args.liveness_timeout_seconds <= 0:
         raise StartupError("--idle-timeout-seconds and --liveness-timeout-seconds must be positive.")
+    if args.max_waiting_per_lease < 0:
+        raise StartupError("--max-waiting-per-lease must be 0 or more.")
     if not 0 < args.port < 65536:
         raise StartupError("--port must be between 1 and 65535.")
     if args.model_dir:
@@ -117,10 +145,15 @@ def serve(args):
     import uvicorn
 
     from .app import make_app
+    from .limits import Limits
 
-    app = make_app(engine, args.max_sessions, args.idle_timeout_seconds, args.liveness_timeout_seconds, api_key)
+    limits = Limits.defaults(args.memory_budget, args.max_image_voxels, args.max_body_bytes)
+    limits.max_waiting_per_lease = args.max_waiting_per_lease
+    app = make_app(engine, args.max_sessions, args.idle_timeout_seconds, args.liveness_timeout_seconds, api_key,
+                   limits)
     log.info("serving %s on http://%s:%d (max %d session(s), %s)", engine.model_name, args.host, args.port,
              args.max_sessions, "API key required" if api_key else "no API key")
+    log.info("limits: %s; up to %d request(s) waiting per session", limits.describe(), limits.max_waiting_per_lease)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.verbose)
     finally:

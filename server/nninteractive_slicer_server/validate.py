@@ -22,6 +22,16 @@ def flag(payload, name, default=None):
     return value
 
 
+def image_header(shape, dtype, image_channels):
+    """What a packed image declares, checked before it is allocated (``image`` checks the decoded values)."""
+    require(len(shape) == 4, "the image must be 4D [channels, x, y, z]; got %dD with shape %s. Add a leading channel "
+                             "axis (image[None])." % (len(shape), list(shape)))
+    require(dtype.kind in "biuf", "the image dtype %s is not numeric" % dtype)
+    require(all(d > 0 for d in shape), "the image shape %s has an empty axis" % list(shape))
+    require(shape[0] == image_channels, "the model expects %d image channel(s); the image has %d (shape %s)"
+            % (image_channels, shape[0], list(shape)))
+
+
 def image(arr, image_channels):
     require(arr.ndim == 4, "the image must be 4D [channels, x, y, z]; got %dD with shape %s. Add a leading channel "
                            "axis (image[None])." % (arr.ndim, list(arr.shape)))
@@ -34,7 +44,7 @@ def image(arr, image_channels):
     require(bool(arr.any()), "the image is entirely zero; there is nothing to segment")
 
 
-def target_buffer_request(payload, image_shape, max_bytes):
+def target_buffer_request(payload, image_shape):
     require(image_shape is not None, "no image yet: send set_image before set_target_buffer")
     shape = payload.get("shape")
     require(isinstance(shape, list) and len(shape) == 3, "'shape' must be a list of 3 positive integers, got %r"
@@ -49,9 +59,6 @@ def target_buffer_request(payload, image_shape, max_bytes):
         raise BadInput("'dtype' %r is not a dtype; use uint8" % (payload.get("dtype"),))
     require(dtype.kind in "biu", "the target buffer dtype %s is not supported; use bool or an integer type such as "
             "uint8" % dtype)
-    nbytes = int(np.prod(shape)) * dtype.itemsize
-    require(nbytes <= max_bytes, "the target buffer needs %d bytes, more than this server allows (%d)"
-            % (nbytes, max_bytes))
     return tuple(shape), dtype
 
 

@@ -1,0 +1,211 @@
+"""Rules every route shares, written once: the API key, the lease, request bodies within limits, turns.
+
+The key and the lease are FastAPI dependencies (a route lists them; the key is checked before any body is read).
+Bodies are read by ``read_json`` / ``read_packed``: within ``Limits``, touching the lease as bytes arrive (a slow
+upload is a sign of life), answering 408 when the client stalls longer than the liveness timeout, and decoding
+packed arrays off the event loop in bounded batches, after ``accept`` has checked what the array declares.
+"""
+
+import asyncio
+import hmac
+import json
+
+from fastapi import Depends, Request
+from starlette.requests import ClientDisconnect
+
+from SlicerNNInteractiveLib import protocol as P
+from SlicerNNInteractiveLib.wire import ArrayDecoder, WireFormatError
+
+from .errors import Gone, OutOfMemory, Problem, TooLarge, Unauthorized, is_out_of_memory
+from .leases import UnknownLease
+from .validate import BadInput
+
+FEED_BYTES = 4 << 20  # received bytes handed to the decoder at a time (one worker-thread hop per batch)
+
+
+class Stalled(Problem):
+    status = 408
+
+
+def server(request: Request):
+    return request.app.state.server
+
+
+def require_key(request: Request):
+    expected = server(request).expected_auth
+    if expected is None:
+        return
+    given = request.headers.get("authorization", "").encode()
+    if not given:
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+    if not hmac.compare_digest(given, expected):
+        raise Unauthorized("wrong API key")
+
+
+async def lease(request: Request, _key=Depends(require_key)):
+    """The request's lease (410 when unknown), kept from reaping until the request ends."""
+    try:
+        found = server(request).registry.get(request.headers.get(P.LEASE_HEADER), touch=True)
+    except UnknownLease:
+        raise Gone()
+    found.in_flight += 1
+    try:
+        yield found
+    finally:
+        found.in_flight -= 1
+        found.seen()
+
+
+def quiet_lease(request: Request, _key=Depends(require_key)):
+    """The request's lease without touching its clocks (``/lease_status``)."""
+    try:
+        return server(request).registry.get(request.headers.get(P.LEASE_HEADER), touch=False)
+    except UnknownLease:
+        raise Gone()
+
+
+def meta(request: Request):
+    raw = request.headers.get(P.META_HEADER)
+    if raw is None:
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise BadInput("bad %s header: %s" % (P.META_HEADER, exc))
+    if not isinstance(value, dict):
+        raise BadInput("the %s header must hold a JSON object" % P.META_HEADER)
+    return value
+
+
+def _declared_length(request):
+    value = request.headers.get("content-length")
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        raise BadInput("Content-Length %r is not a number" % value)
+
+
+async def _pieces(request, lease_, stall_after):
+    """The body's pieces as they arrive; each touches the lease. 408 after ``stall_after`` s without bytes."""
+    receive = request.receive
+    while True:
+        try:
+            message = await asyncio.wait_for(receive(), stall_after)
+        except asyncio.TimeoutError:
+            raise Stalled("no part of the request body arrived for %.0f s; send it again" % stall_after)
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        if lease_ is not None:
+            lease_.seen()
+        body = message.get("body", b"")
+        if body:
+            yield body
+        if not message.get("more_body", False):
+            return
+
+
+async def _read(request, lease_, what, consume):
+    """Feed the body to ``consume(list_of_pieces)`` in the decode pool, one batch at a time, overlapping the next
+    batch's transfer; stop at the first problem (over the body limit, or raised by ``consume``). The server's HTTP
+    layer reads and discards the rest of a refused body, so the client still receives the answer."""
+    srv = server(request)
+    srv.limits.check_body(_declared_length(request), what)  # nothing read yet: a body declared too large is refused
+    loop = asyncio.get_running_loop()
+    received, batch, batch_bytes, pending = 0, [], 0, None
+    try:
+        async for piece in _pieces(request, lease_, srv.registry.liveness_timeout):
+            received += len(piece)
+            srv.limits.check_body(received, what)
+            batch.append(piece)
+            batch_bytes += len(piece)
+            if batch_bytes >= FEED_BYTES:
+                if pending is not None:
+                    await pending
+                pending = loop.run_in_executor(srv.decode_pool, consume, batch)
+                batch, batch_bytes = [], 0
+        if pending is not None:
+            await pending
+            pending = None
+        if batch:
+            await loop.run_in_executor(srv.decode_pool, consume, batch)
+    finally:
+        if pending is not None:  # never leave a batch decoding behind a refused request
+            await asyncio.wait([pending])
+
+
+async def read_json(request, lease_=None):
+    """The JSON object of the body ({} when empty), at most ``max_json_bytes``."""
+    srv = server(request)
+    limit = srv.limits.max_json_bytes
+    declared = _declared_length(request)
+    if declared is not None and declared > limit:
+        raise TooLarge("the JSON body is %d bytes; this server accepts at most %d" % (declared, limit))
+    pieces, size = [], 0
+    async for piece in _pieces(request, lease_, srv.registry.liveness_timeout):
+        size += len(piece)
+        if size > limit:
+            raise TooLarge("the JSON body is more than %d bytes; this server accepts at most %d" % (size - 1, limit))
+        pieces.append(piece)
+    body = b"".join(pieces)
+    if not body:
+        return {}
+    try:
+        payload = json.loads(body)
+    except ValueError as exc:
+        raise BadInput("the request body is not valid JSON (%s)" % exc)
+    if not isinstance(payload, dict):
+        raise BadInput("the request body must be a JSON object")
+    return payload
+
+
+async def read_packed(request, lease_, accept, what):
+    """Decode the body's packed array; ``accept(shape, dtype)`` checks what it declares before anything is
+    allocated for it. Returns the array."""
+    decoder = ArrayDecoder(accept=accept)
+
+    def consume(batch):
+        for piece in batch:
+            decoder.feed(piece)
+
+    await _read(request, lease_, what, consume)
+    return await asyncio.get_running_loop().run_in_executor(server(request).decode_pool, decoder.finish)
+
+
+def finish_preprocessing(session):
+    """Wait for the session's image preprocessing. When it failed, the session forgets that image (so the failure
+    is reported once, and the next set_image starts clean) and the failure is raised."""
+    try:
+        session._finish_preprocessing_and_initialize_interactions()
+    except BaseException:
+        session.preprocess_future = None
+        session._reset_session()
+        raise
+
+
+async def act(request, lease_, work):
+    """Run ``work(session)`` as the lease's next action (see ``LeaseRegistry.run``), with the library's way of
+    refusing input (ValueError, AssertionError) turned into 400 and running out of memory into 507 (the session is
+    reset, its memory given back, and it takes a new image)."""
+
+    def guarded(session):
+        try:
+            return work(session)
+        except (Problem, BadInput, WireFormatError):
+            raise
+        except (ValueError, AssertionError) as exc:
+            raise BadInput(str(exc) or type(exc).__name__)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            try:
+                session.preprocess_future = None
+                session._reset_session()
+            finally:
+                lease_.drop_all()
+            raise OutOfMemory("the server ran out of memory (or its device failed) on this request (%s); the session "
+                              "was reset: send the image again, or a smaller one" % type(exc).__name__)
+        finally:
+            if session.original_image_shape is None:  # the session holds no image (never had one, or was reset)
+                lease_.drop_all()
+
+    return await server(request).registry.run(lease_, guarded)

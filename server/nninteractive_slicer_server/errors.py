@@ -1,0 +1,168 @@
+"""The one mapping from exceptions to HTTP answers, and the request id every answer carries.
+
+Routes raise; they never build error responses. Bad input of any kind (our checks, the packed-array codec,
+FastAPI's own validation, the library's ValueError/AssertionError on input it refuses) is the client's fault:
+4xx with a message. Running out of memory or of the device is a 507 that leaves the session usable. Anything else
+is a 500 that says only "internal error" and a request id; the exception and its traceback go to the log.
+"""
+
+import json
+import logging
+import secrets
+
+from fastapi import HTTPException
+from fastapi.exceptions import RequestValidationError
+from starlette.responses import JSONResponse
+
+from SlicerNNInteractiveLib.wire import WireFormatError
+
+from .validate import BadInput
+
+log = logging.getLogger("nninteractive_slicer_server")
+
+REQUEST_ID_HEADER = "X-Request-ID"
+
+
+class Problem(Exception):
+    """An answer other than 200, with its status, message and headers."""
+
+    status = 500
+
+    def __init__(self, detail, retry_after=None):
+        Exception.__init__(self, detail)
+        self.detail = detail
+        self.headers = {"Retry-After": str(int(retry_after))} if retry_after is not None else None
+
+
+class Unauthorized(Problem):
+    status = 401
+
+
+class Gone(Problem):
+    status = 410
+
+    def __init__(self, detail="lease expired or unknown: claim a new session"):
+        Problem.__init__(self, detail)
+
+
+class TooLarge(Problem):
+    status = 413
+
+
+class Busy(Problem):
+    """Too many requests of one lease waiting."""
+
+    status = 429
+
+
+class Unavailable(Problem):
+    status = 503
+
+
+class BudgetFull(Unavailable):
+    """The memory budget is momentarily full (other sessions hold it); retry later."""
+
+
+class OutOfMemory(Problem):
+    """Memory or the device failed while working on a request; the session was reset and can be used again."""
+
+    status = 507
+
+
+def is_out_of_memory(exc):
+    if isinstance(exc, MemoryError):
+        return True
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return False
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom is not None and isinstance(exc, oom):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "CUDA error" in text
+                                              or "CUBLAS_STATUS_ALLOC_FAILED" in text)
+
+
+def request_id(request):
+    return getattr(request.state, "request_id", None) or "-"
+
+
+def _answer(request, status, detail, headers=None):
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)  # the middleware adds the id
+
+
+async def _problem(request, exc):
+    if exc.status >= 500:
+        log.warning("[%s] %s %s -> %d: %s", request_id(request), request.method, request.url.path, exc.status,
+                    exc.detail)
+    return _answer(request, exc.status, exc.detail, exc.headers)
+
+
+async def _http_exception(request, exc):
+    return _answer(request, exc.status_code, exc.detail, getattr(exc, "headers", None))
+
+
+async def _bad_input(request, exc):
+    return _answer(request, 400, str(exc) or type(exc).__name__)
+
+
+async def _undecodable(request, exc):
+    return _answer(request, 400, "could not decode the packed array: %s" % exc)
+
+
+async def _invalid_request(request, exc):
+    return _answer(request, 400, "invalid request: %s" % "; ".join(
+        "%s: %s" % (".".join(str(p) for p in e.get("loc", ())), e.get("msg", "")) for e in exc.errors()))
+
+
+async def _out_of_memory(request, exc):
+    log.error("[%s] out of memory in %s: %s", request_id(request), request.url.path, exc)
+    return _answer(request, 507, "the server ran out of memory (or its device failed) on this request; the session "
+                                 "was reset: send the image again, or a smaller one")
+
+
+def install(app):
+    """Register the handlers and the request-id middleware on ``app``."""
+    app.add_exception_handler(Problem, _problem)
+    app.add_exception_handler(HTTPException, _http_exception)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(WireFormatError, _undecodable)  # before BadInput: both are ValueErrors
+    app.add_exception_handler(BadInput, _bad_input)
+    app.add_exception_handler(MemoryError, _out_of_memory)
+    app.add_middleware(RequestIdMiddleware)
+
+
+class RequestIdMiddleware:
+    """Give each request an id (``request.state.request_id``), echo it in ``X-Request-ID``, and turn any
+    exception no handler took into a 500 that carries the id and nothing of the exception."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rid = secrets.token_hex(6)
+        scope.setdefault("state", {})["request_id"] = rid
+        header = (REQUEST_ID_HEADER.lower().encode(), rid.encode())
+        started = []
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                started.append(True)
+                message = dict(message, headers=list(message.get("headers", [])) + [header])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("[%s] internal error in %s %s", rid, scope.get("method"), scope.get("path"))
+            if started:
+                raise
+            body = json.dumps({"detail": "internal server error; request id %s (the server log has the details)"
+                               % rid, "request_id": rid}).encode()
+            await send({"type": "http.response.start", "status": 500,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode()), header]})
+            await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,130 @@
+"""Every size limit of the server in one place, and the memory budget shared by all sessions.
+
+A request declares the sizes of what it carries (a body's length, a packed array's shape and dtype) before the
+server allocates anything for it; each declared size is checked here first. Over a limit that can never be met:
+``TooLarge`` (413). Over the budget only because other sessions hold memory now: ``BudgetFull`` (503 with
+Retry-After). Both messages give the limit and the asked size.
+"""
+
+import os
+import threading
+from dataclasses import dataclass
+
+from .errors import BudgetFull, TooLarge
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+def physical_ram():
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 32 * GiB
+
+
+def rss_bytes():
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def session_bytes(voxels, channels, num_interaction_channels=7):
+    """What a session holds for an image of ``voxels`` spatial voxels: the float32 preprocessed image and the
+    float16 interaction channels (the library's dense storage; its compressed storage for huge images is smaller)."""
+    return voxels * (4 * channels + 2 * num_interaction_channels)
+
+
+@dataclass
+class Limits:
+    memory_budget: int  # bytes, all sessions' images, buffers and in-flight arrays together
+    max_image_voxels: int  # spatial voxels of one image
+    max_body_bytes: int  # one request body (packed arrays are compressed; an image's body is the largest)
+    max_json_bytes: int = 64 * 1024  # a JSON body (points, boxes, flags) is a few hundred bytes
+    max_waiting_per_lease: int = 4  # requests of one lease queued behind the one it runs; more get 429
+
+    @classmethod
+    def defaults(cls, memory_budget=None, max_image_voxels=None, max_body_bytes=None, ram=None):
+        """Sized from this machine: the budget is 3/4 of its RAM; one image may take up to half of the budget
+        (1 channel); a body may carry that image uncompressed as float32, plus chunk headers."""
+        ram = ram or physical_ram()
+        budget = int(memory_budget) if memory_budget else ram * 3 // 4
+        voxels = int(max_image_voxels) if max_image_voxels else max(1, budget // 2 // session_bytes(1, 1))
+        body = int(max_body_bytes) if max_body_bytes else voxels * 4 + 16 * MiB
+        return cls(memory_budget=budget, max_image_voxels=voxels, max_body_bytes=body)
+
+    def describe(self):
+        return ("memory budget %s, images up to %d voxels (%.0f^3), request bodies up to %s"
+                % (human(self.memory_budget), self.max_image_voxels, self.max_image_voxels ** (1 / 3),
+                   human(self.max_body_bytes)))
+
+    def check_body(self, size, what="the request body"):
+        if size is not None and size > self.max_body_bytes:
+            raise TooLarge("%s is at least %d bytes; this server accepts at most %d (--max-body-bytes)"
+                           % (what, size, self.max_body_bytes))
+
+    def check_image_voxels(self, voxels, shape):
+        if voxels > self.max_image_voxels:
+            raise TooLarge("the image %s has %d voxels; this server accepts at most %d (--max-image-voxels)"
+                           % (list(shape), voxels, self.max_image_voxels))
+
+
+def human(n):
+    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", 1024)):
+        if n >= size:
+            return "%.1f %s" % (n / size, unit)
+    return "%d B" % n
+
+
+class MemoryBudget:
+    """Bytes reserved by all sessions together, against one total. Thread-safe; reservations are held by a
+    ``Reservation`` so that each is given back exactly once."""
+
+    RETRY_AFTER = 5
+
+    def __init__(self, total):
+        self.total = int(total)
+        self._used = 0
+        self._mu = threading.Lock()
+
+    @property
+    def used(self):
+        with self._mu:
+            return self._used
+
+    def reserve(self, nbytes, what):
+        nbytes = int(nbytes)
+        if nbytes > self.total:
+            raise TooLarge("%s needs %d bytes; this server's memory budget is %d (--memory-budget)"
+                           % (what, nbytes, self.total))
+        with self._mu:
+            if self._used + nbytes > self.total:
+                free = self.total - self._used
+                raise BudgetFull("%s needs %d bytes; %d of the server's %d-byte memory budget are free now (other "
+                                 "sessions hold the rest); try again later" % (what, nbytes, free, self.total),
+                                 retry_after=self.RETRY_AFTER)
+            self._used += nbytes
+        return Reservation(self, nbytes)
+
+    def _give_back(self, nbytes):
+        with self._mu:
+            self._used -= nbytes
+
+
+class Reservation:
+    def __init__(self, budget, nbytes):
+        self._budget = budget
+        self.nbytes = nbytes
+
+    def split(self, nbytes):
+        """Move ``nbytes`` of this reservation into a new one (given back separately)."""
+        nbytes = min(int(nbytes), self.nbytes)
+        self.nbytes -= nbytes
+        return Reservation(self._budget, nbytes)
+
+    def release(self):
+        nbytes, self.nbytes = self.nbytes, 0
+        if nbytes:
+            self._budget._give_back(nbytes)

@@ -1,0 +1,24 @@
+"""Our additions under /x/ (official clients never call them)."""
+
+from fastapi import APIRouter, Depends, Request
+
+from SlicerNNInteractiveLib import protocol as P
+
+from .. import __version__
+from ..deps import require_key, server
+from ..limits import rss_bytes
+
+router = APIRouter(dependencies=[Depends(require_key)])
+
+
+@router.get(P.PATH_SERVER_INFO)
+async def server_info(request: Request):
+    srv = server(request)
+    engine, caps = srv.engine, srv.caps
+    return {"server": "nninteractive-slicer-server", "server_version": __version__,
+            "version": caps["inference_session_version"], "model": engine.model_name, "license": engine.license,
+            "device": str(engine.device), "torch_compile": engine.use_torch_compile,
+            "sessions": srv.registry.count(), "max_sessions": srv.registry.max_sessions, "rss_bytes": rss_bytes(),
+            "memory_budget": srv.budget.total, "memory_reserved": srv.budget.used,
+            "max_image_voxels": srv.limits.max_image_voxels, "max_body_bytes": srv.limits.max_body_bytes,
+            "machine": P.machine_id()}
