@@ -72,6 +72,13 @@ def test_properties_are_attributes_and_win_over_methods(app):
     assert sub.text() == "python"
     sub.anything = 3
     assert sub.anything == 3
+    # the names module code uses
+    assert qt.QEvent.KeyPress and qt.Qt.Key_Escape and qt.Qt.LeftButton and qt.QPalette.Window
+    assert qt.QLineEdit.Normal != qt.QLineEdit.Password and qt.QPlainTextEdit.NoWrap is not None
+    assert not qt.QFontDatabase.systemFont(qt.QFontDatabase.FixedFont).family() == ""
+    assert qt.QColor.fromRgbF(0.2, 0.8, 0.35).name().startswith("#")
+    assert qt.QIcon(os.path.join(os.path.dirname(__file__), "..", "SlicerNNInteractive", "Resources", "Icons",
+                                 "SlicerNNInteractive.png")).isNull() is False
 
 
 def test_signals_by_signature(app):
@@ -403,6 +410,7 @@ def test_module_without_server():
                 app.click(button)
                 app.pump(0.05)  # raises on exceptions in callbacks
                 placed += place_if_armed(app, center)
+                app.drag("Red", app.view_pixel("Red", center), (300, 60))  # a box, should a tool want one
                 app.pump(0.05)
         shortcuts = module_shortcuts(app)
         assert shortcuts, "the module installs its shortcuts on enter()"
