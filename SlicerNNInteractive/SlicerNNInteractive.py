@@ -817,8 +817,9 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if self.controller is not None:
             self.controller.disconnect()
         with slicer.util.tryWithErrorDisplay("The timing experiment failed.", waitCursor=True):
-            text = self.logic.runTimingExperiment(self.serverUrl(), self.apiKey(),
-                                                  reps=self.ui.repetitionsSpinBox.value)
+            reps = self.ui.repetitionsSpinBox.value
+            text = self.logic.runTimingExperiment(self.serverUrl(), self.apiKey(), reps=reps,
+                                                  sizes=self.logic.timingSizes)
             slicer.util.infoDisplay("Timing experiment (milliseconds, mean +- std):", windowTitle="nnInteractive",
                                     detailedText=text)
 
@@ -1004,6 +1005,7 @@ class SlicerNNInteractiveLogic(ScriptedLoadableModuleLogic):
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
         self.scribbleThickness = None
+        self.timingSizes = ("S", "M", "L")  # the paper's volume sizes (SlicerNNInteractiveLib.timing)
 
     @staticmethod
     def blosc2Requirement():

@@ -129,7 +129,7 @@ class BoxTool(qt.QObject):
             actor.GetProperty().SetColor(*self.color)
             actor.GetProperty().SetLineWidth(2)
             renderer = self._renderer(sliceWidget)
-            renderer.AddActor2D(actor)
+            renderer.AddViewProp(actor)
             self.preview = (sliceWidget, renderer, actor, points, polyData)
         sliceWidget_, renderer, actor, points, polyData = self.preview
         points.Reset()
@@ -149,6 +149,6 @@ class BoxTool(qt.QObject):
         self.pressed = False
         if self.preview is not None:
             sliceWidget, renderer, actor, points, polyData = self.preview
-            renderer.RemoveActor2D(actor)
+            renderer.RemoveViewProp(actor)
             sliceWidget.sliceView().scheduleRender()
             self.preview = None

@@ -1,8 +1,9 @@
 """Which prompt tool is armed and what disarms it; which markups control points are new.
 
-Works on Slicer's interaction, selection and markups nodes (tested on the slicer-core wheel) and imports neither
-Slicer nor Qt at file scope: the widget passes the nodes in, tells it when a Segment Editor effect is chosen, and gives it a
-``defer(fn)`` that runs ``fn`` once the current event has been handled (a zero-delay Qt timer).
+Works on Slicer's interaction, selection and markups nodes (tested on the slicer-core wheel) and imports
+neither Slicer nor Qt at file scope: the widget passes the nodes in, tells it when a Segment Editor effect is
+chosen, and gives it a ``defer(fn)`` that runs ``fn`` once the current event has been handled (a zero-delay Qt
+timer).
 
 The rule: whichever the user picked last wins, one of our tools, a Segment Editor effect or another mouse mode
 from Slicer's toolbar, and the other one is disarmed visibly (``onDisarmed(tool, reason)``). Nothing is sent as a

@@ -177,6 +177,7 @@ class SlicerApp(object):
             self.edit_undo_action.setShortcut(QtGui.QKeySequence("Ctrl+Z"))
             self.edit_undo_action.triggered.connect(self._on_scene_undo)
             menu.addAction(self.edit_undo_action)
+        self.main_window.moduleSelector = lambda: _ModuleSelector(self)
         self.main_window.resize(1400, 800)
         self.main_window.show()
         self.main_window.activateWindow()
@@ -512,6 +513,20 @@ def loadable_modules(scene, appLogic, logics):
     return [LoadableModule("Segmentations", segmentations), LoadableModule("Markups", markups),
             LoadableModule("Volumes", volumes), LoadableModule("Colors", appLogic.GetColorLogic()),
             LoadableModule("SegmentEditor", None)]
+
+
+class _ModuleSelector(object):
+    """The main window's module selector, for ``slicer.util.selectModule``: selecting the loaded module shows it
+    (enter()); no other module exists here."""
+
+    def __init__(self, harness):
+        self.harness = harness
+
+    def selectModule(self, name):
+        if name != self.harness.module_name:
+            raise RuntimeError("no module %s in the test harness" % name)
+        if not self.harness.panel.isEntered:
+            self.harness.enter()
 
 
 def new_scene():

@@ -1,0 +1,429 @@
+"""The module's widget, run for real: its own code under a real Qt binding (PySide6, offscreen) behaving like
+PythonQt, on Slicer's MRML from slicer-core, with stand-ins only for Slicer's application widgets
+(Testing/slicerapp), against our server with the tiny trained blob model.
+
+Every button and shortcut, every tool armed and disarmed (by the user, by a Segment Editor effect, by the
+toolbar's mouse modes), points placed on real markups nodes (positive, negative, rejected), polarity, next /
+reset / undo / redo, configuration, consent, test connection, local server, the timing experiment, enter / exit /
+cleanup / reload, and the module's own self-test.
+"""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+import slicer
+
+from conftest import free_port, our_server
+from phantoms import blob_mask, dice, interior_voxel, make_phantom
+from test_scene_trained import World
+
+from slicerapp import SlicerApp
+
+SEED = 101  # a phantom the model never saw in training
+VOLUME_WORLD = World()
+
+
+@pytest.fixture(scope="module")
+def server(blob_model, tmp_path_factory):
+    with our_server(blob_model, tmp_path_factory.mktemp("widget"), "--max-sessions", "6") as (url, _):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return make_phantom(seed=SEED)
+
+
+def world(index_kji):
+    k, j, i = index_kji
+    return list((VOLUME_WORLD.ijk_to_ras @ np.array([i, j, k, 1.0]))[:3])
+
+
+class Module(object):
+    """The app, the widget, a rotated anisotropic volume shown in the slice views, helpers to read the result."""
+
+    def __init__(self, app, phantom, url):
+        self.app, self.phantom = app, phantom
+        self.widget = app.load_module()
+        self.widget.ui.serverUrlLineEdit.text = url
+        self.widget.onServerSettingsChanged()
+        self.volume = slicer.util.addVolumeFromArray(phantom.image.astype(np.int16), name="phantom")
+        self.volume.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(VOLUME_WORLD.ijk_to_ras))
+        slicer.util.setSliceViewerLayers(background=self.volume, fit=True)
+        app.enter()
+
+    @property
+    def controller(self):
+        return self.widget.controller
+
+    def idle(self, seconds=60):
+        self.app.pump(seconds, until=lambda: self.controller is None or not self.controller.busy)
+        self.app.pump(0.05)
+
+    def segment(self):
+        scene = self.widget.getScene()
+        key = scene.selected_segment()
+        return scene.read_segment(key).astype(bool) if key is not None else np.zeros(self.phantom.image.shape, bool)
+
+    def blob(self, k):
+        return blob_mask(self.phantom.labels, k)
+
+    def kinds(self):
+        return [(t["kind"], t["positive"]) for t in self.controller.timings]
+
+    def errors(self):
+        return [s.text for s in self.app.shown("error")]
+
+    def show_slice(self, view, index_kji):
+        """Turn a slice view to the volume plane through ``index_kji`` (Slicer's RotateToVolumePlane)."""
+        node = self.app.layout_manager.sliceWidget(view).mrmlSliceNode()
+        node.RotateToVolumePlane(self.volume)
+        node.JumpSliceByCentering(*world(index_kji))
+        return node
+
+
+@pytest.fixture
+def module(server, phantom):
+    with SlicerApp() as app:
+        m = Module(app, phantom, server)
+        yield m
+        app.exit()
+        app.cleanup()
+
+
+def test_points_positive_negative_and_rejected_all_reach_the_server(module):
+    m, w = module, module.widget
+    m.app.press("P")
+    assert w.ui.pointButton.checked and w.tools.active == "point"
+    inside = interior_voxel(m.phantom.labels, 1)
+    for _ in range(3):
+        m.app.place_point(w.pointNode(True), world(inside))
+        m.idle()
+    assert dice(m.segment(), m.blob(1)) > 0.5
+    m.app.press("T")
+    assert not w.isPositive() and w.ui.negativeButton.checked and not w.ui.positiveButton.checked
+    outside = interior_voxel(m.phantom.labels, 2)
+    for _ in range(2):  # their control-point IDs are the positive node's "1" and "2" again
+        m.app.place_point(w.pointNode(False), world(outside))
+        m.idle()
+    assert m.kinds() == [("point", True)] * 3 + [("point", False)] * 2
+    # A click outside the volume is refused with a message and removed; the next click is sent.
+    before = w.pointNode(False).GetNumberOfControlPoints()
+    m.app.place_point(w.pointNode(False), [500.0, 500.0, 500.0])
+    m.app.pump(0.1)
+    assert m.errors() and "outside" in m.errors()[-1].lower()
+    assert w.pointNode(False).GetNumberOfControlPoints() == before
+    m.app.place_point(w.pointNode(False), world(outside))
+    m.idle()
+    assert m.kinds()[-1] == ("point", False) and len(m.kinds()) == 6
+
+
+def test_polarity_buttons_and_key(module):
+    m, w = module, module.widget
+    m.app.click(w.ui.negativeButton)
+    assert not w.isPositive() and w.ui.negativeButton.checked and not w.ui.positiveButton.checked
+    m.app.click(w.ui.negativeButton)  # clicking the checked one again keeps it
+    assert not w.isPositive()
+    m.app.click(w.ui.positiveButton)
+    assert w.isPositive() and w.ui.positiveButton.checked
+    m.app.press("P")
+    m.app.press("T")
+    sel = slicer.app.applicationLogic().GetSelectionNode()
+    assert sel.GetActivePlaceNodeID() == w.pointNode(False).GetID()  # the point tool follows the polarity
+    m.app.press("T")
+    assert w.isPositive() and sel.GetActivePlaceNodeID() == w.pointNode(True).GetID()
+    for button in (w.ui.positiveButton, w.ui.nextSegmentButton, w.ui.pointButton):
+        assert button.shortcut.isEmpty()  # no Alt+letter mnemonic (Alt+E is the Edit menu)
+
+
+def test_box_drawn_on_a_slice_view(module):
+    m, w = module, module.widget
+    center = interior_voxel(m.phantom.labels, 3)
+    m.show_slice("Red", center)
+    m.app.press("B")
+    assert w.ui.boxButton.checked
+    ys, xs = np.nonzero(m.blob(3)[center[0]])
+    a = m.app.view_pixel("Red", world((center[0], ys.min() - 2, xs.min() - 2)))
+    b = m.app.view_pixel("Red", world((center[0], ys.max() + 2, xs.max() + 2)))
+    m.app.drag("Red", a, b)
+    m.idle()
+    assert m.kinds() == [("bbox", True)] and m.errors() == []
+    assert dice(m.segment(), m.blob(3)) > 0.5
+    m.app.press("Escape")  # no box in progress: nothing happens
+    assert w.tools.active == "box"
+
+
+def close_lasso(m, node):
+    """A double-click or right-click while placing the curve: vtkSlicerMarkupsWidget leaves place mode, then
+    modifies the curve node (WidgetEventStopPlace)."""
+    m.app.end_placement()
+    node.Modified()
+
+
+def lasso_points(m, k, slice_index):
+    mask = m.blob(k)[slice_index]
+    ys, xs = np.nonzero(mask)
+    cy, cx = ys.mean(), xs.mean()
+    ry, rx = (ys.max() - ys.min()) / 2 + 2, (xs.max() - xs.min()) / 2 + 2
+    return [world((slice_index, cy + ry * np.sin(a), cx + rx * np.cos(a))) for a in np.linspace(0, 2 * np.pi, 12,
+                                                                                              endpoint=False)]
+
+
+def test_lasso_is_sent_on_its_close_gesture_and_never_on_a_mode_change(module):
+    m, w = module, module.widget
+    center = interior_voxel(m.phantom.labels, 2)
+    m.app.press("L")
+    lasso = w.getLassoNode()
+    for p in lasso_points(m, 2, center[0]):
+        m.app.place_point(lasso, p)
+    close_lasso(m, lasso)
+    m.idle()
+    assert m.kinds() == [("lasso", True)] and dice(m.segment(), m.blob(2)) > 0.5
+    assert w.tools.active == "lasso" and lasso.GetNumberOfControlPoints() == 0  # armed again, empty
+    # Half-drawn, then the toolbar's view-transform button: nothing is sent, the tool is disarmed visibly.
+    for p in lasso_points(m, 2, center[0])[:5]:
+        m.app.place_point(lasso, p)
+    m.app.end_placement()
+    m.app.pump(0.1)
+    assert m.kinds() == [("lasso", True)] and not w.ui.lassoButton.checked and w.tools.active is None
+    assert "not sent" in w.ui.statusLabel.text
+
+
+def test_scribble_painted_with_the_segment_editor_brush(module):
+    m, w = module, module.widget
+    w.logic.scribbleThickness = (1, 1, 1)
+    m.app.press("S")
+    assert w.ui.scribbleButton.checked and w.scratchEditor.activeEffect() is not None
+    effect = w.scratchEditor.activeEffect()
+    assert int(effect.parameter("BrushPixelMode")) == 0  # pixel mode would send a prompt per mouse move
+    assert w.scratchEditorNode.GetSourceVolumeNode() is m.volume  # set on the node (5.6 / 5.8)
+    assert w.scratchEditor.criticalMessages == []
+    center = interior_voxel(m.phantom.labels, 1)
+    stroke = np.zeros(m.phantom.image.shape, np.uint8)
+    ys, xs = np.nonzero(m.blob(1)[center[0]])
+    stroke[center[0], center[1], xs.min() + 1:xs.max()] = 1
+    stroke &= m.blob(1).astype(np.uint8)
+    from SlicerNNInteractiveLib.slicerscene import SCRIBBLE_SEGMENT
+
+    slicer.util.updateSegmentBinaryLabelmapFromArray(stroke, w.getScratch(), SCRIBBLE_SEGMENT, m.volume)
+    m.idle()
+    assert m.kinds() == [("scribble", True)] and m.segment()[center]
+
+
+@pytest.mark.parametrize("tool", ["point", "box", "scribble", "lasso"])
+def test_a_segment_editor_effect_or_the_toolbar_disarms_our_tools(module, tool):
+    m, w = module, module.widget
+    m.app.press(tool[0].upper())
+    assert w.tools.active == tool
+    w.editor.setActiveEffectByName("Threshold")  # the user picks an effect in the Segment Editor below
+    m.app.pump(0.05)
+    assert w.tools.active is None and not w.toolButton(tool).checked
+    assert "effect" in w.ui.statusLabel.text
+    if tool == "box":
+        assert w.boxTool.installed == []  # left clicks go to the effect again
+    if tool == "scribble":
+        assert w.scratchEditor.activeEffect() is None
+    # And the other way round: our tool deselects the effect.
+    m.app.press(tool[0].upper())
+    assert w.tools.active == tool and w.editor.activeEffect() is None
+    # The toolbar's place mode for the user's own markups disarms it as well.
+    node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "mine")
+    slicer.app.applicationLogic().GetSelectionNode().SetActivePlaceNodeID(node.GetID())
+    slicer.app.applicationLogic().GetInteractionNode().SwitchToPersistentPlaceMode()
+    m.app.pump(0.05)
+    assert w.tools.active is None and not w.toolButton(tool).checked
+    assert m.controller is None or m.kinds() == []  # nothing was sent by any of this
+
+
+def test_next_reset_undo_redo_with_the_segment_editor(module):
+    m, w = module, module.widget
+    m.app.press("P")
+    m.app.place_point(w.pointNode(True), world(interior_voxel(m.phantom.labels, 1)))
+    m.idle()
+    first = m.segment().copy()
+    assert first.any()
+    m.app.place_point(w.pointNode(True), world(interior_voxel(m.phantom.labels, 4)))
+    m.idle()
+    second = m.segment().copy()
+    m.app.press("Ctrl+Z")  # ours: the last prompt, in step with the server
+    m.idle()
+    assert np.array_equal(m.segment(), first)
+    m.app.press("R")
+    m.idle()
+    assert not m.segment().any() and w.isPositive()
+    m.app.press("Ctrl+Z")  # nothing of ours left: the Segment Editor's undo brings the segment back
+    m.app.pump(0.05)
+    assert np.array_equal(m.segment(), first)
+    w.editor.redo()  # and its redo clears it again
+    m.app.pump(0.05)
+    assert not m.segment().any()
+    w.editor.undo()
+    w.editor.undo()  # our undo of the second prompt, then the second prompt itself, are editor steps too
+    m.app.pump(0.05)
+    assert np.array_equal(m.segment(), second)
+    key = w.getScene().selected_segment()
+    m.app.press("E")
+    assert w.getScene().selected_segment() != key and not m.segment().any()
+    m.app.place_point(w.pointNode(True), world(interior_voxel(m.phantom.labels, 2)))
+    m.idle()
+    assert dice(m.segment(), m.blob(2)) > 0.5 and m.errors() == []
+    m.app.click(w.ui.undoButton)
+    m.idle()
+    assert not m.segment().any()
+
+
+def test_without_a_server_segments_still_work_and_prompts_say_why(phantom):
+    with SlicerApp() as app:
+        m = Module(app, phantom, "http://127.0.0.1:%d" % free_port())
+        w = m.widget
+        m.app.click(w.ui.nextSegmentButton)
+        keys = w.getScene().segment_keys()
+        assert len(keys) == 1 and w.getScene().selected_segment() == keys[0]
+        m.app.press("E")
+        assert len(w.getScene().segment_keys()) == 2
+        m.app.press("P")
+        m.app.place_point(w.pointNode(True), world(interior_voxel(phantom.labels, 1)))
+        m.idle()
+        assert m.errors() and "Cannot reach" in m.errors()[-1] and "not changed" in m.errors()[-1]
+        assert not m.segment().any()
+        m.app.click(w.ui.resetSegmentButton)
+        m.app.click(w.ui.undoButton)
+        m.app.pump(0.05)
+        app.exit()
+        app.cleanup()
+
+
+def test_configuration_consent_and_test_connection(module, server):
+    m, w = module, module.widget
+    w.ui.serverUrlLineEdit.text = "gpu-node:1527"
+    w.onServerSettingsChanged()
+    assert w.ui.serverUrlLineEdit.text == "http://gpu-node:1527"
+    assert w.ui.consentCheckBox.enabled and not w.ui.consentCheckBox.checked
+    m.app.click(w.ui.consentCheckBox)
+    assert "http://gpu-node:1527" in w.consentedServers()
+    m.app.click(w.ui.consentCheckBox)
+    assert "http://gpu-node:1527" not in w.consentedServers()
+    # A prompt for a remote server asks first; "No" sends nothing.
+    m.app.dialogs.answers.append(False)
+    m.app.press("P")
+    m.app.place_point(w.pointNode(True), world(interior_voxel(m.phantom.labels, 1)))
+    m.app.pump(0.1)
+    assert m.app.shown("question") and "consent" in w.ui.statusLabel.text
+    assert m.controller is None or m.controller.timings == []
+    w.ui.serverUrlLineEdit.text = "ftp://x"
+    w.onServerSettingsChanged()
+    assert "http" in w.ui.connectionInfoLabel.text
+    w.ui.serverUrlLineEdit.text = server
+    m.app.click(w.ui.testConnectionButton)
+    m.app.pump(30, until=lambda: w.ui.testConnectionButton.enabled)
+    assert w.ui.connectionInfoLabel.text.startswith("Connected") and "Prompts:" in w.ui.connectionInfoLabel.text
+    assert not w.ui.consentCheckBox.enabled and w.ui.consentCheckBox.checked  # this computer: nothing leaves it
+    m.app.click(w.ui.showApiKeyCheckBox)
+    import qt
+
+    assert w.ui.apiKeyLineEdit.echoMode == qt.QLineEdit.Normal
+    w.ui.serverUrlLineEdit.text = "http://127.0.0.1:%d" % free_port()
+    m.app.click(w.ui.testConnectionButton)
+    m.app.pump(30, until=lambda: w.ui.testConnectionButton.enabled)
+    assert w.ui.connectionInfoLabel.text.startswith("Failed: Cannot reach")
+    m.app.click(w.ui.showTimingsButton)
+    assert m.app.shown("dialog")
+
+
+def test_consent_box_and_url_helpers_work_before_blosc2_is_installed(phantom, monkeypatch):
+    monkeypatch.setitem(sys.modules, "blosc2", None)  # "import blosc2" raises ImportError
+    installs = []
+
+    def pip_install(requirement, **kwargs):
+        installs.append(requirement)
+        monkeypatch.delitem(sys.modules, "blosc2")
+
+    with SlicerApp(allow_pip=pip_install) as app:
+        m = Module(app, phantom, "http://127.0.0.1:1527")
+        w = m.widget
+        assert w.ui.consentCheckBox.checked and not w.ui.consentCheckBox.enabled  # the default URL is local
+        app.dialogs.answers.append(True)  # "Install blosc2 now?"
+        w.logic.ensureDependencies(ask=True)
+        assert installs == [w.logic.blosc2Requirement()] and "==" in installs[0]
+        assert not [q for q in app.shown() if "send" in q.text.lower()]  # no consent asked for this computer
+        app.exit()
+        app.cleanup()
+
+
+def test_local_server_starts_without_slicers_python_variables(module, tmp_path):
+    m, w = module, module.widget
+    executable = tmp_path / "nninteractive-slicer-server"  # what pip installs: a script starting the server
+    executable.write_text('#!/bin/sh\nexec "%s" -m nninteractive_slicer_server "$@"\n' % sys.executable)
+    executable.chmod(0o755)
+    w.ui.executablePathLineEdit.currentPath = str(executable)
+    w.ui.extraArgumentsLineEdit.text = "--device cpu --torch-n-threads 1 --model-dir '%s'" % os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "models", "blobs")
+    m.app.click(w.ui.startLocalServerButton)
+    server = w.localServer
+    assert server is not None, w.ui.localServerStatusLabel.text
+    environ = open("/proc/%d/environ" % server.process.pid, "rb").read().split(b"\0")
+    names = set(e.split(b"=", 1)[0].decode() for e in environ if e)
+    assert "NN_INTERACTIVE_API_KEY" in names and not names & {"PYTHONHOME", "PYTHONPATH", "PYTHONNOUSERSITE"}
+    assert server.api_key not in " ".join(server.argv())
+    m.app.pump(120, until=lambda: w.ui.testConnectionButton.enabled and "Running" in
+               w.ui.localServerStatusLabel.text and w.ui.connectionInfoLabel.text.startswith("Connected"))
+    assert w.ui.serverUrlLineEdit.text == server.url
+    m.app.click(w.ui.stopLocalServerButton)
+    assert w.localServer is None and w.ui.localServerStatusLabel.text == "Not running."
+    w.ui.executablePathLineEdit.currentPath = "/no/such/server"
+    m.app.click(w.ui.startLocalServerButton)
+    assert "does not exist" in w.ui.localServerStatusLabel.text
+
+
+def test_timing_experiment_on_a_single_session_server(phantom, quiet_model, tmp_path):
+    with our_server(quiet_model, tmp_path, "--no-autozoom", "--max-sessions", "1") as (url, _):
+        with SlicerApp() as app:
+            m = Module(app, phantom, url)
+            w = m.widget
+            w.onNextSegment()
+            w.setSourceVolumeNode(None)  # it builds its own volumes: no source volume needed
+            w.getController().sync.session  # the module holds the server's only session
+            w.ui.repetitionsSpinBox.value = 1
+            w.logic.timingSizes = ("S",)
+            app.dialogs.answers.append(True)
+            m.app.click(w.ui.runTimingButton)
+            info = [s for s in app.shown("info") if "Timing experiment" in s.text]
+            assert info and "point" in info[-1].detailedText and m.errors() == []
+            app.exit()
+            app.cleanup()
+
+
+def test_enter_exit_reload_and_cleanup(module):
+    m, w = module, module.widget
+    m.app.press("S")  # creates the hidden scratch segmentation
+    m.app.exit()
+    assert w.tools.active is None
+    m.app.press("P")
+    assert w.tools.active is None  # the module is not shown: its keys are Slicer's again
+    segmentation = w.editor.segmentationNode()
+    w.editor.setSegmentationNode(None)
+    slicer.mrmlScene.RemoveNode(segmentation)
+    m.app.enter()
+    assert not w.editor.segmentationNode().GetHideFromEditors()  # never the hidden scratch segmentation
+    new = m.app.reload()
+    assert new is not w
+    m.app.press("P")
+    assert new.tools.active == "point"  # shortcuts work at once after Reload
+    m.app.place_point(new.pointNode(True), world(interior_voxel(m.phantom.labels, 1)))
+    m.app.pump(60, until=lambda: new.controller is not None and new.controller.timings)
+    assert new.tickTimer.isActive()  # keeps the session alive while the user looks at the result
+    m.app.quit()
+    assert new.controller is None
+
+
+def test_the_modules_self_test_passes(server, monkeypatch):
+    monkeypatch.setenv("NNINTERACTIVE_TEST_SERVER", server)
+    with SlicerApp() as app:
+        app.load_module()
+        module = sys.modules["SlicerNNInteractive"]
+        test = module.SlicerNNInteractiveTest()
+        test.runTest()
+        app.exit()
+        app.cleanup()
