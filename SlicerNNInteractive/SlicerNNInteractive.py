@@ -541,8 +541,9 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if node is None or not slicer.mrmlScene.IsNodePresent(node):
             from SlicerNNInteractiveLib.slicerscene import newPromptNode
 
-            node = newPromptNode(slicer.mrmlScene, "vtkMRMLMarkupsFiducialNode", "nnInteractive %s points" % key,
-                                 POSITIVE_COLOR if positive else NEGATIVE_COLOR)
+            node = self.tools.ourChange(lambda: newPromptNode(
+                slicer.mrmlScene, "vtkMRMLMarkupsFiducialNode", "nnInteractive %s points" % key,
+                POSITIVE_COLOR if positive else NEGATIVE_COLOR))
             self.addObserver(node, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onPointDefined)
             self.pointNodes[key] = node
         return node
@@ -552,8 +553,8 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if node is None or not slicer.mrmlScene.IsNodePresent(node):
             from SlicerNNInteractiveLib.slicerscene import newPromptNode
 
-            node = newPromptNode(slicer.mrmlScene, "vtkMRMLMarkupsClosedCurveNode", "nnInteractive lasso",
-                                 POSITIVE_COLOR)
+            node = self.tools.ourChange(lambda: newPromptNode(
+                slicer.mrmlScene, "vtkMRMLMarkupsClosedCurveNode", "nnInteractive lasso", POSITIVE_COLOR))
             node.GetDisplayNode().SetLineThickness(0.3)
             self.lassoNode = node
             self.tools.watchLasso(node)

@@ -138,6 +138,17 @@ def test_placing_the_users_own_markups_disarms_our_tools():
         assert n.tools.active is None and n.disarmed[-1][0] == tool
 
 
+def test_a_markups_node_we_add_is_not_the_user_choosing_it():
+    n = Nodes()
+    n.tools.arm("point", n.positive)
+    # Slicer's markups logic makes a newly added markups node the active place node.
+    new = n.tools.ourChange(lambda: newPromptNode(n.scene.mrml, "vtkMRMLMarkupsFiducialNode", "x", (1, 0, 0)))
+    assert n.selection.GetActivePlaceNodeID() == new.GetID()
+    assert n.tools.active == "point" and n.disarmed == []
+    n.scene.mrml.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "the user's")  # added by someone else: disarms
+    assert n.tools.active is None
+
+
 def test_leaving_place_mode_disarms_the_point_tool_and_close_removes_observers():
     n = Nodes()
     n.tools.arm("point", n.positive)

@@ -129,8 +129,9 @@ def test_polarity_buttons_and_key(module):
     m.app.click(w.ui.positiveButton)
     assert w.isPositive() and w.ui.positiveButton.checked
     m.app.press("P")
-    m.app.press("T")
+    m.app.press("T")  # creates the negative points node: Slicer's markups logic makes it the active place node
     sel = slicer.app.applicationLogic().GetSelectionNode()
+    assert w.tools.active == "point" and w.ui.pointButton.checked  # still armed: that change was ours
     assert sel.GetActivePlaceNodeID() == w.pointNode(False).GetID()  # the point tool follows the polarity
     m.app.press("T")
     assert w.isPositive() and sel.GetActivePlaceNodeID() == w.pointNode(True).GetID()

@@ -63,7 +63,7 @@ class PromptTools(object):
         else:
             self.placeNode = None
             if self._inPlaceMode():
-                self._switch(self.interactionNode.SwitchToViewTransformMode)
+                self.ourChange(self.interactionNode.SwitchToViewTransformMode)
 
     def rearm(self):
         """Put the views (back) in persistent place mode for the armed point or lasso tool."""
@@ -76,7 +76,7 @@ class PromptTools(object):
             self.selectionNode.SetActivePlaceNodeID(node.GetID())
             self.interactionNode.SwitchToPersistentPlaceMode()
 
-        self._switch(place)
+        self.ourChange(place)
 
     def disarm(self, reason=None):
         """Disarm the armed tool; leave place mode if it is ours. ``reason`` (None: the user disarmed it) goes to
@@ -87,7 +87,7 @@ class PromptTools(object):
         ours = self._ourPlacement()
         self.active, self.placeNode, self._lassoEnd = None, None, None
         if ours:
-            self._switch(self.interactionNode.SwitchToViewTransformMode)
+            self.ourChange(self.interactionNode.SwitchToViewTransformMode)
         self.onDisarmed(tool, reason)
 
     def effectSelected(self, effectName):
@@ -106,10 +106,13 @@ class PromptTools(object):
 
     # ------------------------------------------------------------------ what Slicer reports
 
-    def _switch(self, change):
+    def ourChange(self, change):
+        """Run ``change()`` and return its result; the mode and place-node changes it causes are ours, not the
+        user's, and disarm nothing. Adding a markups node is one: Slicer's markups logic makes a new markups node
+        the active place node."""
         self._switching += 1
         try:
-            change()
+            return change()
         finally:
             self._switching -= 1
 
