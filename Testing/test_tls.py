@@ -34,7 +34,8 @@ def openssl(*args, cwd):
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
-    """ca.pem (a CA), server.pem + server.key (signed by it, for localhost and 127.0.0.1), other.key (no match)."""
+    """ca.pem (a CA), server.pem + server.key (signed by it, for localhost and 127.0.0.1), other.key (no match),
+    encrypted.key (server.key under the password "secret")."""
     d = tmp_path_factory.mktemp("pki")
     openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
             "-subj", "/CN=nnInteractive test CA", "-addext", "basicConstraints=critical,CA:TRUE",
@@ -46,7 +47,8 @@ def pki(tmp_path_factory):
     openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
             "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf", cwd=d)
     openssl("genrsa", "-out", "other.key", "2048", cwd=d)
-    return {name: str(d / name) for name in ("ca.pem", "server.pem", "server.key", "other.key")}
+    openssl("rsa", "-in", "server.key", "-aes256", "-passout", "pass:secret", "-out", "encrypted.key", cwd=d)
+    return {name: str(d / name) for name in ("ca.pem", "server.pem", "server.key", "other.key", "encrypted.key")}
 
 
 def server_cmd(model_dir, port, *flags):
@@ -211,6 +213,10 @@ def test_official_client_over_https(server, pki, monkeypatch):
     (("--ssl-certfile", "server.pem", "--ssl-keyfile", "missing.key"), ("missing.key", "cannot be read")),
     (("--ssl-certfile", "server.pem", "--ssl-keyfile", "other.key"), ("other.key", "not the private key")),
     (("--ssl-certfile", "server.key", "--ssl-keyfile", "server.key"), ("could not be loaded", "PEM")),
+    (("--ssl-certfile", "server.pem", "--ssl-keyfile", "encrypted.key"),
+     ("encrypted", "NN_INTERACTIVE_SSL_KEYFILE_PASSWORD")),
+    (("--ssl-certfile", "server.pem", "--ssl-keyfile", "encrypted.key", "--ssl-keyfile-password", "wrong"),
+     ("could not be loaded", "password")),
 ])
 def test_startup_errors(quiet_model, pki, flags, words):
     folder = os.path.dirname(pki["ca.pem"])
@@ -223,3 +229,14 @@ def test_startup_errors(quiet_model, pki, flags, words):
     assert last.startswith("nninteractive-slicer-server:"), p.stderr
     for w in words:
         assert w in last, last
+
+
+
+def test_encrypted_key_with_its_password(pki):
+    """The password from the environment opens the key (the same three values then go to uvicorn)."""
+    code = ("from nninteractive_slicer_server.cli import build_parser, check_tls; import sys; "
+            "a = build_parser().parse_args(sys.argv[1:]); check_tls(a); print(a.ssl_keyfile_password)")
+    p = subprocess.run([sys.executable, "-c", code, "--ssl-certfile", pki["server.pem"],
+                        "--ssl-keyfile", pki["encrypted.key"]], capture_output=True, text=True, timeout=60,
+                       env=dict(SERVER_ENV, NN_INTERACTIVE_SSL_KEYFILE_PASSWORD="secret"))
+    assert p.returncode == 0 and p.stdout.strip() == "secret", p.stderr
