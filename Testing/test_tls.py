@@ -21,6 +21,7 @@ from conftest import SERVER_ENV, TORCH_THREADS, free_port
 
 from SlicerNNInteractiveLib.client import RemoteSession, check_server
 from SlicerNNInteractiveLib.errors import ServerCertificateError, ServerUnreachableError
+from SlicerNNInteractiveLib.urls import answers_healthz
 
 LIVENESS = 2.0
 TLS_ENV = ("NN_INTERACTIVE_CA_BUNDLE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR")
@@ -164,6 +165,15 @@ def test_without_the_ca_a_clear_typed_error(server, pki):
     with pytest.raises(ServerCertificateError) as err:
         RemoteSession(url, ca_bundle=pki["ca.pem"] + ".missing")
     assert "does not exist" in str(err.value) and "ca.pem.missing" in str(err.value)
+
+
+def test_answers_healthz_over_https(server, pki, monkeypatch):
+    """The standard-library check the module makes before the client's packages are installed."""
+    url, _ = server
+    assert not answers_healthz(url)
+    assert answers_healthz(url, ca_bundle=pki["ca.pem"])
+    monkeypatch.setenv("NN_INTERACTIVE_CA_BUNDLE", pki["ca.pem"])
+    assert answers_healthz(url)
 
 
 def test_host_name_not_in_the_certificate(server, pki):
