@@ -10,6 +10,9 @@ mirrors the in-process ``nnInteractiveInferenceSession``), so code written for e
         s.set_target_buffer(mask)                      # uint8 [x, y, z], updated in place
         s.add_point_interaction((10, 20, 30), include_interaction=True)
 
+An https server with a certificate from a private certificate authority: pass ``ca_bundle="ca.pem"`` (the CA's
+certificate, PEM) or set ``NN_INTERACTIVE_CA_BUNDLE``; ``REQUESTS_CA_BUNDLE`` works too.
+
 Needs only numpy, requests and blosc2. Errors are the typed ones of ``errors.py``. Every call records
 ``last_timing``: milliseconds spent encoding, in the HTTP exchange, decoding and writing, plus the
 server's own phases when the server reports them, and the bytes sent and received.
@@ -17,8 +20,10 @@ server's own phases when the server reports them, and the bytes sent and receive
 
 import json
 import os
+import re
 import threading
 import time
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -28,6 +33,7 @@ from .errors import (
     NNInteractiveError,
     NotAServerError,
     ServerAtCapacityError,
+    ServerCertificateError,
     ServerError,
     ServerTimeoutError,
     ServerUnreachableError,
@@ -62,6 +68,31 @@ def _detail(resp):
     return None
 
 
+CA_BUNDLE_ENV = "NN_INTERACTIVE_CA_BUNDLE"
+
+
+def _resolve_ca_bundle(ca_bundle, server_url):
+    """What requests' ``verify`` gets: the CA bundle given, else $NN_INTERACTIVE_CA_BUNDLE, else requests' own
+    $REQUESTS_CA_BUNDLE / $CURL_CA_BUNDLE (read here because loopback connections ignore the environment, and
+    because requests lets them override a session's ``verify``), else True (the bundle requests ships)."""
+    if ca_bundle is True:
+        return True
+    source = "ca_bundle"
+    if not ca_bundle:
+        for name in (CA_BUNDLE_ENV, "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+            if os.environ.get(name):
+                ca_bundle, source = os.environ[name], "$" + name
+                break
+        else:
+            return True
+    ca_bundle = os.path.expanduser(ca_bundle)
+    if server_url.startswith("https://") and not os.access(ca_bundle, os.R_OK):
+        raise ServerCertificateError(
+            "The CA bundle %s (%s) does not exist or cannot be read. Give the PEM file holding the certificate of the "
+            "authority that signed the server's certificate (ask the server's operator for it)." % (ca_bundle, source))
+    return ca_bundle
+
+
 def _looks_like_json(resp):
     return resp.headers.get("content-type", "").split(";")[0].strip() == "application/json"
 
@@ -71,11 +102,12 @@ class _Http:
     (pool) per instance, used by one thread at a time; ``companion()`` makes another on the same server with the
     same headers and cookies (a balancer's sticky-session cookie included)."""
 
-    def __init__(self, server_url, api_key, connect_timeout, read_timeout):
+    def __init__(self, server_url, api_key, connect_timeout, read_timeout, ca_bundle=None):
         import requests  # imported here so that importing this module stays free
 
         self._requests = requests
         self.server_url = normalize_url(server_url)
+        self.verify = _resolve_ca_bundle(ca_bundle, self.server_url)  # passed on every request, see _resolve_ca_bundle
         if api_key is None:
             api_key = os.environ.get("NN_INTERACTIVE_API_KEY")
         self._session = requests.Session()
@@ -88,7 +120,7 @@ class _Http:
         self._timeout = (connect_timeout, read_timeout)
 
     def companion(self):
-        other = _Http(self.server_url, None, *self._timeout)
+        other = _Http(self.server_url, None, *self._timeout, ca_bundle=self.verify)
         other._session.trust_env = self._session.trust_env
         other._session.headers.update(self._session.headers)
         other._session.cookies = self._session.cookies  # one jar, shared
@@ -101,7 +133,10 @@ class _Http:
             headers["Content-Type"] = P.OCTET_STREAM
         url = self.server_url + path
         try:
-            resp = self._session.request(method, url, data=data, headers=headers, timeout=timeout or self._timeout)
+            resp = self._session.request(method, url, data=data, headers=headers, timeout=timeout or self._timeout,
+                                         verify=self.verify)
+        except self._requests.exceptions.SSLError as exc:
+            raise self._tls_error(exc)
         except self._requests.exceptions.ConnectTimeout:
             raise ServerUnreachableError(
                 "Could not connect to %s within %.0f s. Check the URL, that the server is running, and any "
@@ -115,11 +150,40 @@ class _Http:
                 "A proxy refused the connection to %s (%s). Add the server's host to NO_PROXY or unset "
                 "HTTP_PROXY/HTTPS_PROXY." % (self.server_url, exc))
         except self._requests.exceptions.ConnectionError as exc:
+            if self.server_url.startswith("http://") and "RemoteDisconnected" in str(exc):
+                raise ServerUnreachableError(
+                    "Something at %s closed the connection without an answer. If the server serves https (started "
+                    "with --ssl-certfile), the URL must start with https://." % self.server_url)
             raise ServerUnreachableError(
                 "Cannot reach an nnInteractive server at %s: is it running, and are the host and port right? "
                 "(%s)" % (self.server_url, exc.__class__.__name__))
         self._raise_for_status(resp, path)
         return resp
+
+    def _tls_error(self, exc):
+        text = str(exc)
+        host = urlsplit(self.server_url).hostname
+        given = (" with the CA bundle %s" % self.verify) if isinstance(self.verify, str) else ""
+        found = re.search(r"certificate verify failed: ([^(]*)", text)
+        if found is None and "CERTIFICATE_VERIFY_FAILED" not in text:
+            if "WRONG_VERSION_NUMBER" in text or "record layer failure" in text:
+                return ServerCertificateError(
+                    "%s does not answer https: it probably serves plain HTTP. Try http://%s instead."
+                    % (self.server_url, self.server_url.split("://", 1)[1]))
+            return ServerCertificateError(
+                "The TLS connection to %s failed (%s). Check that the server serves https on that port."
+                % (self.server_url, text[-200:]))
+        reason = found.group(1).strip().rstrip(".") if found else "certificate verify failed"
+        if "mismatch" in reason.lower():
+            return ServerCertificateError(
+                "The TLS certificate of %s is not made for the host name %s (%s). Connect with a host name the "
+                "certificate names (ask the server's operator), or have the certificate remade to include %s."
+                % (self.server_url, host, reason, host))
+        return ServerCertificateError(
+            "The TLS certificate of %s could not be verified%s (%s). If the server uses a private certificate "
+            "authority, give its CA certificate (a PEM file): ca_bundle=PATH in scripts, the %s environment "
+            "variable, or the module's CA bundle setting in Slicer. Also check the host name in the URL and this "
+            "computer's clock." % (self.server_url, given, reason, CA_BUNDLE_ENV))
 
     def _raise_for_status(self, resp, path):
         code = resp.status_code
@@ -155,13 +219,13 @@ class _Http:
     def get_quietly(self, path, timeout):
         """Status code of a GET, or None when nothing answered; never raises."""
         try:
-            return self._session.get(self.server_url + path, timeout=timeout).status_code
+            return self._session.get(self.server_url + path, timeout=timeout, verify=self.verify).status_code
         except self._requests.exceptions.RequestException:
             return None
 
     def post_quietly(self, path, timeout):
         try:
-            self._session.post(self.server_url + path, timeout=timeout)
+            self._session.post(self.server_url + path, timeout=timeout, verify=self.verify)
         except Exception:
             pass
 
@@ -173,8 +237,8 @@ class RemoteSession:
     """One leased session on an nnInteractive server; see the module docstring."""
 
     def __init__(self, server_url, api_key=None, connect_timeout=5.0, read_timeout=60.0, upload_timeout=600.0,
-                 heartbeat=True):
-        self._http = _Http(server_url, api_key, connect_timeout, read_timeout)
+                 heartbeat=True, ca_bundle=None):
+        self._http = _Http(server_url, api_key, connect_timeout, read_timeout, ca_bundle=ca_bundle)
         self.server_url = self._http.server_url
         self._upload_timeout = (connect_timeout, upload_timeout)
         self.image_codec = dict(IMAGE_CODEC)  # settable; see _choose_image_codec
@@ -493,13 +557,14 @@ def _jsonable(obj):
     return obj
 
 
-def check_server(server_url, api_key=None, timeout=5.0):
+def check_server(server_url, api_key=None, timeout=5.0, ca_bundle=None):
     """Describe the server at ``server_url`` for a "Test connection" button, or raise a typed error saying why not.
 
     Returns a dict with ``version``, ``model``, ``license``, ``supported_interactions`` and more. Works with the
     official server too (which lacks our ``/x/info``; its capabilities are used then). Claims no session.
+    ``ca_bundle`` as for ``RemoteSession``.
     """
-    http = _Http(server_url, api_key, timeout, timeout)
+    http = _Http(server_url, api_key, timeout, timeout, ca_bundle=ca_bundle)
     try:
         health = http.call("GET", P.PATH_HEALTHZ)
         if not _looks_like_json(health) or health.json().get("ok") is not True:

@@ -9,6 +9,12 @@ class ServerUnreachableError(NNInteractiveError):
     """No TCP connection (server down, wrong host or port, firewall, proxy)."""
 
 
+class ServerCertificateError(NNInteractiveError):
+    """An https connection failed its TLS check: the server's certificate is not trusted (a private certificate
+    authority the client was not given), does not name the host in the URL, or has expired; or the CA bundle given
+    cannot be read. Not a transient failure: retrying does not help."""
+
+
 class NotAServerError(NNInteractiveError):
     """Something answered, but not an nnInteractive server (a proxy page, another web app, a wrong path)."""
 

@@ -6,6 +6,8 @@ client needs (numpy, requests, blosc2) are installed.
 
 import ipaddress
 import json
+import os
+import ssl
 import urllib.request
 from urllib.parse import urlsplit
 
@@ -47,12 +49,16 @@ def is_local_url(url):
     return is_loopback_host(urlsplit(normalize_url(url)).hostname or "")
 
 
-def answers_healthz(url, timeout=2.0):
+def answers_healthz(url, timeout=2.0, ca_bundle=None):
     """True when an nnInteractive server answers ``GET /healthz`` at ``url`` (no proxy for loopback); never
-    raises. For checks made before the client's packages are installed."""
+    raises. For checks made before the client's packages are installed. An https server's certificate is checked
+    against ``ca_bundle`` (a PEM file), else $NN_INTERACTIVE_CA_BUNDLE, else the system's authorities."""
     try:
         url = normalize_url(url)
         handlers = [urllib.request.ProxyHandler({})] if is_local_url(url) else []
+        if url.startswith("https://"):
+            cafile = ca_bundle or os.environ.get("NN_INTERACTIVE_CA_BUNDLE") or None
+            handlers.append(urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=cafile)))
         with urllib.request.build_opener(*handlers).open(url + "/healthz", timeout=timeout) as resp:
             return resp.status == 200 and json.loads(resp.read().decode("utf-8")).get("ok") is True
     except Exception:

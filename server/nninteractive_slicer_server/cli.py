@@ -26,6 +26,11 @@ def build_parser():
     n.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s; 0.0.0.0 for all)")
     n.add_argument("--port", type=int, default=1527, help="port (default %(default)s)")
     n.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $NN_INTERACTIVE_API_KEY)")
+    t = p.add_argument_group("TLS (serve https:// directly; or leave it to a proxy in front)")
+    t.add_argument("--ssl-certfile", metavar="PEM", help="the server's certificate (chain), PEM; needs --ssl-keyfile")
+    t.add_argument("--ssl-keyfile", metavar="PEM", help="its private key, PEM; needs --ssl-certfile")
+    t.add_argument("--ssl-keyfile-password", help="password of an encrypted key file (default: "
+                   "$NN_INTERACTIVE_SSL_KEYFILE_PASSWORD; prefer the variable: arguments are visible to other users)")
     c = p.add_argument_group("compute")
     c.add_argument("--device", default="cuda", help="cuda, cuda:N, cpu or mps (default %(default)s)")
     c.add_argument("--torch-n-threads", type=int, default=8, help="CPU threads for torch (default %(default)s)")
@@ -87,6 +92,43 @@ def check_args(args):
         args.fold = check_model_dir(os.path.abspath(os.path.expanduser(args.model_dir)), args.fold, args.checkpoint)
 
 
+def check_tls(args):
+    """Both TLS files or neither; each readable, the key matching the certificate (checked before the model loads,
+    so a wrong file fails in a second with one sentence instead of a traceback from the web server)."""
+    if args.ssl_keyfile_password is None:
+        args.ssl_keyfile_password = os.environ.get("NN_INTERACTIVE_SSL_KEYFILE_PASSWORD") or None
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        raise StartupError("TLS needs both --ssl-certfile and --ssl-keyfile (only %s was given)."
+                           % ("--ssl-certfile" if args.ssl_certfile else "--ssl-keyfile"))
+    if not args.ssl_certfile:
+        return
+    import ssl
+
+    for flag in ("ssl_certfile", "ssl_keyfile"):
+        path = os.path.abspath(os.path.expanduser(getattr(args, flag)))
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise StartupError("--%s %s cannot be read (%s)." % (flag.replace("_", "-"), path, exc.strerror or exc))
+        setattr(args, flag, path)
+
+    def no_password():  # instead of OpenSSL asking on the terminal
+        raise StartupError("--ssl-keyfile %s is encrypted: give its password in NN_INTERACTIVE_SSL_KEYFILE_PASSWORD "
+                           "(or --ssl-keyfile-password)." % args.ssl_keyfile)
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(
+            args.ssl_certfile, args.ssl_keyfile, args.ssl_keyfile_password or no_password)
+    except (ssl.SSLError, ValueError, TypeError) as exc:
+        if "KEY_VALUES_MISMATCH" in str(exc):
+            raise StartupError("--ssl-keyfile %s is not the private key of --ssl-certfile %s."
+                               % (args.ssl_keyfile, args.ssl_certfile))
+        raise StartupError("--ssl-certfile %s and --ssl-keyfile %s could not be loaded: each must be a PEM file%s (%s)."
+                           % (args.ssl_certfile, args.ssl_keyfile,
+                              ", and the key's password right" if args.ssl_keyfile_password else "", exc))
+
+
 def check_device(name):
     import torch
 
@@ -118,6 +160,7 @@ def main(argv=None):
 
 def serve(args):
     check_args(args)
+    check_tls(args)
     api_key = args.api_key or os.environ.get("NN_INTERACTIVE_API_KEY") or None
     device = check_device(args.device)
     compile_ = not args.no_torch_compile and device.type == "cuda"
@@ -151,11 +194,14 @@ def serve(args):
     limits.max_waiting_per_lease = args.max_waiting_per_lease
     app = make_app(engine, args.max_sessions, args.idle_timeout_seconds, args.liveness_timeout_seconds, api_key,
                    limits)
-    log.info("serving %s on http://%s:%d (max %d session(s), %s)", engine.model_name, args.host, args.port,
+    log.info("serving %s on %s://%s:%d (max %d session(s), %s)", engine.model_name,
+             "https" if args.ssl_certfile else "http", args.host, args.port,
              args.max_sessions, "API key required" if api_key else "no API key")
     log.info("limits: %s; up to %d request(s) waiting per session", limits.describe(), limits.max_waiting_per_lease)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.verbose)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.verbose,
+                    ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+                    ssl_keyfile_password=args.ssl_keyfile_password)
     finally:
         engine.shutdown()
     return 0
