@@ -41,6 +41,12 @@ def setSettingValue(name, value):
     qt.QSettings().setValue(SETTINGS + name, value)
 
 
+def caBundle():
+    """PEM file of a private certificate authority for an https server (None: the system's authorities, or
+    $NN_INTERACTIVE_CA_BUNDLE)."""
+    return settingValue("CABundle", "").strip() or None
+
+
 def slicerScene(segmentEditorNode):
     """The library's Scene on this Segment Editor node (imported on first use: it needs numpy)."""
     from SlicerNNInteractiveLib.slicerscene import SlicerScene
@@ -162,6 +168,8 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.apiKeyLineEdit.text = settingValue("APIKey", "")
         self.ui.serverUrlLineEdit.connect("editingFinished()", self.onServerSettingsChanged)
         self.ui.apiKeyLineEdit.connect("editingFinished()", self.onServerSettingsChanged)
+        self.ui.caBundlePathLineEdit.currentPath = settingValue("CABundle", "")
+        self.ui.caBundlePathLineEdit.connect("currentPathChanged(QString)", lambda path: self.onServerSettingsChanged())
         self.ui.showApiKeyCheckBox.connect("toggled(bool)", self.onShowApiKey)
         self.ui.testConnectionButton.connect("clicked()", self.onTestConnection)
         self.ui.consentCheckBox.connect("toggled(bool)", self.onConsentToggled)
@@ -837,10 +845,12 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             return
         if url != text:
             self.ui.serverUrlLineEdit.text = url
-        changed = (url != settingValue("ServerURL", DEFAULT_URL) or self.ui.apiKeyLineEdit.text.strip()
-                   != settingValue("APIKey", ""))
+        apiKey, bundle = self.ui.apiKeyLineEdit.text.strip(), self.ui.caBundlePathLineEdit.currentPath.strip()
+        changed = (url != settingValue("ServerURL", DEFAULT_URL) or apiKey != settingValue("APIKey", "")
+                   or bundle != settingValue("CABundle", ""))
         setSettingValue("ServerURL", url)
-        setSettingValue("APIKey", self.ui.apiKeyLineEdit.text.strip())
+        setSettingValue("APIKey", apiKey)
+        setSettingValue("CABundle", bundle)
         if changed:
             if self.controller is not None:
                 self.controller.disconnect()
@@ -864,7 +874,8 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         from SlicerNNInteractiveLib.background import BackgroundCall
         from SlicerNNInteractiveLib.client import check_server
 
-        self.connectionCheck = BackgroundCall(lambda: check_server(url, api_key=apiKey))
+        bundle = caBundle()
+        self.connectionCheck = BackgroundCall(lambda: check_server(url, api_key=apiKey, ca_bundle=bundle))
         if self.connectionTimer is None:
             self.connectionTimer = qt.QTimer()
             self.connectionTimer.setInterval(20)
@@ -1036,7 +1047,7 @@ class SlicerNNInteractiveLogic(ScriptedLoadableModuleLogic):
         """A new server session (called on the worker thread)."""
         from SlicerNNInteractiveLib.client import RemoteSession
 
-        return RemoteSession(url, api_key=apiKey)
+        return RemoteSession(url, api_key=apiKey, ca_bundle=caBundle())
 
     @staticmethod
     def describeServer(info):
@@ -1165,7 +1176,7 @@ class SlicerNNInteractiveTest(ScriptedLoadableModuleTest):
             candidates.append((os.environ["NNINTERACTIVE_TEST_SERVER"], os.environ.get("NNINTERACTIVE_TEST_API_KEY")))
         candidates.append((settingValue("ServerURL", DEFAULT_URL), settingValue("APIKey", "") or None))
         for url, key in candidates:
-            if answers_healthz(url):
+            if answers_healthz(url, ca_bundle=caBundle()):
                 return url, key, None
             logging.info("nnInteractive test: no server answers at %s" % url)
         executable = settingValue("LocalServerExecutable", "")
@@ -1196,7 +1207,7 @@ class SlicerNNInteractiveTest(ScriptedLoadableModuleTest):
             from SlicerNNInteractiveLib import timing
             from SlicerNNInteractiveLib.client import check_server
 
-            info = check_server(url, api_key=apiKey)
+            info = check_server(url, api_key=apiKey, ca_bundle=caBundle())
             self.delayDisplay("Server: %s" % SlicerNNInteractiveLogic.describeServer(info).replace("\n", "; "))
             self.runPrompts(url, apiKey, np, timing)
         finally:

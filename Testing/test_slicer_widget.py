@@ -321,6 +321,9 @@ def test_configuration_consent_and_test_connection(module, server):
     m.app.pump(30, until=lambda: w.ui.testConnectionButton.enabled)
     assert w.ui.connectionInfoLabel.text.startswith("Connected") and "Prompts:" in w.ui.connectionInfoLabel.text
     assert not w.ui.consentCheckBox.enabled and w.ui.consentCheckBox.checked  # this computer: nothing leaves it
+    w.ui.caBundlePathLineEdit.currentPath = "/etc/my-ca.pem"  # a private CA for an https server
+    assert module_settings(m.app, "CABundle") == "/etc/my-ca.pem"
+    w.ui.caBundlePathLineEdit.currentPath = ""
     m.app.click(w.ui.showApiKeyCheckBox)
     import qt
 
@@ -331,6 +334,12 @@ def test_configuration_consent_and_test_connection(module, server):
     assert w.ui.connectionInfoLabel.text.startswith("Failed: Cannot reach")
     m.app.click(w.ui.showTimingsButton)
     assert m.app.shown("dialog")
+
+
+def module_settings(app, name):
+    import qt
+
+    return qt.QSettings().value("SlicerNNInteractive/" + name)
 
 
 def test_consent_box_and_url_helpers_work_before_blosc2_is_installed(phantom, monkeypatch):
