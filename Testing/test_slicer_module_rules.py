@@ -102,3 +102,14 @@ def test_resources_the_module_loads_exist_and_are_packaged():
     # The extension icon for the Extensions Index: a 128x128 PNG.
     head = open(os.path.join(REPO, "Resources", "SlicerNNInteractive.png"), "rb").read(24)
     assert head[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", head[16:24]) == (128, 128)
+
+
+def test_extension_screenshots_exist_in_the_repository():
+    import re
+
+    cmake = open(os.path.join(os.path.dirname(MODULE_DIR), "CMakeLists.txt")).read()
+    urls = re.search(r'set\(EXTENSION_SCREENSHOTURLS "([^"]*)"\)', cmake).group(1).split()
+    assert urls
+    for url in urls:
+        path = url.split("/main/", 1)[1]
+        assert os.path.isfile(os.path.join(os.path.dirname(MODULE_DIR), path)), url

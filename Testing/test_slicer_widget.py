@@ -437,3 +437,20 @@ def test_the_modules_self_test_passes(server, monkeypatch):
         test.runTest()
         app.exit()
         app.cleanup()
+
+
+def test_the_self_test_skips_offline_before_installing_anything(monkeypatch):
+    """CTest without a server: the self-test must skip, not fail on installing blosc2."""
+    import unittest
+
+    monkeypatch.delenv("NNINTERACTIVE_TEST_SERVER", raising=False)
+    monkeypatch.setitem(sys.modules, "blosc2", None)  # not installed
+    with SlicerApp() as app:
+        app.load_module()
+        import qt
+
+        qt.QSettings().setValue("SlicerNNInteractive/ServerURL", "http://127.0.0.1:%d" % free_port())
+        with pytest.raises(unittest.SkipTest):
+            sys.modules["SlicerNNInteractive"].SlicerNNInteractiveTest().test_Prompts()
+        assert app.pip_requests == []
+        app.cleanup()
