@@ -49,8 +49,8 @@ def check(names, read, where):
     counts = collections.Counter(names)
     assert all(c == 1 for c in counts.values()), "%s: files listed twice: %s" % (where, [n for n, c in counts.items() if c > 1])
     for base in ("wire.py", "protocol.py"):  # the codec and the protocol exist once, in the library
-        found = [n for n in names if n.rsplit("/", 1)[-1] == base]
-        assert found == ["%s/%s" % (LIB, base)], "%s: %s found as %s" % (where, base, found)
+        found = [n for n in names if n.endswith(".py") and read(n) == repo_lib[base]]
+        assert found == ["%s/%s" % (LIB, base)], "%s: the library's %s found as %s" % (where, base, found)
     lib = {n.split("/", 1)[1]: n for n in names if n.startswith(LIB + "/") and n.endswith(".py")}
     assert set(lib) == set(repo_lib), "%s: library files %s, repository has %s" % (where, sorted(lib), sorted(repo_lib))
     for f, n in lib.items():
