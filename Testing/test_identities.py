@@ -216,6 +216,7 @@ def test_each_user_has_at_most_max_sessions_per_user(world):
     with pytest.raises(ServerAtCapacityError) as err:
         RemoteSession(world.url, api_key=alice)
     assert "--max-sessions-per-user" in str(err.value) and "alice already holds 2" in str(err.value)
+    assert "You hold as many sessions" in str(err.value) and "raise --max-sessions." not in str(err.value)
     r = call(world, "POST", P.PATH_CLAIM, alice)
     assert r.status_code == 503 and r.headers["Retry-After"] == "10"
     other = RemoteSession(world.url, api_key=bob)  # another user is not held back by alice's cap
