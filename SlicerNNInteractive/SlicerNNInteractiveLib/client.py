@@ -204,9 +204,12 @@ class _Http:
                 % (detail or "lease expired"))
         if code == 503 and path == P.PATH_CLAIM:
             retry = resp.headers.get("Retry-After")
+            mine = "--max-sessions-per-user" in (detail or "")  # this user's own sessions, not everyone's
             raise ServerAtCapacityError(
-                "The server is serving its maximum number of users (%s). Try again %s, or ask its operator to "
-                "raise --max-sessions." % (detail or "at capacity", "in %s s" % retry if retry else "later"),
+                ("You hold as many sessions as this server allows one user (%s). Close one (another Slicer or script "
+                 "of yours), or try again %s." if mine else
+                 "The server is serving its maximum number of users (%s). Try again %s, or ask its operator to "
+                 "raise --max-sessions.") % (detail or "at capacity", "in %s s" % retry if retry else "later"),
                 retry_after=float(retry) if retry and retry.replace(".", "", 1).isdigit() else None)
         if detail is None or not _looks_like_json(resp):
             raise NotAServerError(

@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from . import __version__, errors
+from .identities import Identities, KeyGate
 from .leases import LeaseRegistry
 from .limits import Limits, MemoryBudget
 from .routes import extensions, operations, protocol
@@ -26,25 +27,29 @@ log = logging.getLogger("nninteractive_slicer_server")
 class Server:
     """What every route reaches through ``request.app.state.server``."""
 
-    def __init__(self, engine, max_sessions, idle_timeout, liveness_timeout, api_key, limits):
+    def __init__(self, engine, max_sessions, idle_timeout, liveness_timeout, identities, limits,
+                 max_sessions_per_user=None):
         self.engine = engine
+        self.identities = identities
         self.limits = limits
         self.budget = MemoryBudget(limits.memory_budget)
         self.registry = LeaseRegistry(engine.new_session, engine.close_session, max_sessions, idle_timeout,
-                                      liveness_timeout, limits.max_waiting_per_lease)
+                                      liveness_timeout, limits.max_waiting_per_lease, max_sessions_per_user)
         self.caps = engine.capabilities
         self.supports_3d_box = bool(self.caps["supported_interactions"].get("bbox3d"))
         self.image_channels = len(engine.artifacts["dataset_json"]["channel_names"])
         self.num_interaction_channels = int(self.caps.get("num_interaction_channels") or 7)
-        self.expected_auth = ("Bearer " + api_key).encode() if api_key else None
         # Decompressing request bodies: blosc2 releases the GIL, so these run beside the event loop.
         self.decode_pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
                                               thread_name_prefix="nninteractive-decode")
         self.sweep_every = max(0.05, min(15.0, idle_timeout / 4, liveness_timeout / 4))
 
 
-def make_app(engine, max_sessions=1, idle_timeout=600.0, liveness_timeout=60.0, api_key=None, limits=None):
-    srv = Server(engine, max_sessions, idle_timeout, liveness_timeout, api_key, limits or Limits.defaults())
+def make_app(engine, max_sessions=1, idle_timeout=600.0, liveness_timeout=60.0, api_key=None, limits=None,
+             identities=None, max_sessions_per_user=None):
+    """``identities`` (shared key and keys file) replaces ``api_key`` when given."""
+    srv = Server(engine, max_sessions, idle_timeout, liveness_timeout, identities or Identities(api_key),
+                 limits or Limits.defaults(), max_sessions_per_user)
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -57,17 +62,21 @@ def make_app(engine, max_sessions=1, idle_timeout=600.0, liveness_timeout=60.0, 
                     log.exception("error while reaping sessions")
 
         task = asyncio.create_task(reap())
+        unwatch = srv.identities.watch_sighup()  # kill -HUP rereads the keys file
         try:
             yield
         finally:
+            unwatch()
             task.cancel()
             srv.registry.close_all()
             srv.decode_pool.shutdown(wait=False)
+            srv.identities.close()
 
     app = FastAPI(title="nninteractive-slicer-server", version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url="/x/openapi.json")
     app.state.server = srv
     app.state.registry = srv.registry
+    app.add_middleware(KeyGate, identities=srv.identities)  # inside the request-id middleware errors adds
     errors.install(app)
     app.include_router(operations.router)
     app.include_router(protocol.router)

@@ -25,7 +25,13 @@ def build_parser():
     n = p.add_argument_group("network")
     n.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s; 0.0.0.0 for all)")
     n.add_argument("--port", type=int, default=1527, help="port (default %(default)s)")
-    n.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $NN_INTERACTIVE_API_KEY)")
+    k = p.add_argument_group("keys (when any is set, every request but /healthz needs 'Authorization: Bearer KEY')")
+    k.add_argument("--api-key", help="the shared key, user 'shared' (default: $NN_INTERACTIVE_API_KEY; prefer the "
+                   "variable or --api-key-file: arguments are visible to other users)")
+    k.add_argument("--api-key-file", metavar="PATH", help="read the shared key from this file")
+    k.add_argument("--keys-file", metavar="PATH", default=os.environ.get("NN_INTERACTIVE_KEYS_FILE"),
+                   help="named users, one salted token hash a line (nninteractive-slicer-server-keys add NAME); "
+                   "reread on SIGHUP (default: $NN_INTERACTIVE_KEYS_FILE)")
     t = p.add_argument_group("TLS (serve https:// directly; or leave it to a proxy in front)")
     t.add_argument("--ssl-certfile", metavar="PEM", help="the server's certificate (chain), PEM; needs --ssl-keyfile")
     t.add_argument("--ssl-keyfile", metavar="PEM", help="its private key, PEM; needs --ssl-certfile")
@@ -44,6 +50,8 @@ def build_parser():
                    help="reap a session after this long without a real action (default %(default)s)")
     s.add_argument("--liveness-timeout-seconds", type=float, default=60.0,
                    help="reap a session after this long without any request, heartbeats included (default %(default)s)")
+    s.add_argument("--max-sessions-per-user", type=int, metavar="N", help="sessions one user (one name of the keys "
+                   "file, or the shared key) may hold at once (default: --max-sessions)")
     lim = p.add_argument_group("limits (checked before anything is allocated; over a limit: 413)")
     lim.add_argument("--memory-budget", type=parse_size, metavar="BYTES", help="memory all sessions' images, buffers "
                      "and in-flight arrays may hold together, e.g. 48G (default: 3/4 of this machine's RAM); when "
@@ -84,6 +92,8 @@ def check_args(args):
         raise StartupError("--max-sessions must be at least 1.")
     if args.idle_timeout_seconds <= 0 or args.liveness_timeout_seconds <= 0:
         raise StartupError("--idle-timeout-seconds and --liveness-timeout-seconds must be positive.")
+    if args.max_sessions_per_user is not None and args.max_sessions_per_user < 1:
+        raise StartupError("--max-sessions-per-user must be at least 1.")
     if args.max_waiting_per_lease < 0:
         raise StartupError("--max-waiting-per-lease must be 0 or more.")
     if not 0 < args.port < 65536:
@@ -129,6 +139,39 @@ def check_tls(args):
                               ", and the key's password right" if args.ssl_keyfile_password else "", exc))
 
 
+def check_keys(args):
+    """The shared key (--api-key, --api-key-file or $NN_INTERACTIVE_API_KEY) and the keys file, as Identities."""
+    from .identities import Identities, KeysFileError
+
+    if args.api_key and args.api_key_file:
+        raise StartupError("Pass either --api-key or --api-key-file, not both.")
+    api_key = args.api_key
+    if args.api_key_file:
+        path = os.path.abspath(os.path.expanduser(args.api_key_file))
+        try:
+            with open(path, encoding="utf-8") as f:
+                api_key = f.read().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise StartupError("--api-key-file %s cannot be read (%s)." % (path, getattr(exc, "strerror", None) or exc))
+        if not api_key or "\n" in api_key:
+            raise StartupError("--api-key-file %s must hold the key on one line." % path)
+    elif api_key:
+        log.warning("--api-key on the command line is visible to every user of this machine (ps); prefer "
+                    "NN_INTERACTIVE_API_KEY or --api-key-file.")
+    api_key = api_key or os.environ.get("NN_INTERACTIVE_API_KEY") or None
+    keys_file = os.path.abspath(os.path.expanduser(args.keys_file)) if args.keys_file else None
+    try:
+        identities = Identities(api_key, keys_file)
+    except KeysFileError as exc:
+        raise StartupError("%s." % exc)
+    if keys_file and not identities.users():
+        log.warning("the keys file %s names no user yet (nninteractive-slicer-server-keys add NAME, then kill -HUP)",
+                    keys_file)
+    if args.max_sessions_per_user and not identities.required:
+        log.warning("--max-sessions-per-user without any key: every client is the same user, 'anonymous'.")
+    return identities
+
+
 def check_device(name):
     import torch
 
@@ -161,7 +204,7 @@ def main(argv=None):
 def serve(args):
     check_args(args)
     check_tls(args)
-    api_key = args.api_key or os.environ.get("NN_INTERACTIVE_API_KEY") or None
+    identities = check_keys(args)
     device = check_device(args.device)
     compile_ = not args.no_torch_compile and device.type == "cuda"
     if args.model_dir:
@@ -169,11 +212,11 @@ def serve(args):
     else:
         model_name, model_dir = resolve_official(args.model)
         args.fold = check_model_dir(model_dir, args.fold, args.checkpoint)
-    if api_key is None and not is_loopback_host(args.host):
+    if not identities.required and not is_loopback_host(args.host):
         log.warning("!" * 78)
         log.warning("NO API KEY and listening on %s: anyone who reaches port %d can use this GPU and send images.",
                     args.host, args.port)
-        log.warning("Pass --api-key KEY (or set NN_INTERACTIVE_API_KEY) before exposing the server.")
+        log.warning("Set NN_INTERACTIVE_API_KEY (or --api-key-file, --keys-file) before exposing the server.")
         log.warning("!" * 78)
 
     from .engine import Engine
@@ -192,11 +235,11 @@ def serve(args):
 
     limits = Limits.defaults(args.memory_budget, args.max_image_voxels, args.max_body_bytes)
     limits.max_waiting_per_lease = args.max_waiting_per_lease
-    app = make_app(engine, args.max_sessions, args.idle_timeout_seconds, args.liveness_timeout_seconds, api_key,
-                   limits)
-    log.info("serving %s on %s://%s:%d (max %d session(s), %s)", engine.model_name,
-             "https" if args.ssl_certfile else "http", args.host, args.port,
-             args.max_sessions, "API key required" if api_key else "no API key")
+    app = make_app(engine, args.max_sessions, args.idle_timeout_seconds, args.liveness_timeout_seconds, limits=limits,
+                   identities=identities, max_sessions_per_user=args.max_sessions_per_user)
+    log.info("serving %s on %s://%s:%d (max %d session(s)%s, %s)", engine.model_name,
+             "https" if args.ssl_certfile else "http", args.host, args.port, args.max_sessions,
+             ", %d per user" % args.max_sessions_per_user if args.max_sessions_per_user else "", identities.describe())
     log.info("limits: %s; up to %d request(s) waiting per session", limits.describe(), limits.max_waiting_per_lease)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.verbose,

@@ -1,13 +1,14 @@
 """Rules every route shares, written once: the API key, the lease, request bodies within limits, turns.
 
-The key and the lease are FastAPI dependencies (a route lists them; the key is checked before any body is read).
+The key and the lease are FastAPI dependencies (a route lists them). The key itself is checked earlier, from the
+headers alone, by ``identities.KeyGate`` (before routing and before any body is read); ``require_key`` hands routes
+the caller's name, and a lease answers only to the user who claimed it (403 for anyone else).
 Bodies are read by ``read_json`` / ``read_packed``: within ``Limits``, touching the lease as bytes arrive (a slow
 upload is a sign of life), answering 408 when the client stalls longer than the liveness timeout, and decoding
 packed arrays off the event loop in bounded batches, after ``accept`` has checked what the array declares.
 """
 
 import asyncio
-import hmac
 import json
 
 from fastapi import Depends, Request
@@ -32,20 +33,18 @@ def server(request: Request):
 
 
 def require_key(request: Request):
-    expected = server(request).expected_auth
-    if expected is None:
-        return
-    given = request.headers.get("authorization", "").encode()
-    if not given:
+    """The caller's name (``request.state.user``, set by ``identities.KeyGate``)."""
+    user = getattr(request.state, "user", None)
+    if user is None:  # an app without the gate in front: refuse rather than serve anyone
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-    if not hmac.compare_digest(given, expected):
-        raise Unauthorized("wrong API key")
+    return user
 
 
-async def lease(request: Request, _key=Depends(require_key)):
-    """The request's lease (410 when unknown), kept from reaping until the request ends."""
+async def lease(request: Request, user=Depends(require_key)):
+    """The request's lease (410 when unknown, 403 when another user claimed it), kept from reaping until the
+    request ends."""
     try:
-        found = server(request).registry.get(request.headers.get(P.LEASE_HEADER), touch=True)
+        found = server(request).registry.get(request.headers.get(P.LEASE_HEADER), touch=True, user=user)
     except UnknownLease:
         raise Gone()
     found.in_flight += 1
@@ -56,10 +55,10 @@ async def lease(request: Request, _key=Depends(require_key)):
         found.seen()
 
 
-def quiet_lease(request: Request, _key=Depends(require_key)):
+def quiet_lease(request: Request, user=Depends(require_key)):
     """The request's lease without touching its clocks (``/lease_status``)."""
     try:
-        return server(request).registry.get(request.headers.get(P.LEASE_HEADER), touch=False)
+        return server(request).registry.get(request.headers.get(P.LEASE_HEADER), touch=False, user=user)
     except UnknownLease:
         raise Gone()
 

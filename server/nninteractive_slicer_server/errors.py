@@ -38,6 +38,12 @@ class Unauthorized(Problem):
     status = 401
 
 
+class Forbidden(Problem):
+    """A valid key, but not the one this lease belongs to."""
+
+    status = 403
+
+
 class Gone(Problem):
     status = 410
 

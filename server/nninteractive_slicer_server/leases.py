@@ -14,6 +14,7 @@ Nothing here waits on a session's work while holding anything another lease need
 """
 
 import asyncio
+import hashlib
 import logging
 import secrets
 import threading
@@ -22,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from starlette.concurrency import run_in_threadpool
 
-from .errors import Busy, Gone
+from .errors import Busy, Forbidden, Gone
 
 log = logging.getLogger("nninteractive_slicer_server")
 
@@ -31,13 +32,19 @@ class ServerFull(Exception):
     pass
 
 
+class UserFull(ServerFull):
+    """The user already holds ``max_per_user`` sessions."""
+
+
 class UnknownLease(Exception):
     pass
 
 
 class Lease:
-    def __init__(self, token, session):
+    def __init__(self, token, session, user=None):
         self.token = token
+        self.id = hashlib.sha256(token.encode()).hexdigest()[:8]  # for the logs: names the lease, reveals no token
+        self.user = user  # who claimed it; only they may use it
         self.session = session
         self.turn = asyncio.Lock()  # one action at a time per session; waited for on the event loop
         self.queued = 0  # requests holding or waiting for the turn (event loop only)
@@ -69,54 +76,73 @@ class Lease:
 
 
 class LeaseRegistry:
-    def __init__(self, new_session, close_session, max_sessions, idle_timeout, liveness_timeout, max_waiting=4):
+    def __init__(self, new_session, close_session, max_sessions, idle_timeout, liveness_timeout, max_waiting=4,
+                 max_per_user=None):
         self._new_session = new_session
         self._close_session = close_session
         self.max_sessions = int(max_sessions)
         self.idle_timeout = float(idle_timeout)
         self.liveness_timeout = float(liveness_timeout)
         self.max_waiting = int(max_waiting)
+        self.max_per_user = int(max_per_user) if max_per_user else None
         self._leases = {}
         self._mu = threading.Lock()
         self._claims_in_progress = 0
+        self._claiming = {}  # user -> claims in progress
         # Freeing a session waits for its background preprocessing: a thread of its own, so neither the event loop
         # nor the request pool ever waits on it.
         self._reaper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nninteractive-reaper")
 
     # ------------------------------------------------------------ claim / look up / release
 
-    def claim(self):
-        """Make a new session (in a worker thread: it takes a moment). Raises ServerFull."""
+    def claim(self, user=None):
+        """Make a new session for ``user`` (in a worker thread: it takes a moment). Raises UserFull, ServerFull."""
         with self._mu:
+            if self.max_per_user and self.held_by(user) + self._claiming.get(user, 0) >= self.max_per_user:
+                raise UserFull()
             if len(self._leases) + self._claims_in_progress >= self.max_sessions:
                 raise ServerFull()
             self._claims_in_progress += 1
+            self._claiming[user] = self._claiming.get(user, 0) + 1
         try:
             session = self._new_session()  # outside the registry lock: other leases stay usable meanwhile
         finally:
             with self._mu:
                 self._claims_in_progress -= 1
-        lease = Lease(secrets.token_hex(16), session)
+                self._claiming[user] -= 1
+                if not self._claiming[user]:
+                    del self._claiming[user]
+        lease = Lease(secrets.token_hex(16), session, user)
         with self._mu:
             self._leases[lease.token] = lease
             count = len(self._leases)
-        log.info("claimed session %s... (%d/%d)", lease.token[:8], count, self.max_sessions)
+        log.info("claimed session %s for %s (%d/%d)", lease.id, user, count, self.max_sessions)
         return lease
 
-    def get(self, token, touch=True):
+    def held_by(self, user):
+        """Sessions ``user`` holds (call with ``_mu`` held, or accept a moment's staleness)."""
+        return sum(1 for lease in self._leases.values() if lease.user == user)
+
+    def get(self, token, touch=True, user=None):
+        """The lease of ``token``: UnknownLease when there is none, Forbidden (403) when ``user`` did not claim it."""
         with self._mu:
             lease = self._leases.get(token or "")
         if lease is None:
             raise UnknownLease()
+        if lease.user != user:
+            raise Forbidden("this session was claimed by another user")
         if touch:
             lease.seen()
         return lease
 
-    def release(self, token):
+    def release(self, token, user=None):
         with self._mu:
-            lease = self._leases.pop(token or "", None)
-        if lease is None:
-            return False
+            lease = self._leases.get(token or "")
+            if lease is None:
+                return False
+            if lease.user != user:
+                raise Forbidden("this session was claimed by another user")
+            del self._leases[lease.token]
         self._retire(lease, "released")
         return True
 
@@ -189,7 +215,7 @@ class LeaseRegistry:
             lease.closed = True
             free = not lease.running and not lease.freed
             lease.freed = lease.freed or free
-        log.info("session %s... %s (%d/%d)%s", lease.token[:8], why, self.count(), self.max_sessions,
+        log.info("session %s of %s %s (%d/%d)%s", lease.id, lease.user, why, self.count(), self.max_sessions,
                  "" if free else "; freed when its request in progress ends")
         if free:
             self._free_later(lease, None)
@@ -206,4 +232,4 @@ class LeaseRegistry:
         finally:
             lease.drop_all()
         if why:
-            log.info("session %s... %s", lease.token[:8], why)
+            log.info("session %s of %s %s", lease.id, lease.user, why)

@@ -12,7 +12,7 @@ router = APIRouter(dependencies=[Depends(require_key)])
 
 
 @router.get(P.PATH_SERVER_INFO)
-async def server_info(request: Request):
+async def server_info(request: Request, user=Depends(require_key)):
     srv = server(request)
     engine, caps = srv.engine, srv.caps
     return {"server": "nninteractive-slicer-server", "server_version": __version__,
@@ -21,4 +21,4 @@ async def server_info(request: Request):
             "sessions": srv.registry.count(), "max_sessions": srv.registry.max_sessions, "rss_bytes": rss_bytes(),
             "memory_budget": srv.budget.total, "memory_reserved": srv.budget.used,
             "max_image_voxels": srv.limits.max_image_voxels, "max_body_bytes": srv.limits.max_body_bytes,
-            "machine": P.machine_id()}
+            "machine": P.machine_id(), "user": user}

@@ -19,7 +19,7 @@ from SlicerNNInteractiveLib.wire import MASK_CODEC, pack_array
 from .. import validate
 from ..deps import act, finish_preprocessing, lease, meta, quiet_lease, read_json, read_packed, require_key, server
 from ..errors import Unavailable
-from ..leases import ServerFull
+from ..leases import ServerFull, UserFull
 from ..limits import session_bytes
 
 router = APIRouter(dependencies=[Depends(require_key)])
@@ -124,10 +124,14 @@ async def capabilities(request: Request):
 
 
 @router.post(P.PATH_CLAIM)
-async def claim(request: Request):
+async def claim(request: Request, user=Depends(require_key)):
     registry = server(request).registry
     try:
-        lease_ = await run_in_threadpool(registry.claim)
+        lease_ = await run_in_threadpool(registry.claim, user)
+    except UserFull:
+        raise Unavailable("%s already holds %d session(s), the most one user may hold on this server "
+                          "(--max-sessions-per-user); close one, or wait until it expires"
+                          % (user, registry.max_per_user), retry_after=10)
     except ServerFull:
         raise Unavailable("server is at capacity (%d sessions); try again later" % registry.max_sessions,
                           retry_after=10)
@@ -136,8 +140,8 @@ async def claim(request: Request):
 
 
 @router.post(P.PATH_RELEASE)
-async def release(request: Request):
-    server(request).registry.release(request.headers.get(P.LEASE_HEADER))  # never waits: freeing is the reaper's
+async def release(request: Request, user=Depends(require_key)):
+    server(request).registry.release(request.headers.get(P.LEASE_HEADER), user)  # never waits: freeing is the reaper's
     return {"released": True}
 
 
