@@ -393,7 +393,10 @@ class Registry:
             p = os.path.join(folder, "fold_%s" % fold, ckpt)
             if not os.path.isfile(p):
                 out.append(("error", spec.label, "default_args.use_folds", "%s does not exist" % p))
-        described = [s.value for s in self._metadata_segments(spec) or []]
+        try:
+            described = [s.value for s in self._metadata_segments(spec) or []]
+        except ValueError:
+            described = []  # an unreadable template is reported on its own
         unknown = sorted(set(described) - set(labels.values()))
         if unknown:
             out.append(("warning", spec.label, "metadata", "describes label(s) %s that the model (%s) does not "
