@@ -1,0 +1,451 @@
+"""nnU-Net's own ``nnUNetPredictor`` for registered models: a TTL cache of loaded predictors, the wait for free GPU
+memory, and one prediction split so that only the network's forward passes take the GPU queue.
+
+One prediction (``AutoSegmenter.predict``):
+
+1. resolve the model (``Registry``), its arguments (``default_args`` overridden by the request) and its result folder;
+2. get its predictor from the cache (loading it on the CPU on a miss: ``initialize_from_trained_model_folder``);
+3. preprocess the array (nnU-Net's own preprocessor: crop, normalise, resample to the model's spacing), here;
+4. wait for the model's ``min_mem`` MiB of free GPU memory (CUDA only; ``NotEnoughGPUMemory``, HTTP 503, when it
+   gives up), outside the queue so that nobody waits behind the wait;
+5. run the network (sliding window, folds averaged, mirroring when ``tta``) through ``runner``: the server passes
+   ``Engine.run_on_gpu``, the same single thread every interactive prompt runs on, so auto-segmentations and
+   prompts take turns on the device (and whatever reports that queue's position covers both);
+6. back here: logits to the image's grid (nnU-Net's own export code), a class subset, probability thresholds.
+
+Arrays: ``image`` is ``[channels, *spatial]`` in the axis order nnU-Net's image reader gives for the model's files
+(SimpleITK's for SimpleITKIO models, i.e. numpy ``[c, k, j, i]``, the order of Slicer's ``arrayFromVolume``), and
+``spacing`` is in that same axis order. Labels come back with the image's spatial shape.
+
+``class_idx``, ``proba_threshold`` and ``min_confidence`` behave as in the established nnU-Net server:
+
+* ``class_idx`` (a label value or a list): the prediction is restricted to background + those classes (the
+  softmax taken over them alone); only their labels appear;
+* ``proba_threshold`` with ``class_idx``: the probability of those classes (summed) is cut below the threshold,
+  split into connected components (26-connected), components of ``MIN_COMPONENT_VOXELS`` voxels or fewer and those
+  whose highest probability is below ``min_confidence`` (default: the threshold) are dropped, and what remains
+  above the threshold is labelled ``min(class_idx)``; the kept probabilities are the probability map;
+* ``proba_threshold`` without ``class_idx``: labels are the argmax (as without a threshold), and the
+  probabilities of every class come back.
+"""
+
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+
+from ..errors import Unavailable
+from ..validate import BadInput
+from .registry import ArgError, check_args
+
+log = logging.getLogger("nninteractive_slicer_server")
+
+MiB = 1 << 20
+MIN_COMPONENT_VOXELS = 10  # the established server drops probability components this small or smaller
+DEFAULT_CHECKPOINT = "checkpoint_final.pth"
+
+
+class NotEnoughGPUMemory(Unavailable):
+    """The model's ``min_mem`` of GPU memory did not become free in time (HTTP 503 with Retry-After)."""
+
+
+# ---------------------------------------------------------------------------------------------------------- memory
+
+def cuda_free_memory(device):
+    """``(free_bytes, total_bytes)`` of a CUDA device, as the driver reports it (other processes included)."""
+    import torch
+
+    return torch.cuda.mem_get_info(device)
+
+
+def _release_cached(device):
+    import torch
+
+    torch.cuda.empty_cache()  # memory our own allocator keeps counts as used for mem_get_info
+
+
+def wait_for_gpu_memory(min_mem_mib, device, timeout_s=120.0, probe=None, poll_s=0.5, sleep=time.sleep,
+                        clock=time.monotonic, release=None, what="this model"):
+    """Wait until ``device`` has ``min_mem_mib`` MiB free; return the free MiB seen (None when nothing was checked:
+    no ``min_mem``, or not a CUDA device). ``probe(device) -> (free_bytes, total_bytes)`` defaults to
+    ``torch.cuda.mem_get_info``; ``release(device)`` (default: empty torch's cache, when the probe is the default)
+    runs once when memory is short. Raises ``NotEnoughGPUMemory`` after ``timeout_s``."""
+    kind = getattr(device, "type", None) or str(device).split(":")[0]
+    if not min_mem_mib or kind != "cuda":
+        return None
+    if probe is None:
+        probe = cuda_free_memory
+        release = release or _release_cached
+    deadline = clock() + max(0.0, float(timeout_s))
+    released = False
+    while True:
+        free, total = probe(device)
+        free_mib, total_mib = free / MiB, total / MiB
+        if free_mib >= min_mem_mib:
+            return free_mib
+        if release is not None and not released:
+            released = True
+            release(device)
+            continue
+        remaining = deadline - clock()
+        if remaining <= 0:
+            raise NotEnoughGPUMemory(
+                "%s needs %d MiB of free GPU memory on %s; only %d of %d MiB were free after waiting %.0f s (other "
+                "work on the GPU holds the rest); try again later" % (what, min_mem_mib, device, free_mib, total_mib,
+                                                                       timeout_s), retry_after=max(1, poll_s * 10))
+        sleep(min(poll_s, remaining))
+
+
+# ---------------------------------------------------------------------------------------------------------- runners
+
+_inline_lock = threading.Lock()
+
+
+def inline_runner(fn, *args):
+    """Run ``fn(*args)`` here, one at a time in this process; returns ``(result, seconds waited)`` like
+    ``Engine.run_on_gpu`` (the runner the server passes, so predictions share its GPU queue)."""
+    queued = time.perf_counter()
+    with _inline_lock:
+        waited = time.perf_counter() - queued
+        return fn(*args), waited
+
+
+# ---------------------------------------------------------------------------------------------------------- predictors
+
+class LoadedPredictor:
+    """One ``nnUNetPredictor`` with its model folder, folds and checkpoint, split into the three steps of a
+    prediction (only ``logits`` belongs on the GPU queue)."""
+
+    def __init__(self, folder, use_folds, checkpoint_name, device):
+        import torch
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+        self.folder, self.use_folds, self.checkpoint_name = folder, tuple(use_folds), checkpoint_name
+        self.device = torch.device(device)
+        on_cuda = self.device.type == "cuda"
+        started = time.perf_counter()
+        self.predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                                         perform_everything_on_device=on_cuda, device=self.device, verbose=False,
+                                         verbose_preprocessing=False, allow_tqdm=False)
+        self.predictor.initialize_from_trained_model_folder(folder, use_folds=self.use_folds,
+                                                            checkpoint_name=checkpoint_name)
+        self.load_seconds = time.perf_counter() - started
+        self.label_manager = self.predictor.label_manager
+        self.num_channels = len(self.predictor.dataset_json["channel_names"])
+        self.label_values = [int(v) for v in self.label_manager.foreground_labels] if not \
+            self.label_manager.has_regions else [int(v) for v in self.label_manager.regions_class_order]
+        self.has_regions = bool(self.label_manager.has_regions)
+        self.lock = threading.Lock()  # mirroring is an attribute of the predictor: one forward pass at a time
+        log.info("auto: loaded %s (folds %s, %s) on %s in %.1f s", folder, list(self.use_folds), checkpoint_name,
+                 self.device, self.load_seconds)
+
+    def preprocess(self, image, spacing):
+        import torch
+
+        pm, cm = self.predictor.plans_manager, self.predictor.configuration_manager
+        pre = cm.preprocessor_class(verbose=False)
+        data, _seg, props = pre.run_case_npy(np.asarray(image, dtype=np.float32), None,
+                                             {"spacing": [float(s) for s in spacing]}, pm, cm,
+                                             self.predictor.dataset_json)
+        return torch.from_numpy(data), props
+
+    def logits(self, data, tta=False):
+        """The network's averaged logits (on the CPU) for preprocessed ``data``: the part for the GPU queue."""
+        with self.lock:
+            self.predictor.use_mirroring = bool(tta)
+            return self.predictor.predict_logits_from_preprocessed_data(data).cpu()
+
+    def postprocess(self, logits, props, class_idx=None, probabilities=False):
+        """Labels (and probabilities, ``[classes, *spatial]``, when asked) on the image's grid; with ``class_idx``
+        (non-region models) the softmax is over background + those classes only and the probabilities have one
+        channel per entry of ``[0] + class_idx``."""
+        from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+        from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+        pm, cm = self.predictor.plans_manager, self.predictor.configuration_manager
+        lm, mapping = self.label_manager, None
+        if class_idx and not self.has_regions and sorted(class_idx) != sorted(self.label_values):
+            keep = [0] + list(class_idx)
+            logits = logits[keep]
+            lm = LabelManager({"background": 0, **{"c%d" % v: i + 1 for i, v in enumerate(class_idx)}},
+                              regions_class_order=None)
+            mapping = np.array(keep, dtype=np.uint16 if max(keep) > 255 else np.uint8)
+        out = convert_predicted_logits_to_segmentation_with_correct_shape(
+            logits, pm, cm, lm, props, return_probabilities=probabilities)
+        seg, probs = (out if probabilities else (out, None))
+        if mapping is not None:
+            seg = mapping[seg]
+        elif class_idx and self.has_regions:
+            seg = np.where(np.isin(seg, class_idx), seg, 0).astype(seg.dtype)
+        return seg, probs
+
+
+class PredictorCache:
+    """Loaded predictors by (result folder, folds, checkpoint): at most ``max_size``, each dropped ``ttl_s``
+    seconds after its last use (``sweep``; every ``get`` sweeps too); ``expire()`` empties it. Loading happens
+    outside the cache's lock (one load per key at a time), so a slow load never blocks hits on other models."""
+
+    def __init__(self, device="cpu", max_size=2, ttl_s=600.0, loader=None, clock=time.monotonic):
+        if max_size < 1:
+            raise ValueError("the predictor cache needs room for at least one predictor")
+        self.device, self.max_size, self.ttl_s = str(device), int(max_size), float(ttl_s)
+        self._loader = loader or (lambda folder, folds, ckpt: LoadedPredictor(folder, folds, ckpt, self.device))
+        self._clock = clock
+        self._entries = OrderedDict()  # key -> [predictor, last_used]
+        self._lock = threading.Lock()
+        self._loading = {}  # key -> Lock
+        self.hits = self.misses = self.evictions = 0
+
+    @staticmethod
+    def key(folder, use_folds, checkpoint_name):
+        return (os.path.realpath(folder), tuple(str(f) for f in use_folds), checkpoint_name)
+
+    def get(self, folder, use_folds=(0,), checkpoint_name=DEFAULT_CHECKPOINT):
+        key = self.key(folder, use_folds, checkpoint_name)
+        self.sweep()
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                entry[1] = self._clock()
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return entry[0]
+            loading = self._loading.setdefault(key, threading.Lock())
+        with loading:
+            with self._lock:
+                entry = self._entries.get(key)  # loaded by another request meanwhile
+                if entry is not None:
+                    entry[1] = self._clock()
+                    self.hits += 1
+                    return entry[0]
+            loaded = self._loader(folder, [_fold(f) for f in use_folds], checkpoint_name)
+            with self._lock:
+                self.misses += 1
+                self._entries[key] = [loaded, self._clock()]
+                self._entries.move_to_end(key)
+                while len(self._entries) > self.max_size:
+                    self._entries.popitem(last=False)
+                    self.evictions += 1
+                self._loading.pop(key, None)
+        return loaded
+
+    def sweep(self):
+        """Drop predictors unused for ``ttl_s``; returns how many."""
+        now = self._clock()
+        with self._lock:
+            old = [k for k, (_p, used) in self._entries.items() if now - used >= self.ttl_s]
+            for k in old:
+                del self._entries[k]
+            self.evictions += len(old)
+        if old:
+            self._free_device()
+        return len(old)
+
+    def expire(self):
+        """Drop every predictor (``/expire``); returns how many there were."""
+        with self._lock:
+            n = len(self._entries)
+            self._entries.clear()
+        if n:
+            self._free_device()
+        return n
+
+    def _free_device(self):
+        if self.device.startswith("cuda"):
+            import gc
+
+            import torch
+
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    def __len__(self):
+        with self._lock:
+            return len(self._entries)
+
+    def stats(self):
+        with self._lock:
+            return {"size": len(self._entries), "max_size": self.max_size, "ttl_s": self.ttl_s, "hits": self.hits,
+                    "misses": self.misses, "evictions": self.evictions,
+                    "loaded": [{"folder": os.path.basename(k[0]), "use_folds": list(k[1]), "checkpoint_name": k[2]}
+                               for k in self._entries]}
+
+
+def _fold(f):
+    return f if f == "all" else int(f)
+
+
+# ---------------------------------------------------------------------------------------------------------- results
+
+@dataclass
+class AutoResult:
+    """One automatic segmentation. ``labels``: the label map (image's spatial shape, uint8 or uint16);
+    ``probabilities``: ``[channels, *spatial]`` float32 when asked for or when a threshold was applied (with a
+    class subset: the kept probability of those classes, one channel), else None; ``segments``: the registry's
+    ``Segment`` records of the values that can appear; ``timings``: seconds for ``load`` (0 on a cache hit),
+    ``preprocess``, ``memory_wait``, ``queue``, ``predict`` (the network, in the queue) and ``postprocess``."""
+
+    model_id: str
+    labels: np.ndarray
+    segments: List[Any]
+    probabilities: Optional[np.ndarray] = None
+    args: Dict[str, Any] = field(default_factory=dict)
+    timings: Dict[str, float] = field(default_factory=dict)
+    empty: bool = False
+
+
+class AutoSegmenter:
+    """Run registered models on arrays. ``runner(fn) -> (result, seconds_waited)`` runs the forward passes
+    (default ``inline_runner``; the server passes ``engine.run_on_gpu``). ``mem_probe`` is ``probe`` of
+    ``wait_for_gpu_memory`` (injectable for tests)."""
+
+    def __init__(self, registry, device="cpu", cache=None, runner=None, cache_size=2, ttl_s=600.0,
+                 mem_timeout_s=120.0, mem_probe=None, mem_poll_s=0.5, sleep=time.sleep):
+        self.registry = registry
+        self.device = str(device)
+        self.cache = cache or PredictorCache(self.device, cache_size, ttl_s)
+        self.runner = runner or inline_runner
+        self.mem_timeout_s, self.mem_probe, self.mem_poll_s, self._sleep = mem_timeout_s, mem_probe, mem_poll_s, sleep
+
+    def arguments(self, model, given=None):
+        """The prediction arguments of ``model``: its ``default_args`` overridden by ``given`` (the fields a
+        request set), normalised: ``use_folds`` a list, ``class_idx`` a list or None, one value (the first of a
+        per-stage list) for the rest. ``BadInput`` for a wrong type."""
+        spec = self.registry.get(model)
+        args = self.registry.merged_args(spec, given)
+        try:
+            check_args(args)
+        except ArgError as exc:
+            raise BadInput(str(exc))
+        folds = args.get("use_folds")
+        folds = [0] if folds is None else [_fold(f) for f in (folds if isinstance(folds, (list, tuple)) else [folds])]
+        ckpt = _first(args.get("checkpoint_name")) or DEFAULT_CHECKPOINT
+        idx = _first(args.get("class_idx")) if _is_stage_list(args.get("class_idx")) else args.get("class_idx")
+        if isinstance(idx, int):
+            idx = [idx]
+        out = dict(args, use_folds=folds, checkpoint_name=ckpt, class_idx=list(idx) if idx else None,
+                   tta=bool(_first(args.get("tta"))), proba_threshold=_first(args.get("proba_threshold")),
+                   min_confidence=_first(args.get("min_confidence")),
+                   save_proba_map=bool(_first(args.get("save_proba_map"))))
+        return out
+
+    def predictor(self, model, given=None):
+        """The loaded predictor (from the cache) for ``model`` with these arguments, and the arguments."""
+        spec = self.registry.get(model)
+        args = self.arguments(spec, given)
+        folder = self.registry.result_folder(spec)
+        return self.cache.get(folder, args["use_folds"], args["checkpoint_name"]), args
+
+    def predict(self, model, image, spacing, probabilities=None, **given):
+        """Segment ``image`` (``[channels, *spatial]``) of voxel ``spacing`` with ``model`` (id, alias or name).
+        ``given``: request fields overriding the model's defaults (``use_folds``, ``tta``, ``checkpoint_name``,
+        ``class_idx``, ``proba_threshold``, ``min_confidence``, ``save_proba_map``). ``probabilities``: return
+        the probability map (default: when ``save_proba_map`` or a threshold asks for it)."""
+        spec = self.registry.get(model)
+        timings = {}
+        t0 = time.perf_counter()
+        misses = self.cache.misses
+        loaded, args = self.predictor(spec, given)
+        timings["load"] = time.perf_counter() - t0 if self.cache.misses != misses else 0.0
+        image = np.asarray(image)
+        spacing = [float(s) for s in spacing]
+        if image.ndim != len(spacing) + 1:
+            raise BadInput("the image must be [channels, *spatial] with one spacing per spatial axis; got shape %s "
+                           "and spacing %s" % (list(image.shape), spacing))
+        if image.shape[0] != loaded.num_channels:
+            raise BadInput("model %r expects %d image channel(s) (%s); the image has %d" % (
+                spec.id, loaded.num_channels, ", ".join(loaded.predictor.dataset_json["channel_names"].values()),
+                image.shape[0]))
+        if not all(s > 0 for s in spacing):
+            raise BadInput("the spacing %s must be positive" % spacing)
+        idx = args["class_idx"]
+        if idx:
+            unknown = sorted(set(idx) - set(loaded.label_values))
+            if unknown:
+                raise BadInput("class_idx %s: model %r has no such label (its labels: %s)"
+                               % (unknown, spec.id, loaded.label_values))
+        threshold = args["proba_threshold"]
+        want_probs = bool(probabilities if probabilities is not None else (args["save_proba_map"] or
+                                                                          threshold is not None))
+        t = time.perf_counter()
+        data, props = loaded.preprocess(image, spacing)
+        timings["preprocess"] = time.perf_counter() - t
+        t = time.perf_counter()
+        wait_for_gpu_memory(spec.min_mem, loaded.device, self.mem_timeout_s, probe=self.mem_probe,
+                            poll_s=self.mem_poll_s, sleep=self._sleep, what="model %r" % spec.id)
+        timings["memory_wait"] = time.perf_counter() - t
+
+        ran = {}
+
+        def job():
+            started = time.perf_counter()
+            try:
+                return loaded.logits(data, args["tta"])
+            finally:
+                ran["predict"] = time.perf_counter() - started
+
+        logits, waited = self.runner(job)
+        timings["queue"], timings["predict"] = waited, ran.get("predict", 0.0)
+        t = time.perf_counter()
+        need_probs = want_probs or threshold is not None
+        seg, probs = loaded.postprocess(logits, props, idx, probabilities=need_probs)
+        del logits
+        if threshold is not None and idx:
+            # probs channels: [background, *idx] (non-region subset) or every region / class
+            chans = list(range(1, len(idx) + 1)) if not loaded.has_regions and len(probs) == len(idx) + 1 else \
+                [_channel(loaded, v) for v in idx]
+            p = probs[chans].sum(0) if len(chans) > 1 else probs[chans[0]]
+            kept = threshold_components(np.asarray(p, dtype=np.float32), threshold, args["min_confidence"])
+            dtype = np.uint16 if min(idx) > 255 else np.uint8
+            seg = np.where(kept > threshold, min(idx), 0).astype(dtype)
+            probs = kept[None] if want_probs else None
+        elif not want_probs:
+            probs = None
+        timings["postprocess"] = time.perf_counter() - t
+        values = [v for v in (idx if idx else loaded.label_values)]
+        if threshold is not None and idx:
+            values = [min(idx)]
+        by_value = {s.value: s for s in self.registry.segments(spec)}
+        segments = [by_value[v] for v in values if v in by_value]
+        seg = np.ascontiguousarray(seg)
+        return AutoResult(model_id=spec.id, labels=seg, segments=segments, probabilities=probs, args=args,
+                          timings=timings, empty=not bool(seg.any()))
+
+
+def threshold_components(p, threshold, min_confidence=None, min_voxels=MIN_COMPONENT_VOXELS):
+    """The established candidate extraction: ``p`` cut below ``threshold``, then 26-connected components kept when
+    larger than ``min_voxels`` voxels and reaching ``min_confidence`` (default ``threshold``) somewhere. Returns
+    the kept probabilities (0 elsewhere)."""
+    from scipy import ndimage
+
+    clipped = np.where(p < threshold, 0.0, p).astype(np.float32)
+    comps, n = ndimage.label(clipped > 0, structure=np.ones((3,) * p.ndim))
+    if n == 0:
+        return clipped
+    index = np.arange(1, n + 1)
+    sizes = ndimage.sum_labels(np.ones_like(clipped), comps, index)
+    peaks = ndimage.maximum(clipped, comps, index)
+    floor = threshold if min_confidence is None else min_confidence
+    keep = np.zeros(n + 1, dtype=bool)
+    keep[1:] = (sizes > min_voxels) & (np.asarray(peaks) >= floor)
+    return np.where(keep[comps], clipped, 0.0).astype(np.float32)
+
+
+def _channel(loaded, value):
+    if loaded.has_regions:
+        return loaded.label_values.index(value)
+    return int(value)
+
+
+def _first(v):
+    return v[0] if isinstance(v, (list, tuple)) and v else (None if isinstance(v, (list, tuple)) else v)
+
+
+def _is_stage_list(v):
+    """A per-stage list (``[[1, 2], None]``, ``[None]``) rather than a list of labels (``[1, 2]``)."""
+    return isinstance(v, (list, tuple)) and any(x is None or isinstance(x, (list, tuple)) for x in v)
