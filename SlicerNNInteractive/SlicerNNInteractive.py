@@ -431,6 +431,8 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             return None
         self.ensureSegmentationNode()
         controller = self.getController()
+        if not controller.sync.connected and not controller.busy:
+            controller.connect()  # reports the server's capabilities (scribble thickness) before the prompt runs
         prepareMs = (time.perf_counter() - prepareStart) * 1e3
         job = controller.submit(kind, args, positive=positive, prepare_ms=prepareMs)
         self.startTicking()
