@@ -25,16 +25,13 @@ import time
 import numpy as np
 import pytest
 import requests
+import schemathesis  # the test extra installs it (and hypothesis): a missing one is a broken environment
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.errors import Unsatisfiable
+from schemathesis import GenerationMode
 
-pytest.importorskip("schemathesis")
-
-import schemathesis  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis.errors import Unsatisfiable  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from schemathesis import GenerationMode  # noqa: E402
-
-from conftest import REPO, free_port  # noqa: E402
+from conftest import REPO, free_port
 
 sys.path.insert(0, os.path.join(REPO, "server"))  # this tree's server, not an installed copy
 
@@ -224,7 +221,7 @@ def test_schema_fuzzing_finds_no_5xx(served):
 
     no_negative = []
     operations = [op.ok() for op in schema.get_all_operations()]
-    assert len(operations) == len(served_schema["paths"]) >= 15
+    assert len(operations) == sum(len(ops) for ops in served_schema["paths"].values()) >= 15
     started = time.monotonic()
     for op in operations:
         path = op.path
