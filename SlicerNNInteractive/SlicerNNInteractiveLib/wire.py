@@ -212,9 +212,13 @@ class ArrayDecoder:
         shape = struct.unpack_from("<%dq" % ndim, buf, _HEAD.size + name_len)
         if any(d < 0 for d in shape):
             raise WireFormatError("packed array shape %s has a negative dimension" % (shape,))
-        count = 1
+        count = extent = 1
         for d in shape:
             count *= d
+            extent *= max(d, 1)  # an empty array's other axes still bound it: numpy refuses (0, 2**40, 2**40)
+        if extent > self._max_elements and count <= self._max_elements:
+            raise WireFormatError("packed array shape %s is too large; at most %d elements are accepted"
+                                  % (shape, self._max_elements))
         if count > self._max_elements:
             raise WireFormatError("packed array declares %d elements; at most %d are accepted"
                                   % (count, self._max_elements))

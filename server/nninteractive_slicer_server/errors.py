@@ -12,6 +12,7 @@ import secrets
 
 from fastapi import HTTPException
 from fastapi.exceptions import RequestValidationError
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 
 from SlicerNNInteractiveLib.wire import WireFormatError
@@ -122,6 +123,14 @@ async def _invalid_request(request, exc):
         "%s: %s" % (".".join(str(p) for p in e.get("loc", ())), e.get("msg", "")) for e in exc.errors()))
 
 
+async def _client_gone(request, exc):
+    # The client went away before its request was read (killed, network lost, upload cancelled): nobody reads an
+    # answer, and it is no fault of the server. 499 is the usual status for this in logs ("client closed request").
+    log.info("[%s] %s %s: the client disconnected before its request was read", request_id(request), request.method,
+             request.url.path)
+    return _answer(request, 499, "the client disconnected before its request was read")
+
+
 async def _out_of_memory(request, exc):
     log.error("[%s] out of memory in %s: %s", request_id(request), request.url.path, exc)
     return _answer(request, 507, "the server ran out of memory (or its device failed) on this request; the session "
@@ -136,6 +145,7 @@ def install(app):
     app.add_exception_handler(WireFormatError, _undecodable)  # before BadInput: both are ValueErrors
     app.add_exception_handler(BadInput, _bad_input)
     app.add_exception_handler(MemoryError, _out_of_memory)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_middleware(RequestIdMiddleware)
 
 
