@@ -92,7 +92,7 @@ def test_flood_on_one_lease_never_delays_another_users_claim(served):
     url, srv = served
     a = claim(url)
     ready(url, a)
-    lease = srv.registry.get(a, touch=False)
+    lease = srv.registry.get(a, touch=False, user="anonymous")
     gate, entered = threading.Event(), threading.Event()
     original = lease.session.add_point_interaction
 
@@ -142,7 +142,7 @@ def test_a_500_carries_a_request_id_and_no_internals(served):
     url, srv = served
     a = claim(url)
     ready(url, a)
-    session = srv.registry.get(a, touch=False).session
+    session = srv.registry.get(a, touch=False, user="anonymous").session
 
     def broken(*_args, **_kw):
         raise RuntimeError("secret internals /etc/passwd 0xdeadbeef")
@@ -164,7 +164,7 @@ def test_out_of_memory_is_507_and_the_next_set_image_works(served, where):
 
     url, srv = served
     a = claim(url)
-    lease = srv.registry.get(a, touch=False)
+    lease = srv.registry.get(a, touch=False, user="anonymous")
     session = lease.session
     if where == "preprocessing":  # in the session's background thread, seen by the next request that waits for it
         name, error = "_background_set_image", MemoryError()
