@@ -254,7 +254,7 @@ def route_table():
     from nninteractive_slicer_server.app import make_app
 
     engine = SimpleNamespace(new_session=None, close_session=None, artifacts={"dataset_json": {"channel_names": {}}},
-                             capabilities={"supported_interactions": {}})
+                             capabilities={"supported_interactions": {}}, queue=SimpleNamespace(listeners=[]))
     app = make_app(engine, api_key="x")
     found = []
 

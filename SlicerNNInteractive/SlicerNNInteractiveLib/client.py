@@ -249,6 +249,7 @@ class RemoteSession:
         self._stop_heartbeat = threading.Event()
         self._heartbeat_thread = None
         self._beat = None  # the heartbeat's own connection: a beat never waits behind an upload or a prediction
+        self._queue_unsupported = False  # set when the server has no /x/queue (the official one)
         self.last_timing = {}
         self.last_region = None
         self._last_paste_bbox = None
@@ -496,6 +497,26 @@ class RemoteSession:
     def lease_status(self):
         """``{"remaining_seconds", "idle_timeout_seconds"}``; touches no clock on the server."""
         return self._http.call("GET", P.PATH_LEASE_STATUS).json()
+
+    def queue_position(self, timeout=2.0):
+        """Where this session's prediction stands in the server's GPU queue, asked on the heartbeat's connection
+        (so while a prompt is in progress on the main one): ``{"ahead": N, "expected_wait_seconds": S or None,
+        "running": bool, "waiting": bool, "queued": M}``. None when unknown: a server without it (the official
+        one), no heartbeat connection, a closed session, or any error. Never raises."""
+        http = self._beat
+        if http is None or self._lease_token is None or self._queue_unsupported:
+            return None
+        try:
+            return http.call("GET", P.PATH_QUEUE, timeout=(self._http._timeout[0], timeout)).json()
+        except BadRequestError as exc:
+            if exc.status_code in (404, 405):
+                self._queue_unsupported = True  # not our server: never ask again
+            return None
+        except NotAServerError:  # an official server's 404 may not be JSON
+            self._queue_unsupported = True
+            return None
+        except Exception:
+            return None
 
     def _heartbeat_loop(self, interval):
         while not self._stop_heartbeat.wait(interval):

@@ -30,6 +30,8 @@ PATH_ADD_INITIAL_SEG = "/add_initial_seg_interaction"
 
 # Our additions (never used by the official client).
 PATH_SERVER_INFO = "/x/info"  # version, model, license, device, sessions, memory, machine
+PATH_QUEUE = "/x/queue"  # the lease's place in the GPU queue: ahead, expected_wait_seconds, running, waiting
+PATH_METRICS = "/metrics"  # Prometheus text format (behind the key); not in the official protocol
 TIMING_HEADER = "X-NNI-Timing"  # per-phase server timings in ms, JSON; ignored by official clients
 
 

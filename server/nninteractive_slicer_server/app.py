@@ -1,10 +1,11 @@
 """The application: shared state, routers by concern, one error mapping, the reaper.
 
 Routes live in ``routes/`` (``protocol``: nnInteractive 2.6's remote protocol; ``extensions``: ours under /x/;
-``operations``: health); the rules they share (key, lease, body limits, turns) in ``deps.py``; every exception's
-HTTP answer in ``errors.py``; every size limit and the memory budget in ``limits.py``; leases in ``leases.py``, the
-model in ``engine.py``, input checks in ``validate.py`` and the wire codec in ``SlicerNNInteractiveLib.wire``
-(shared with the client).
+``operations``: health, metrics); the rules they share (key, lease, body limits, turns) in ``deps.py``; every
+exception's HTTP answer in ``errors.py``; every size limit and the memory budget in ``limits.py``; leases in
+``leases.py``, the model and the GPU queue in ``engine.py``, input checks in ``validate.py`` and the wire codec in
+``SlicerNNInteractiveLib.wire`` (shared with the client). Operations: ``metrics.py`` (Prometheus), ``logs.py``
+(request ids in log lines, JSON logs), ``shutdown.py`` (SIGTERM).
 """
 
 import asyncio
@@ -15,7 +16,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from . import __version__, errors
+from . import __version__, errors, metrics
 from .identities import Identities, KeyGate
 from .leases import LeaseRegistry
 from .limits import Limits, MemoryBudget
@@ -43,6 +44,8 @@ class Server:
         self.decode_pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
                                               thread_name_prefix="nninteractive-decode")
         self.sweep_every = max(0.05, min(15.0, idle_timeout / 4, liveness_timeout / 4))
+        self.draining = False  # SIGTERM: no new sessions (shutdown.py)
+        self.metrics = None  # metrics.Metrics, made by metrics.install
 
 
 def make_app(engine, max_sessions=1, idle_timeout=600.0, liveness_timeout=60.0, api_key=None, limits=None,
@@ -78,6 +81,7 @@ def make_app(engine, max_sessions=1, idle_timeout=600.0, liveness_timeout=60.0, 
     app.state.registry = srv.registry
     app.add_middleware(KeyGate, identities=srv.identities)  # inside the request-id middleware errors adds
     errors.install(app)
+    metrics.install(app)  # after errors: it counts what their handlers refuse
     app.include_router(operations.router)
     app.include_router(protocol.router)
     app.include_router(extensions.router)

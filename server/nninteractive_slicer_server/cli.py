@@ -7,6 +7,7 @@ import sys
 
 from SlicerNNInteractiveLib.urls import is_loopback_host
 
+from . import logs
 from .models import StartupError, check_model_dir, resolve_official
 
 log = logging.getLogger("nninteractive_slicer_server")
@@ -62,10 +63,15 @@ def build_parser():
                      "(default: the largest image as uncompressed float32, plus 16 MiB)")
     lim.add_argument("--max-waiting-per-lease", type=int, default=4, metavar="N", help="requests of one session "
                      "that may wait behind the one it runs; more get 429 with Retry-After (default %(default)s)")
-    o = p.add_argument_group("logging")
+    o = p.add_argument_group("operations")
     o.add_argument("--verbose", action="store_true", help="log what each session does")
     o.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="log level (default %(default)s)")
+    o.add_argument("--log-json", action="store_true", help="log one JSON object per line (time, level, logger, "
+                   "message, request_id) instead of text")
+    o.add_argument("--shutdown-deadline-seconds", type=float, default=30.0, metavar="S", help="on SIGTERM: refuse "
+                   "new sessions, finish the requests in progress, release every session and exit within S seconds "
+                   "(default %(default)s)")
     return p
 
 
@@ -96,6 +102,8 @@ def check_args(args):
         raise StartupError("--max-sessions-per-user must be at least 1.")
     if args.max_waiting_per_lease < 0:
         raise StartupError("--max-waiting-per-lease must be 0 or more.")
+    if args.shutdown_deadline_seconds <= 0:
+        raise StartupError("--shutdown-deadline-seconds must be positive.")
     if not 0 < args.port < 65536:
         raise StartupError("--port must be between 1 and 65535.")
     if args.model_dir:
@@ -193,7 +201,7 @@ def check_device(name):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    logs.configure(args.log_level, json_lines=args.log_json, verbose=args.verbose)
     try:
         return serve(args)
     except StartupError as exc:
@@ -228,10 +236,9 @@ def serve(args):
         raise StartupError("Could not load the model from %s (%s: %s); check that it is an nnInteractive model "
                            "folder made for nnInteractive 2.6." % (model_dir, type(exc).__name__, exc))
 
-    import uvicorn
-
     from .app import make_app
     from .limits import Limits
+    from .shutdown import serve as serve_until_stopped
 
     limits = Limits.defaults(args.memory_budget, args.max_image_voxels, args.max_body_bytes)
     limits.max_waiting_per_lease = args.max_waiting_per_lease
@@ -242,9 +249,9 @@ def serve(args):
              ", %d per user" % args.max_sessions_per_user if args.max_sessions_per_user else "", identities.describe())
     log.info("limits: %s; up to %d request(s) waiting per session", limits.describe(), limits.max_waiting_per_lease)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.verbose,
-                    ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
-                    ssl_keyfile_password=args.ssl_keyfile_password)
+        serve_until_stopped(app, args.shutdown_deadline_seconds, host=args.host, port=args.port,
+                            log_level=args.log_level, access_log=args.verbose, ssl_certfile=args.ssl_certfile,
+                            ssl_keyfile=args.ssl_keyfile, ssl_keyfile_password=args.ssl_keyfile_password)
     finally:
         engine.shutdown()
     return 0

@@ -3,7 +3,8 @@
 Routes raise; they never build error responses. Bad input of any kind (our checks, the packed-array codec,
 FastAPI's own validation, the library's ValueError/AssertionError on input it refuses) is the client's fault:
 4xx with a message. Running out of memory or of the device is a 507 that leaves the session usable. Anything else
-is a 500 that says only "internal error" and a request id; the exception and its traceback go to the log.
+is a 500 that says only "internal error" and a request id; the exception and its traceback go to the log. The
+request id is in the ``X-Request-ID`` header of every answer and in every log line written while serving it.
 """
 
 import json
@@ -17,6 +18,7 @@ from starlette.responses import JSONResponse
 
 from SlicerNNInteractiveLib.wire import WireFormatError
 
+from .logs import request_id_var
 from .validate import BadInput
 
 log = logging.getLogger("nninteractive_slicer_server")
@@ -66,6 +68,14 @@ class Unavailable(Problem):
     status = 503
 
 
+class AtCapacity(Unavailable):
+    """Every session slot is taken."""
+
+
+class Draining(Unavailable):
+    """The server is shutting down (SIGTERM): no new sessions."""
+
+
 class BudgetFull(Unavailable):
     """The memory budget is momentarily full (other sessions hold it); retry later."""
 
@@ -101,8 +111,7 @@ def _answer(request, status, detail, headers=None):
 
 async def _problem(request, exc):
     if exc.status >= 500:
-        log.warning("[%s] %s %s -> %d: %s", request_id(request), request.method, request.url.path, exc.status,
-                    exc.detail)
+        log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.detail)
     return _answer(request, exc.status, exc.detail, exc.headers)
 
 
@@ -132,7 +141,7 @@ async def _client_gone(request, exc):
 
 
 async def _out_of_memory(request, exc):
-    log.error("[%s] out of memory in %s: %s", request_id(request), request.url.path, exc)
+    log.error("out of memory in %s: %s", request.url.path, exc)
     return _answer(request, 507, "the server ran out of memory (or its device failed) on this request; the session "
                                  "was reset: send the image again, or a smaller one")
 
@@ -161,6 +170,7 @@ class RequestIdMiddleware:
             return await self.app(scope, receive, send)
         rid = secrets.token_hex(6)
         scope.setdefault("state", {})["request_id"] = rid
+        request_id_var.set(rid)  # every log line of this request carries it (logs.py); the task's own context
         header = (REQUEST_ID_HEADER.lower().encode(), rid.encode())
         started = []
 
@@ -173,7 +183,7 @@ class RequestIdMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         except Exception:
-            log.exception("[%s] internal error in %s %s", rid, scope.get("method"), scope.get("path"))
+            log.exception("internal error in %s %s", scope.get("method"), scope.get("path"))
             if started:
                 raise
             body = json.dumps({"detail": "internal server error; request id %s (the server log has the details)"

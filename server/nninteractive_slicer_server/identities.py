@@ -290,6 +290,9 @@ class KeyGate:
             except Refused as exc:
                 log.info("[%s] %s %s from %s -> %d: %s", state.get("request_id", "-"), scope.get("method"),
                          scope.get("path"), (scope.get("client") or ("?",))[0], exc.status, exc.detail)
+                srv = getattr(getattr(scope.get("app"), "state", None), "server", None)
+                if getattr(srv, "metrics", None) is not None:  # refused before the exception handlers count it
+                    srv.metrics.rejections.labels("unauthorized" if exc.status == 401 else "busy").inc()
                 return await _refuse(send, exc)
         return await self.app(scope, receive, send)
 

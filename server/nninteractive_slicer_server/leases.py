@@ -153,6 +153,11 @@ class LeaseRegistry:
         with self._mu:
             return len(self._leases)
 
+    def snapshot(self):
+        """The leases held now (a copy: for metrics and shutdown)."""
+        with self._mu:
+            return list(self._leases.values())
+
     # ------------------------------------------------------------ turns
 
     async def run(self, lease, work):

@@ -5,7 +5,7 @@ from fastapi import APIRouter, Depends, Request
 from SlicerNNInteractiveLib import protocol as P
 
 from .. import __version__
-from ..deps import require_key, server
+from ..deps import lease, require_key, server
 from ..limits import rss_bytes
 
 router = APIRouter(dependencies=[Depends(require_key)])
@@ -22,3 +22,11 @@ async def server_info(request: Request, user=Depends(require_key)):
             "memory_budget": srv.budget.total, "memory_reserved": srv.budget.used,
             "max_image_voxels": srv.limits.max_image_voxels, "max_body_bytes": srv.limits.max_body_bytes,
             "machine": P.machine_id(), "user": user}
+
+
+@router.get(P.PATH_QUEUE)
+async def queue(request: Request, lease_=Depends(lease)):
+    """Where this lease's prediction stands in the GPU queue, asked beside it (on another connection) while a prompt
+    waits: ``{"ahead": N, "expected_wait_seconds": S or null, "running": bool, "waiting": bool, "queued": M}``. With
+    no prediction of this lease queued, what one sent now would face. Never waits for the lease's turn."""
+    return server(request).engine.queue.position(lease_)

@@ -1,13 +1,27 @@
-"""Operations: what a load balancer, an orchestrator or an operator asks. Never needs a key or a lease, never waits
-on a session."""
+"""Operations: what a load balancer, an orchestrator or an operator asks. Never waits on a session.
 
-from fastapi import APIRouter
+``/healthz`` needs no key (and answers 503 while the server drains, so a balancer sends no new users);
+``/metrics`` (Prometheus) needs the key when one is set: operators scrape with it.
+"""
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
 
 from SlicerNNInteractiveLib import protocol as P
+
+from ..deps import require_key, server
 
 router = APIRouter()
 
 
 @router.get(P.PATH_HEALTHZ)
-async def healthz():
+async def healthz(request: Request):
+    if getattr(server(request), "draining", False):
+        return JSONResponse({"ok": False, "draining": True}, status_code=503, headers={"Retry-After": "10"})
     return {"ok": True}
+
+
+@router.get(P.PATH_METRICS, dependencies=[Depends(require_key)])
+async def metrics(request: Request):
+    body, content_type = server(request).metrics.exposition()
+    return Response(body, media_type=content_type)

@@ -18,7 +18,7 @@ from SlicerNNInteractiveLib.wire import MASK_CODEC, pack_array
 
 from .. import validate
 from ..deps import act, finish_preprocessing, lease, meta, quiet_lease, read_json, read_packed, require_key, server
-from ..errors import Unavailable
+from ..errors import AtCapacity, Draining
 from ..leases import ServerFull, UserFull
 from ..limits import session_bytes
 
@@ -67,7 +67,7 @@ async def prompt(request, lease_, check, call, timing=None):
             predicted_at.append(time.perf_counter())
             return call(session, arg)
 
-        ran, waited = srv.engine.run_on_gpu(timed)
+        ran, waited = srv.engine.run_on_gpu(timed, owner=lease_)
         timing["queue_wait"] = waited * 1e3
         timing["predict"] = (time.perf_counter() - predicted_at[0]) * 1e3
         return predict_response(session, timing, ran, started)
@@ -125,16 +125,19 @@ async def capabilities(request: Request):
 
 @router.post(P.PATH_CLAIM)
 async def claim(request: Request, user=Depends(require_key)):
-    registry = server(request).registry
+    srv = server(request)
+    registry = srv.registry
+    if srv.draining:
+        raise Draining("the server is shutting down; try again later (or another server)", retry_after=10)
     try:
         lease_ = await run_in_threadpool(registry.claim, user)
     except UserFull:
-        raise Unavailable("%s already holds %d session(s), the most one user may hold on this server "
+        raise AtCapacity("%s already holds %d session(s), the most one user may hold on this server "
                           "(--max-sessions-per-user); close one, or wait until it expires"
                           % (user, registry.max_per_user), retry_after=10)
     except ServerFull:
-        raise Unavailable("server is at capacity (%d sessions); try again later" % registry.max_sessions,
-                          retry_after=10)
+        raise AtCapacity("server is at capacity (%d sessions); try again later" % registry.max_sessions,
+                         retry_after=10)
     return {"lease_token": lease_.token, "idle_timeout_seconds": registry.idle_timeout,
             "liveness_timeout_seconds": registry.liveness_timeout, "max_sessions": registry.max_sessions}
 

@@ -1,0 +1,101 @@
+"""Log lines that carry the request id (and the user, when known), as text or one JSON object per line.
+
+The request id is set by ``errors.RequestIdMiddleware`` in ``request_id_var`` for the task that serves the request;
+work handed to threads carries it along (Starlette's thread pool copies the context, and so does
+``Engine.run_on_gpu``). A filter on the one handler adds it to every record, whichever logger wrote it (ours,
+uvicorn's, the access log): ``-`` outside a request. What the nnInteractive library prints (it prints rather than
+logs) becomes log records of the ``nnInteractive`` logger too (INFO with ``--verbose``, else DEBUG), so that a JSON
+log stays one JSON object per line and those lines carry the request id as well.
+"""
+
+import contextvars
+import io
+import json
+import logging
+import sys
+import threading
+import time
+
+request_id_var = contextvars.ContextVar("nninteractive_request_id", default="-")
+user_var = contextvars.ContextVar("nninteractive_user", default=None)  # set where the key names a user
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s [%(request_id)s] %(message)s"
+
+
+class RequestContextFilter(logging.Filter):
+    def filter(self, record):
+        record.request_id = request_id_var.get()
+        record.user = user_var.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (ISO 8601, UTC), level, logger, message, request_id, user (when known),
+    exception (when there is one)."""
+
+    def format(self, record):
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + ".%03dZ" % record.msecs,
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "request_id": getattr(record, "request_id", "-"),
+        }
+        if getattr(record, "user", None):
+            entry["user"] = record.user
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            entry["exception"] = record.exc_text
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+class PrintsToLog(io.TextIOBase):
+    """A stand-in for ``sys.stdout``: each complete line written becomes one record of ``logger``."""
+
+    def __init__(self, logger, level, original=None):
+        io.TextIOBase.__init__(self)
+        self.logger = logger
+        self.level = level
+        self.original = original  # what needs a real file descriptor (a child process's output) gets this one's
+        self._pending = threading.local()  # per thread, so that two threads' prints never mix within a line
+
+    def writable(self):
+        return True
+
+    def fileno(self):
+        if self.original is None:
+            raise io.UnsupportedOperation("fileno")
+        return self.original.fileno()
+
+    @property
+    def encoding(self):
+        return getattr(self.original, "encoding", None) or "utf-8"
+
+    def write(self, text):
+        pending = getattr(self._pending, "text", "") + str(text)
+        *lines, pending = pending.split("\n")
+        self._pending.text = pending
+        for line in lines:
+            if line.strip():
+                self.logger.log(self.level, line.rstrip())
+        return len(text)
+
+
+def configure(level="info", json_lines=False, stream=None, verbose=False, capture_prints=True):
+    """Send every logger's records to one handler on the root logger (uvicorn's included: start uvicorn with
+    ``log_config=None`` so that it keeps none of its own), warnings and (``capture_prints``) the library's prints
+    included."""
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RequestContextFilter())
+    handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(str(level).upper())
+    logging.captureWarnings(True)
+    if capture_prints and not isinstance(sys.stdout, PrintsToLog):
+        sys.stdout = PrintsToLog(logging.getLogger("nnInteractive"), logging.INFO if verbose else logging.DEBUG,
+                                 sys.stdout)
+    return handler

@@ -1,0 +1,215 @@
+"""Prometheus metrics (``GET /metrics``, behind the key when one is set), one registry per app.
+
+Labels stay bounded: ``endpoint`` is the route template (``/add_point_interaction``; ``unmatched`` for paths the
+app does not serve), ``user`` is the name the key gave (``request.state.user``, see item 6 of the design) or
+``shared`` (the server's one key) / ``anonymous`` (no key), ``reason`` is the kind of refusal.
+
+* ``nninteractive_http_requests_total{endpoint,method,status,user}``
+* ``nninteractive_http_request_duration_seconds{endpoint,method,status}`` (histogram)
+* ``nninteractive_http_request_bytes_total{endpoint}``, ``nninteractive_http_response_bytes_total{endpoint}``
+* ``nninteractive_rejections_total{reason}``: every refused request (``bad_input``, ``unauthorized``, ``gone``,
+  ``too_large``, ``busy``, ``at_capacity``, ``budget_full``, ``draining``, ``stalled``, ``out_of_memory``,
+  ``not_found``...)
+* ``nninteractive_prediction_seconds``, ``nninteractive_gpu_queue_wait_seconds`` (histograms)
+* ``nninteractive_gpu_queue_length`` (predictions waiting or running), ``nninteractive_sessions{user}``,
+  ``nninteractive_max_sessions``, ``nninteractive_memory_budget_bytes``, ``nninteractive_memory_reserved_bytes``,
+  ``nninteractive_draining``, ``nninteractive_server_info{version,model,device}``; and the ``process_*`` metrics
+  (``process_resident_memory_bytes``...).
+"""
+
+import re
+import time
+
+from starlette.routing import Match
+
+from fastapi.exceptions import RequestValidationError
+import prometheus_client
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, ProcessCollector, \
+    generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from starlette.exceptions import HTTPException  # FastAPI's is a subclass; the router's 404 and 405 are this one
+
+from SlicerNNInteractiveLib.wire import WireFormatError
+
+from . import __version__
+from .validate import BadInput
+
+PREFIX = "nninteractive_"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+PREDICTION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+UNMATCHED = "unmatched"
+
+
+def reason_of(exc):
+    """The ``reason`` label of a refused request, from the exception that refused it."""
+    if isinstance(exc, (BadInput, WireFormatError, RequestValidationError)):
+        return "bad_input"
+    if isinstance(exc, HTTPException):
+        return {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed"}.get(
+            exc.status_code, "http_%d" % exc.status_code)
+    if isinstance(exc, MemoryError):
+        return "out_of_memory"
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()  # TooLarge -> too_large
+
+
+class Metrics:
+    def __init__(self, srv):
+        self.srv = srv
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(PREFIX + "http_requests", "HTTP requests answered, by route template, method, status "
+                                "and user", ["endpoint", "method", "status", "user"], registry=r)
+        self.latency = Histogram(PREFIX + "http_request_duration_seconds", "Time from a request's arrival to the end "
+                                 "of its answer", ["endpoint", "method", "status"], buckets=LATENCY_BUCKETS,
+                                 registry=r)
+        self.bytes_in = Counter(PREFIX + "http_request_bytes", "Request body bytes received", ["endpoint"],
+                                registry=r)
+        self.bytes_out = Counter(PREFIX + "http_response_bytes", "Response body bytes sent", ["endpoint"],
+                                 registry=r)
+        self.rejections = Counter(PREFIX + "rejections", "Requests refused, by reason", ["reason"], registry=r)
+        self.prediction = Histogram(PREFIX + "prediction_seconds", "Time a prediction ran on the prediction thread",
+                                    buckets=PREDICTION_BUCKETS, registry=r)
+        self.queue_wait = Histogram(PREFIX + "gpu_queue_wait_seconds", "Time a prediction waited for the "
+                                    "prediction thread (the GPU) behind other sessions' predictions",
+                                    buckets=QUEUE_BUCKETS, registry=r)
+        ProcessCollector(registry=r)
+        r.register(_StateCollector(srv))
+        srv.engine.queue.listeners.append(self._predicted)
+
+    def _predicted(self, waited, ran):
+        self.queue_wait.observe(waited)
+        self.prediction.observe(ran)
+
+    def user_of(self, state, status):
+        user = state.get("user") if isinstance(state, dict) else None
+        if user:
+            return str(user)
+        if not self.srv.identities.required:
+            return "anonymous"
+        return "unauthenticated" if status == 401 else "shared"
+
+    def exposition(self):
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _StateCollector:
+    """Gauges read when scraped: sessions by user, the GPU queue, the memory budget, draining."""
+
+    def __init__(self, srv):
+        self.srv = srv
+
+    def describe(self):
+        return []  # collected at scrape time only
+
+    def collect(self):
+        srv = self.srv
+        sessions = GaugeMetricFamily(PREFIX + "sessions", "Sessions (leases) held, by user", labels=["user"])
+        default = "shared" if srv.identities.required else "anonymous"
+        counts = {}
+        for lease in srv.registry.snapshot():
+            user = getattr(lease, "user", None) or default
+            counts[user] = counts.get(user, 0) + 1
+        for user, n in sorted(counts.items()):
+            sessions.add_metric([str(user)], n)
+        if not counts:
+            sessions.add_metric([default], 0)
+        yield sessions
+        yield GaugeMetricFamily(PREFIX + "max_sessions", "Session slots (--max-sessions)",
+                                value=srv.registry.max_sessions)
+        yield GaugeMetricFamily(PREFIX + "gpu_queue_length", "Predictions waiting for or running on the prediction "
+                                "thread", value=len(srv.engine.queue))
+        yield GaugeMetricFamily(PREFIX + "memory_budget_bytes", "Memory all sessions may hold together "
+                                "(--memory-budget)", value=srv.budget.total)
+        yield GaugeMetricFamily(PREFIX + "memory_reserved_bytes", "Memory reserved now by sessions and requests in "
+                                "progress, against the budget", value=srv.budget.used)
+        yield GaugeMetricFamily(PREFIX + "draining", "1 while shutting down (SIGTERM): no new sessions",
+                                value=1 if getattr(srv, "draining", False) else 0)
+        info = GaugeMetricFamily(PREFIX + "server_info", "The server's version, model and device",
+                                 labels=["version", "model", "device"])
+        info.add_metric([__version__, str(srv.engine.model_name), str(srv.engine.device)], 1)
+        yield info
+
+
+class MetricsMiddleware:
+    """Counts every answer (status, latency, bytes) by route template; the outermost layer, so that it also sees
+    the 500s the request-id middleware makes."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        metrics = scope["app"].state.server.metrics if "app" in scope else None
+        started = time.perf_counter()
+        seen = {"in": 0, "out": 0, "status": 500}
+
+        async def counting_receive():
+            message = await receive()
+            if message["type"] == "http.request":
+                seen["in"] += len(message.get("body", b""))
+            return message
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                seen["status"] = message["status"]
+            elif message["type"] == "http.response.body":
+                seen["out"] += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, counting_send)
+        finally:
+            if metrics is not None:
+                endpoint = _route_template(scope)
+                status = str(seen["status"])
+                method = scope.get("method", "")
+                metrics.requests.labels(endpoint, method, status, metrics.user_of(scope.get("state"), seen["status"])
+                                        ).inc()
+                metrics.latency.labels(endpoint, method, status).observe(time.perf_counter() - started)
+                if seen["in"]:
+                    metrics.bytes_in.labels(endpoint).inc(seen["in"])
+                if seen["out"]:
+                    metrics.bytes_out.labels(endpoint).inc(seen["out"])
+
+
+def _route_template(scope):
+    """The template of the route the request reached, or would have reached when it was refused before routing
+    (a 401 from the key check): matched against the app's routes, so a raw path never becomes a label."""
+    route = scope.get("route")
+    if route is None and "app" in scope:
+        route = _match(scope["app"].routes, scope)
+    return getattr(route, "path", None) or UNMATCHED
+
+
+def _match(routes, scope):
+    for route in routes:
+        if hasattr(route, "original_router"):  # FastAPI keeps an included router as one entry
+            found = _match(route.original_router.routes, scope)
+            if found is not None:
+                return found
+        elif route.matches(scope)[0] == Match.FULL:
+            return route
+    return None
+
+
+def install(app):
+    """Create the app's metrics, count every refusal the exception handlers answer (call after
+    ``errors.install``), and add the counting middleware (outermost)."""
+    srv = app.state.server
+    disable_created = getattr(prometheus_client, "disable_created_metrics", None)
+    if disable_created is not None:
+        disable_created()  # no *_created series beside each counter and histogram (process-wide)
+    srv.metrics = Metrics(srv)
+
+    def counting(handler):
+        async def handle(request, exc):
+            srv.metrics.rejections.labels(reason_of(exc)).inc()
+            return await handler(request, exc)
+
+        return handle
+
+    for cls, handler in list(app.exception_handlers.items()):
+        if isinstance(cls, type):
+            app.exception_handlers[cls] = counting(handler)
+    app.add_middleware(MetricsMiddleware)

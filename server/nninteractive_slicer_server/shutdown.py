@@ -1,0 +1,98 @@
+"""Graceful shutdown on SIGTERM, within a deadline (``--shutdown-deadline-seconds``).
+
+On the first SIGTERM the server, at once:
+
+1. refuses new sessions (``/claim``: 503 with Retry-After; ``/healthz``: 503, so a balancer sends no one new), while
+   the sessions it holds keep working;
+2. waits until no request of any session is in progress and no prediction waits for or runs on the GPU (at most
+   until 4/5 of the deadline, or 5 s before it);
+3. releases every session (a client that asks again gets 410, and its recovery claims elsewhere);
+4. stops uvicorn (which closes the connections and waits for the answers still being sent) and exits 0.
+
+A watchdog ends the process (exit status 1) at the deadline whatever is still running. A second SIGTERM, or
+SIGINT (Ctrl+C), stops at once the way uvicorn does.
+"""
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+import uvicorn
+
+log = logging.getLogger("nninteractive_slicer_server")
+
+
+class GracefulServer(uvicorn.Server):
+    def __init__(self, config, srv, deadline):
+        uvicorn.Server.__init__(self, config)
+        self.srv = srv
+        self.deadline = float(deadline)
+        self.drain_started = None
+        self._drain_task = None
+        self._watchdog = None
+
+    def handle_exit(self, sig, frame):
+        if sig == signal.SIGTERM and self.drain_started is None and not self.should_exit:
+            self.drain_started = time.monotonic()
+            self.srv.draining = True  # the very next claim is refused
+            self._watchdog = threading.Timer(self.deadline, self._past_deadline)
+            self._watchdog.daemon = True
+            self._watchdog.start()
+            return  # the drain starts on the next tick of uvicorn's main loop
+        uvicorn.Server.handle_exit(self, sig, frame)
+
+    async def on_tick(self, counter):
+        if self.drain_started is not None and self._drain_task is None:
+            self._drain_task = asyncio.get_running_loop().create_task(self._drain())
+        return await uvicorn.Server.on_tick(self, counter)
+
+    def busy(self):
+        """Requests of sessions in progress, predictions queued or running."""
+        return sum(lease.in_flight for lease in self.srv.registry.snapshot()), len(self.srv.engine.queue)
+
+    async def _drain(self):
+        registry = self.srv.registry
+        settle_by = self.drain_started + max(self.deadline * 0.8, self.deadline - 5.0)
+        log.info("SIGTERM: shutting down within %.0f s; new sessions are refused; %d session(s), %d request(s) in "
+                 "progress, %d prediction(s) queued or running", self.deadline, registry.count(), *self.busy())
+        try:
+            while any(self.busy()) and time.monotonic() < settle_by:
+                await asyncio.sleep(0.05)
+            if any(self.busy()):
+                log.warning("shutting down with %d request(s) in progress, %d prediction(s) queued or running",
+                            *self.busy())
+            sessions = registry.count()
+            await asyncio.get_running_loop().run_in_executor(None, registry.close_all)
+            log.info("released %d session(s); stopping", sessions)
+        except Exception:
+            log.exception("error while draining; stopping")
+        finally:
+            remaining = self.drain_started + self.deadline - time.monotonic()
+            self.config.timeout_graceful_shutdown = max(0.5, remaining - 1.0)
+            self.should_exit = True
+
+    def _past_deadline(self):
+        log.error("the shutdown deadline (%.0f s) passed with work still in progress; exiting now", self.deadline)
+        for handler in logging.getLogger().handlers:
+            try:
+                handler.flush()
+            except Exception:
+                pass
+        os._exit(1)
+
+
+def serve(app, deadline, **config):
+    """``uvicorn.run(app, **config)`` with SIGTERM draining (see the module's docstring). Our own logging handler
+    stays in charge (``log_config=None``)."""
+    server = GracefulServer(uvicorn.Config(app, log_config=None, **config), app.state.server, deadline)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    if not server.started:
+        sys.exit(3)  # uvicorn's STARTUP_FAILURE: it has logged why
+    return server
