@@ -441,3 +441,43 @@ def test_the_client_against_an_official_server(quiet_model, tmp_path):
             remote.set_image(make_image())
             with pytest.raises(BadRequestError, match="cannot run automatic models.*official"):
                 remote.auto_segment("tiny_organs", spacing=SPACING)
+
+
+# ---------------------------------------------------------------------------------------------------------- jobs (in process)
+
+def test_jobs_are_zipped_owned_and_expire(tmp_path):
+    from nninteractive_slicer_server.auto.jobs import JobStore
+    from nninteractive_slicer_server.errors import NotFound, Unavailable
+    from nninteractive_slicer_server.limits import Limits
+
+    now = [1000.0]
+    limits = Limits.defaults(memory_budget=1 << 30)
+    limits.job_ttl_s, limits.max_jobs = 60.0, 2
+    store = JobStore(str(tmp_path / "jobs"), limits, clock=lambda: now[0])
+    job = store.create("alice")
+    os.makedirs(os.path.join(job.output, "stage_0"))
+    with open(os.path.join(job.output, "stage_0", "prediction.nii.gz"), "wb") as f:
+        f.write(b"labels")
+    os.symlink("/etc/passwd", os.path.join(job.output, "stage_0", "link"))  # never followed into the zip
+    with pytest.raises(NotFound):
+        store.get(job.id, "alice")  # not finished yet
+    store.finish(job)
+    assert sorted(os.listdir(job.folder)) == ["outputs.zip"]
+    with zipfile.ZipFile(store.get(job.id, "alice").zip_path) as zf:
+        assert zf.namelist() == ["output/stage_0/prediction.nii.gz"]
+        assert zf.read("output/stage_0/prediction.nii.gz") == b"labels"
+    with pytest.raises(NotFound):
+        store.get(job.id, "bob")  # another user's job names nothing to them
+    other = store.create("bob")
+    with pytest.raises(Unavailable, match="--max-jobs"):
+        store.create("carol")
+    store.discard(other)
+    now[0] += 61
+    assert store.expire() == 1 and not os.path.exists(job.folder)
+    with pytest.raises(NotFound, match="expired"):
+        store.get(job.id, "alice")
+    store.close()
+    assert os.path.isdir(str(tmp_path / "jobs"))  # an operator's --jobs-dir stays; only a temporary one is removed
+    temp = JobStore(None, limits)
+    temp.close()
+    assert not os.path.exists(temp.root)
