@@ -336,12 +336,12 @@ class RemoteSession:
                             sent_at=sent_at)
         return resp
 
-    def _post_json(self, path, payload):
+    def _post_json(self, path, payload, timeout=None):
         t0 = time.perf_counter()
         body = json.dumps(payload, separators=(",", ":")).encode()
         t1 = time.perf_counter()
         sent_at = time.time()
-        resp = self._http.call("POST", path, data=body, meta=None, json_type=True)
+        resp = self._http.call("POST", path, data=body, meta=None, json_type=True, timeout=timeout)
         self._record_timing(resp, encode=t1 - t0, exchange=time.perf_counter() - t1, sent=len(body), sent_at=sent_at)
         return resp
 
@@ -519,7 +519,8 @@ class RemoteSession:
         if spacing is not None:
             payload["spacing"] = [float(s) for s in spacing]
         try:
-            resp = self._post_json(P.PATH_AUTO_SEGMENT, _jsonable(payload))
+            # A whole-volume model may run for minutes (on a CPU, or behind others in the GPU queue).
+            resp = self._post_json(P.PATH_AUTO_SEGMENT, _jsonable(payload), timeout=self._upload_timeout)
         except BadRequestError as exc:
             if exc.status_code == 404:
                 why = ("it is not nninteractive-slicer-server (an official nnInteractive server has no automatic "
