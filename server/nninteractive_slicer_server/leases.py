@@ -76,7 +76,7 @@ class Lease:
 
     def keep_source(self, image, properties):
         self.source_image = image
-        self.image_properties = dict(properties or {})
+        self.image_properties = dict(properties) if isinstance(properties, dict) else {}
 
     def drop_all(self):
         self.keep_source(None, None)
