@@ -337,12 +337,12 @@ class RemoteSession:
                             sent_at=sent_at)
         return resp
 
-    def _post_json(self, path, payload):
+    def _post_json(self, path, payload, timeout=None):
         t0 = time.perf_counter()
         body = json.dumps(payload, separators=(",", ":")).encode()
         t1 = time.perf_counter()
         sent_at = time.time()
-        resp = self._http.call("POST", path, data=body, meta=None, json_type=True)
+        resp = self._http.call("POST", path, data=body, meta=None, json_type=True, timeout=timeout)
         self._record_timing(resp, encode=t1 - t0, exchange=time.perf_counter() - t1, sent=len(body), sent_at=sent_at)
         return resp
 
@@ -481,6 +481,74 @@ class RemoteSession:
             self.target_buffer[...] = initial_seg
         self._apply_prediction(resp)
         return self._last_paste_bbox
+
+    # ------------------------------------------------------------------ automatic models (our server only)
+
+    def list_models(self):
+        """The server's automatic (nnU-Net) models, from ``GET /model_info``: a list of dicts with ``id``, ``name``,
+        ``aliases``, ``labels`` (``value``, ``name``, ``color`` RGB 0-255, ``terminology`` when coded),
+        ``default_args``, ``license``...; ``[]`` when our server serves none; None when the server has no such
+        endpoint (an official nninteractive-server)."""
+        try:
+            info = self._http.call("GET", P.PATH_MODEL_INFO).json()
+        except BadRequestError as exc:
+            if exc.status_code == 404:
+                return None
+            raise
+        except NotAServerError:
+            return None
+        except ValueError:
+            raise NotAServerError("%s answered /model_info with something that is not JSON." % self.server_url)
+        if not isinstance(info, dict):
+            raise NotAServerError("%s answered /model_info with %s, not a JSON object."
+                                  % (self.server_url, type(info).__name__))
+        return [dict(v, id=v.get("id", k)) if isinstance(v, dict) else {"id": k} for k, v in info.items()]
+
+    def auto_segment(self, model, spacing=None, **fields):
+        """Run the server's automatic model ``model`` (id, alias or name) on this session's image (the one sent with
+        set_image: nothing is uploaded again). ``spacing``: the voxel spacing per array axis, needed when set_image
+        had no ``image_properties={"spacing": [...]}``; ``fields``: ``use_folds``, ``tta``, ``checkpoint_name``,
+        ``class_idx``, ``proba_threshold``, ``min_confidence``.
+
+        Returns ``(bbox, region, labels, timings)``: the half-open box ``[[lo, hi]] * 3`` holding every labelled
+        voxel and the label array inside it (both None when the model found nothing), ``labels`` (one dict per label
+        value present: ``value``, ``name``, ``color``, ``terminology`` when coded, ``voxels``), and ``timings`` in
+        seconds (the server's ``queue``, ``predict``, ``preprocess``, ``postprocess``, ``total``...; ``exchange``
+        and ``decode`` here). The target buffer is not touched: send a label back as the initial segmentation
+        (``add_initial_seg_interaction(full == value)``) to refine it with prompts."""
+        payload = dict(fields, model=model)
+        if spacing is not None:
+            payload["spacing"] = [float(s) for s in spacing]
+        try:
+            # A whole-volume model may run for minutes (on a CPU, or behind others in the GPU queue).
+            resp = self._post_json(P.PATH_AUTO_SEGMENT, _jsonable(payload), timeout=self._upload_timeout)
+        except BadRequestError as exc:
+            if exc.status_code == 404:
+                why = ("it is not nninteractive-slicer-server (an official nnInteractive server has no automatic "
+                       "models)" if str(exc).endswith("Not Found") else str(exc))
+                raise BadRequestError("The server at %s cannot run automatic models: %s" % (self.server_url, why),
+                                      status_code=404)
+            raise
+        raw = resp.headers.get(P.META_HEADER)
+        if raw is None:
+            raise NotAServerError("%s answered auto_segment without its %s header." % (self.server_url, P.META_HEADER))
+        meta = json.loads(raw)
+        timings = dict(meta.get("timings") or {})
+        timings["exchange"] = self.last_timing.get("exchange_ms", 0.0) / 1e3
+        bbox, region = meta.get("bbox"), None
+        if bbox is not None and resp.content:
+            t0 = time.perf_counter()
+            try:
+                region = unpack_array(resp.content)
+            except WireFormatError as exc:
+                raise NotAServerError("The server's answer could not be decoded (%s)." % exc)
+            bbox = [[int(lo), int(hi)] for lo, hi in bbox]
+            if region.shape != tuple(hi - lo for lo, hi in bbox):
+                raise NotAServerError("The server sent a region of shape %s for a box %s." % (region.shape, bbox))
+            timings["decode"] = time.perf_counter() - t0
+        else:
+            bbox = None
+        return bbox, region, list(meta.get("labels") or []), timings
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -33,6 +33,16 @@ PATH_SERVER_INFO = "/x/info"  # version, model, license, device, sessions, memor
 PATH_QUEUE = "/x/queue"  # the lease's place in the GPU queue: ahead, expected_wait_seconds, running, waiting
 PATH_METRICS = "/metrics"  # Prometheus text format (behind the key); not in the official protocol
 TIMING_HEADER = "X-NNI-Timing"  # per-phase server timings in ms, JSON; ignored by official clients
+PATH_AUTO_SEGMENT = "/x/auto_segment"  # run a registered nnU-Net model on the session's image
+
+# The established nnU-Net model server's endpoints (automatic models), served as that server serves them.
+PATH_MODEL_INFO = "/model_info"
+PATH_REQUEST_PARAMS = "/request-params"
+PATH_READYZ = "/readyz"
+PATH_INFER = "/infer"
+PATH_INFER_FILE = "/infer_file"
+PATH_DOWNLOAD = "/download/{job_id}"
+PATH_EXPIRE = "/expire"
 
 
 @functools.lru_cache(maxsize=None)

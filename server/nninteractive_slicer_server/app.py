@@ -1,11 +1,12 @@
 """The application: shared state, routers by concern, one error mapping, the reaper.
 
 Routes live in ``routes/`` (``protocol``: nnInteractive 2.6's remote protocol; ``extensions``: ours under /x/;
-``operations``: health, metrics); the rules they share (key, lease, body limits, turns) in ``deps.py``; every
-exception's HTTP answer in ``errors.py``; every size limit and the memory budget in ``limits.py``; leases in
-``leases.py``, the model and the GPU queue in ``engine.py``, input checks in ``validate.py`` and the wire codec in
-``SlicerNNInteractiveLib.wire`` (shared with the client). Operations: ``metrics.py`` (Prometheus), ``logs.py``
-(request ids in log lines, JSON logs), ``shutdown.py`` (SIGTERM).
+``operations``: health, metrics; ``auto``: automatic nnU-Net models, the established model server's endpoints and
+ours); the rules they share (key, lease, body limits, turns) in ``deps.py``; every exception's HTTP answer in
+``errors.py``; every size limit and the memory budget in ``limits.py``; leases in ``leases.py``, the model and the
+GPU queue in ``engine.py``, input checks in ``validate.py`` and the wire codec in ``SlicerNNInteractiveLib.wire``
+(shared with the client). Operations: ``metrics.py`` (Prometheus), ``logs.py`` (request ids in log lines, JSON
+logs), ``shutdown.py`` (SIGTERM).
 """
 
 import asyncio
@@ -20,6 +21,7 @@ from . import __version__, errors, metrics
 from .identities import Identities, KeyGate
 from .leases import LeaseRegistry
 from .limits import Limits, MemoryBudget
+from .routes import auto as auto_routes
 from .routes import extensions, operations, protocol
 
 log = logging.getLogger("nninteractive_slicer_server")
@@ -29,8 +31,10 @@ class Server:
     """What every route reaches through ``request.app.state.server``."""
 
     def __init__(self, engine, max_sessions, idle_timeout, liveness_timeout, identities, limits,
-                 max_sessions_per_user=None):
+                 max_sessions_per_user=None, auto=None):
         self.engine = engine
+        self.auto = auto  # auto.service.AutoService: the model registry and its endpoints (None: no registry)
+        self.keep_source_images = auto is not None  # sessions keep the image as received, for /x/auto_segment
         self.identities = identities
         self.limits = limits
         self.budget = MemoryBudget(limits.memory_budget)
@@ -49,10 +53,11 @@ class Server:
 
 
 def make_app(engine, max_sessions=1, idle_timeout=600.0, liveness_timeout=60.0, api_key=None, limits=None,
-             identities=None, max_sessions_per_user=None):
-    """``identities`` (shared key and keys file) replaces ``api_key`` when given."""
+             identities=None, max_sessions_per_user=None, auto=None):
+    """``identities`` (shared key and keys file) replaces ``api_key`` when given; ``auto`` (an
+    ``auto.service.AutoService``) serves automatic models."""
     srv = Server(engine, max_sessions, idle_timeout, liveness_timeout, identities or Identities(api_key),
-                 limits or Limits.defaults(), max_sessions_per_user)
+                 limits or Limits.defaults(), max_sessions_per_user, auto)
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -63,6 +68,11 @@ def make_app(engine, max_sessions=1, idle_timeout=600.0, liveness_timeout=60.0, 
                     srv.registry.sweep()  # takes leases out at once; their sessions are freed on the reaper's thread
                 except Exception:
                     log.exception("error while reaping sessions")
+                if srv.auto is not None:
+                    try:  # predictors past their TTL, expired jobs' folders: off the event loop
+                        await asyncio.to_thread(srv.auto.sweep)
+                    except Exception:
+                        log.exception("error while sweeping predictors and jobs")
 
         task = asyncio.create_task(reap())
         unwatch = srv.identities.watch_sighup()  # kill -HUP rereads the keys file
@@ -74,6 +84,8 @@ def make_app(engine, max_sessions=1, idle_timeout=600.0, liveness_timeout=60.0, 
             srv.registry.close_all()
             srv.decode_pool.shutdown(wait=False)
             srv.identities.close()
+            if srv.auto is not None:
+                srv.auto.close()
 
     app = FastAPI(title="nninteractive-slicer-server", version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url="/x/openapi.json")
@@ -85,4 +97,5 @@ def make_app(engine, max_sessions=1, idle_timeout=600.0, liveness_timeout=60.0, 
     app.include_router(operations.router)
     app.include_router(protocol.router)
     app.include_router(extensions.router)
+    app.include_router(auto_routes.router)
     return app

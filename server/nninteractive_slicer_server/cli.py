@@ -63,6 +63,31 @@ def build_parser():
                      "(default: the largest image as uncompressed float32, plus 16 MiB)")
     lim.add_argument("--max-waiting-per-lease", type=int, default=4, metavar="N", help="requests of one session "
                      "that may wait behind the one it runs; more get 429 with Retry-After (default %(default)s)")
+    a = p.add_argument_group("automatic models (nnU-Net; the established model server's /infer, /infer_file, "
+                             "/model_info, ... and /x/auto_segment on a session's image)")
+    a.add_argument("--model-serve-spec", metavar="PATH", help="model registry (model-serve-spec.yaml) to serve "
+                   "(default: $MODEL_SERVE_SPEC; none: no automatic models); an invalid one stops the start-up")
+    a.add_argument("--predictor-cache-size", type=int, default=2, metavar="N", help="loaded nnU-Net predictors kept "
+                   "at once (default %(default)s)")
+    a.add_argument("--predictor-ttl-seconds", type=float, default=600.0, metavar="S", help="drop a predictor unused "
+                   "this long (default %(default)s; POST /expire drops them all)")
+    a.add_argument("--gpu-memory-wait-seconds", type=float, default=120.0, metavar="S", help="how long a run waits "
+                   "for its model's min_mem of free GPU memory before answering 503 (default %(default)s)")
+    a.add_argument("--infer-root", action="append", default=[], metavar="DIR", help="a directory whose files /infer "
+                   "requests may read and write (repeatable; paths resolving outside every one, through '..' or "
+                   "links, get 403); none: /infer on server paths is off (uploads to /infer_file still work)")
+    a.add_argument("--jobs-dir", metavar="DIR", help="where /infer_file jobs unpack and keep their outputs (default: "
+                   "a temporary folder, removed at exit)")
+    lim.add_argument("--max-upload-bytes", type=parse_size, default="2G", metavar="BYTES", help="largest /infer_file "
+                     "upload (default 2G)")
+    lim.add_argument("--max-unpacked-bytes", type=parse_size, default="8G", metavar="BYTES", help="what one uploaded "
+                     "archive may unpack to (default 8G)")
+    lim.add_argument("--max-archive-files", type=int, default=10000, metavar="N", help="entries of one uploaded "
+                     "archive (default %(default)s)")
+    lim.add_argument("--max-jobs", type=int, default=100, metavar="N", help="finished /infer_file jobs kept for "
+                     "download at once (default %(default)s)")
+    lim.add_argument("--job-ttl-seconds", type=float, default=86400.0, metavar="S", help="delete a job's outputs this "
+                     "long after it finished (default %(default)s)")
     o = p.add_argument_group("operations")
     o.add_argument("--verbose", action="store_true", help="log what each session does")
     o.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
@@ -106,6 +131,15 @@ def check_args(args):
         raise StartupError("--shutdown-deadline-seconds must be positive.")
     if not 0 < args.port < 65536:
         raise StartupError("--port must be between 1 and 65535.")
+    if args.predictor_cache_size < 1:
+        raise StartupError("--predictor-cache-size must be at least 1.")
+    for flag in ("predictor_ttl_seconds", "job_ttl_seconds"):
+        if getattr(args, flag) <= 0:
+            raise StartupError("--%s must be positive." % flag.replace("_", "-"))
+    if args.gpu_memory_wait_seconds < 0:
+        raise StartupError("--gpu-memory-wait-seconds must be 0 or more.")
+    if args.max_archive_files < 1 or args.max_jobs < 1:
+        raise StartupError("--max-archive-files and --max-jobs must be at least 1.")
     if args.model_dir:
         args.fold = check_model_dir(os.path.abspath(os.path.expanduser(args.model_dir)), args.fold, args.checkpoint)
 
@@ -199,6 +233,38 @@ def check_device(name):
     return device
 
 
+def check_registry(args):
+    """The model registry (None without a spec), checked before the slow model load: an invalid spec stops the
+    start-up with the file, the entry and the field."""
+    from .auto.registry import SpecError, load_registry, spec_path_from
+
+    path = spec_path_from(args.model_serve_spec)
+    if path is None:
+        if args.infer_root or args.jobs_dir:
+            raise StartupError("--infer-root and --jobs-dir serve automatic models: give the model registry too "
+                               "(--model-serve-spec PATH or MODEL_SERVE_SPEC).")
+        return None
+    try:
+        registry = load_registry(path)
+    except SpecError as exc:
+        raise StartupError("the model registry is invalid: %s." % exc)
+    for root in args.infer_root:
+        if not os.path.isdir(os.path.expanduser(root)):
+            raise StartupError("--infer-root %s is not a directory." % root)
+    return registry
+
+
+def make_auto(registry, engine, args, limits):
+    from .auto.predictors import AutoSegmenter
+    from .auto.service import AutoService
+
+    segmenter = AutoSegmenter(registry, device=str(engine.device), runner=engine.run_on_gpu,
+                              cache_size=args.predictor_cache_size, ttl_s=args.predictor_ttl_seconds,
+                              mem_timeout_s=args.gpu_memory_wait_seconds)
+    jobs_dir = os.path.abspath(os.path.expanduser(args.jobs_dir)) if args.jobs_dir else None
+    return AutoService(registry, segmenter, limits, args.infer_root, jobs_dir)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     logs.configure(args.log_level, json_lines=args.log_json, verbose=args.verbose)
@@ -213,6 +279,7 @@ def serve(args):
     check_args(args)
     check_tls(args)
     identities = check_keys(args)
+    registry = check_registry(args)
     device = check_device(args.device)
     compile_ = not args.no_torch_compile and device.type == "cuda"
     if args.model_dir:
@@ -242,12 +309,17 @@ def serve(args):
 
     limits = Limits.defaults(args.memory_budget, args.max_image_voxels, args.max_body_bytes)
     limits.max_waiting_per_lease = args.max_waiting_per_lease
+    limits.max_upload_bytes, limits.max_unpacked_bytes = args.max_upload_bytes, args.max_unpacked_bytes
+    limits.max_archive_files, limits.max_jobs, limits.job_ttl_s = (args.max_archive_files, args.max_jobs,
+                                                                    args.job_ttl_seconds)
+    auto = make_auto(registry, engine, args, limits) if registry is not None else None
     app = make_app(engine, args.max_sessions, args.idle_timeout_seconds, args.liveness_timeout_seconds, limits=limits,
-                   identities=identities, max_sessions_per_user=args.max_sessions_per_user)
+                   identities=identities, max_sessions_per_user=args.max_sessions_per_user, auto=auto)
     log.info("serving %s on %s://%s:%d (max %d session(s)%s, %s)", engine.model_name,
              "https" if args.ssl_certfile else "http", args.host, args.port, args.max_sessions,
              ", %d per user" % args.max_sessions_per_user if args.max_sessions_per_user else "", identities.describe())
     log.info("limits: %s; up to %d request(s) waiting per session", limits.describe(), limits.max_waiting_per_lease)
+    log.info("automatic models: %s", auto.describe() if auto is not None else "none (no --model-serve-spec)")
     try:
         serve_until_stopped(app, args.shutdown_deadline_seconds, host=args.host, port=args.port,
                             log_level=args.log_level, access_log=args.verbose, ssl_certfile=args.ssl_certfile,

@@ -31,10 +31,17 @@ class Problem(Exception):
 
     status = 500
 
-    def __init__(self, detail, retry_after=None):
+    def __init__(self, detail, retry_after=None, extra=None):
         Exception.__init__(self, detail)
         self.detail = detail
         self.headers = {"Retry-After": str(int(retry_after))} if retry_after is not None else None
+        self.extra = extra  # more fields of the JSON answer beside "detail" (the established /infer failure fields)
+
+
+class Invalid(Problem):
+    """Bad input (400) whose answer carries more fields than ``detail``; plain bad input raises ``BadInput``."""
+
+    status = 400
 
 
 class Unauthorized(Problem):
@@ -45,6 +52,10 @@ class Forbidden(Problem):
     """A valid key, but not the one this lease belongs to."""
 
     status = 403
+
+
+class NotFound(Problem):
+    status = 404
 
 
 class Gone(Problem):
@@ -80,6 +91,12 @@ class BudgetFull(Unavailable):
     """The memory budget is momentarily full (other sessions hold it); retry later."""
 
 
+class Unimplemented(Problem):
+    """This server cannot do that (yet): 501."""
+
+    status = 501
+
+
 class OutOfMemory(Problem):
     """Memory or the device failed while working on a request; the session was reset and can be used again."""
 
@@ -105,14 +122,15 @@ def request_id(request):
     return getattr(request.state, "request_id", None) or "-"
 
 
-def _answer(request, status, detail, headers=None):
-    return JSONResponse({"detail": detail}, status_code=status, headers=headers)  # the middleware adds the id
+def _answer(request, status, detail, headers=None, extra=None):
+    body = dict(extra or {}, detail=detail)
+    return JSONResponse(body, status_code=status, headers=headers)  # the middleware adds the id
 
 
 async def _problem(request, exc):
     if exc.status >= 500:
         log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.detail)
-    return _answer(request, exc.status, exc.detail, exc.headers)
+    return _answer(request, exc.status, exc.detail, exc.headers, exc.extra)
 
 
 async def _http_exception(request, exc):

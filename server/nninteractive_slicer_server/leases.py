@@ -54,6 +54,10 @@ class Lease:
         self.running = False
         self.freed = False
         self.held = {}  # name -> limits.Reservation held by the session (image, target buffer)
+        # The image as set_image received it (before the library normalises its own copy) and its image_properties,
+        # kept only on servers with automatic models (POST /x/auto_segment runs them on it); budgeted with "image".
+        self.source_image = None
+        self.image_properties = {}
         self.last_active = self.last_seen = time.monotonic()
 
     def seen(self):
@@ -70,7 +74,12 @@ class Lease:
         if old is not None:
             old.release()
 
+    def keep_source(self, image, properties):
+        self.source_image = image
+        self.image_properties = dict(properties) if isinstance(properties, dict) else {}
+
     def drop_all(self):
+        self.keep_source(None, None)
         for name in list(self.held):
             self.hold(name, None)
 

@@ -44,6 +44,13 @@ class Limits:
     max_body_bytes: int  # one request body (packed arrays are compressed; an image's body is the largest)
     max_json_bytes: int = 64 * 1024  # a JSON body (points, boxes, flags) is a few hundred bytes
     max_waiting_per_lease: int = 4  # requests of one lease queued behind the one it runs; more get 429
+    # Automatic models (/infer_file uploads and their jobs; see routes/auto.py and auto/jobs.py).
+    max_upload_bytes: int = 2 * GiB  # one uploaded study archive (the whole multipart body)
+    max_unpacked_bytes: int = 8 * GiB  # what one archive may unpack to, all files together
+    max_archive_files: int = 10000  # entries (files and folders) of one archive
+    max_jobs: int = 100  # finished /infer_file jobs kept for download at once; one more gets 503 + Retry-After
+    job_ttl_s: float = 86400.0  # a job's outputs are deleted this long after it finished
+    max_running_jobs: int = 2  # automatic runs on server paths or uploads at once (more wait their turn)
 
     @classmethod
     def defaults(cls, memory_budget=None, max_image_voxels=None, max_body_bytes=None, ram=None):
@@ -64,6 +71,25 @@ class Limits:
         if size is not None and size > self.max_body_bytes:
             raise TooLarge("%s is at least %d bytes; this server accepts at most %d (--max-body-bytes)"
                            % (what, size, self.max_body_bytes))
+
+    def check_upload(self, size, what="the uploaded archive"):
+        if size is not None and size > self.max_upload_bytes:
+            raise TooLarge("%s is at least %d bytes; this server accepts at most %d (--max-upload-bytes)"
+                           % (what, size, self.max_upload_bytes))
+
+    def check_unpacked(self, total_bytes, files):
+        """What an archive unpacks to so far (``total_bytes`` of file contents in ``files`` entries)."""
+        if files > self.max_archive_files:
+            raise TooLarge("the archive has more than the %d entries this server accepts (--max-archive-files)"
+                           % self.max_archive_files)
+        if total_bytes > self.max_unpacked_bytes:
+            raise TooLarge("the archive unpacks to more than the %d bytes this server accepts (--max-unpacked-bytes)"
+                           % self.max_unpacked_bytes)
+
+    def describe_jobs(self):
+        return ("uploads up to %s unpacking to at most %s in %d entries; %d job(s) kept at most, each for %.0f s"
+                % (human(self.max_upload_bytes), human(self.max_unpacked_bytes), self.max_archive_files,
+                   self.max_jobs, self.job_ttl_s))
 
     def check_image_voxels(self, voxels, shape):
         if voxels > self.max_image_voxels:

@@ -176,9 +176,11 @@ async def set_image(request: Request, lease_=Depends(lease), meta_=Depends(meta)
             voxels = math.prod(shape[1:])
             srv.limits.check_image_voxels(voxels, shape)
             held = session_bytes(voxels, shape[0], srv.num_interaction_channels)
-            whole = scoped.add(srv.budget.reserve(held + math.prod(shape) * dtype.itemsize,
-                                                  "the image %s %s" % (list(shape), dtype)))
-            kept.append(whole.split(held))  # kept by the session; the decoded array's share ends with the request
+            received = math.prod(shape) * dtype.itemsize
+            whole = scoped.add(srv.budget.reserve(held + received, "the image %s %s" % (list(shape), dtype)))
+            # Kept by the session (with the received array itself on servers with automatic models); the rest ends
+            # with the request.
+            kept.append(whole.split(held + (received if srv.keep_source_images else 0)))
 
         try:
             arr = await read_packed(request, lease_, accept, "the image")
@@ -196,6 +198,8 @@ async def set_image(request: Request, lease_=Depends(lease), meta_=Depends(meta)
                 session.set_image(arr, props)  # preprocessing continues in the session's background thread
                 lease_.hold("target", None)  # set_image dropped the target buffer
                 lease_.hold("image", kept.pop())
+                # The library normalises a copy; the array received stays as sent, for /x/auto_segment.
+                lease_.keep_source(arr if srv.keep_source_images else None, props)
                 return {"original_image_shape": list(session.original_image_shape)}
 
             result = await act(request, lease_, work)

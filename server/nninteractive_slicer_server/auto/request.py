@@ -1,0 +1,92 @@
+"""The body of ``POST /infer`` (and the ``request`` field of ``POST /infer_file``): the established nnU-Net server's
+request, field for field, so that its clients' bodies run unchanged. ``GET /request-params`` answers this model's
+JSON schema.
+
+Written from the established server's public documentation (names, types, defaults); only the checks differ:
+``checkpoint_name`` takes any checkpoint file name (the established server only ``checkpoint_final.pth`` and
+``checkpoint_best.pth``), and fields the request does not set are left unset, so that a model's ``default_args``
+(model-serve-spec.yaml) fill them (``fields_set``).
+
+Per-model values: a request naming several models (a cascade, ``nnunet_id: [a, b]``) may give ``class_idx``,
+``proba_threshold``, ``min_confidence``, ``use_folds``, ``checkpoint_name``, ``cascade_mode`` and
+``series_folders`` per model, as lists.
+"""
+
+from enum import Enum
+from typing import List, Optional, Tuple, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class CascadeMode(str, Enum):
+    INTERSECT = "intersect"
+    CROP = "crop"
+
+
+# The request fields that name files or folders on the server: each is confined to the operator's --infer-root
+# directories (or, for /infer_file, to the job's own folder) before anything reads or writes there.
+PATH_FIELDS = ("study_path", "output_dir", "crop_from", "intersect_with", "tmp_dir")
+
+
+class InferenceRequestBase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    nnunet_id: Union[str, List[str]] = Field(
+        ..., description="Model id, alias or name from the server's model registry (GET /model_info), or a list of "
+                         "them (a cascade: each model's output can feed the next).")
+    output_dir: str = Field(..., description="Output directory on the server (inside an --infer-root directory).")
+    class_idx: Optional[Union[int, List[Optional[Union[int, List[int]]]]]] = Field(
+        None, description="Label value(s) kept from each prediction (per model in a cascade).")
+    checkpoint_name: Union[str, List[str]] = Field(
+        "checkpoint_final.pth", description="nnU-Net checkpoint file name (per model in a cascade), e.g. "
+                                            "checkpoint_final.pth or checkpoint_best.pth.")
+    tmp_dir: str = Field(".tmp", description="Directory for temporary outputs.")
+    is_dicom: bool = Field(False, description="Whether the series folders hold DICOM series (outputs then include "
+                                              "a DICOM SEG).")
+    tta: bool = Field(False, description="Test-time augmentation (mirroring).")
+    use_folds: List[Union[int, str, List[Union[int, str]]]] = Field(
+        [0], description="Folds to use (per model in a cascade).")
+    proba_threshold: Optional[Union[float, List[Optional[float]]]] = Field(
+        None, description="Probability threshold(s) for the model output (per model in a cascade).")
+    min_confidence: Optional[Union[float, List[Optional[float]]]] = Field(
+        None, description="Minimum confidence of a kept object (per model in a cascade).")
+    min_intersection: Optional[float] = Field(
+        0.1, description="Minimum intersection of an object with intersect_with (or the previous stage) to keep it.")
+    crop_padding: Optional[Tuple[int, int, int]] = Field(
+        (10, 10, 10), description="Padding (voxels) around the crop_from / previous stage bounding box.")
+    remove_objects_smaller_than: Optional[Union[float, List[Optional[float]]]] = Field(
+        None, description="Remove objects smaller than this (a fraction of the largest object's size).")
+    cascade_mode: Union[CascadeMode, List[CascadeMode]] = Field(
+        CascadeMode.INTERSECT, description="Crop a stage's input to the previous stage's bounding box ('crop'), or "
+                                           "keep the objects that intersect it ('intersect').")
+    save_proba_map: bool = Field(False, description="Also save the probability map (needs proba_threshold).")
+    save_nifti_inputs: bool = Field(False, description="Save the inputs as NIfTI when they are DICOM.")
+    save_rt_struct_output: bool = Field(False, description="Also save an RT STRUCT (DICOM input only).")
+    suffix: Optional[str] = Field(None, description="Suffix of the output file names (prediction_<suffix>.nii.gz).")
+
+
+class InferenceRequest(InferenceRequestBase):
+    study_path: str = Field(..., description="The study folder on the server (inside an --infer-root directory).")
+    series_folders: Optional[Union[List[str], List[List[str]]]] = Field(
+        None, description="Series folders relative to study_path (a list per model in a cascade); 'from:<model>' "
+                          "takes a previous stage's output.")
+    crop_from: Optional[str] = Field(None, description="Crop the input to the bounding box of this mask (a path).")
+    intersect_with: Optional[str] = Field(
+        None, description="Keep the objects that intersect this mask (a path) by at least min_intersection.")
+
+
+class InferenceRequestFile(InferenceRequestBase):
+    """``/infer_file``: the study comes in the uploaded archive, and the outputs go to the job's folder."""
+
+    output_dir: Optional[str] = Field(None, description="Ignored: outputs go to the job's folder (GET "
+                                                        "/download/{job_id}).")
+    study_path: Optional[str] = Field(None, description="Ignored: the study is the uploaded archive.")
+    series_folders: Optional[Union[List[str], List[List[str]]]] = Field(
+        None, description="Series folders relative to the archive's top (a list per model in a cascade).")
+    crop_from: Optional[str] = Field(None, description="A mask inside the archive (a path relative to its top).")
+    intersect_with: Optional[str] = Field(None, description="A mask inside the archive (a path relative to its top).")
+
+
+def set_fields(req):
+    """The fields the request set, JSON-able (enums as their values): what overrides a model's default_args."""
+    return req.model_dump(mode="json", exclude_unset=True)
