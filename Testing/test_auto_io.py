@@ -265,8 +265,8 @@ def test_file_geometry_preserved(env, name):
     assert "dicom_segmentation" not in r
     src = sitk.ReadImage(os.path.join(env["study"], name))
     out, labels = read(r["nifti_prediction"][0])
-    assert out.GetOrigin() == src.GetOrigin() if name.endswith("nrrd") else True
     assert_same_geometry(out, src, tol=1e-6)
+    assert_same_geometry(out, env["nii"], tol=1e-5)  # and the geometry the test wrote
     assert labels.shape == SHAPE and labels.any()
 
 
@@ -312,6 +312,7 @@ def _box_mask(env, name, box):
 def test_crop_from_runs_on_the_padded_box_and_puts_it_back(env):
     path, _ = _box_mask(env, "box.nii.gz", [(6, 12), (10, 20), (12, 26)])
     r = run(env, "crop", nnunet_id="tiny", series_folders=["ct.nii.gz"], crop_from=path, crop_padding=[2, 3, 1])
+    assert r["stages"][0]["crop_ijk"] == [[10, 28], [7, 23], [5, 13]]
     _i, labels = read(r["nifti_prediction"][0])
     region = (slice(5, 13), slice(7, 23), slice(10, 28))  # padding x, y, z = i, j, k
     outside = np.ones(SHAPE, dtype=bool)
@@ -347,14 +348,19 @@ def test_cascade_intersect_and_crop(env):
     expected, _ = keep_intersecting(second, first, 0.3)
     np.testing.assert_array_equal(read(r["nifti_prediction"][1])[1], expected)
 
-    r = run(env, "cas_crop", nnunet_id=["tiny", "tiny_lesion"], series_folders=["ct.nii.gz"],
+    # crop: stage 0 runs on crop_from's box, stage 1 on stage 0's mask (which replaces crop_from), both padded
+    path, _ = _box_mask(env, "box3.nii.gz", [(3, 9), (20, 30), (8, 14)])
+    r = run(env, "cas_crop", nnunet_id=["tiny", "tiny_lesion"], series_folders=["ct.nii.gz"], crop_from=path,
             class_idx=[1, None], proba_threshold=[0.6, None], cascade_mode="crop", crop_padding=2)
+    assert r["stages"][0]["crop_ijk"] == [[6, 16], [18, 32], [1, 11]]
+    stage0 = read(r["nifti_prediction"][0])[1] > 0
     labels = read(r["nifti_prediction"][1])[1]
-    nz = np.nonzero(first)
+    nz = np.nonzero(stage0)
     region = tuple(slice(max(0, a.min() - 2), min(n, a.max() + 3)) for a, n in zip(nz, SHAPE))
+    assert r["stages"][1]["crop_ijk"] == [[s.start, s.stop] for s in reversed(region)]
     outside = np.ones(SHAPE, dtype=bool)
     outside[region] = False
-    assert not labels[outside].any()
+    assert outside.sum() > stage0.size / 2 and not labels[outside].any() and labels[region].any()
     assert r["stages"][0]["nnunet_id"] == "tiny_organs" and r["stages"][1]["nnunet_id"] == "tiny_lesion"
 
 

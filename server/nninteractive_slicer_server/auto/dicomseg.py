@@ -114,7 +114,14 @@ def _seg_common(sources, info, description_suffix=""):
                 software_versions=str(info.get("software_versions") or info.get("algorithm_version") or "1.0"),
                 device_serial_number=str(info.get("device_serial_number") or "1"),
                 series_description=(desc + description_suffix)[:64], content_label="SEGMENTATION",
-                content_creator_name=info.get("content_creator_name") or None)
+                content_creator_name=_person_name(info.get("content_creator_name")))
+
+
+def _person_name(name):
+    if not name:
+        return None
+    name = str(name)[:64]
+    return name if "^" in name else name + "^"  # one component: the family name, said unambiguously
 
 
 def _finish(seg, info, path):

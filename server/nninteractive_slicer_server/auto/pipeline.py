@@ -41,6 +41,17 @@ an endpoint that catches them). Semantics, as the established nnU-Net server has
 * ``tmp_dir`` is accepted and unused (nothing is written outside ``output_dir``); ``bvalue_for_filtering`` is
   refused when set (not supported here); ``from:`` references in ``series_folders`` are refused (not supported).
 
+Response (the established fields first): ``time_elapsed`` (s), ``gpu`` (CUDA device index or null),
+``nnunet_path`` (per stage: the result folder relative to the registry's model folder, *ours*: no server path),
+``metadata`` (per stage: the SEG attributes and segments of the model, no server paths), ``request`` (the request
+with the arguments each stage ran with), ``status`` (``done``), ``error`` (null), ``identifiers`` ([]),
+``is_empty`` (per stage), the output lists (one entry per stage, null where nothing was written: an empty mask gets
+no DICOM SEG / RTSTRUCT) ``nifti_prediction`` and, when asked, ``nifti_proba``, ``nifti_inputs`` (every input),
+``dicom_segmentation``, ``dicom_struct``, ``dicom_fractional_segmentation``; with ``copy_final`` ``<field>_final``
+(a file name in ``output_dir``). *Ours*: ``stages`` (per stage: ``nnunet_id``, ``series``, ``labels`` found with
+names and colours, ``crop_ijk`` (the region run, index ranges i, j, k) or null, ``skipped``, ``timings``) and
+``warnings`` when there are any.
+
 Paths: every path a request names goes through ``resolve_path(path, field)`` before use (default: made absolute);
 the server passes one that confines paths to its ``--infer-root`` folders and raises ``Forbidden`` otherwise.
 DICOM files found in a series folder go through it too.
@@ -404,10 +415,10 @@ def run_study(registry, segmenter, request, resolve_path=None, progress=None, co
         vols = []
         for p in stage["paths"]:
             if p not in loaded:
-                s = aio.read_series(p, opts["is_dicom"])
-                for f in s.files:
+                series = aio.read_series(p, opts["is_dicom"])
+                for f in series.files:
                     resolve(f, "series_folders")  # DICOM files found in a confined folder stay confined
-                loaded[p] = s
+                loaded[p] = series
             vols.append(loaded[p])
         ref = vols[0].image
         images = [ref] + [aio.resample_to(v.image, ref, is_mask=_might_be_mask(v.image)) for v in vols[1:]]
@@ -480,12 +491,15 @@ def run_study(registry, segmenter, request, resolve_path=None, progress=None, co
         segments = registry.segments(spec)
         info = _seg_info(registry, spec)
         if opts["is_dicom"]:
-            files = vols[0].files
+            files, why = vols[0].files, None
             if not files:
-                warnings.append("stage %d: the first series (%s) is not a DICOM series, so no DICOM outputs were "
-                                "written for it" % (i, stage["folders"][0]))
-                out["dicom_segmentation"].append(None)
-                for key in ("dicom_struct", "dicom_fractional_segmentation"):
+                why = "is not a DICOM series"
+            elif len(files) != shape[0]:
+                why = "is a multi-frame DICOM file, for which this server writes no DICOM outputs"
+            if why:
+                warnings.append("stage %d: the first series (%s) %s; prediction.nii.gz has the result"
+                                % (i, stage["folders"][0], why))
+                for key in ("dicom_segmentation", "dicom_struct", "dicom_fractional_segmentation"):
                     if key in out:
                         out[key].append(None)
             else:
@@ -508,6 +522,8 @@ def run_study(registry, segmenter, request, resolve_path=None, progress=None, co
         stages_info.append({"nnunet_id": spec.id, "series": stage["folders"],
                             "labels": [by_value[v].as_dict() if v in by_value else {"value": v, "name": "label %d" % v}
                                        for v in present],
+                            "crop_ijk": [[r.start, r.stop] for r in reversed(region)] if crop_ref is not None and
+                            not skip else None,
                             "skipped": skip, "timings": {k: round(float(v), 4) for k, v in timings.items()}})
         # ---- what the next stage takes from this one
         if i < n - 1:
