@@ -437,3 +437,18 @@ def test_nnunet_predict_batch_command(env, tmp_path):
     assert "[1/2 " in p.stderr and "[2/2 " in p.stderr
     labels = read(str(tmp_path / "a" / "prediction.nii.gz"))[1]
     assert set(np.unique(labels)) == {0, 2}
+
+
+def test_batch_data_dir_layout(tmp_path):
+    from nninteractive_slicer_server.auto.predict_cli import studies_from_dir
+
+    for name in ("t2_0000.nii.gz", "adc_0001.nii.gz", "notes.txt"):
+        (tmp_path / "data" / "p1" / "s1").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / "p1" / "s1" / name).write_text("")
+    items = studies_from_dir(str(tmp_path / "data"), str(tmp_path / "out"))
+    assert items == [{"study_path": str(tmp_path / "data" / "p1" / "s1"),
+                      "series_folders": [["t2_0000.nii.gz", "adc_0001.nii.gz"]],
+                      "output_dir": str(tmp_path / "out" / "p1" / "s1")}]
+    (tmp_path / "data" / "p1" / "s1" / "dwi_0003.nii.gz").write_text("")
+    with pytest.raises(ValueError, match="without gaps"):
+        studies_from_dir(str(tmp_path / "data"), str(tmp_path / "out"))

@@ -34,11 +34,9 @@ class RTStructUnavailable(RuntimeError):
 
 
 def rtstruct_available():
-    try:
-        import rt_utils  # noqa: F401
-        return True
-    except ImportError:
-        return False
+    import importlib.util
+
+    return importlib.util.find_spec("rt_utils") is not None
 
 
 # ---------------------------------------------------------------------------------------------------------- codes

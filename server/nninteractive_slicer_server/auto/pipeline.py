@@ -62,7 +62,7 @@ import os
 import re
 import shutil
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List
 
 import numpy as np
 
