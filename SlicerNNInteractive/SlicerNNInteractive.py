@@ -451,7 +451,20 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def onTick(self):
         if self.controller is not None:
             self.controller.tick()
+            self.showQueuePosition(self.controller.queue_position())
         self.startTicking()
+
+    def showQueuePosition(self, position):
+        """On the busy bar, while our server says the prompt waits for the GPU: "Waiting for the GPU: N ahead
+        (~S s)"."""
+        waiting = bool(position and position.get("waiting"))
+        self.ui.busyBar.textVisible = waiting
+        if waiting:
+            text = "Waiting for the GPU: %d ahead" % position.get("ahead", 0)
+            if position.get("expected_wait_seconds") is not None:
+                text += " (~%.0f s)" % position["expected_wait_seconds"]
+            self.ui.busyBar.format = text
+            self.ui.busyBar.toolTip = text
 
     def onBusy(self, busy, pending):
         self.ui.busyBar.setVisible(bool(busy))

@@ -280,6 +280,33 @@ def test_queue_position_of_a_prompt_waiting_for_the_gpu(served):
         b.close(wait=True)
 
 
+def test_the_modules_controller_reports_its_prompt_waiting_for_the_gpu(served):
+    """What the Slicer module shows on its busy bar: the controller's watcher asks beside the prompt in flight."""
+    from SlicerNNInteractiveLib.controller import Controller
+    from SlicerNNInteractiveLib.scene import ArrayScene
+
+    url, _ = served
+    a = session(url, 0)
+    c = Controller(ArrayScene(image(1)[0]), lambda: RemoteSession(url, api_key=KEY))
+    try:
+        first = Prompt(a, (25, 30, 30))
+        assert wait_for(lambda: (a.queue_position() or {}).get("running"), first), first.error
+        c.submit("point", {"coordinates": (30, 30, 30)})
+        seen = []
+        while c.busy:
+            c.tick()
+            position = c.queue_position()
+            if position and position.get("waiting"):
+                seen.append(position)
+            time.sleep(0.02)
+        first.join()
+        assert seen and seen[0]["ahead"] == 1, "the controller never reported its prompt waiting behind a's"
+        assert c.queue_position() is None  # idle: nothing to report
+    finally:
+        c.close()
+        a.close(wait=True)
+
+
 def test_queue_position_is_none_against_the_official_server(quiet_model, tmp_path):
     with official_server(quiet_model, tmp_path) as (url, _):
         s = RemoteSession(url)

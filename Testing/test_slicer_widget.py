@@ -334,6 +334,10 @@ def test_configuration_consent_and_test_connection(module, server):
     assert w.ui.connectionInfoLabel.text.startswith("Failed: Cannot reach")
     m.app.click(w.ui.showTimingsButton)
     assert m.app.shown("dialog")
+    w.showQueuePosition({"waiting": True, "ahead": 2, "expected_wait_seconds": 3.2, "running": False})
+    assert w.ui.busyBar.textVisible and w.ui.busyBar.format == "Waiting for the GPU: 2 ahead (~3 s)"
+    w.showQueuePosition(None)  # running, or a server that does not tell
+    assert not w.ui.busyBar.textVisible
 
 
 def module_settings(app, name):

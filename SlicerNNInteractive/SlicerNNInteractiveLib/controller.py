@@ -106,6 +106,35 @@ class _Worker(object):
             self._cv.notify()
 
 
+class _QueueWatcher(object):
+    """Asks the server where the prompt in flight stands in its GPU queue, every ``interval`` seconds, on a daemon
+    thread (the answer comes on the heartbeat's connection, beside the prompt), while ``active()`` is true."""
+
+    def __init__(self, ask, active, interval=0.5):
+        self.latest = None
+        self._ask, self._active, self._interval = ask, active, interval
+        self._stopped = None  # the running thread's stop event
+
+    def start(self):
+        if self._stopped is not None and not self._stopped.is_set():
+            return  # already watching
+        stopped = self._stopped = threading.Event()
+        self.latest = None
+        threading.Thread(target=self._loop, args=(stopped,), name="nninteractive-queue", daemon=True).start()
+
+    def _loop(self, stopped):
+        while not stopped.wait(self._interval) and self._active():
+            answer = self._ask()
+            if not stopped.is_set():
+                self.latest = answer
+        stopped.set()
+
+    def stop(self):
+        if self._stopped is not None:
+            self._stopped.set()
+        self.latest = None
+
+
 class Controller(object):
     """See the module docstring.
 
@@ -141,6 +170,7 @@ class Controller(object):
         self._shadow_version = None
         self._resync = False
         self._busy_reported = False
+        self._queue_watch = _QueueWatcher(lambda: self.sync.queue_position(), lambda: self.busy)
 
     # ------------------------------------------------------------------ prompt state
 
@@ -252,6 +282,11 @@ class Controller(object):
                 self._fail(job, exc, traceback.format_exc())
         self._report_busy()
 
+    def queue_position(self):
+        """The latest word from the server on the prompt in flight: ``{"ahead", "expected_wait_seconds", "running",
+        "waiting", "queued"}``, or None (not asked yet, idle, or a server that does not tell)."""
+        return self._queue_watch.latest if self.busy else None
+
     def tick(self):
         """``poll()``, then hand the GIL to the worker and heartbeat threads for a moment (see the module
         docstring). For the host's timer, every ``tick_interval_ms()``."""
@@ -295,6 +330,8 @@ class Controller(object):
             return fn()
 
         self._inflight = (job, self._worker.submit(task))
+        if job.kind in PROMPT_KINDS:
+            self._queue_watch.start()
 
     def _prepare_shadow(self, key):
         """Make the shadow hold segment ``key`` as it is now; a full read only when it changed."""
@@ -443,6 +480,7 @@ class Controller(object):
         old.close()
 
     def _stop(self):
+        self._queue_watch.stop()
         self._pending.clear()
         self._inflight = None
         worker, self._worker = self._worker, None

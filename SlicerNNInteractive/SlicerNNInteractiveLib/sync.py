@@ -84,6 +84,13 @@ class SyncedSession:
         """Whether a server session is held now."""
         return self._session is not None
 
+    def queue_position(self):
+        """Where the prompt in flight stands in the server's GPU queue (``RemoteSession.queue_position``), or None
+        without a session or a server that tells. Claims nothing; safe beside a prompt in progress."""
+        session = self._session
+        ask = getattr(session, "queue_position", None)
+        return ask() if ask is not None else None
+
     def has_image(self, key, version):
         """Whether the server holds the image ``key`` at ``version`` (then a prompt sends no image)."""
         return version is not None and (key, version) == self._image_state
