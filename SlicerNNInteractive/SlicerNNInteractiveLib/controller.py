@@ -24,6 +24,8 @@ import threading
 import time
 import traceback
 
+import numpy as np
+
 from .background import YIELD_SECONDS
 from .errors import NNInteractiveError
 from .scene import UndoRecord
@@ -35,9 +37,11 @@ IDLE_TICK_MS = 200  # while a session exists: the heartbeat (every liveness time
 
 
 class Job(object):
-    """One queued action: a prompt (``kind`` in PROMPT_KINDS), "undo", "reset" or "connect"."""
+    """One queued action: a prompt (``kind`` in PROMPT_KINDS), "auto" (an automatic model), "undo", "reset" or
+    "connect"."""
 
-    __slots__ = ("kind", "args", "positive", "segment_key", "generation", "submitted", "timings", "label")
+    __slots__ = ("kind", "args", "positive", "segment_key", "generation", "submitted", "timings", "label",
+                 "cancelled")
 
     def __init__(self, kind, args=None, positive=True, segment_key=None, generation=0, prepare_ms=0.0, label=None):
         self.kind = kind
@@ -48,6 +52,7 @@ class Job(object):
         self.submitted = time.perf_counter()
         self.timings = {"prepare_ms": float(prepare_ms)}
         self.label = label
+        self.cancelled = False
 
     def __repr__(self):
         return "Job(%s, %s, %s)" % (self.kind, "positive" if self.positive else "negative", self.segment_key)
@@ -235,6 +240,25 @@ class Controller(object):
         self._enqueue(Job("reset", segment_key=key, generation=self._generation))
         return key
 
+    def auto_segment(self, model, **fields):
+        """Queue the server's automatic model ``model`` on the image: each label it finds becomes a new segment
+        (the model's name, colour and terminology), written under the editor's masking rules; refine any of them
+        with prompts (selecting it makes it the starting mask). Returns the Job."""
+        job = Job("auto", {"model": model, "fields": fields}, generation=self._generation, label=model)
+        self._enqueue(job)
+        return job
+
+    def cancel_auto(self):
+        """Drop automatic segmentations queued or running (a running one's result is discarded when it arrives).
+        Returns how many were cancelled."""
+        cancelled = [j for j in self._pending if j.kind == "auto"]
+        self._pending = collections.deque(j for j in self._pending if j.kind != "auto")
+        if self._inflight is not None and self._inflight[0].kind == "auto" and not self._inflight[0].cancelled:
+            self._inflight[0].cancelled = True
+            cancelled.append(self._inflight[0])
+        self._report_busy()
+        return len(cancelled)
+
     def can_undo(self):
         """Whether Ctrl+Z is ours (a prompt to undo, or prompts in the queue); otherwise leave it to the editor."""
         if self._pending or self._inflight is not None:
@@ -330,7 +354,7 @@ class Controller(object):
             return fn()
 
         self._inflight = (job, self._worker.submit(task))
-        if job.kind in PROMPT_KINDS:
+        if job.kind in PROMPT_KINDS or job.kind == "auto":
             self._queue_watch.start()
 
     def _prepare_shadow(self, key):
@@ -352,6 +376,9 @@ class Controller(object):
             sync = self.sync
             self._run(job, lambda: sync.session.capabilities if hasattr(sync.session, "capabilities") else {})
             return
+        if job.kind == "auto":
+            self._start_auto(job, t0)
+            return
         if job.segment_key not in self.scene.segment_keys():
             self.log("Segment %s was removed; its queued %s is dropped" % (job.segment_key, job.kind))
             return
@@ -363,13 +390,7 @@ class Controller(object):
             self._start_undo(job, t0)
             return
         key = job.segment_key
-        scene = self.scene
-        image = scene.image_array()
-        image_key, image_version = scene.image_key(), scene.image_version()
-        if not self.sync.has_image(image_key, image_version):
-            # It will be uploaded from the worker thread while the scene may change or close: send a copy, not a
-            # view of the volume's memory.
-            image = image.copy()
+        image, image_key, image_version = self._image_for_worker()
         version = self._prepare_shadow(key)
         shadow, sync = self._shadow, self.sync
         kind, args, positive = job.kind, job.args, job.positive
@@ -377,6 +398,40 @@ class Controller(object):
         job.timings["queued_ms"] = (t0 - job.submitted) * 1e3
         self._run(job, lambda: sync.prompt(kind, args, image, shadow, positive, image_key, image_version, key,
                                            version))
+
+    def _image_for_worker(self):
+        """The image, its key and version; a copy when it will be uploaded (from the worker thread, while the scene
+        may change or close), otherwise the view of the volume's memory."""
+        scene = self.scene
+        image = scene.image_array()
+        image_key, image_version = scene.image_key(), scene.image_version()
+        if not self.sync.has_image(image_key, image_version):
+            image = image.copy()
+        return image, image_key, image_version
+
+    def _start_auto(self, job, t0):
+        image, image_key, image_version = self._image_for_worker()
+        spacing, sync = self.scene.spacing(), self.sync
+        model, fields = job.args["model"], job.args["fields"]
+        job.timings["prepare_ms"] += (time.perf_counter() - t0) * 1e3
+        self._run(job, lambda: sync.auto_segment(model, image, spacing, fields, image_key, image_version))
+
+    def _finish_auto(self, job, result):
+        """One new segment per label found, written through the scene's masking rules."""
+        bbox, region, labels, timings = result
+        t0 = time.perf_counter()
+        keys = []
+        if region is not None:
+            for label in sorted(labels, key=lambda item: item["value"]):
+                color = label.get("color")
+                key = self.scene.add_segment(label.get("name"), [c / 255.0 for c in color] if color else None,
+                                             label.get("terminology"))
+                self.before_write(key)
+                self.scene.merge(key, bbox, (region == label["value"]).astype(np.uint8))
+                keys.append(key)
+        timings["apply_ms"] = (time.perf_counter() - t0) * 1e3
+        timings["segments"] = keys
+        return timings
 
     def _start_undo(self, job, t0):
         record = self._undoable()
@@ -412,13 +467,17 @@ class Controller(object):
             return
         if job.kind == "reset":
             return
+        if job.kind == "auto":
+            if not job.cancelled:
+                self._record_timing(job, None, self._finish_auto(job, fut.result))
+            return
         key = job.segment_key
         if job.kind == "undo":
             # Only when the server went back too (it keeps one level); otherwise the sync layer sends the
             # restored segment with the next prompt.
             if key in self.scene.segment_keys() and fut.result is not None and fut.result.ran_prediction:
                 self.sync.segment_written(key, self._shadow_version)
-            self._record_timing(job, fut.result, None)
+            self._record_timing(job, fut.result)
             return
         result = fut.result
         if job.generation != self._generation or key not in self.scene.segment_keys():
@@ -444,12 +503,13 @@ class Controller(object):
         record.server_step = self._server_step()
         self._undo.append(record)
         result.timings["apply_ms"] = (time.perf_counter() - t0) * 1e3
-        self._record_timing(job, result, record)
+        self._record_timing(job, result)
 
-    def _record_timing(self, job, result, record):
+    def _record_timing(self, job, result, extra=None):
         timings = dict(job.timings)
         if result is not None and getattr(result, "timings", None):
             timings.update(result.timings)
+        timings.update(extra or {})
         timings["total_ms"] = (time.perf_counter() - job.submitted) * 1e3
         timings["kind"] = job.kind
         timings["positive"] = job.positive
@@ -461,9 +521,13 @@ class Controller(object):
             self.on_result(job, result, timings)
 
     def _fail(self, job, exc, trace=None):
-        # Nothing was written to the segment; prompts queued behind a failed one would fail the same way.
-        dropped = sum(1 for j in self._pending if j.kind in PROMPT_KINDS)
-        self._pending = collections.deque(j for j in self._pending if j.kind not in PROMPT_KINDS)
+        # Nothing was written to the segment; prompts queued behind a failed prompt would fail the same way.
+        dropped = 0
+        if job.kind in PROMPT_KINDS:
+            dropped = sum(1 for j in self._pending if j.kind in PROMPT_KINDS)
+            self._pending = collections.deque(j for j in self._pending if j.kind not in PROMPT_KINDS)
+        if job.cancelled:
+            return
         if not isinstance(exc, NNInteractiveError):
             self.log("Unexpected error in %s:\n%s" % (job.kind, trace or ""))
         if job.kind == "undo":

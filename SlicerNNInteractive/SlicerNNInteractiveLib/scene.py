@@ -63,8 +63,13 @@ class Scene(object):
     def select_segment(self, key):
         raise NotImplementedError
 
-    def add_segment(self):
-        """Add an empty segment, select it, return its key."""
+    def add_segment(self, name=None, color=None, terminology=None):
+        """Add an empty segment, select it, return its key. ``name``, ``color`` (r, g, b in 0..1) and
+        ``terminology`` (DICOM codes, as an automatic model's labels carry them) when given."""
+        raise NotImplementedError
+
+    def spacing(self):
+        """Voxel spacing per array axis (k, j, i), as nnU-Net models need it."""
         raise NotImplementedError
 
     def segment_visible(self, key):
@@ -215,8 +220,10 @@ class ArrayScene(Scene):
     ``shared=True`` puts them all on one layer (label values 1, 2, ...) like Slicer's collapsed layers.
     """
 
-    def __init__(self, image, segments=None, shared=False):
+    def __init__(self, image, segments=None, shared=False, spacing=(1.0, 1.0, 1.0)):
         self.image = np.asarray(image)
+        self.voxel_spacing = tuple(float(s) for s in spacing)
+        self.names = {}  # segment key -> name
         self._image_key = "image"
         self._image_version = 0
         self._layers = []  # [{"array": ndarray or None, "offset": tuple, "version": int}]
@@ -277,16 +284,20 @@ class ArrayScene(Scene):
             raise KeyError(key)
         self._selected = key
 
-    def add_segment(self):
+    def add_segment(self, name=None, color=None, terminology=None):
         self._counter += 1
         key = "Segment_%d" % self._counter
         while key in self._segments:
             self._counter += 1
             key = "Segment_%d" % self._counter
+        self.names[key] = name or key
         self._layers.append({"array": None, "offset": (0, 0, 0), "version": self._tick()})
         self._add(key, len(self._layers) - 1, 1)
         self._selected = key
         return key
+
+    def spacing(self):
+        return self.voxel_spacing
 
     def remove_segment(self, key):
         del self._segments[key]

@@ -58,6 +58,20 @@ def definedWorldPoints(markupsNode):
     return points
 
 
+def terminologyEntry(terminology):
+    """Slicer's terminology tag of a segment (vtkSlicerTerminologiesModuleLogic's serialization) from DICOM codes
+    ``{"category": {"CodeValue", "CodingSchemeDesignator", "CodeMeaning"}, "type": ..., "type_modifier": ...,
+    "anatomic_region": ..., "anatomic_region_modifier": ...}`` (missing parts empty)."""
+
+    def code(part):
+        c = terminology.get(part) or {}
+        return "^".join(str(c.get(k, "")) for k in ("CodingSchemeDesignator", "CodeValue", "CodeMeaning"))
+
+    return "~".join(["Segmentation category and type - DICOM master list", code("category"), code("type"),
+                     code("type_modifier"), "Anatomic codes - DICOM master list", code("anatomic_region"),
+                     code("anatomic_region_modifier")])
+
+
 class SlicerScene(Scene):
     """One Segment Editor parameter node: its source volume, its segmentation, its selected segment.
 
@@ -165,9 +179,16 @@ class SlicerScene(Scene):
     def select_segment(self, key):
         self.editorNode.SetSelectedSegmentID(key)
 
-    def add_segment(self):
+    def add_segment(self, name=None, color=None, terminology=None):
         segmentationNode = self.segmentationNode()
-        segmentId = segmentationNode.GetSegmentation().AddEmptySegment()
+        segmentation = segmentationNode.GetSegmentation()
+        if color is None:
+            segmentId = segmentation.AddEmptySegment("", name or "")
+        else:
+            segmentId = segmentation.AddEmptySegment("", name or "", list(color))
+        if terminology:
+            segmentation.GetSegment(segmentId).SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(),
+                                                      terminologyEntry(terminology))
         displayNode = segmentationNode.GetDisplayNode()
         if displayNode is not None:
             displayNode.SetSegmentVisibility(segmentId, True)
@@ -265,6 +286,9 @@ class SlicerScene(Scene):
         self.segmentation().ClearSegment(key)
 
     # --- prompts: world RAS -> voxels -> the arguments of the server's calls
+    def spacing(self):
+        return tuple(self.volumeNode().GetSpacing())[::-1]
+
     @property
     def shape(self):
         """(K, J, I), from the image's dimensions (no array view needed)."""

@@ -106,23 +106,27 @@ class SyncedSession:
         state = (key, version if version is not None else fingerprint(image))
         return state != self._image_state, state
 
-    def _sync(self, image, segment, image_key, image_version, segment_key, segment_version, timings):
+    def _sync_image(self, image, image_key, image_version, timings):
+        """Send the image when the server does not hold it (and declare a target buffer of its shape)."""
         t0 = time.perf_counter()
         changed, image_state = self._image_changed(image, image_key, image_version)
-        seg_state = (segment_key, segment_version if segment_version is not None else fingerprint(segment))
         timings["detect_ms"] = (time.perf_counter() - t0) * 1e3
         session = self.session
         if changed:
-            if segment.shape != image.shape[-3:]:
-                raise ValueError("the segment's shape %s does not match the image's %s"
-                                 % (segment.shape, image.shape[-3:]))
             t1 = time.perf_counter()
             session.set_image(image if image.ndim == 4 else image[None])
-            session.declare_target_buffer(segment.shape, "uint8")
+            session.declare_target_buffer(image.shape[-3:], "uint8")
             timings["upload_image_ms"] = (time.perf_counter() - t1) * 1e3
             self._image_state, self._segment_state = image_state, None
             self.uploads["image"] += 1
             self.server_generation += 1
+        return session
+
+    def _sync(self, image, segment, image_key, image_version, segment_key, segment_version, timings):
+        if segment.shape != image.shape[-3:]:
+            raise ValueError("the segment's shape %s does not match the image's %s" % (segment.shape, image.shape[-3:]))
+        session = self._sync_image(image, image_key, image_version, timings)
+        seg_state = (segment_key, segment_version if segment_version is not None else fingerprint(segment))
         if seg_state != self._segment_state:
             t1 = time.perf_counter()
             if segment.any():
@@ -152,6 +156,23 @@ class SyncedSession:
             try:
                 self._sync(image, segment, image_key, image_version, segment_key, segment_version, timings)
                 return self._send(kind, args, bool(positive), timings)
+            except SessionExpiredError:
+                if attempt:
+                    raise
+                self._drop_session()
+        raise AssertionError("unreachable")
+
+    def auto_segment(self, model, image, spacing, fields=None, image_key=None, image_version=None):
+        """Run the server's automatic model ``model`` on the image (sent first if the server does not hold it).
+        Returns ``(bbox, region, labels, timings)`` as ``RemoteSession.auto_segment``. Recovers an expired session
+        like ``prompt``. The server's prompt state is untouched: the next prompt sends its segment as usual."""
+        for attempt in (0, 1):
+            timings = {}
+            try:
+                session = self._sync_image(image, image_key, image_version, timings)
+                bbox, region, labels, server = session.auto_segment(model, spacing=spacing, **(fields or {}))
+                timings.update({"server_%s_ms" % k: v * 1e3 for k, v in server.items()})
+                return bbox, region, labels, timings
             except SessionExpiredError:
                 if attempt:
                     raise
