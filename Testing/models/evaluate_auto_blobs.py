@@ -36,8 +36,9 @@ def load_predictor(model: str = DEFAULT_MODEL, threads: int = 2):
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     torch.set_num_threads(threads)
-    pred = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False, perform_everything_on_device=False,
-                           device=torch.device("cpu"), verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+    pred = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                           perform_everything_on_device=False, device=torch.device("cpu"), verbose=False,
+                           verbose_preprocessing=False, allow_tqdm=False)
     pred.initialize_from_trained_model_folder(model, use_folds=(0,), checkpoint_name="checkpoint_final.pth")
     return pred
 
