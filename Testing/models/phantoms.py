@@ -31,7 +31,7 @@ class Blob:
     label: int
     center: Tuple[float, float, float]
     radii: Tuple[float, float, float]
-    contrast: float  # intensity above the background
+    contrast: float  # intensity above the background (negative: a dark blob)
 
 
 @dataclass
@@ -48,7 +48,7 @@ class Phantom:
 def make_phantom(shape: Sequence[int] = (64, 64, 64), n_blobs: int = 4, seed: int = 0,
                  sizes: Sequence[float] = (5.0, 7.0, 9.0, 11.0), contrast: Tuple[float, float] = (300.0, 600.0),
                  background: Tuple[float, float] = (50.0, 200.0), noise: float = 10.0, gap: float = 4.0,
-                 margin: int = 2) -> Phantom:
+                 margin: int = 2, dark: Sequence[int] = ()) -> Phantom:
     """A volume of ``shape`` with ``n_blobs`` non-touching axis-aligned ellipsoids.
 
     Blob k gets a base radius from ``sizes`` (cycled, so a few sizes always occur), scaled per axis by a
@@ -56,6 +56,9 @@ def make_phantom(shape: Sequence[int] = (64, 64, 64), n_blobs: int = 4, seed: in
     smooth field (a level drawn from ``background`` plus a gradient and a low-frequency wobble), plus
     Gaussian noise of std ``noise`` (0 for none). Blobs are at least ``gap`` voxels apart (bounding
     spheres) and ``margin`` voxels inside the volume. Same arguments, same phantom.
+
+    ``dark``: labels of blobs that are darker than the background instead (their contrast is negated; the
+    rest of the phantom, and the random draws, stay the same: ``dark=()`` gives the phantom of before).
     """
     shape = tuple(int(s) for s in shape)
     rng = np.random.RandomState(seed)
@@ -77,6 +80,13 @@ def make_phantom(shape: Sequence[int] = (64, 64, 64), n_blobs: int = 4, seed: in
                 break
         else:
             raise ValueError(f"cannot place {n_blobs} blobs of sizes {list(sizes)} in a volume of shape {shape}")
+
+    unknown = set(int(k) for k in dark) - set(b.label for b in blobs)
+    if unknown:
+        raise ValueError(f"dark blobs {sorted(unknown)} do not exist (blobs 1..{len(blobs)})")
+    for b in blobs:
+        if b.label in dark:
+            b.contrast = -b.contrast
 
     labels = np.zeros(shape, dtype=np.uint8)
     fg = np.zeros(shape, dtype=np.float32)
