@@ -127,6 +127,7 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.localServerTimer = None
         self.connectionCheck = None
         self.connectionTimer = None
+        self.autoModels = []  # the server's automatic models (dicts from /model_info), as the combo box lists them
         self.quietErrors = None  # a list in self-tests: errors are collected instead of shown in dialogs
         self.lastMessage = ""
 
@@ -159,6 +160,10 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.resetSegmentButton.connect("clicked()", self.onResetSegment)
         self.ui.undoButton.connect("clicked()", self.onUndo)
         self.ui.showTimingsButton.connect("clicked()", self.onShowTimings)
+        self.ui.runAutoButton.connect("clicked()", self.onRunAuto)
+        self.ui.cancelAutoButton.connect("clicked()", self.onCancelAuto)
+        self.ui.autoModelComboBox.connect("currentIndexChanged(int)", self.onAutoModelChanged)
+        self.updateAutoModels(None)
         for button in (self.ui.positiveButton, self.ui.negativeButton, self.ui.nextSegmentButton,
                        self.ui.resetSegmentButton, self.ui.undoButton) + tuple(self.toolButton(t) for t in TOOLS):
             # The underlined letter shows the module's own key; no Alt+letter mnemonic (Alt+E is the Edit menu).
@@ -468,7 +473,9 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def onBusy(self, busy, pending):
         self.ui.busyBar.setVisible(bool(busy))
-        if busy:
+        if not busy:
+            self.ui.cancelAutoButton.enabled = False
+        if busy and pending:
             self.setStatus("Segmenting..." if pending <= 1 else "Segmenting... (%d prompts queued)" % (pending - 1))
 
     def onResult(self, job, result, timings):
@@ -478,6 +485,10 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                 timings.get("server_total_ms", timings.get("exchange_ms", 0))))
         elif job.kind == "undo":
             self.setStatus("Undone.")
+        elif job.kind == "auto":
+            self.setStatus("%s: %d segment(s) in %.1f s (server %.1f s). Select one and prompt to refine it." % (
+                job.label, len(timings.get("segments", ())), timings.get("total_ms", 0) / 1e3,
+                timings.get("server_total_ms", 0) / 1e3))
 
     def onError(self, exc, job, dropped):
         from SlicerNNInteractiveLib.errors import NNInteractiveError
@@ -803,6 +814,58 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             return
         self.editor.undo()
 
+    # ------------------------------------------------------------------ automatic segmentation
+
+    def updateAutoModels(self, models):
+        """List the server's automatic models (None: a server without them, or not asked yet)."""
+        self.autoModels = list(models or [])
+        combo = self.ui.autoModelComboBox
+        combo.blockSignals(True)
+        combo.clear()
+        for model in self.autoModels:
+            combo.addItem(model.get("name") or model["id"], model["id"])
+        combo.blockSignals(False)
+        self.ui.runAutoButton.enabled = bool(self.autoModels)
+        self.ui.cancelAutoButton.enabled = False
+        if models is None:
+            self.ui.autoInfoLabel.text = "Test connection (Configuration tab) lists the server's automatic models."
+        elif not self.autoModels:
+            self.ui.autoInfoLabel.text = "This server runs no automatic models."
+        else:
+            self.onAutoModelChanged(combo.currentIndex)
+
+    def onAutoModelChanged(self, index):
+        if not 0 <= index < len(self.autoModels):
+            return
+        model = self.autoModels[index]
+        labels = ", ".join(label.get("name", "") for label in model.get("labels") or [])
+        text = "Segments: %s." % labels if labels else ""
+        if model.get("license"):
+            text += " License: %s" % model["license"]
+        self.ui.autoInfoLabel.text = text.strip()
+
+    def onRunAuto(self):
+        """Run the chosen model on the source volume through the session (no second upload)."""
+        index = self.ui.autoModelComboBox.currentIndex
+        if not 0 <= index < len(self.autoModels):
+            return
+        if self.sourceVolumeNode() is None:
+            self.reportError(NO_VOLUME)
+            return
+        if not self.mayConnect():
+            return
+        self.ensureSegmentationNode()
+        model = self.autoModels[index]
+        self.getController().auto_segment(model["id"])
+        self.ui.cancelAutoButton.enabled = True
+        self.setStatus("Automatic segmentation with %s..." % (model.get("name") or model["id"]))
+        self.startTicking()
+
+    def onCancelAuto(self):
+        if self.controller is not None and self.controller.cancel_auto():
+            self.setStatus("Automatic segmentation cancelled.")
+        self.ui.cancelAutoButton.enabled = False
+
     # ------------------------------------------------------------------ timings
 
     def onShowTimings(self):
@@ -909,6 +972,7 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             return
         info = call.result
         self.ui.connectionInfoLabel.text = self.logic.describeServer(info)
+        self.updateAutoModels(info.get("models"))
         if info.get("preferred_scribble_thickness") is not None:
             self.logic.scribbleThickness = info["preferred_scribble_thickness"]
         self.updateServerSummary(info)
@@ -1078,6 +1142,8 @@ class SlicerNNInteractiveLogic(ScriptedLoadableModuleLogic):
         if info.get("preferred_scribble_thickness") is not None:
             lines.append("Scribble thickness: %s voxels" % (info["preferred_scribble_thickness"],))
         lines.append("Undo on the server: %s" % ("yes" if info.get("supports_undo") else "no"))
+        if info.get("models"):
+            lines.append("Automatic models: %s" % ", ".join(m.get("name") or m["id"] for m in info["models"]))
         return "\n".join(lines)
 
     @staticmethod

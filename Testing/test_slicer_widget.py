@@ -458,3 +458,44 @@ def test_the_self_test_skips_offline_before_installing_anything(monkeypatch):
             sys.modules["SlicerNNInteractive"].SlicerNNInteractiveTest().test_Prompts()
         assert app.pip_requests == []
         app.cleanup()
+
+
+def test_automatic_segmentation_then_refinement(blob_model, tmp_path):
+    """Test connection lists the server's automatic models; Run adds one segment per label (names from the model),
+    through the session (the volume is uploaded once); a prompt refines one; Cancel discards a run."""
+    models = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
+    spec = tmp_path / "model-serve-spec.yaml"
+    spec.write_text("model_folder: %s\nmodels:\n  - id: auto_blobs\n    rel_path: auto_blobs\n"
+                    "    name: Blobs (tiny trained model)\n    default_args: {use_folds: [0], tta: false}\n" % models)
+    phantom = make_phantom(seed=103, dark=(2,))
+    with our_server(blob_model, tmp_path, "--max-sessions", "2", "--model-serve-spec", str(spec)) as (url, _):
+        with SlicerApp() as app:
+            m = Module(app, phantom, url)
+            w = m.widget
+            assert not w.ui.runAutoButton.enabled  # no models listed yet
+            m.app.click(w.ui.testConnectionButton)
+            m.app.pump(30, until=lambda: w.ui.testConnectionButton.enabled)
+            assert w.ui.autoModelComboBox.count == 1 and w.ui.runAutoButton.enabled
+            assert "bright_blob" in w.ui.autoInfoLabel.text and "Automatic models" in w.ui.connectionInfoLabel.text
+            m.app.click(w.ui.runAutoButton)
+            assert w.ui.cancelAutoButton.enabled
+            m.idle()
+            scene = w.getScene()
+            segmentation = scene.segmentationNode().GetSegmentation()
+            named = {segmentation.GetSegment(k).GetName(): k for k in scene.segment_keys()}
+            assert set(named) == {"bright_blob", "dark_blob"} and m.errors() == []
+            dark = scene.read_segment(named["dark_blob"]).astype(bool)
+            assert dice(dark, m.blob(2)) > 0.9 and "2 segment(s)" in w.ui.statusLabel.text
+            w.editor.setCurrentSegmentID(named["dark_blob"])
+            m.app.press("P")
+            m.app.press("T")
+            m.app.place_point(w.pointNode(False), world(interior_voxel(phantom.labels, 2)))
+            m.idle()
+            assert scene.read_segment(named["dark_blob"]).astype(bool)[m.blob(2)].mean() < 0.2
+            assert w.controller.sync.uploads["image"] == 1  # the automatic run and the prompt shared the upload
+            m.app.click(w.ui.runAutoButton)
+            m.app.click(w.ui.cancelAutoButton)
+            m.idle()
+            assert "cancelled" in w.ui.statusLabel.text and len(scene.segment_keys()) == 2
+            app.exit()
+            app.cleanup()

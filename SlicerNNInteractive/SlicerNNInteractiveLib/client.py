@@ -489,20 +489,7 @@ class RemoteSession:
         ``aliases``, ``labels`` (``value``, ``name``, ``color`` RGB 0-255, ``terminology`` when coded),
         ``default_args``, ``license``...; ``[]`` when our server serves none; None when the server has no such
         endpoint (an official nninteractive-server)."""
-        try:
-            info = self._http.call("GET", P.PATH_MODEL_INFO).json()
-        except BadRequestError as exc:
-            if exc.status_code == 404:
-                return None
-            raise
-        except NotAServerError:
-            return None
-        except ValueError:
-            raise NotAServerError("%s answered /model_info with something that is not JSON." % self.server_url)
-        if not isinstance(info, dict):
-            raise NotAServerError("%s answered /model_info with %s, not a JSON object."
-                                  % (self.server_url, type(info).__name__))
-        return [dict(v, id=v.get("id", k)) if isinstance(v, dict) else {"id": k} for k, v in info.items()]
+        return _models(self._http)
 
     def auto_segment(self, model, spacing=None, **fields):
         """Run the server's automatic model ``model`` (id, alias or name) on this session's image (the one sent with
@@ -649,11 +636,30 @@ def _jsonable(obj):
     return obj
 
 
+def _models(http):
+    """``list_models``'s answer over ``http`` (an ``_Http``)."""
+    try:
+        info = http.call("GET", P.PATH_MODEL_INFO).json()
+    except BadRequestError as exc:
+        if exc.status_code == 404:
+            return None
+        raise
+    except NotAServerError:
+        return None
+    except ValueError:
+        raise NotAServerError("%s answered /model_info with something that is not JSON." % http.server_url)
+    if not isinstance(info, dict):
+        raise NotAServerError("%s answered /model_info with %s, not a JSON object."
+                              % (http.server_url, type(info).__name__))
+    return [dict(v, id=v.get("id", k)) if isinstance(v, dict) else {"id": k} for k, v in info.items()]
+
+
 def check_server(server_url, api_key=None, timeout=5.0, ca_bundle=None):
     """Describe the server at ``server_url`` for a "Test connection" button, or raise a typed error saying why not.
 
-    Returns a dict with ``version``, ``model``, ``license``, ``supported_interactions`` and more. Works with the
-    official server too (which lacks our ``/x/info``; its capabilities are used then). Claims no session.
+    Returns a dict with ``version``, ``model``, ``license``, ``supported_interactions``, ``models`` (automatic ones)
+    and more. Works with the official server too (which lacks our ``/x/info``; its capabilities are used then).
+    Claims no session.
     ``ca_bundle`` as for ``RemoteSession``.
     """
     http = _Http(server_url, api_key, timeout, timeout, ca_bundle=ca_bundle)
@@ -672,6 +678,7 @@ def check_server(server_url, api_key=None, timeout=5.0, ca_bundle=None):
         info["supported_interactions"] = [k for k, v in caps.get("supported_interactions", {}).items() if v]
         info["preferred_scribble_thickness"] = caps.get("preferred_scribble_thickness")
         info["supports_undo"] = caps.get("supports_undo", False)
+        info["models"] = _models(http)  # automatic models (None: a server without them)
         return info
     finally:
         http.close()

@@ -200,7 +200,9 @@ class Controller(object):
 
     @property
     def pending(self):
-        return len(self._pending) + (1 if self._inflight is not None else 0)
+        """Jobs queued or running, not counting a cancelled one that is still finishing on the server."""
+        running = self._inflight is not None and not self._inflight[0].cancelled
+        return len(self._pending) + (1 if running else 0)
 
     # ------------------------------------------------------------------ actions (caller's thread)
 
