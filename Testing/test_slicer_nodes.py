@@ -102,3 +102,19 @@ def test_segment_editor_parameter_node_is_the_shared_singleton():
     node = segmentEditorSingleton(scene.mrml)
     assert node.GetSingletonTag() == "SegmentEditor" and node.GetScene() is scene.mrml
     assert segmentEditorSingleton(scene.mrml) is node
+
+
+def test_a_segment_from_an_automatic_model_carries_its_name_colour_and_terminology():
+    scene = MrmlScene(np.zeros(SHAPE, np.int16))
+    liver = {"category": {"CodeValue": "123037004", "CodingSchemeDesignator": "SCT",
+                          "CodeMeaning": "Anatomical Structure"},
+             "type": {"CodeValue": "10200004", "CodingSchemeDesignator": "SCT", "CodeMeaning": "Liver"}}
+    key = scene.add_segment("liver", (0.8, 0.4, 0.3), liver)
+    segment = scene.segmentation_node.GetSegmentation().GetSegment(key)
+    assert segment.GetName() == "liver" and np.allclose(segment.GetColor(), (0.8, 0.4, 0.3))
+    value = vtk.mutable("")
+    assert segment.GetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), value)
+    entry = str(value)
+    parts = entry.split("~")  # Slicer's serialization: context~category~type~modifier~anatomic context~region~mod
+    assert len(parts) == 7 and parts[1] == "SCT^123037004^Anatomical Structure" and parts[2] == "SCT^10200004^Liver"
+    assert scene.selected_segment() == key and scene.spacing() == (1.0, 1.0, 1.0)
