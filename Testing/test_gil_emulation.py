@@ -2,7 +2,6 @@
 complete and an idle session survives, driven only by the module's own timer (Controller.tick at
 Controller.tick_interval_ms). Its latency cost per prompt is measured by Testing/benchmark/gil_emulation.py."""
 
-import numpy as np
 import pytest
 
 import pythonqt_gil
