@@ -5,10 +5,12 @@ takes seconds, so a server is started once and shared.
 """
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -55,6 +57,47 @@ def running(cmd, url, log_path, timeout=120.0, env=None):
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@contextlib.contextmanager
+def serve_in_process(app):
+    """Our app served by uvicorn in this process on a free loopback port (for tests that reach into its state):
+    yields the URL; stops it afterwards."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = "http://127.0.0.1:%d" % port
+    for _ in range(200):
+        try:
+            if requests.get(url + "/healthz", timeout=1).status_code == 200:
+                break
+        except requests.RequestException:
+            time.sleep(0.05)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def claim(url, headers=None):
+    """A raw /claim: the lease token."""
+    r = requests.post(url + "/claim", headers=headers)
+    assert r.status_code == 200, r.text
+    return r.json()["lease_token"]
+
+
+def post(url, lease, path, body=b"", meta=None, headers=None, **kw):
+    """A raw POST on a lease (``meta``: the X-Meta header; a dict body is sent as JSON)."""
+    headers = dict(headers or {}, **{"X-Lease-Token": lease})
+    if meta is not None:
+        headers["X-Meta"] = json.dumps(meta)
+    if isinstance(body, dict):
+        body = json.dumps(body).encode()
+    return requests.post(url + path, data=body, headers=headers, **kw)
 
 
 @contextlib.contextmanager

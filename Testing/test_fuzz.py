@@ -19,7 +19,6 @@ import copy
 import json
 import os
 import sys
-import threading
 import time
 
 import numpy as np
@@ -31,7 +30,7 @@ from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-from conftest import REPO, free_port
+from conftest import REPO, serve_in_process
 
 sys.path.insert(0, os.path.join(REPO, "server"))  # this tree's server, not an installed copy
 
@@ -54,8 +53,6 @@ def image():
 
 @pytest.fixture(scope="module")
 def served(quiet_model):
-    import uvicorn
-
     from nninteractive_slicer_server.app import make_app
     from nninteractive_slicer_server.engine import Engine
     from nninteractive_slicer_server.limits import Limits
@@ -63,21 +60,11 @@ def served(quiet_model):
     engine = Engine(quiet_model, 0, "checkpoint_final.pth", "cpu", 2, False, do_autozoom=False)
     limits = Limits.defaults(memory_budget=512 << 20, max_image_voxels=1 << 20)
     app = make_app(engine, max_sessions=3, idle_timeout=600.0, liveness_timeout=60.0, api_key=KEY, limits=limits)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = "http://127.0.0.1:%d" % port
-    for _ in range(200):
-        try:
-            if requests.get(url + P.PATH_HEALTHZ, timeout=1).status_code == 200:
-                break
-        except requests.RequestException:
-            time.sleep(0.05)
-    yield url
-    server.should_exit = True
-    thread.join(10)
-    engine.shutdown()
+    try:
+        with serve_in_process(app) as url:
+            yield url
+    finally:
+        engine.shutdown()
 
 
 # ---------------------------------------------------------------- the protocol's bodies, added to the schema

@@ -5,7 +5,6 @@
 Nothing here asserts on durations: the flood test shows by ordering that another user's claim, a heartbeat, /healthz
 and reaping all complete while one lease's requests are still queued behind its blocked prompt."""
 
-import json
 import os
 import sys
 import threading
@@ -14,7 +13,7 @@ import time
 import pytest
 import requests
 
-from conftest import REPO, free_port
+from conftest import REPO, claim, post, serve_in_process
 from test_equivalence import make_image
 
 sys.path.insert(0, os.path.join(REPO, "server"))  # this tree's server, not an installed copy
@@ -28,8 +27,6 @@ WAITING = 3  # --max-waiting-per-lease
 
 @pytest.fixture(scope="module")
 def served(quiet_model):
-    import uvicorn
-
     from nninteractive_slicer_server.app import make_app
     from nninteractive_slicer_server.engine import Engine
     from nninteractive_slicer_server.limits import Limits
@@ -38,36 +35,11 @@ def served(quiet_model):
     limits = Limits.defaults(memory_budget=1 << 30)
     limits.max_waiting_per_lease = WAITING
     app = make_app(engine, max_sessions=6, idle_timeout=600.0, liveness_timeout=LIVENESS, limits=limits)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = "http://127.0.0.1:%d" % port
-    for _ in range(200):
-        try:
-            if requests.get(url + P.PATH_HEALTHZ, timeout=1).status_code == 200:
-                break
-        except requests.RequestException:
-            time.sleep(0.05)
-    yield url, app.state.server
-    server.should_exit = True
-    thread.join(10)
-    engine.shutdown()
-
-
-def claim(url):
-    r = requests.post(url + P.PATH_CLAIM)
-    assert r.status_code == 200, r.text
-    return r.json()["lease_token"]
-
-
-def post(url, lease, path, body=b"", meta=None, **kw):
-    headers = {P.LEASE_HEADER: lease}
-    if meta is not None:
-        headers[P.META_HEADER] = json.dumps(meta)
-    if isinstance(body, dict):
-        body = json.dumps(body).encode()
-    return requests.post(url + path, data=body, headers=headers, **kw)
+    try:
+        with serve_in_process(app) as url:
+            yield url, app.state.server
+    finally:
+        engine.shutdown()
 
 
 def ready(url, lease):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import our_server
+from conftest import claim, our_server, post
 
 from SlicerNNInteractiveLib import protocol as P
 from SlicerNNInteractiveLib.wire import pack_array
@@ -40,19 +40,6 @@ def header(dtype, shape, nchunks):
     name = np.dtype(dtype).name.encode()
     return (b"NNIA" + bytes([1, 2, len(shape), len(name)]) + name + struct.pack("<%dq" % len(shape), *shape)
             + struct.pack("<I", nchunks))
-
-
-def claim(url):
-    r = requests.post(url + P.PATH_CLAIM)
-    assert r.status_code == 200, r.text
-    return r.json()["lease_token"]
-
-
-def post(url, lease, path, body=b"", meta=None, **kw):
-    headers = {P.LEASE_HEADER: lease}
-    if meta is not None:
-        headers[P.META_HEADER] = json.dumps(meta)
-    return requests.post(url + path, data=body, headers=headers, **kw)
 
 
 def image(seed=1):

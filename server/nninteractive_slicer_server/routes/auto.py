@@ -2,7 +2,7 @@
 
 * ``GET /model_info`` (the registered models: names, labels, colours, terminology, default arguments, license),
   ``GET /request-params`` (the JSON schema of the /infer body), ``GET /readyz`` (registry loaded and device usable;
-  503 otherwise), ``POST /infer`` (a study on server paths, confined to ``--infer-root``), ``POST /infer_file`` (a
+  503 otherwise; 200 with ``models_loaded: false`` on a server without a registry, which is ready for sessions), ``POST /infer`` (a study on server paths, confined to ``--infer-root``), ``POST /infer_file`` (a
   study uploaded as a zip/tar archive, multipart fields ``file`` and ``request``; answers a ``job_id``),
   ``GET /download/{job_id}`` (a zip of that job's outputs), ``POST /expire`` (empty the predictor cache; GET too, as
   the established server has it). Failures of /infer and /infer_file carry the established fields beside
@@ -137,8 +137,8 @@ async def request_params():
 @router.get(P.PATH_READYZ)
 async def readyz(request: Request):
     svc = server(request).auto
-    if svc is None:
-        return JSONResponse({"status": "unavailable", "models_loaded": False, "detail": NO_REGISTRY}, status_code=503)
+    if svc is None:  # nothing to load: ready for interactive sessions (a balancer's probe must not drop it)
+        return JSONResponse({"status": "ok", "models_loaded": False, "detail": NO_REGISTRY})
     ready, body = await run_in_threadpool(svc.readiness)
     return JSONResponse(body, status_code=200 if ready else 503)
 
