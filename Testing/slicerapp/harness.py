@@ -530,17 +530,9 @@ class _ModuleSelector(object):
 
 
 def new_scene():
-    """A MRML scene as Slicer's application sets it up: application logic (interaction and selection
-    singletons), default color nodes, and the segmentations and markups logics."""
-    scene = slicer.vtkMRMLScene()
-    appLogic = slicer.vtkSlicerApplicationLogic()
-    appLogic.SetMRMLScene(scene)
-    colors = appLogic.GetColorLogic()
-    colors.SetMRMLScene(scene)
-    colors.AddDefaultColorNodes()
-    logics = [appLogic]
-    for logic in (slicer.vtkSlicerSegmentationsModuleLogic(), slicer.vtkSlicerMarkupsLogic()):
-        logic.SetMRMLScene(scene)
-        logic.SetMRMLApplicationLogic(appLogic)
-        logics.append(logic)
-    return scene, appLogic, logics
+    """A MRML scene as Slicer's application sets it up (Testing/mrml.py: application logic with the interaction and
+    selection singletons, default color nodes, the segmentations and markups logics): (scene, app logic, logics)."""
+    from mrml import new_mrml_scene
+
+    scene = new_mrml_scene()
+    return scene, scene._keep[0], scene._keep
