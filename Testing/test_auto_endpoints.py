@@ -9,7 +9,6 @@ after an initial segmentation gives a different mask for a different initial seg
 shows that the server refined the label it was sent. The automatic model is tiny_nnunet's random two-label model.
 """
 
-import importlib.util
 import io
 import json
 import os
@@ -30,7 +29,6 @@ from SlicerNNInteractiveLib.client import RemoteSession
 from SlicerNNInteractiveLib.errors import BadRequestError
 
 KEY = "auto-endpoints-key"
-STUDY_RUNNER_MERGED = importlib.util.find_spec("nninteractive_slicer_server.auto.study") is not None
 ESTABLISHED_FIELDS = ("nnunet_id", "study_path", "series_folders", "output_dir", "class_idx", "checkpoint_name",
                       "is_dicom", "tta", "use_folds", "proba_threshold", "min_confidence", "intersect_with",
                       "min_intersection", "crop_from", "crop_padding", "cascade_mode", "save_proba_map",
@@ -184,15 +182,38 @@ def test_infer_paths_outside_the_roots_are_forbidden(world, fields):
     assert not os.path.exists(os.path.join(world.outside, "out"))
 
 
-def test_infer_inside_the_roots_reaches_the_study_runner(world):
+def test_infer_inside_the_roots_runs_the_study(world):
     r = infer(world, output_dir=os.path.join(world.allowed, "study1", "..", "out1"))  # '..' staying inside is fine
-    if not STUDY_RUNNER_MERGED:  # auto/service.py's stub until issue 11's study IO is merged
-        assert r.status_code == 501, r.text
-        assert "/x/auto_segment" in r.json()["detail"] and r.json()["status"] == "failed"
-        return
     assert r.status_code == 200, r.text
-    assert r.json()["status"] == "done"
-    assert os.path.isfile(os.path.join(world.allowed, "out1", "prediction.nii.gz"))
+    body = r.json()
+    assert body["status"] == "done" and body["error"] is None and body["is_empty"] == [False]
+    written = os.path.join(world.allowed, "out1", "stage_0", "prediction.nii.gz")  # the pipeline's stage_<i>/
+    assert body["nifti_prediction"] == [written] and os.path.isfile(written)
+    assert not os.path.isabs(body["nnunet_path"][0])  # relative to the registry's model folder: no server path
+    assert world.models not in r.text
+
+
+def test_infer_on_a_nifti_study_equals_auto_segment_on_the_session_image(world):
+    """The same image two ways: a NIfTI file read by SimpleITK (array [k, j, i], spacing reversed from (i, j, k)) and
+    a session holding the [k, j, i] array with its spacing in that order: the same labels, voxel for voxel."""
+    import SimpleITK as sitk
+
+    r = infer(world, output_dir=os.path.join(world.allowed, "same"))
+    assert r.status_code == 200, r.text
+    written = sitk.ReadImage(r.json()["nifti_prediction"][0])
+    source = sitk.ReadImage(os.path.join(world.allowed, "study1", "ct.nii.gz"))
+    assert written.GetSize() == source.GetSize() and written.GetSpacing() == source.GetSpacing()
+    from_file = sitk.GetArrayFromImage(written)
+    image = make_image()
+    with RemoteSession(world.url, api_key=KEY) as remote:
+        remote.set_image(image, image_properties={"spacing": list(SPACING)})
+        bbox, region, labels, _ = remote.auto_segment("tiny_organs")
+    from_session = paste(SHAPE, bbox, region)
+    assert from_file.shape == SHAPE and from_file.any()
+    np.testing.assert_array_equal(from_file, from_session)
+    assert sorted(int(v) for v in np.unique(from_file) if v) == [lab["value"] for lab in labels]
+    assert [(lab["value"], lab["name"]) for lab in r.json()["stages"][0]["labels"]] == [
+        (lab["value"], lab["name"]) for lab in labels]
 
 
 # ---------------------------------------------------------------------------------------------------------- /infer_file
@@ -237,7 +258,8 @@ def study_zip(world):
 
 
 def leftover_jobs(world):
-    return sorted(os.listdir(world.jobs))
+    """Job folders other than finished jobs' (which hold only outputs.zip, kept for /download until their TTL)."""
+    return sorted(j for j in os.listdir(world.jobs) if os.listdir(os.path.join(world.jobs, j)) != ["outputs.zip"])
 
 
 @pytest.mark.parametrize("archive,status,words", [
@@ -296,22 +318,73 @@ def test_infer_file_validates_the_request(world):
     assert leftover_jobs(world) == []
 
 
-def test_infer_file_runs_a_job_and_download_serves_it(world):
+def test_infer_file_runs_a_job_and_download_serves_it(world, tmp_path):
+    import SimpleITK as sitk
+
     r = infer_file(world, study_zip(world))
-    if not STUDY_RUNNER_MERGED:
-        assert r.status_code == 501, r.text
-        assert r.json()["job_id"] and leftover_jobs(world) == []
-    else:
-        assert r.status_code == 200, r.text
-        body = r.json()
-        assert body["status"] == "done" and len(body["job_id"]) == 32
-        z = call(world, "GET", "/download/%s" % body["job_id"])
-        assert z.status_code == 200 and z.headers["content-type"] == "application/zip"
-        names = zipfile.ZipFile(io.BytesIO(z.content)).namelist()
-        assert any(n.endswith("prediction.nii.gz") for n in names)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["status"] == "done" and len(body["job_id"]) == 32
+    assert body["nifti_prediction"] == ["output/stage_0/prediction.nii.gz"]  # as named in the zip: no server path
+    assert world.jobs not in r.text
+    z = call(world, "GET", "/download/%s" % body["job_id"])
+    assert z.status_code == 200 and z.headers["content-type"] == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(z.content)) as zf:
+        assert zf.namelist() == ["output/stage_0/prediction.nii.gz"]
+        zf.extractall(str(tmp_path))
+    from_job = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "output" / "stage_0" / "prediction.nii.gz")))
+    r = infer(world, output_dir=os.path.join(world.allowed, "for_job"))
+    assert r.status_code == 200, r.text
+    np.testing.assert_array_equal(from_job, sitk.GetArrayFromImage(sitk.ReadImage(r.json()["nifti_prediction"][0])))
+    assert os.listdir(os.path.join(world.jobs, body["job_id"])) == ["outputs.zip"]  # inputs and outputs dropped
     for job_id in ("0" * 32, "../../etc/passwd", "x" * 300):
         r = call(world, "GET", "/download/%s" % job_id)
         assert r.status_code == 404
+
+
+def metaimage(data_file, tmp_path):
+    """A MetaImage header (.mhd) of the test image whose ElementDataFile is ``data_file``, and its raw data."""
+    import SimpleITK as sitk
+
+    volume = sitk.GetImageFromArray(make_image()[0])
+    volume.SetSpacing(SPACING[::-1])
+    sitk.WriteImage(volume, str(tmp_path / "ct.mhd"))
+    header = (tmp_path / "ct.mhd").read_text().replace("ElementDataFile = ct.raw", "ElementDataFile = " + data_file)
+    return header.encode(), (tmp_path / "ct.raw").read_bytes()
+
+
+@pytest.mark.parametrize("where", ["absolute", "dotdot"])
+def test_headers_naming_data_files_outside_are_forbidden(world, tmp_path, where):
+    """A MetaImage / NRRD header may name its data file anywhere: SimpleITK would read it. The data file is confined
+    like every other path (else an uploaded header would turn a server file into a downloadable input volume)."""
+    secret = os.path.join(world.outside, "secret.raw")
+    header, raw = metaimage(secret if where == "absolute" else "../../../../outside/secret.raw", tmp_path)
+    with open(secret, "wb") as f:
+        f.write(raw)
+    nhdr = ("NRRD0004\ntype: short\ndimension: 3\nsizes: %d %d %d\nencoding: raw\nendian: little\n"
+            "data file: %s\n\n" % (SHAPE[2], SHAPE[1], SHAPE[0], secret)).encode()
+    for name, content in (("ct.mhd", header), ("ct.nhdr", nhdr)):
+        request = {"nnunet_id": "tiny_organs", "series_folders": [name], "save_nifti_inputs": True}
+        r = infer_file(world, zip_bytes([(name, content)]), request=request)
+        assert r.status_code == 403, r.text
+        assert "series_folders" in r.json()["detail"] and "job's folder" in r.json()["detail"]
+        assert leftover_jobs(world) == []
+    study = os.path.join(world.allowed, "mhd_" + where)
+    os.makedirs(study, exist_ok=True)
+    with open(os.path.join(study, "ct.mhd"), "wb") as f:
+        f.write(header.replace(b"../../../../outside", b"../../outside"))
+    r = infer(world, study_path=study, series_folders=["ct.mhd"], output_dir=os.path.join(study, "out"),
+              save_nifti_inputs=True)
+    assert r.status_code == 403, r.text
+    assert not [f for _d, _s, files in os.walk(os.path.join(study, "out")) for f in files]  # nothing was written
+
+
+def test_infer_file_reads_a_header_and_its_data_file_inside_the_archive(world, tmp_path):
+    header, raw = metaimage("ct.raw", tmp_path)
+    r = infer_file(world, zip_bytes([("ct.mhd", header), ("ct.raw", raw)]),
+                   request={"nnunet_id": "tiny_organs", "series_folders": ["ct.mhd"]})
+    assert r.status_code == 200, r.text
+    assert r.json()["is_empty"] == [False]
 
 
 # ---------------------------------------------------------------------------------------------------------- sessions

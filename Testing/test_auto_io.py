@@ -452,3 +452,30 @@ def test_batch_data_dir_layout(tmp_path):
     (tmp_path / "data" / "p1" / "s1" / "dwi_0003.nii.gz").write_text("")
     with pytest.raises(ValueError, match="without gaps"):
         studies_from_dir(str(tmp_path / "data"), str(tmp_path / "out"))
+
+
+def test_one_request_definition_for_the_endpoints_the_pipeline_and_the_commands():
+    """auto/request.py is the one reading of the /infer body: the pipeline's fields are its fields, the commands'
+    requests pass it, and an int ``remove_objects_smaller_than`` (voxels) is not turned into a float (a fraction)."""
+    from nninteractive_slicer_server.auto import pipeline
+    from nninteractive_slicer_server.auto.predict_cli import make_parser, request_from_args
+    from nninteractive_slicer_server.auto.request import FIELDS, InferenceRequest, parse_request
+
+    assert pipeline.REQUEST_FIELDS == FIELDS == tuple(InferenceRequest.model_json_schema()["properties"])
+    base = {"nnunet_id": "m", "study_path": "s", "output_dir": "o"}
+    assert parse_request(dict(base, remove_objects_smaller_than=5))["remove_objects_smaller_than"] == 5
+    assert isinstance(parse_request(dict(base, remove_objects_smaller_than=5))["remove_objects_smaller_than"], int)
+    assert parse_request(dict(base, remove_objects_smaller_than=0.5))["remove_objects_smaller_than"] == 0.5
+    assert parse_request(dict(base, flip_xy=False, use_folds=0, crop_padding=4)) == dict(
+        base, flip_xy=False, use_folds=0, crop_padding=4)
+    with pytest.raises(BadInput, match="unknown request field.*nope"):
+        parse_request(dict(base, nope=1))
+    with pytest.raises(BadInput, match="tta"):
+        parse_request(dict(base, tta="yes please"))
+    for argv in (["-i", "s", "-s", "ct", "--nnunet_id", "m", "-o", "o"],
+                 ["-i", "s", "-s", "t2,adc", "t2", "--nnunet_id", "a", "b", "-o", "o", "-f", "0,1", "all", "-t",
+                  "--class_idx", "1,2", "all", "--proba_threshold", "0.5", "None", "--crop_padding", "3",
+                  "--min_intersection", "0.2", "--cascade_mode", "crop", "--checkpoint_name", "checkpoint_best.pth",
+                  "-D", "-p", "-S", "--suffix", "v1", "--tmp_dir", "t", "--crop_from", "m.nii.gz"]):
+        req = request_from_args(make_parser("nnunet-predict", "").parse_args(argv))
+        assert parse_request(req) == req

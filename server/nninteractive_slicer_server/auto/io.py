@@ -10,6 +10,11 @@ spacing reversed; that is the order nnU-Net's SimpleITK reader uses, so arrays g
 
 Every problem with an input a request named (missing, not an image, not one DICOM series, not 3D) is a
 ``BadInput`` (HTTP 400) that says which path and what is wrong.
+
+``check(path)``: the readers call it on every file they are about to read beside the one named (each DICOM file of a
+series; the data file a MetaImage or detached NRRD header names; the .img of an Analyze/NIfTI pair) before reading
+anything, so that the server's path confinement (``jobs.PathGuard``) covers them: a header uploaded in an archive must
+not read a file elsewhere on the server.
 """
 
 import logging
@@ -47,6 +52,48 @@ def _sitk():
     return sitk
 
 
+HEADER_BYTES = 1 << 16
+
+
+def _detached_value(path, value, what):
+    v = value.strip()
+    if not v or v.upper() in ("LOCAL", "NONE"):
+        return []
+    if v.split()[0].upper() == "LIST" or "%" in v:
+        raise BadInput("input %s: its %s (%r) is a list or pattern of data files, which this server does not read; "
+                       "give one file (or the data in the header's file)" % (path, what, v))
+    return [os.path.join(os.path.dirname(path), v)]
+
+
+def detached_files(path):
+    """The files SimpleITK reads besides ``path`` itself: a MetaImage's ``ElementDataFile``, a NRRD header's
+    ``data file``, an Analyze/NIfTI pair's other half. ``BadInput`` for lists and patterns of data files."""
+    lower = path.lower()
+    if lower.endswith((".mha", ".mhd")):
+        with open(path, "rb") as f:
+            head = f.read(HEADER_BYTES).decode("latin-1")
+        for line in head.splitlines():
+            key, sep, value = line.partition("=")
+            if sep and key.strip() == "ElementDataFile":
+                return _detached_value(path, value, "ElementDataFile")
+        return []
+    if lower.endswith((".nrrd", ".nhdr")):
+        with open(path, "rb") as f:
+            head = f.read(HEADER_BYTES).decode("latin-1")
+        for line in head.splitlines()[1:]:
+            if not line.strip():
+                break  # the end of the header
+            key, sep, value = line.partition(":")
+            if sep and key.strip().lower() in ("data file", "datafile"):
+                return _detached_value(path, value.lstrip("="), "data file")
+        return []
+    for a, b in ((".hdr", ".img"), (".img", ".hdr"), (".img.gz", ".hdr"), (".hdr.gz", ".img")):
+        if lower.endswith(a):
+            stem = path[:-len(a)]
+            return [stem + ext for ext in (b, b + ".gz") if os.path.lexists(stem + ext)]
+    return []
+
+
 def dicom_series_in(folder):
     """``{series_uid: [files in slice order]}`` of the DICOM series directly in ``folder``."""
     sitk = _sitk()
@@ -58,8 +105,9 @@ def dicom_series_in(folder):
     return {uid: list(reader.GetGDCMSeriesFileNames(folder, uid)) for uid in uids}
 
 
-def read_dicom_series(folder, series_uid=None):
-    """Read the one DICOM series in ``folder`` (or the one with ``series_uid``) with SimpleITK."""
+def read_dicom_series(folder, series_uid=None, check=None):
+    """Read the one DICOM series in ``folder`` (or the one with ``series_uid``) with SimpleITK (``check``: see the
+    module's notes)."""
     sitk = _sitk()
     if not os.path.isdir(folder):
         raise BadInput("DICOM input %s is not a folder (is_dicom: each series folder holds one DICOM series)" % folder)
@@ -75,6 +123,9 @@ def read_dicom_series(folder, series_uid=None):
     elif series_uid not in series:
         raise BadInput("%s has no DICOM series %s (it has %s)" % (folder, series_uid, ", ".join(sorted(series))))
     files = series[series_uid]
+    for f in files:
+        if check is not None:
+            check(f)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:
@@ -85,13 +136,20 @@ def read_dicom_series(folder, series_uid=None):
     return Series(path=folder, image=image, files=list(files), series_uid=series_uid)
 
 
-def read_image(path):
-    """Read one image file (NIfTI, NRRD, MHA, any format SimpleITK reads)."""
+def read_image(path, check=None):
+    """Read one image file (NIfTI, NRRD, MHA, any format SimpleITK reads; ``check``: see the module's notes)."""
     sitk = _sitk()
     if not os.path.exists(path):
         raise BadInput("input %s does not exist" % path)
     if os.path.isdir(path):
         raise BadInput("input %s is a folder; a folder is read as a DICOM series only when is_dicom is set" % path)
+    try:
+        others = detached_files(path)
+    except OSError as exc:
+        raise BadInput("input %s cannot be read: %s" % (path, exc))
+    for other in others:
+        if check is not None:
+            check(other)
     try:
         image = sitk.ReadImage(path)
     except RuntimeError as exc:
@@ -100,14 +158,14 @@ def read_image(path):
     return Series(path=path, image=image)
 
 
-def read_series(path, is_dicom=False):
+def read_series(path, is_dicom=False, check=None):
     """A DICOM series (``is_dicom`` and ``path`` a folder) or an image file (also when ``is_dicom``: a file is read
     as the image it is, as the established server does)."""
     if is_dicom and os.path.isdir(path):
-        return read_dicom_series(path)
+        return read_dicom_series(path, check=check)
     if not os.path.exists(path):
         raise BadInput("series %s does not exist" % path)
-    return read_image(path)
+    return read_image(path, check=check)
 
 
 def _check_3d(image, where):

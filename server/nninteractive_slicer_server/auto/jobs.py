@@ -3,7 +3,8 @@ study archive is unpacked, and the jobs whose outputs wait for download.
 
 * ``PathGuard``: a request's paths, resolved (``..`` and symbolic links, as the file system will see them), must lie
   inside one of the operator's directories (``--infer-root``); anything else is ``Forbidden`` (403). Without any
-  root, requests on server paths are off, and the answer says so.
+  root, requests on server paths are off, and the answer says so. ``resolver()`` is what ``pipeline.run_study``
+  calls on every path it touches.
 * ``unpack_archive``: a zip or tar archive (gzip/bz2/xz tars too, recognised by content) unpacked into a fresh
   folder, entry by entry: no absolute names, no ``..``, no links or devices (400), the entries' count and total
   unpacked size bounded while writing (``Limits``: 413); files are created exclusively and never through a link.
@@ -35,7 +36,8 @@ COPY_BYTES = 1 << 20
 class PathGuard:
     """The directories requests may name (each resolved once, at start-up)."""
 
-    def __init__(self, roots=()):
+    def __init__(self, roots=(), allowed="the directories this server allows (--infer-root)"):
+        self.allowed = allowed  # how a refusal names the roots
         self.roots = []
         for root in roots:
             real = os.path.realpath(os.path.expanduser(str(root)))
@@ -63,37 +65,14 @@ class PathGuard:
         joined = os.path.join(base, path) if base is not None and not os.path.isabs(path) else path
         real = os.path.realpath(joined)
         if not self.inside(real):
-            raise Forbidden("%s %r is outside the directories this server allows (--infer-root)%s" % (
-                what, path, "" if self.roots else ": none is allowed"))
+            raise Forbidden("%s %r is outside %s%s" % (what, path, self.allowed,
+                                                       "" if self.roots else ": none is allowed"))
         return real
 
-
-def confine_request(guard, fields, base=None):
-    """Check every path of a request (``fields``: what it set) against ``guard``; return the fields with each path
-    replaced by its resolved form. ``base``: where relative study paths start (``/infer_file``: the job's inputs).
-    Series folders are resolved against the study path; ``from:`` references (a previous stage's output) are kept."""
-    out = dict(fields)
-    study = None
-    if out.get("study_path") is not None:
-        study = out["study_path"] = guard.confine(out["study_path"], "study_path", base)
-    for key in ("output_dir", "tmp_dir"):
-        if out.get(key) is not None:
-            out[key] = guard.confine(out[key], key, base)
-    for key in ("crop_from", "intersect_with"):
-        value = out.get(key)
-        if value is not None and not value.startswith("from:"):
-            out[key] = guard.confine(value, key, study or base)
-    series = out.get("series_folders")
-    if series is not None:
-        nested = [s if isinstance(s, list) else [s] for s in series] if any(isinstance(s, list) for s in series) \
-            else [series]
-        for stage in nested:
-            for folder in stage:
-                if isinstance(folder, str) and not folder.startswith("from:"):
-                    if study is None:
-                        raise BadInput("series_folders are relative to study_path, which is missing")
-                    guard.confine(folder, "series folder", study)
-    return out
+    def resolver(self, base=None):
+        """The ``resolve_path(path, field)`` that ``pipeline.run_study`` calls for every path it reads or writes
+        (study, series folders and the DICOM files found in them, output folder, masks, tmp_dir): ``confine``."""
+        return lambda path, field: self.confine(path, field, base)
 
 
 # ---------------------------------------------------------------------------------------------------------- archives

@@ -53,8 +53,10 @@ names and colours, ``crop_ijk`` (the region run, index ranges i, j, k) or null, 
 ``warnings`` when there are any.
 
 Paths: every path a request names goes through ``resolve_path(path, field)`` before use (default: made absolute);
-the server passes one that confines paths to its ``--infer-root`` folders and raises ``Forbidden`` otherwise.
-DICOM files found in a series folder go through it too.
+the server passes one that confines paths to its ``--infer-root`` folders (``/infer``) or to the job's folder
+(``/infer_file``) and raises ``Forbidden`` otherwise. The DICOM files found in a series folder and the data files a
+header names (MetaImage ``ElementDataFile``, NRRD ``data file``, an Analyze pair's ``.img``) go through it too, before
+they are read. The request is checked against its one definition, ``auto/request.py`` (unknown fields refused).
 """
 
 import logging
@@ -69,18 +71,14 @@ import numpy as np
 from ..validate import BadInput
 from . import dicomseg
 from . import io as aio
+from .request import FIELDS as REQUEST_FIELDS
+from .request import parse_request
 
 log = logging.getLogger("nninteractive_slicer_server")
 
 SUCCESS_STATUS = "done"
 FAILURE_STATUS = "failed"
 
-REQUEST_FIELDS = (
-    "nnunet_id", "study_path", "series_folders", "output_dir", "class_idx", "checkpoint_name", "tmp_dir",
-    "is_dicom", "tta", "use_folds", "proba_threshold", "min_confidence", "intersect_with", "min_intersection",
-    "crop_from", "crop_padding", "cascade_mode", "save_proba_map", "save_nifti_inputs", "save_rt_struct_output",
-    "suffix", "remove_objects_smaller_than", "bvalue_for_filtering", "flip_xy",
-)
 STAGE_FIELDS = ("class_idx", "proba_threshold", "min_confidence", "checkpoint_name", "use_folds")
 DEFAULTS = {"is_dicom": False, "tta": False, "min_intersection": 0.1, "crop_padding": [10, 10, 10],
             "cascade_mode": ["intersect"], "save_proba_map": False, "save_nifti_inputs": False,
@@ -181,12 +179,7 @@ def _default_resolve(path, field):
 def plan_request(registry, segmenter, request, resolve_path=None):
     """Check ``request`` and turn it into a ``Plan`` (``BadInput`` for anything wrong, naming the field)."""
     resolve = resolve_path or _default_resolve
-    if not isinstance(request, dict):
-        raise BadInput("the request must be a JSON object with the fields %s" % ", ".join(REQUEST_FIELDS))
-    unknown = sorted(set(request) - set(REQUEST_FIELDS))
-    if unknown:
-        raise BadInput("unknown request field(s): %s (the fields: %s)" % (", ".join(unknown),
-                                                                          ", ".join(REQUEST_FIELDS)))
+    request = parse_request(request)  # the one definition of the request (auto/request.py): types, unknown fields
     ids = request.get("nnunet_id")
     if isinstance(ids, str):
         ids = [ids]
@@ -213,6 +206,8 @@ def plan_request(registry, segmenter, request, resolve_path=None):
     if not os.path.isdir(study):
         raise BadInput("study_path %s is not a folder" % request["study_path"])
     plan.output_dir = resolve(request["output_dir"], "output_dir")
+    if request.get("tmp_dir") is not None:
+        resolve(request["tmp_dir"], "tmp_dir")  # unused, but a path named outside the allowed ones is refused
 
     for key in ("is_dicom", "tta", "save_proba_map", "save_nifti_inputs", "save_rt_struct_output"):
         v = shared(key)
@@ -320,11 +315,12 @@ def _might_be_mask(image):
     return len(np.unique(sitk.GetArrayViewFromImage(image))) <= 50
 
 
-def mask_on(path_or_image, reference):
-    """A mask file or image as a boolean ``[k, j, i]`` array on ``reference``'s grid (nonzero voxels)."""
+def mask_on(path_or_image, reference, check=None):
+    """A mask file or image as a boolean ``[k, j, i]`` array on ``reference``'s grid (nonzero voxels); ``check``: as
+    ``io.read_image``'s."""
     image = path_or_image
     if isinstance(path_or_image, str):
-        image = aio.read_image(path_or_image).image
+        image = aio.read_image(path_or_image, check=check).image
     arr, _ = aio.to_array(aio.resample_to(image, reference, is_mask=True))
     return arr != 0
 
@@ -415,10 +411,8 @@ def run_study(registry, segmenter, request, resolve_path=None, progress=None, co
         vols = []
         for p in stage["paths"]:
             if p not in loaded:
-                series = aio.read_series(p, opts["is_dicom"])
-                for f in series.files:
-                    resolve(f, "series_folders")  # DICOM files found in a confined folder stay confined
-                loaded[p] = series
+                # the DICOM files found in a confined folder, and the data files a header names, stay confined
+                loaded[p] = aio.read_series(p, opts["is_dicom"], check=lambda f: resolve(f, "series_folders"))
             vols.append(loaded[p])
         ref = vols[0].image
         images = [ref] + [aio.resample_to(v.image, ref, is_mask=_might_be_mask(v.image)) for v in vols[1:]]
@@ -430,7 +424,7 @@ def run_study(registry, segmenter, request, resolve_path=None, progress=None, co
         region = tuple(slice(0, m) for m in shape)
         skip = False
         if crop_ref is not None:
-            crop_mask = mask_on(crop_ref, ref)
+            crop_mask = mask_on(crop_ref, ref, check=lambda f: resolve(f, "crop_from"))
             box = aio.mask_bbox(crop_mask)
             if box is None:
                 skip = True
@@ -463,7 +457,7 @@ def run_study(registry, segmenter, request, resolve_path=None, progress=None, co
         if stage["remove_small"] is not None and labels.any():
             labels = remove_small_objects(labels, stage["remove_small"])
         if inter_ref is not None and labels.any():
-            ref_mask = mask_on(inter_ref, ref)
+            ref_mask = mask_on(inter_ref, ref, check=lambda f: resolve(f, "intersect_with"))
             labels, _kept = keep_intersecting(labels, ref_mask, opts["min_intersection"])
         if probs is not None:  # the established map: each label's probability where the mask has that label
             for c, v in enumerate(prob_values):

@@ -10,12 +10,22 @@ Written from the established server's public documentation (names, types, defaul
 Per-model values: a request naming several models (a cascade, ``nnunet_id: [a, b]``) may give ``class_idx``,
 ``proba_threshold``, ``min_confidence``, ``use_folds``, ``checkpoint_name``, ``cascade_mode`` and
 ``series_folders`` per model, as lists.
+
+This is the one definition of the request: ``/request-params`` answers its schema, the routes check a body with it
+before taking a run slot, and ``pipeline.run_study`` (behind ``/infer``, ``/infer_file`` and the ``nnunet-predict``
+commands) checks every request with it again (``parse_request``): unknown fields are refused, types are checked
+here, and what depends on the models (how many values per stage, known labels, folds) is checked by the pipeline.
+Types are as wide as the commands' flags and the established bodies need (``use_folds: 0`` or ``[0, 1]``,
+``crop_padding: 5`` or ``[5]`` or ``[x, y, z]``); an int ``remove_objects_smaller_than`` stays an int (voxels) and a
+float stays a float (a fraction of the largest object).
 """
 
 from enum import Enum
 from typing import List, Optional, Tuple, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..validate import BadInput
 
 
 class CascadeMode(str, Enum):
@@ -44,18 +54,20 @@ class InferenceRequestBase(BaseModel):
     is_dicom: bool = Field(False, description="Whether the series folders hold DICOM series (outputs then include "
                                               "a DICOM SEG).")
     tta: bool = Field(False, description="Test-time augmentation (mirroring).")
-    use_folds: List[Union[int, str, List[Union[int, str]]]] = Field(
-        [0], description="Folds to use (per model in a cascade).")
+    use_folds: Union[int, str, List[Union[int, str, List[Union[int, str]]]]] = Field(
+        [0], description="Folds to use: a fold, 'all', or a list of folds (a list of lists: per model in a cascade).")
     proba_threshold: Optional[Union[float, List[Optional[float]]]] = Field(
         None, description="Probability threshold(s) for the model output (per model in a cascade).")
     min_confidence: Optional[Union[float, List[Optional[float]]]] = Field(
         None, description="Minimum confidence of a kept object (per model in a cascade).")
     min_intersection: Optional[float] = Field(
         0.1, description="Minimum intersection of an object with intersect_with (or the previous stage) to keep it.")
-    crop_padding: Optional[Tuple[int, int, int]] = Field(
-        (10, 10, 10), description="Padding (voxels) around the crop_from / previous stage bounding box.")
-    remove_objects_smaller_than: Optional[Union[float, List[Optional[float]]]] = Field(
-        None, description="Remove objects smaller than this (a fraction of the largest object's size).")
+    crop_padding: Optional[Union[Tuple[int, int, int], List[int], int]] = Field(
+        (10, 10, 10), description="Padding (voxels, x y z; one number for all) around the crop_from / previous stage "
+                                  "bounding box.")
+    remove_objects_smaller_than: Optional[Union[int, float, List[Optional[Union[int, float]]]]] = Field(
+        None, description="Per label, remove objects smaller than this: a number of voxels (an integer) or a fraction "
+                          "of the label's largest object (a float); per model in a cascade.")
     cascade_mode: Union[CascadeMode, List[CascadeMode]] = Field(
         CascadeMode.INTERSECT, description="Crop a stage's input to the previous stage's bounding box ('crop'), or "
                                            "keep the objects that intersect it ('intersect').")
@@ -63,6 +75,11 @@ class InferenceRequestBase(BaseModel):
     save_nifti_inputs: bool = Field(False, description="Save the inputs as NIfTI when they are DICOM.")
     save_rt_struct_output: bool = Field(False, description="Also save an RT STRUCT (DICOM input only).")
     suffix: Optional[str] = Field(None, description="Suffix of the output file names (prediction_<suffix>.nii.gz).")
+    flip_xy: Optional[Union[bool, List[Optional[bool]]]] = Field(
+        None, description="Flip the image's two in-plane axes before the model and back after it (per model in a "
+                          "cascade; default: the model's default_args, else true for TotalSegmentator tasks).")
+    bvalue_for_filtering: Optional[float] = Field(
+        None, description="Not supported by this server (send the series of one b-value): must be null.")
 
 
 class InferenceRequest(InferenceRequestBase):
@@ -90,3 +107,28 @@ class InferenceRequestFile(InferenceRequestBase):
 def set_fields(req):
     """The fields the request set, JSON-able (enums as their values): what overrides a model's default_args."""
     return req.model_dump(mode="json", exclude_unset=True)
+
+
+FIELDS = tuple(InferenceRequest.model_fields)
+
+
+def parse_request(payload, model=InferenceRequest):
+    """``payload`` (a JSON object) checked against ``model``: the fields it set, JSON values (``set_fields``).
+    ``BadInput`` (400) naming every wrong field; unknown fields are named with the known ones."""
+    if not isinstance(payload, dict):
+        raise BadInput("the request must be a JSON object with the fields %s" % ", ".join(model.model_fields))
+    unknown = sorted(str(k) for k in payload if k not in model.model_fields)
+    if unknown:
+        raise BadInput("unknown request field(s): %s (the fields: %s)" % (", ".join(unknown),
+                                                                          ", ".join(model.model_fields)))
+    try:
+        return set_fields(model.model_validate(payload))
+    except ValidationError as exc:
+        by_field = {}  # a union's members each report: one line per field, their messages joined
+        for e in exc.errors():
+            loc = e.get("loc", ())
+            msgs = by_field.setdefault(str(loc[0]) if loc else "(body)", [])
+            if e.get("msg") and e["msg"] not in msgs:
+                msgs.append(e["msg"])
+        raise BadInput("invalid request: %s" % "; ".join(
+            "%s: %s (got %r)" % (name, " or ".join(msgs), payload.get(name)) for name, msgs in by_field.items()))

@@ -3,11 +3,10 @@ predictor cache), the allowed directories, the jobs of uploads, readiness, and t
 the study reader and writer (``run_study``).
 """
 
-import importlib.util
 import logging
 import os
 
-from ..errors import Unimplemented
+from . import pipeline
 from .jobs import JobStore, PathGuard
 from .registry import ModelUnavailable, dataset_labels
 
@@ -19,49 +18,31 @@ MAX_LICENSE_CHARS = 20000
 
 
 # ---------------------------------------------------------------------------------------------------------- run_study
-# THE ONE PLACE where the endpoints meet issue 11's study IO (NIfTI/DICOM in; prediction.nii.gz, DICOM SEG, RTSTRUCT
-# out; cascades). Interface, as the endpoints call it:
+# THE ONE PLACE where the endpoints meet issue 11's study IO: ``AutoService.run_study(fields, resolve_path)`` calls
+# ``pipeline.run_study`` (NIfTI/DICOM in; prediction.nii.gz, DICOM SEG, RTSTRUCT out; cascades; outputs in
+# ``output_dir/stage_<i>/``):
 #
-#     run_study(registry, segmenter, request) -> response
-#
-# * called in a worker thread, at most Limits.max_running_jobs at once; forward passes go through
+# * called in a worker thread, at most Limits.max_running_jobs at once (routes.auto); forward passes go through
 #   ``segmenter`` (AutoSegmenter, runner = Engine.run_on_gpu: the interactive GPU queue);
-# * ``request``: the fields the client set (the established /infer names, JSON values; unset fields are absent so
-#   that the models' default_args fill them), every path already confined and resolved: ``study_path``,
-#   ``output_dir``, ``tmp_dir``, ``crop_from``, ``intersect_with`` absolute; ``series_folders`` as given (relative to
-#   ``study_path``; each checked to resolve inside the allowed directories). For /infer_file: ``study_path`` is the
-#   unpacked archive, ``output_dir`` the job's output folder (zipped for /download afterwards);
-# * ``response``: the established fields (``time_elapsed``, ``nnunet_path``, ``metadata``, ``request``, ``status``
-#   "done", ``error`` None, ``nifti_prediction``, ``dicom_segmentation``, ...); missing ``status`` means "done";
-# * errors: raise ``validate.BadInput`` (400) or an ``errors.Problem`` (its status); anything else is a 500 that says
-#   only "internal error" and a request id (the log has the traceback).
-#
-# Until that module is merged the endpoints get ``study_unavailable`` (501): swap the name below when it lands.
-
-STUDY_MODULE = __package__ + ".study"
-
-
-def study_unavailable(registry, segmenter, request):
-    raise Unimplemented("this server build cannot read studies from files yet (issue 11's study reader/writer is not "
-                        "installed); run a model on an interactive session's image with POST /x/auto_segment")
-
-
-def default_run_study():
-    if importlib.util.find_spec(STUDY_MODULE) is None:
-        return study_unavailable
-    return importlib.import_module(STUDY_MODULE).run_study  # import errors of that module are real errors: raised
+# * ``fields``: the fields the client set (auto/request.py, JSON values; unset fields are absent so that the models'
+#   default_args fill them). For /infer_file ``study_path`` is the unpacked archive and ``output_dir`` the job's
+#   output folder (zipped for /download afterwards);
+# * ``resolve_path(path, field)``: every path the pipeline reads or writes goes through it (study, series folders and
+#   the DICOM files in them, output folder, masks, tmp_dir): ``PathGuard.resolver`` confines them to the
+#   --infer-root folders (/infer) or to the job's folder (/infer_file), after resolving '..' and links (403);
+# * errors: ``validate.BadInput`` (400) or an ``errors.Problem`` (its status); anything else is a 500 that says only
+#   "internal error" and a request id (the log has the traceback).
 
 
 # ---------------------------------------------------------------------------------------------------------- service
 
 class AutoService:
-    def __init__(self, registry, segmenter, limits, infer_roots=(), jobs_dir=None, run_study=None):
+    def __init__(self, registry, segmenter, limits, infer_roots=(), jobs_dir=None):
         self.registry = registry
         self.segmenter = segmenter
         self.limits = limits
         self.guard = PathGuard(infer_roots)
         self.jobs = JobStore(jobs_dir, limits)
-        self.run_study = run_study or default_run_study()
         self.running = None  # asyncio.Semaphore(limits.max_running_jobs), made on the event loop (routes.auto)
 
     def describe(self):
@@ -69,6 +50,10 @@ class AutoService:
                 % (len(self.registry), self.registry.path, ", ".join(self.registry.ids()),
                    "under " + ", ".join(self.guard.roots) if self.guard else "off (no --infer-root)",
                    self.limits.describe_jobs()))
+
+    def run_study(self, fields, resolve_path):
+        """One study (see the notes above ``AutoService``): the established response."""
+        return pipeline.run_study(self.registry, self.segmenter, fields, resolve_path=resolve_path)
 
     def sweep(self):
         """The reaper's round: predictors unused for their TTL, jobs past theirs."""

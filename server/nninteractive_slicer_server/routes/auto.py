@@ -12,18 +12,20 @@
   an empty body when nothing was found. Any of its labels can be sent back with /add_initial_seg_interaction.
 
 Every route needs the key (when one is set); paths that name nothing on a server without a registry answer 404
-saying so. The study reader/writer behind /infer is ``auto.service``'s ``run_study``.
+saying so. The study reader/writer behind /infer and /infer_file is ``AutoService.run_study`` (``auto.pipeline``),
+given a ``resolve_path`` that confines every path it touches: to ``--infer-root`` for /infer, to the job's folder for
+/infer_file.
 """
 
 import asyncio
 import json
 import math
+import os
 import time
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
-from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request as StarletteRequest
 
@@ -33,8 +35,9 @@ from SlicerNNInteractiveLib.wire import MASK_CODEC, pack_array
 from ..deps import act, lease, read_json, require_key, server
 from ..errors import Invalid, NotFound, OutOfMemory, Problem, is_out_of_memory, request_id
 from ..validate import BadInput, require
-from ..auto.jobs import PathGuard, confine_request, unpack_archive
-from ..auto.request import InferenceRequest, InferenceRequestFile, set_fields
+from ..auto.jobs import PathGuard, unpack_archive
+from ..auto.pipeline import OUTPUT_KEYS
+from ..auto.request import InferenceRequest, InferenceRequestFile, parse_request
 
 router = APIRouter(dependencies=[Depends(require_key)])
 
@@ -82,27 +85,20 @@ class established_failure:
         return False
 
 
-def parse(model, payload):
-    try:
-        return model.model_validate(payload)
-    except ValidationError as exc:
-        raise BadInput("invalid request: %s" % "; ".join(
-            "%s: %s" % (".".join(str(p) for p in e.get("loc", ())) or "(body)", e.get("msg", "")) for e in exc.errors()))
-
-
 def check_models(registry, nnunet_id):
     for name in nnunet_id if isinstance(nnunet_id, list) else [nnunet_id]:
         registry.get(name)  # UnknownModel: 400 naming the known ids
 
 
-async def run_study(request, svc, fields):
-    """``svc.run_study`` in a worker thread, at most ``max_running_jobs`` at once; the answer's established fields."""
+async def run_study(request, svc, fields, resolve_path):
+    """``svc.run_study`` in a worker thread, at most ``max_running_jobs`` at once; the answer's established fields.
+    ``resolve_path``: the confinement of every path the study runner touches (``PathGuard.resolver``)."""
     if svc.running is None:
         svc.running = asyncio.Semaphore(max(1, svc.limits.max_running_jobs))
     started = time.perf_counter()
     async with svc.running:
         try:
-            result = await run_in_threadpool(svc.run_study, svc.registry, svc.segmenter, fields)
+            result = await run_in_threadpool(svc.run_study, fields, resolve_path)
         except (Problem, BadInput):
             raise
         except Exception as exc:
@@ -160,12 +156,11 @@ async def infer(request: Request):
     with established_failure() as failing:
         payload = await read_json(request)
         failing.fields = payload
-        fields = set_fields(parse(InferenceRequest, payload))
+        fields = parse_request(payload, InferenceRequest)
         failing.fields = fields
         svc.guard.require_roots()
         check_models(svc.registry, fields["nnunet_id"])
-        confined = confine_request(svc.guard, fields)
-        return await run_study(request, svc, confined)
+        return await run_study(request, svc, fields, svc.guard.resolver())
 
 
 async def read_upload(request, limits):
@@ -210,21 +205,40 @@ async def infer_file(request: Request, user=Depends(require_key)):
                     raise BadInput("the 'request' field is not valid JSON (%s)" % exc)
                 require(isinstance(payload, dict), "the 'request' field must hold a JSON object")
                 failing.fields = payload
-                fields = set_fields(parse(InferenceRequestFile, payload))
+                fields = parse_request(payload, InferenceRequestFile)
                 failing.fields = fields
                 check_models(svc.registry, fields["nnunet_id"])
                 await run_in_threadpool(unpack_archive, upload.file, job.inputs, srv.limits)
             finally:
                 await form.close()
-            fields = dict(fields, study_path=job.inputs, output_dir=job.output)
-            confined = confine_request(PathGuard([job.folder]), fields)
-            result = await run_study(request, svc, confined)
+            # The study is the archive, the outputs go to the job's folder; tmp_dir is ignored (nothing is written
+            # elsewhere); relative masks (crop_from, intersect_with) are paths inside the archive.
+            fields = {k: v for k, v in fields.items() if k != "tmp_dir"}
+            fields.update(study_path=job.inputs, output_dir=job.output)
+            resolve = PathGuard([job.folder], "this job's folder (the uploaded archive)").resolver(base=job.inputs)
+            result = await run_study(request, svc, fields, resolve)
+            result = in_download(result, job)
             await run_in_threadpool(svc.jobs.finish, job)
     except BaseException:
         await run_in_threadpool(svc.jobs.discard, job)
         raise
     result["job_id"] = job.id
     return result
+
+
+def in_download(result, job):
+    """The output paths of a job's answer as they are named in its /download zip (``output/stage_0/...``), the
+    request's folders as the client named them: no server path."""
+    def rel(path):
+        return os.path.relpath(path, job.folder) if isinstance(path, str) and os.path.isabs(path) else path
+
+    out = dict(result)
+    for key in OUTPUT_KEYS:
+        if isinstance(out.get(key), list):
+            out[key] = [rel(p) for p in out[key]]
+    if isinstance(out.get("request"), dict):
+        out["request"] = {k: v for k, v in out["request"].items() if k not in ("study_path", "output_dir")}
+    return out
 
 
 @router.get(P.PATH_DOWNLOAD)
