@@ -3,7 +3,8 @@ balancer its free capacity (``up ready N%``), or ``up drain`` when it is full or
 200 when merely full (so sticky sessions keep their server); ``/x/info`` and ``/metrics`` report the same figure.
 
 One server process (the quiet model, two session slots, an agent port) for the module; the draining line and the
-weight's GPU-queue discount are checked on the listener itself, in this process, over a real socket.
+weight's GPU-queue discount are checked on the listener itself, in this process, over a real socket; and the real
+HAProxy (where the Debian package is installed) reads the server's agent: weight, drain, ready again.
 """
 
 import asyncio
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import requests
@@ -160,3 +162,64 @@ def test_agent_port_is_checked_before_the_model_loads(quiet_model):
                         "cpu", "--port", "1600", "--agent-port", "1600"], capture_output=True, text=True,
                        env=SERVER_ENV, timeout=120)
     assert p.returncode == 2 and "--agent-port must be between 1 and 65535, and not --port" in p.stderr, p.stderr
+
+
+HAPROXY = "/usr/sbin/haproxy"
+
+
+@pytest.mark.skipif(not os.access(HAPROXY, os.X_OK), reason="HAProxy (the Debian package) is not installed")
+def test_haproxy_reads_the_agent(served, tmp_path):
+    """The real HAProxy (the loopback scale-out test runs the shipped configuration; this one only the agent-check):
+    the weight follows the free slots, a full server is put in drain (admin state: forced drain) and back."""
+    url, agent = served
+    sock = str(tmp_path / "stats.sock")
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text("global\n    stats socket %s level admin\ndefaults\n    mode http\n    timeout connect 1s\n"
+                   "    timeout client 5s\n    timeout server 5s\nbackend gpus\n    balance leastconn\n"
+                   "    server gpu0 127.0.0.1:%s weight 100 check inter 100ms agent-check agent-port %d "
+                   "agent-inter 100ms\nfrontend fe\n    bind 127.0.0.1:%d\n    default_backend gpus\n"
+                   % (sock, url.rsplit(":", 1)[1], agent, free_port()))
+    proc = subprocess.Popen([HAPROXY, "-f", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def state():
+        """(user weight, forced drain) of gpu0, from HAProxy's "show servers state"."""
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(sock)
+                s.sendall(b"show servers state gpus\n")
+                data = b""
+                while True:
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+        except OSError:
+            return None
+        for line in data.decode().splitlines():
+            f = line.split()
+            if len(f) > 8 and f[3] == "gpu0":  # be_id be_name srv_id srv_name srv_addr op_state admin_state uweight
+                return int(f[7]), bool(int(f[6]) & 0x08)  # SRV_ADMF_FDRAIN
+        return None
+
+    def until(expected):
+        for _ in range(600):  # polled, never timed: HAProxy asks the agent every 100 ms
+            if state() == expected:
+                return True
+            assert proc.poll() is None, "haproxy exited with %s" % proc.returncode
+            time.sleep(0.05)
+        raise AssertionError("HAProxy's view of gpu0 stayed %s, expected %s" % (state(), expected))
+
+    sessions = []
+    try:
+        until((100, False))
+        sessions.append(RemoteSession(url, api_key=KEY))
+        until((50, False))
+        sessions.append(RemoteSession(url, api_key=KEY))
+        until((50, True))  # full: drained, the weight as it was
+        sessions.pop().close(wait=True)
+        until((50, False))  # "ready" took it out of drain
+    finally:
+        for s in sessions:
+            s.close(wait=True)
+        proc.terminate()
+        proc.wait(10)
