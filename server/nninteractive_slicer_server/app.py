@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from . import __version__, errors, metrics
+from . import __version__, capacity, errors, metrics
 from .identities import Identities, KeyGate
 from .leases import LeaseRegistry
 from .limits import Limits, MemoryBudget
@@ -53,9 +53,10 @@ class Server:
 
 
 def make_app(engine, max_sessions=1, idle_timeout=600.0, liveness_timeout=60.0, api_key=None, limits=None,
-             identities=None, max_sessions_per_user=None, auto=None):
+             identities=None, max_sessions_per_user=None, auto=None, agent_port=None, agent_host="127.0.0.1"):
     """``identities`` (shared key and keys file) replaces ``api_key`` when given; ``auto`` (an
-    ``auto.service.AutoService``) serves automatic models."""
+    ``auto.service.AutoService``) serves automatic models; ``agent_port``: answer HAProxy's agent-check there
+    (``capacity.py``; None: off)."""
     srv = Server(engine, max_sessions, idle_timeout, liveness_timeout, identities or Identities(api_key),
                  limits or Limits.defaults(), max_sessions_per_user, auto)
 
@@ -74,6 +75,7 @@ def make_app(engine, max_sessions=1, idle_timeout=600.0, liveness_timeout=60.0, 
                     except Exception:
                         log.exception("error while sweeping predictors and jobs")
 
+        agent = await capacity.start_agent(srv, agent_host, agent_port) if agent_port else None
         task = asyncio.create_task(reap())
         unwatch = srv.identities.watch_sighup()  # kill -HUP rereads the keys file
         try:
@@ -81,6 +83,8 @@ def make_app(engine, max_sessions=1, idle_timeout=600.0, liveness_timeout=60.0, 
         finally:
             unwatch()
             task.cancel()
+            if agent is not None:
+                agent.close()
             srv.registry.close_all()
             srv.decode_pool.shutdown(wait=False)
             srv.identities.close()

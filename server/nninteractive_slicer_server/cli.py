@@ -26,6 +26,9 @@ def build_parser():
     n = p.add_argument_group("network")
     n.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s; 0.0.0.0 for all)")
     n.add_argument("--port", type=int, default=1527, help="port (default %(default)s)")
+    n.add_argument("--agent-port", type=int, metavar="PORT", help="answer HAProxy's agent-check on this TCP port "
+                   "(same address as --host): 'up ready N%%' with N proportional to the free session slots (lower "
+                   "while the GPU queue is long), 'up drain' when full or shutting down (default: off)")
     k = p.add_argument_group("keys (when any is set, every request but /healthz needs 'Authorization: Bearer KEY')")
     k.add_argument("--api-key", help="the shared key, user 'shared' (default: $NN_INTERACTIVE_API_KEY; prefer the "
                    "variable or --api-key-file: arguments are visible to other users)")
@@ -131,6 +134,8 @@ def check_args(args):
         raise StartupError("--shutdown-deadline-seconds must be positive.")
     if not 0 < args.port < 65536:
         raise StartupError("--port must be between 1 and 65535.")
+    if args.agent_port is not None and not (0 < args.agent_port < 65536 and args.agent_port != args.port):
+        raise StartupError("--agent-port must be between 1 and 65535, and not --port.")
     if args.predictor_cache_size < 1:
         raise StartupError("--predictor-cache-size must be at least 1.")
     for flag in ("predictor_ttl_seconds", "job_ttl_seconds"):
@@ -314,7 +319,8 @@ def serve(args):
                                                                     args.job_ttl_seconds)
     auto = make_auto(registry, engine, args, limits) if registry is not None else None
     app = make_app(engine, args.max_sessions, args.idle_timeout_seconds, args.liveness_timeout_seconds, limits=limits,
-                   identities=identities, max_sessions_per_user=args.max_sessions_per_user, auto=auto)
+                   identities=identities, max_sessions_per_user=args.max_sessions_per_user, auto=auto,
+                   agent_port=args.agent_port, agent_host=args.host)
     log.info("serving %s on %s://%s:%d (max %d session(s)%s, %s)", engine.model_name,
              "https" if args.ssl_certfile else "http", args.host, args.port, args.max_sessions,
              ", %d per user" % args.max_sessions_per_user if args.max_sessions_per_user else "", identities.describe())

@@ -162,6 +162,11 @@ class LeaseRegistry:
         with self._mu:
             return len(self._leases)
 
+    def free(self):
+        """Session slots nobody holds or is claiming now."""
+        with self._mu:
+            return self.max_sessions - len(self._leases) - self._claims_in_progress
+
     def snapshot(self):
         """The leases held now (a copy: for metrics and shutdown)."""
         with self._mu:

@@ -13,8 +13,9 @@ app does not serve), ``user`` is the name the key gave (``request.state.user``, 
 * ``nninteractive_prediction_seconds``, ``nninteractive_gpu_queue_wait_seconds`` (histograms)
 * ``nninteractive_gpu_queue_length`` (predictions waiting or running), ``nninteractive_sessions{user}``,
   ``nninteractive_max_sessions``, ``nninteractive_memory_budget_bytes``, ``nninteractive_memory_reserved_bytes``,
-  ``nninteractive_draining``, ``nninteractive_server_info{version,model,device}``; and the ``process_*`` metrics
-  (``process_resident_memory_bytes``...).
+  ``nninteractive_draining``, ``nninteractive_free_sessions`` and ``nninteractive_capacity_weight`` (the free
+  capacity HAProxy's agent-check reads, see capacity.py), ``nninteractive_server_info{version,model,device}``; and the
+  ``process_*`` metrics (``process_resident_memory_bytes``...).
 """
 
 import re
@@ -32,6 +33,7 @@ from starlette.exceptions import HTTPException  # FastAPI's is a subclass; the r
 from SlicerNNInteractiveLib.wire import WireFormatError
 
 from . import __version__
+from .capacity import free_capacity
 from .validate import BadInput
 
 PREFIX = "nninteractive_"
@@ -124,6 +126,11 @@ class _StateCollector:
                                 "progress, against the budget", value=srv.budget.used)
         yield GaugeMetricFamily(PREFIX + "draining", "1 while shutting down (SIGTERM): no new sessions",
                                 value=1 if getattr(srv, "draining", False) else 0)
+        cap = free_capacity(srv)
+        yield GaugeMetricFamily(PREFIX + "free_sessions", "Session slots nobody holds or is claiming",
+                                value=cap["free_sessions"])
+        yield GaugeMetricFamily(PREFIX + "capacity_weight", "The weight (0-100) the agent-check gives HAProxy: free "
+                                "slots, less while the GPU queue is long; 0 when full or draining", value=cap["weight"])
         info = GaugeMetricFamily(PREFIX + "server_info", "The server's version, model and device",
                                  labels=["version", "model", "device"])
         info.add_metric([__version__, str(srv.engine.model_name), str(srv.engine.device)], 1)

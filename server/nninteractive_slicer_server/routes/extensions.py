@@ -5,6 +5,7 @@ from fastapi import APIRouter, Depends, Request
 from SlicerNNInteractiveLib import protocol as P
 
 from .. import __version__
+from ..capacity import free_capacity
 from ..deps import lease, require_key, server
 from ..limits import rss_bytes
 
@@ -21,7 +22,7 @@ async def server_info(request: Request, user=Depends(require_key)):
             "sessions": srv.registry.count(), "max_sessions": srv.registry.max_sessions, "rss_bytes": rss_bytes(),
             "memory_budget": srv.budget.total, "memory_reserved": srv.budget.used,
             "max_image_voxels": srv.limits.max_image_voxels, "max_body_bytes": srv.limits.max_body_bytes,
-            "machine": P.machine_id(), "user": user}
+            "machine": P.machine_id(), "user": user, "capacity": free_capacity(srv)}
 
 
 @router.get(P.PATH_QUEUE)

@@ -1,6 +1,8 @@
 """Operations: what a load balancer, an orchestrator or an operator asks. Never waits on a session.
 
-``/healthz`` needs no key (and answers 503 while the server drains, so a balancer sends no new users);
+``/healthz`` needs no key (and answers 503 while the server drains, so a balancer sends no new users; a server that
+is merely full stays 200, so that a balancer keeps sending it the sessions it holds: its free capacity is what the
+agent-check of ``capacity.py`` reports);
 ``/metrics`` (Prometheus) needs the key when one is set: operators scrape with it.
 """
 
