@@ -27,9 +27,6 @@ API_PORT, AGENT_PORT = 1527, 1528
 # checked once the server has them.
 PENDING_FLAGS = {"--agent-port"}
 
-sys.path.insert(0, os.path.join(REPO, "server"))
-sys.path.insert(0, os.path.join(REPO, "SlicerNNInteractive"))
-
 
 def _read(path):
     with open(path, encoding="utf-8") as fh:
@@ -70,7 +67,11 @@ def interpolate(value):
 
 
 def server_parser():
-    from nninteractive_slicer_server import cli
+    try:
+        from nninteractive_slicer_server import cli  # installed (Testing/run_tests.sh installs ./server)
+    except ImportError:
+        sys.path[:0] = [os.path.join(REPO, "server"), os.path.join(REPO, "SlicerNNInteractive")]
+        from nninteractive_slicer_server import cli
     return cli.build_parser()
 
 
