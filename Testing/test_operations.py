@@ -307,6 +307,24 @@ def test_the_modules_controller_reports_its_prompt_waiting_for_the_gpu(served):
         a.close(wait=True)
 
 
+def test_a_prediction_longer_than_the_liveness_timeout_keeps_its_session(slow_model, tmp_path):
+    """A request in progress keeps its lease alive on the server, heartbeats or not: a client without a heartbeat
+    whose prediction runs for several liveness timeouts keeps its session (and its image)."""
+    with our_server(slow_model, tmp_path, "--api-key", KEY, "--torch-n-threads", "1", "--no-autozoom",
+                    "--liveness-timeout-seconds", "1") as (url, _):
+        s = RemoteSession(url, api_key=KEY, heartbeat=False)
+        try:
+            s.set_image(image(0))
+            s.set_target_buffer(np.zeros(SHAPE, np.uint8))
+            s.add_point_interaction([25, 30, 30], include_interaction=True)
+            # What makes this test mean something: the prediction ran for longer than the liveness timeout.
+            assert s.last_timing["exchange_ms"] > 1000, s.last_timing
+            s.lease_status()  # the session is still there, with its image: a second prompt needs no upload
+            s.add_point_interaction([30, 30, 30], include_interaction=True)
+        finally:
+            s.close(wait=True)
+
+
 def test_queue_position_is_none_against_the_official_server(quiet_model, tmp_path):
     with official_server(quiet_model, tmp_path) as (url, _):
         s = RemoteSession(url)
