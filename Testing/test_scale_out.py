@@ -12,9 +12,9 @@ prompts: two official ``nnInteractiveRemoteInferenceSession`` (httpx), two of ou
    comes from that server (HAProxy's ``X-NNI-Backend`` header); the servers' own request counters agree;
 3. a killed server's clients finish elsewhere: gpu2's clients finish and leave, gpu1's clients (their server full,
    so drained: its sticky sessions carry on) do two prompts, then gpu1 is killed (SIGKILL) while the official and
-   the ``RemoteSession`` client's third prompts are in flight (the connection drops) and before the
-   ``SyncedSession``'s (HAProxy sends it to gpu2, which answers 410: no such session); they recover on gpu2 and
-   finish. ``SyncedSession`` recovers by itself (a new session, image and segment again, the prompt once more);
+   the ``RemoteSession`` client's third prompts are in flight (gpu1 holds at least one of them: its connection
+   drops) and a second before the ``SyncedSession``'s (HAProxy sends that one to gpu2, which answers 410: no such
+   session); they recover on gpu2 and finish. ``SyncedSession`` recovers by itself (a new session, image and segment again, the prompt once more);
    the official client and a bare ``RemoteSession`` have no recovery of their own: the test does the same by hand
    (a new session, ``set_image``, the mask as ``add_initial_seg_interaction``, the prompt again), as a script using
    them would;
@@ -301,7 +301,9 @@ def test_six_clients_two_servers_behind_haproxy(rig, speckle_model):
         go.set()
     for e in sending:
         e.wait(30)
-    time.sleep(0.02)  # their third prompts on their way, or computing
+    deadline = time.monotonic() + 10
+    while gpu1.info()["capacity"]["gpu_queue"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)  # until gpu1 holds one of their third prompts (waiting or running): kill it in flight
     gpu1.proc.send_signal(signal.SIGKILL)
     t_kill = time.monotonic()
     killed.set()
@@ -316,22 +318,27 @@ def test_six_clients_two_servers_behind_haproxy(rig, speckle_model):
                 "client %d (%s) session %d placed on %s was answered by %s" % (
                     c.i, c.kind, k, record.placed, record.servers(lost)))
     assert all(len(c.sessions) == 1 for c in first)
+    in_flight = []
     for c in second:
         assert len(c.sessions) == 2 and [r.placed for r in c.sessions] == ["gpu1", "gpu2"], (
             c.i, c.kind, [r.placed for r in c.sessions], c.recoveries)
-        assert len(c.recoveries) == 1 and c.recoveries[0][0] == STEPS_BEFORE_KILL, (c.i, c.kind, c.recoveries)
-        assert len(c.sessions[1].steps) == len(c.steps) - STEPS_BEFORE_KILL
+        # one recovery, at the first prompt the client sent after the kill (its third, unless that one was answered
+        # before the kill: then its fourth), and every prompt answered once: on gpu1 before, on gpu2 after
+        assert len(c.recoveries) == 1 and c.recoveries[0][0] >= STEPS_BEFORE_KILL, (c.i, c.kind, c.recoveries)
+        assert len(c.sessions[0].steps) == c.recoveries[0][0], (c.i, c.kind, c.recoveries)
+        assert len(c.sessions[1].steps) == len(c.steps) - c.recoveries[0][0]
         why = c.recoveries[0][1]
         if c.kind in IDLE_AT_KILL:  # HAProxy sent the request to gpu2, which knows no such session: 410
-            assert "no longer knows this session" in why, why
-        else:  # in flight: the connection dropped, or HAProxy answered 502
-            assert any(w in why for w in ("BackendLostError", "RemoteProtocolError", "ReadError", "502")), why
+            assert c.recoveries[0][0] == STEPS_BEFORE_KILL and "no longer knows this session" in why, why
+        elif any(w in why for w in ("BackendLostError", "RemoteProtocolError", "ReadError", "502")):
+            in_flight.append(c.kind)  # the connection dropped under the prompt, or HAProxy answered 502
+    assert in_flight, "no prompt was in flight at the kill: %s" % [c.recoveries for c in second]
     # ... and as the servers counted it: gpu2 answered exactly the prompts of the sessions placed on it, gpu1 those of
-    # its sessions up to the kill; gpu2 claimed its three and the three recovered sessions, and all have left.
+    # its sessions before the last round; gpu2 claimed its three and the three recovered sessions, and all have left.
     on = {name: sum(len(r.steps) for c in clients for r in c.sessions if r.placed == name) for name in BACKENDS}
     metrics2 = gpu2.metrics()
     assert count_requests(metrics2, PROMPT_ENDPOINTS) == on["gpu2"], (count_requests(metrics2, PROMPT_ENDPOINTS), on)
-    assert gpu1_prompts == on["gpu1"] == 3 * STEPS_BEFORE_KILL, (gpu1_prompts, on)
+    assert gpu1_prompts == 3 * STEPS_BEFORE_KILL <= on["gpu1"], (gpu1_prompts, on)
     assert count_requests(metrics2, {"/claim"}) == 6
     deadline = time.monotonic() + 10
     while gpu2.info()["sessions"] and time.monotonic() < deadline:  # releases are sent in the background
@@ -345,8 +352,8 @@ def test_six_clients_two_servers_behind_haproxy(rig, speckle_model):
     assert nonempty >= compared // 2  # the comparison means something only if the model predicted something
 
     recovered = ["%s: prompt %.2f s, answered %.2f s after the kill (%s)" % (
-        c.kind, c.times[STEPS_BEFORE_KILL][1] - c.times[STEPS_BEFORE_KILL][0],
-        c.times[STEPS_BEFORE_KILL][1] - t_kill, c.recoveries[0][1][:70]) for c in second]
+        c.kind, c.times[c.recoveries[0][0]][1] - c.times[c.recoveries[0][0]][0],
+        c.times[c.recoveries[0][0]][1] - t_kill, c.recoveries[0][1][:70]) for c in second]
     print("\n6 clients, 2 servers behind HAProxy: sessions placed %s; gpu1 killed with 3 sessions: %s; %d prompts "
           "compared with in-process; %.1f s" % ([[r.placed for r in c.sessions] for c in clients], "; ".join(recovered),
                                                 compared, time.monotonic() - t_start))
