@@ -29,6 +29,7 @@ import numpy as np
 
 from . import protocol as P
 from .errors import (
+    BackendLostError,
     BadRequestError,
     NNInteractiveError,
     NotAServerError,
@@ -97,10 +98,37 @@ def _looks_like_json(resp):
     return resp.headers.get("content-type", "").split(";")[0].strip() == "application/json"
 
 
+def _draining(resp):
+    try:
+        return resp.json().get("draining") is True
+    except (ValueError, AttributeError):
+        return False
+
+
+def _cause(exc):
+    """The innermost reason of a requests exception, in a few words (``ConnectionResetError``, ``RemoteDisconnected``,
+    ``IncompleteRead``...)."""
+    seen = exc
+    for _ in range(8):
+        inner = seen.args[-1] if seen.args and isinstance(seen.args[-1], BaseException) else None
+        inner = inner or getattr(seen, "reason", None) or seen.__cause__ or seen.__context__
+        if not isinstance(inner, BaseException) or inner is seen:
+            break
+        seen = inner
+    return type(seen).__name__
+
+
+GATEWAY_CODES = (502, 503, 504)  # what a proxy or balancer answers when the server behind it failed
+
+
 class _Http:
     """HTTP to one server, translating every failure into a typed error with a readable message. One connection
     (pool) per instance, used by one thread at a time; ``companion()`` makes another on the same server with the
-    same headers and cookies (a balancer's sticky-session cookie included)."""
+    same headers and cookies (a balancer's sticky-session cookie included).
+
+    A request of a session (it carries the lease header; the claim does not) whose connection is refused, dropped or
+    reset, or that a balancer answers 502 / 503 / 504 without our server's JSON, raises ``BackendLostError``: the
+    server holding the session is gone, and the caller recovers on a new session (``sync.SyncedSession``)."""
 
     def __init__(self, server_url, api_key, connect_timeout, read_timeout, ca_bundle=None):
         import requests  # imported here so that importing this module stays free
@@ -132,6 +160,7 @@ class _Http:
             headers[P.META_HEADER] = json.dumps(meta, separators=(",", ":"))
             headers["Content-Type"] = P.OCTET_STREAM
         url = self.server_url + path
+        of_session = path != P.PATH_CLAIM and bool(self._session.headers.get(P.LEASE_HEADER))
         try:
             resp = self._session.request(method, url, data=data, headers=headers, timeout=timeout or self._timeout,
                                          verify=self.verify)
@@ -149,7 +178,11 @@ class _Http:
             raise ServerUnreachableError(
                 "A proxy refused the connection to %s (%s). Add the server's host to NO_PROXY or unset "
                 "HTTP_PROXY/HTTPS_PROXY." % (self.server_url, exc))
-        except self._requests.exceptions.ConnectionError as exc:
+        except (self._requests.exceptions.ConnectionError, self._requests.exceptions.ChunkedEncodingError) as exc:
+            if of_session:
+                raise BackendLostError(
+                    "The connection to the server at %s broke during %s (%s): the server holding this session stopped "
+                    "or restarted." % (self.server_url, path, _cause(exc)))
             if self.server_url.startswith("http://") and "RemoteDisconnected" in str(exc):
                 raise ServerUnreachableError(
                     "Something at %s closed the connection without an answer. If the server serves https (started "
@@ -157,7 +190,7 @@ class _Http:
             raise ServerUnreachableError(
                 "Cannot reach an nnInteractive server at %s: is it running, and are the host and port right? "
                 "(%s)" % (self.server_url, exc.__class__.__name__))
-        self._raise_for_status(resp, path)
+        self._raise_for_status(resp, path, of_session)
         return resp
 
     def _tls_error(self, exc):
@@ -185,7 +218,7 @@ class _Http:
             "variable, or the module's CA bundle setting in Slicer. Also check the host name in the URL and this "
             "computer's clock." % (self.server_url, given, reason, CA_BUNDLE_ENV))
 
-    def _raise_for_status(self, resp, path):
+    def _raise_for_status(self, resp, path, of_session=False):
         code = resp.status_code
         if code < 400:
             if path != P.PATH_HEALTHZ and resp.content[:1] == b"<":
@@ -194,6 +227,21 @@ class _Http:
                     "application is in the way: check the URL and port, or set NO_PROXY." % self.server_url)
             return
         detail = _detail(resp)
+        ours = detail is not None and _looks_like_json(resp)
+        if code == 503 and path == P.PATH_HEALTHZ and _looks_like_json(resp) and _draining(resp):
+            raise ServerUnreachableError("The server at %s is shutting down (it takes no new session). Try again in "
+                                         "a moment." % self.server_url)
+        if code in GATEWAY_CODES and not ours:  # our server never answers 502 / 504, and its 503s carry its JSON
+            if of_session:
+                raise BackendLostError(
+                    "A proxy or load balancer in front of %s answered HTTP %d to %s: the server holding this session "
+                    "stopped or cannot be reached%s." % (self.server_url, code, path, "" if code != 504 else
+                                                          ", or took longer than the balancer waits for an answer"))
+            if code != 503 or path != P.PATH_CLAIM:
+                raise ServerUnreachableError(
+                    "A proxy or load balancer at %s answered HTTP %d to %s: no nnInteractive server behind it "
+                    "answered. Try again in a moment; if it persists, ask the operator whether the servers run."
+                    % (self.server_url, code, path))
         if code == 401:
             raise UnauthorizedError(
                 "The server refused the API key (%s). Enter the key the server was started with "
@@ -211,7 +259,7 @@ class _Http:
                  "The server is serving its maximum number of users (%s). Try again %s, or ask its operator to "
                  "raise --max-sessions.") % (detail or "at capacity", "in %s s" % retry if retry else "later"),
                 retry_after=float(retry) if retry and retry.replace(".", "", 1).isdigit() else None)
-        if detail is None or not _looks_like_json(resp):
+        if not ours:
             raise NotAServerError(
                 "%s answered HTTP %d to %s, not like an nnInteractive server. Check the URL (and any proxy)."
                 % (self.server_url, code, path))
@@ -577,6 +625,8 @@ class RemoteSession:
         while not self._stop_heartbeat.wait(interval):
             try:
                 self.heartbeat()
+            except BackendLostError:
+                continue  # the next action finds out and recovers; a restarted balancer may answer the next beat
             except SessionExpiredError:
                 return
             except NNInteractiveError:

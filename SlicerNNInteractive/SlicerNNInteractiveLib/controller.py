@@ -518,6 +518,9 @@ class Controller(object):
         if job.label:
             timings["label"] = job.label
         self.timings.append(timings)
+        if timings.get("recovered"):
+            self.log("The server session was lost (%s); continued on a new one, the image and segment sent again"
+                     % timings["recovered"])
         self.log(format_timing(timings))
         if self.on_result is not None:
             self.on_result(job, result, timings)

@@ -27,6 +27,14 @@ class SessionExpiredError(NNInteractiveError):
     """HTTP 410: the lease is unknown (idle or liveness timeout, server restart, another server behind a balancer)."""
 
 
+class BackendLostError(SessionExpiredError, ServerUnreachableError):
+    """The server holding the session stopped answering in the middle of it: a request of the session had its
+    connection refused, dropped or reset, or a load balancer in front answered 502 / 503 / 504 for it (the server
+    behind died or restarted). Handled like an expired session (``SyncedSession`` claims a new one, which a balancer
+    sends to a live server, sends the image and segment again and repeats the action once). Whether the lost request
+    was applied is unknown, so the old session is never used again."""
+
+
 class ServerAtCapacityError(NNInteractiveError):
     """HTTP 503 on claim: every session slot is taken."""
 

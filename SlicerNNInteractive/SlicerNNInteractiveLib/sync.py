@@ -10,8 +10,18 @@ Results are not written by ``prompt`` (which may run on a worker thread): ``appl
 the caller's labelmap in place (on the caller's thread, optionally through a masking ``write`` function), then
 ``segment_written`` records the segment's new version so the next prompt knows the server already has it.
 
-When the server forgot the session (idle timeout, restart, another server behind a balancer), ``prompt``
-claims a new one, sends the image and the current segment again, and repeats the prompt once.
+When the server forgot the session (idle timeout, restart, another server behind a balancer), or the server holding
+it was lost in the middle of a request (``BackendLostError``: the connection dropped or was reset, or a balancer
+answered 502 / 503 / 504), ``prompt`` and ``auto_segment`` drop the session, claim a new one (a balancer sends the
+claim to a live server), send the image and the current segment again, and repeat the action once: the user sees one
+slower prompt. A lost request may or may not have been applied on the old server, so it is never repeated there: a
+recovery always takes a new session, and at most one per call. The claim of that new session is tried up to three
+times when it cannot reach a server (``RECLAIM_DELAYS``): while a server dies, a balancer may still send it there for
+a moment. ``undo`` and ``reset`` on a lost session only drop it (the next prompt sends the segment to a new one).
+
+Each new session is a new ``RemoteSession`` with its own cookie jar, so a claim after a recovery carries no
+stickiness cookie naming the lost server; the old session's release (best effort, in the background) still carries
+it, so that a server that is alive after all (a balancer's timeout) frees the slot.
 """
 
 import time
@@ -19,9 +29,10 @@ import zlib
 
 import numpy as np
 
-from .errors import SessionClosedError, SessionExpiredError
+from .errors import ServerUnreachableError, SessionClosedError, SessionExpiredError
 
 KINDS = ("point", "bbox", "scribble", "lasso")
+RECLAIM_DELAYS = (0.25, 1.0)  # seconds between claims that fail to connect, after a recovery
 
 
 def fingerprint(arr):
@@ -61,6 +72,9 @@ class SyncedSession:
         self._image_state = None  # (key, version) of the image the server has
         self._segment_state = None  # (key, version) of the segment the server's target buffer holds
         self.uploads = {"image": 0, "segment": 0}
+        self.recoveries = 0  # sessions replaced after the server forgot one or was lost
+        self._reclaiming = False  # the next claim follows a recovery (see _claim)
+        self.last_recovery = None  # why the last one was (the error's message)
         # Changes whenever the server's state stops following from the prompts alone (new session, image or
         # segment upload): an undo recorded under another generation cannot be undone on the server.
         self.server_generation = 0
@@ -70,7 +84,7 @@ class SyncedSession:
         if self._session is None:
             if self._closed:
                 raise SessionClosedError("This connection to the server was closed.")
-            session = self._connect()
+            session = self._claim()
             if self._closed:  # closed while claiming: give the new lease back at once
                 session.close()
                 raise SessionClosedError("This connection to the server was closed.")
@@ -78,6 +92,19 @@ class SyncedSession:
             self._image_state = self._segment_state = None
             self.server_generation += 1
         return self._session
+
+    def _claim(self):
+        """``connect()``; right after a recovery, a claim that could not reach a server is tried again after
+        ``RECLAIM_DELAYS`` (a balancer may still send it to the dying server for a moment)."""
+        delays, self._reclaiming = (RECLAIM_DELAYS if self._reclaiming else ()), False
+        for delay in delays:
+            try:
+                return self._connect()
+            except ServerUnreachableError:  # refused, dropped, a balancer's 502 / 504; not capacity, keys, TLS
+                time.sleep(delay)
+                if self._closed:
+                    raise SessionClosedError("This connection to the server was closed.")
+        return self._connect()
 
     @property
     def connected(self):
@@ -148,35 +175,38 @@ class SyncedSession:
         ``kind`` is point / bbox / scribble / lasso; ``args``: ``{"coordinates": (i0, i1, i2)}``,
         ``{"bbox": [[lo, hi]] * 3}``, or ``{"mask": array, "interaction_bbox": box or None}``, all in array order.
         ``image`` is [x, y, z] or [c, x, y, z]; ``segment`` the caller's labelmap [x, y, z] (read, not written).
+        After a recovery (see the module docstring) the result's ``timings["recovered"]`` says why.
         """
         if kind not in KINDS:
             raise ValueError("unknown prompt kind %r; use one of %s" % (kind, ", ".join(KINDS)))
+        recovered = None
         for attempt in (0, 1):
-            timings = {}
+            timings = {} if recovered is None else {"recovered": recovered}
             try:
                 self._sync(image, segment, image_key, image_version, segment_key, segment_version, timings)
                 return self._send(kind, args, bool(positive), timings)
-            except SessionExpiredError:
+            except SessionExpiredError as exc:  # BackendLostError included
                 if attempt:
                     raise
-                self._drop_session()
+                recovered = self._recover(exc)
         raise AssertionError("unreachable")
 
     def auto_segment(self, model, image, spacing, fields=None, image_key=None, image_version=None):
         """Run the server's automatic model ``model`` on the image (sent first if the server does not hold it).
         Returns ``(bbox, region, labels, timings)`` as ``RemoteSession.auto_segment``. Recovers an expired session
         like ``prompt``. The server's prompt state is untouched: the next prompt sends its segment as usual."""
+        recovered = None
         for attempt in (0, 1):
-            timings = {}
+            timings = {} if recovered is None else {"recovered": recovered}
             try:
                 session = self._sync_image(image, image_key, image_version, timings)
                 bbox, region, labels, server = session.auto_segment(model, spacing=spacing, **(fields or {}))
                 timings.update({"server_%s_ms" % k: v * 1e3 for k, v in server.items()})
                 return bbox, region, labels, timings
-            except SessionExpiredError:
+            except SessionExpiredError as exc:  # BackendLostError included
                 if attempt:
                     raise
-                self._drop_session()
+                recovered = self._recover(exc)
         raise AssertionError("unreachable")
 
     def _send(self, kind, args, positive, timings):
@@ -203,8 +233,8 @@ class SyncedSession:
             return None
         try:
             ran = self._session.undo()
-        except SessionExpiredError:
-            self._drop_session()
+        except SessionExpiredError as exc:  # BackendLostError included: nothing to undo on a new session
+            self._recover(exc)
             return None
         if not ran:
             self._segment_state = None
@@ -216,8 +246,8 @@ class SyncedSession:
         if self._session is not None and self._image_state is not None:
             try:
                 self._session.reset_interactions()
-            except SessionExpiredError:
-                self._drop_session()
+            except SessionExpiredError as exc:  # BackendLostError included
+                self._recover(exc)
 
     def apply(self, result, segment, write=None):
         """Write ``result``'s region into ``segment`` in place (through ``write(segment, slices, region)`` if given).
@@ -244,6 +274,14 @@ class SyncedSession:
         if self.apply(result, segment, write) is not None:
             self.segment_written(None, segment=segment)
         return result
+
+    def _recover(self, exc):
+        """Give up the current session after ``exc`` (expired or lost); the next action claims a new one."""
+        self.recoveries += 1
+        self.last_recovery = str(exc)
+        self._drop_session()
+        self._reclaiming = True
+        return self.last_recovery
 
     def _drop_session(self):
         session, self._session = self._session, None
