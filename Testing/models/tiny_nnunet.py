@@ -21,6 +21,8 @@ import json
 import os
 from typing import Optional, Sequence
 
+from tiny_models import architecture  # the same tiny PlainConvUNet (one convolution per stage)
+
 CONFIGURATION = "3d_fullres"
 TRAINER_NAME = "nnUNetTrainer"  # found in nnU-Net's first trainer module: its torchvision-importing variants stay out
 PLANS_NAME = "nnUNetPlans"
@@ -29,30 +31,6 @@ RESULT_SUBFOLDER = "%s__%s__%s" % (TRAINER_NAME, PLANS_NAME, CONFIGURATION)
 DEFAULT_LABELS = ("liver", "spleen")
 DEFAULT_FEATURES = (4, 8)  # two stages: ~0.3 s a 64^3 image on an idle CPU core pair
 DEFAULT_PATCH = (64, 64, 64)
-
-
-def architecture(features: Sequence[int]) -> dict:
-    n = len(features)
-    return {
-        "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-        "arch_kwargs": {
-            "n_stages": n,
-            "features_per_stage": list(features),
-            "conv_op": "torch.nn.modules.conv.Conv3d",
-            "kernel_sizes": [[3, 3, 3]] * n,
-            "strides": [[1, 1, 1]] + [[2, 2, 2]] * (n - 1),
-            "n_conv_per_stage": [1] * n,
-            "n_conv_per_stage_decoder": [1] * (n - 1),
-            "conv_bias": True,
-            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
-            "norm_op_kwargs": {"eps": 1e-05, "affine": True},
-            "dropout_op": None,
-            "dropout_op_kwargs": None,
-            "nonlin": "torch.nn.LeakyReLU",
-            "nonlin_kwargs": {"inplace": True},
-        },
-        "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
-    }
 
 
 def plans(patch_size: Sequence[int], features: Sequence[int], spacing: Sequence[float], channels: int) -> dict:

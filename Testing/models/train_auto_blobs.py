@@ -35,7 +35,7 @@ sys.path.insert(0, HERE)
 import phantoms as P  # noqa: E402
 import tiny_nnunet as T  # noqa: E402
 
-FEATURES = (8, 16, 32, 64)  # PlainConvUNet, one convolution per stage (tiny_nnunet.architecture)
+FEATURES = (8, 16, 32, 64)  # PlainConvUNet, one convolution per stage (tiny_models.architecture)
 PATCH = (64, 64, 64)
 SPACING = (1.0, 1.0, 1.0)
 LABELS = ("bright_blob", "dark_blob")
