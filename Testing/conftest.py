@@ -33,23 +33,26 @@ def free_port():
 
 
 @contextlib.contextmanager
-def running(cmd, url, log_path, timeout=120.0, env=None):
-    """Start ``cmd``, wait until ``url``/healthz answers, yield, then stop it."""
+def running(cmd, url, log_path, timeout=120.0, env=None, ready=None, what="server"):
+    """Start ``cmd``, wait until ``ready()`` is true (default: ``url``/healthz answers 200), yield the process, then
+    stop it. Fails with the end of its log when it exits or never gets ready."""
+    if ready is None:
+        ready = lambda: requests.get(url + "/healthz", timeout=1).status_code == 200  # noqa: E731
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env or SERVER_ENV)
     try:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError("server exited with %s:\n%s" % (proc.returncode, open(log_path).read()[-3000:]))
+                raise RuntimeError("%s exited with %s:\n%s" % (what, proc.returncode, open(log_path).read()[-3000:]))
             try:
-                if requests.get(url + "/healthz", timeout=1).status_code == 200:
+                if ready():
                     break
             except requests.RequestException:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError("server did not answer in %.0f s:\n%s" % (timeout, open(log_path).read()[-3000:]))
-            time.sleep(0.2)
+                raise RuntimeError("%s did not answer in %.0f s:\n%s" % (what, timeout, open(log_path).read()[-3000:]))
+            time.sleep(0.1)
         yield proc
     finally:
         proc.terminate()

@@ -15,7 +15,7 @@ import time
 
 import requests
 
-from conftest import REPO, SERVER_ENV, TORCH_THREADS, free_port
+from conftest import REPO, SERVER_ENV, TORCH_THREADS, free_port, running
 
 HAPROXY_CFG = os.path.join(REPO, "server", "deploy", "haproxy", "haproxy.cfg")
 BACKENDS = ("gpu1", "gpu2")  # the server names (and cookie values) of the shipped configuration
@@ -139,31 +139,14 @@ def balancer(backends, tmp_dir, config=HAPROXY_CFG):
     check = subprocess.run([binary, "-c", "-f", config], env=env, capture_output=True, text=True)
     if check.returncode != 0:
         raise RuntimeError("haproxy -c refused %s:\n%s%s" % (config, check.stdout, check.stderr))
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([binary, "-db", "-f", config], stdout=log, stderr=subprocess.STDOUT, env=env)
-    lb = Balancer("http://127.0.0.1:%d" % port, "http://127.0.0.1:%d/stats" % stats, proc, log_path)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError("haproxy exited with %s:\n%s" % (proc.returncode, open(log_path).read()[-3000:]))
-            try:
-                lb.servers()
-                break
-            except requests.RequestException:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("haproxy did not answer:\n%s" % open(log_path).read()[-3000:])
-                time.sleep(0.1)
+    lb = Balancer("http://127.0.0.1:%d" % port, "http://127.0.0.1:%d/stats" % stats, None, log_path)
+    with running([binary, "-db", "-f", config], lb.url, log_path, timeout=20, env=env,
+                 ready=lambda: lb.servers() is not None, what="haproxy") as proc:
+        lb.proc = proc
         names = [b.name for b in backends]
         lb.wait_for(lambda s: all(accepting(s, n) and "agent" in (s[n].get("last_agt") or "") for n in names),
                     "every server up with its agent heard", timeout=20)
         yield lb
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def count_requests(metrics_text, endpoints, status="200"):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import SERVER_ENV, TORCH_THREADS, free_port
+from conftest import SERVER_ENV, TORCH_THREADS, free_port, running
 
 from SlicerNNInteractiveLib.client import RemoteSession, check_server
 from SlicerNNInteractiveLib.errors import ServerCertificateError, ServerUnreachableError
@@ -65,28 +65,9 @@ def server(quiet_model, pki, tmp_path_factory):
     log_path = str(tmp_path_factory.mktemp("tls-server") / "server.log")
     cmd = server_cmd(quiet_model, port, "--ssl-certfile", pki["server.pem"], "--ssl-keyfile", pki["server.key"],
                      "--liveness-timeout-seconds", str(LIVENESS))
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=SERVER_ENV)
-    try:
-        deadline = time.monotonic() + 120.0
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError("server exited with %s:\n%s" % (proc.returncode, open(log_path).read()[-3000:]))
-            try:
-                if requests.get(url + "/healthz", timeout=1, verify=pki["ca.pem"]).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("server did not answer:\n%s" % open(log_path).read()[-3000:])
-            time.sleep(0.2)
+    with running(cmd, url, log_path, ready=lambda: requests.get(url + "/healthz", timeout=1,
+                                                             verify=pki["ca.pem"]).status_code == 200):
         yield url, log_path
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture(autouse=True)
