@@ -133,6 +133,17 @@ def _finish(seg, info, path):
     return path
 
 
+def _labelled_series(labels, files):
+    """The label values present in ``labels`` and the series' datasets it is checked against; ``([], None)``
+    when the map is empty (nothing is read then)."""
+    values = [int(v) for v in np.unique(labels) if v > 0]
+    if not values:
+        return values, None
+    sources = _read_sources(files)
+    _check_frames(labels, sources, "the label map")
+    return values, sources
+
+
 def _check_frames(array, sources, what):
     rows, cols = int(sources[0].Rows), int(sources[0].Columns)
     if tuple(array.shape[:3]) != (len(sources), rows, cols):
@@ -148,11 +159,9 @@ def write_binary_seg(labels, files, segments, path, info=None):
 
     info = info or {}
     labels = np.asarray(labels)
-    values = [int(v) for v in np.unique(labels) if v > 0]
+    values, sources = _labelled_series(labels, files)
     if not values:
         return None
-    sources = _read_sources(files)
-    _check_frames(labels, sources, "the label map")
     by_value = {s.value: s for s in segments}
     algorithm = algorithm_identification(info)
     descriptions, lut = [], np.zeros(int(labels.max()) + 1, dtype=np.uint16)
@@ -213,11 +222,9 @@ def write_rtstruct(labels, files, segments, path, info=None):
                                   "brings OpenCV)" % RTSTRUCT_EXTRA)
     info = info or {}
     labels = np.asarray(labels)
-    values = [int(v) for v in np.unique(labels) if v > 0]
+    values, sources = _labelled_series(labels, files)
     if not values:
         return None
-    sources = _read_sources(files)
-    _check_frames(labels, sources, "the label map")
     # rt-utils orders slices its own way (along the normal); map ours onto its order by SOP instance UID.
     ordered = sorted(sources, key=image_helper.get_slice_position)
     index = {ds.SOPInstanceUID: k for k, ds in enumerate(sources)}
