@@ -153,8 +153,7 @@ async def _invalid_request(request, exc):
 async def _client_gone(request, exc):
     # The client went away before its request was read (killed, network lost, upload cancelled): nobody reads an
     # answer, and it is no fault of the server. 499 is the usual status for this in logs ("client closed request").
-    log.info("[%s] %s %s: the client disconnected before its request was read", request_id(request), request.method,
-             request.url.path)
+    log.info("%s %s: the client disconnected before its request was read", request.method, request.url.path)
     return _answer(request, 499, "the client disconnected before its request was read")
 
 
