@@ -18,6 +18,7 @@ import requests
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "SlicerNNInteractive"))
+sys.path.insert(0, os.path.join(REPO, "server"))  # this tree's server in-process too, never an installed copy
 sys.path.insert(0, os.path.join(REPO, "Testing", "models"))
 SERVER_ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
     [os.path.join(REPO, "server"), os.path.join(REPO, "SlicerNNInteractive"), os.environ.get("PYTHONPATH", "")]),
