@@ -34,6 +34,7 @@ PATH_QUEUE = "/x/queue"  # the lease's place in the GPU queue: ahead, expected_w
 PATH_METRICS = "/metrics"  # Prometheus text format (behind the key); not in the official protocol
 TIMING_HEADER = "X-NNI-Timing"  # per-phase server timings in ms, JSON; ignored by official clients
 PATH_AUTO_SEGMENT = "/x/auto_segment"  # run a registered nnU-Net model on the session's image
+PATH_AUTO_CANCEL = "/x/auto_segment/cancel"  # stop the lease's automatic run in progress (between its pieces)
 
 # The established nnU-Net model server's endpoints (automatic models), served as that server serves them.
 PATH_MODEL_INFO = "/model_info"
@@ -43,6 +44,8 @@ PATH_INFER = "/infer"
 PATH_INFER_FILE = "/infer_file"
 PATH_DOWNLOAD = "/download/{job_id}"
 PATH_EXPIRE = "/expire"
+PATH_JOBS = "/jobs"  # ours: POST a study -> 202 {job_id}; GET /jobs/{job_id} status; DELETE cancels
+PATH_JOB = "/jobs/{job_id}"
 
 
 @functools.lru_cache(maxsize=None)
