@@ -38,4 +38,9 @@ class CancelToken:
             raise RunCancelled("the automatic run was cancelled (%s)" % self.reason)
 
 
-NEVER = CancelToken()  # the default of runs nobody can cancel (the command-line tools)
+class _Never(CancelToken):
+    def cancel(self, reason="cancelled"):
+        pass  # shared by every run nobody can cancel: it must never be set
+
+
+NEVER = _Never()  # the default of runs nobody can cancel (the command-line tools)
