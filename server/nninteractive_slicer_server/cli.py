@@ -69,7 +69,8 @@ def build_parser():
     a = p.add_argument_group("automatic models (nnU-Net; the established model server's /infer, /infer_file, "
                              "/model_info, ... and /x/auto_segment on a session's image)")
     a.add_argument("--model-serve-spec", metavar="PATH", help="model registry (model-serve-spec.yaml) to serve "
-                   "(default: $MODEL_SERVE_SPEC; none: no automatic models); an invalid one stops the start-up")
+                   "(default: $MODEL_SERVE_SPEC, else ./model-serve-spec.yaml when there is one; none: no automatic "
+                   "models); an invalid one stops the start-up")
     a.add_argument("--predictor-cache-size", type=int, default=2, metavar="N", help="loaded nnU-Net predictors kept "
                    "at once (default %(default)s)")
     a.add_argument("--predictor-ttl-seconds", type=float, default=600.0, metavar="S", help="drop a predictor unused "
@@ -241,9 +242,9 @@ def check_device(name):
 def check_registry(args):
     """The model registry (None without a spec), checked before the slow model load: an invalid spec stops the
     start-up with the file, the entry and the field."""
-    from .auto.registry import SpecError, load_registry, spec_path_from
+    from .auto.registry import SpecError, load_registry, spec_source
 
-    path = spec_path_from(args.model_serve_spec)
+    path, where_from = spec_source(args.model_serve_spec)
     if path is None:
         if args.infer_root or args.jobs_dir:
             raise StartupError("--infer-root and --jobs-dir serve automatic models: give the model registry too "
@@ -253,6 +254,7 @@ def check_registry(args):
         registry = load_registry(path)
     except SpecError as exc:
         raise StartupError("the model registry is invalid: %s." % exc)
+    log.info("model registry: %s (from %s)", registry.path, where_from)
     for root in args.infer_root:
         if not os.path.isdir(os.path.expanduser(root)):
             raise StartupError("--infer-root %s is not a directory." % root)

@@ -5,7 +5,8 @@ with the flags of the established nnU-Net model server's commands, on this machi
     nnunet-predict-batch --data_json STUDIES.json --nnunet_id MODEL [MODEL ...] [options]
     nnunet-predict-batch --data_dir PATIENTS/ -o OUT --nnunet_id MODEL [options]
 
-The registry comes from ``--model-serve-spec`` or ``$MODEL_SERVE_SPEC``. ``-s`` takes one argument per model of a
+The registry comes from ``--model-serve-spec``, else ``$MODEL_SERVE_SPEC``, else ``./model-serve-spec.yaml``
+(``$OVERRIDE_MODEL_FOLDER`` replaces its ``model_folder``). ``-s`` takes one argument per model of a
 cascade, each a comma-separated list of series (``-s t2,adc``: one model, two channels; ``-s t2 t2``: two models).
 Only the flags given on the command line override a model's ``default_args``. The outputs go to
 ``OUT/stage_<i>/`` with the last stage's also copied into ``OUT``; the response (as ``/infer`` gives it) is printed
@@ -107,7 +108,8 @@ def make_parser(prog, description, batch=False):
                    "comma-separated per model of a cascade")
     p.add_argument("--suffix", help="added to the output file names (prediction_<suffix>.nii.gz)")
     p.add_argument("--model-serve-spec", dest="model_serve_spec", default=None,
-                   help="the model registry (default: $MODEL_SERVE_SPEC)")
+                   help="the model registry (default: $MODEL_SERVE_SPEC, else "
+                   "./model-serve-spec.yaml)")
     p.add_argument("--device", default=None, help="cuda, cuda:N, mps or cpu (default: cuda when there is one, else "
                    "cpu)")
     p.add_argument("--quiet", "-q", action="store_true", default=False, help="no progress on stderr")
@@ -163,13 +165,15 @@ class _Progress:
 
 def _setup(args, prog, model_ids=()):
     """(registry, segmenter) or an exit status. Unknown models fail here, before torch is imported."""
-    from .registry import SpecError, UnknownModel, load_registry, spec_path_from
+    from .registry import SpecError, UnknownModel, load_registry, spec_source
 
-    spec = spec_path_from(args.model_serve_spec)
+    spec, where_from = spec_source(args.model_serve_spec)
     if not spec:
-        print("%s: error: no model registry: give --model-serve-spec SPEC.yaml or set MODEL_SERVE_SPEC" % prog,
-              file=sys.stderr)
+        print("%s: error: no model registry: give --model-serve-spec SPEC.yaml, set MODEL_SERVE_SPEC, or run where "
+              "./model-serve-spec.yaml is" % prog, file=sys.stderr)
         return 2
+    if not args.quiet:
+        print("%s: model registry %s (from %s)" % (prog, spec, where_from), file=sys.stderr)
     try:
         registry = load_registry(spec)
     except SpecError as exc:
