@@ -339,7 +339,23 @@ class Registry:
                 if number is not None and not (isinstance(number, int) and not isinstance(number, bool)
                                                and number > 0):
                     raise self._err(where, f + ".number", "must be a label value (1 or more), got %r" % (number,))
+            for j, s in enumerate(names):
+                self._check_snomed_name(where, "metadata.segment_names[%d]" % j, s)
         return dict(meta), None
+
+    def _check_snomed_name(self, where, field_name, segment):
+        """Warn about an inline name without a code that names no SNOMED CT concept (the established server refuses
+        it; here its DICOM SEG segment is coded Tissue / Tissue)."""
+        from .terminology import SCT, closest, lookup
+
+        name = segment if isinstance(segment, str) else segment["name"]
+        if isinstance(segment, dict) and (segment.get("code") is not None or (segment.get("scheme") or SCT) != SCT):
+            return
+        if lookup(name) is None:
+            near = closest(name)
+            self._warn(where, field_name, "%r names no SNOMED CT concept DICOM defines%s; its DICOM SEG segment is "
+                       "coded Tissue / Tissue: give 'code' (and 'category_number') to code it"
+                       % (name, " (close: %s)" % ", ".join(near) if near else ""))
 
     def _find_metadata(self, path):
         path = os.path.expanduser(path)
@@ -747,21 +763,18 @@ def dcmqi_segments(template):
 
 def inline_segments(names):
     """Segments of inline ``segment_names``: a name, or ``{name, number, label, code, scheme, category_number}``
-    (label value ``number``, default its position + 1; shown as ``label``, default ``name``)."""
+    (label value ``number``, default its position + 1; shown as ``label``, default ``name``). A name without
+    ``code`` is coded with the SNOMED CT concept it names, as established (``terminology``)."""
+    from .terminology import coded_segment
+
     out = []
     for i, s in enumerate(names):
         if isinstance(s, str):
-            out.append(Segment(i + 1, s, PALETTE[i % len(PALETTE)]))
-            continue
+            s = {"name": s}
         value = s.get("number") or i + 1
-        term = None
-        if s.get("code") is not None:
-            scheme = s.get("scheme") or "SCT"
-            term = {"type": {"CodeValue": str(s["code"]), "CodingSchemeDesignator": scheme, "CodeMeaning": s["name"]}}
-            if s.get("category_number") is not None:
-                term["category"] = {"CodeValue": str(s["category_number"]), "CodingSchemeDesignator": scheme,
-                                    "CodeMeaning": ""}
-        out.append(Segment(value, s.get("label") or s["name"], PALETTE[(value - 1) % len(PALETTE)], term))
+        label, term = coded_segment(s["name"], s.get("label"), s.get("code"), s.get("scheme"),
+                                    s.get("category_number"))
+        out.append(Segment(value, label, PALETTE[(value - 1) % len(PALETTE)], term))
     return sorted(out, key=lambda s: s.value)
 
 
