@@ -131,11 +131,13 @@ def request_from_args(args):
     if isinstance(ids, list) and len(ids) == 1:
         req["nnunet_id"] = ids[0]
     if "class_idx" in req:
-        idx = req["class_idx"]
-        if len(idx) == 1:
-            req["class_idx"] = idx[0]  # int, a list (a subset), or None (every class)
-        if req["class_idx"] is None:
+        idx = req["class_idx"]  # one argument per model: a label, a comma list (a subset) or None (every class)
+        if len(idx) == 1 and not isinstance(idx[0], list):
+            idx = idx[0]
+        if idx is None or (isinstance(idx, list) and all(v is None for v in idx)):
             del req["class_idx"]
+        else:
+            req["class_idx"] = idx  # [[1, 2]]: the subset of one model, as the established command sends it
     for key in ("checkpoint_name", "min_intersection"):
         if key in req and len(req[key]) == 1:
             req[key] = req[key][0]
