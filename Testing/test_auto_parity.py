@@ -247,3 +247,39 @@ def test_override_model_folder(env, tmp_path):
     assert reg.model_folder == str(moved)
     assert reg.result_folder("tiny").startswith(str(moved))
     assert load_registry(env["spec"], environ={}).model_folder == env["folder"]
+
+
+# ---------------------------------------------------------------------------------------------------------- commands
+
+def test_batch_with_writing_workers(env, tmp_path):
+    """--nproc_writing 2: the studies overlap (their forward passes take turns); the answers come in the studies'
+    order, the outputs are those of the same requests run one by one, and a failing study fails alone."""
+    items = [{"study_path": env["study"], "series_folders": [["ct.nii.gz"]], "output_dir": str(tmp_path / "a")},
+             {"study_path": env["study"], "series_folders": [["missing"]], "output_dir": str(tmp_path / "b")},
+             {"study_path": env["study"], "series_folders": [["ct.nii.gz", "from:tiny=2"]],
+              "output_dir": str(tmp_path / "c")}]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(items))
+    code = "import sys; from nninteractive_slicer_server.auto.predict_cli import batch_main; sys.exit(batch_main())"
+    environ = dict(SERVER_ENV, OMP_NUM_THREADS="2")
+    environ.pop("MODEL_SERVE_SPEC", None)
+    p = subprocess.run([sys.executable, "-c", code, "--data_json", str(data), "--nnunet_id", "with_organ",
+                        "--nproc_writing", "2", "--device", "cpu", "--model-serve-spec", env["spec"]],
+                       env=environ, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1, p.stderr  # the second study fails
+    responses = json.loads(p.stdout)  # stdout holds the JSON only, whatever the threads printed
+    assert [r["status"] for r in responses] == ["done", "failed", "done"]
+    assert "series folder 'missing' does not exist" in responses[1]["error"]
+    for item, response in zip(items, responses):
+        if response["status"] != "done":
+            continue
+        alone = run_study(env["registry"], env["seg"], dict(item, nnunet_id="with_organ",
+                                                             output_dir=str(tmp_path / "alone")))
+        np.testing.assert_array_equal(labels_of(os.path.join(item["output_dir"], "prediction.nii.gz")),
+                                      labels_of(alone["nifti_prediction"][-1]))
+    assert responses[0]["request"]["series_folders"][1] == ["ct.nii.gz", "from:tiny_organs=1"]  # injected
+
+    p = subprocess.run([sys.executable, "-c", code, "--data_json", str(data), "--nnunet_id", "tiny",
+                        "--nproc_writing", "0", "--model-serve-spec", env["spec"]], env=environ,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "--nproc_writing must be 1 or more" in p.stderr
