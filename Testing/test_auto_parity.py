@@ -14,8 +14,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
-import time
 
 import numpy as np
 import pytest
@@ -283,3 +281,163 @@ def test_batch_with_writing_workers(env, tmp_path):
                         "--nproc_writing", "0", "--model-serve-spec", env["spec"]], env=environ,
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "--nproc_writing must be 1 or more" in p.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------- a server
+
+def orthanc_binary():
+    return shutil.which("Orthanc") or next((p for p in ("/usr/sbin/Orthanc", "/usr/bin/Orthanc")
+                                            if os.access(p, os.X_OK)), None)
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    """A real Orthanc (Debian's package) on loopback, as a plain process with its own folder and a user; None where
+    it is not installed and CI is unset."""
+    binary = orthanc_binary()
+    if binary is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("Orthanc is not installed, and CI=true: .ci/run installs it (apt-get install -y orthanc)")
+        yield None
+        return
+    root = tmp_path_factory.mktemp("orthanc")
+    port = free_port()
+    config = {"Name": "tests", "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
+              "HttpPort": port, "DicomPort": free_port(), "DicomServerEnabled": False, "RemoteAccessAllowed": False,
+              "AuthenticationEnabled": True, "RegisteredUsers": {"tests": "secret"}, "Plugins": []}
+    (root / "orthanc.json").write_text(json.dumps(config))
+    url = "http://127.0.0.1:%d" % port
+    ready = lambda: requests.get(url + "/system", auth=("tests", "secret"), timeout=1).status_code == 200  # noqa
+    with running([binary, str(root / "orthanc.json")], url, str(root / "orthanc.log"), timeout=30, ready=ready,
+                 what="Orthanc"):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def srv(env, orthanc, quiet_model, tmp_path_factory):
+    """Our server started in a folder holding model-serve-spec.yaml (no --model-serve-spec, no MODEL_SERVE_SPEC),
+    whose model_folder is wrong: $OVERRIDE_MODEL_FOLDER says where the models are."""
+    home = tmp_path_factory.mktemp("parity-home")
+    with open(env["spec"]) as f:
+        data = yaml.safe_load(f)
+    data["model_folder"] = "/nonexistent/models"
+    (home / "model-serve-spec.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    shutil.copytree(os.path.join(os.path.dirname(env["spec"]), "metadata"), str(home / "metadata"))
+    environ = dict(SERVER_ENV, NN_INTERACTIVE_API_KEY=KEY, OVERRIDE_MODEL_FOLDER=env["folder"])
+    environ.pop("MODEL_SERVE_SPEC", None)
+    if orthanc:
+        environ.update(ORTHANC_URL=orthanc, ORTHANC_USER="tests", ORTHANC_PASSWORD="secret")
+    port = free_port()
+    url = "http://127.0.0.1:%d" % port
+    log = str(home / "server.log")
+    cmd = [sys.executable, "-m", "nninteractive_slicer_server", "--model-dir", quiet_model, "--device", "cpu",
+           "--port", str(port), "--torch-n-threads", TORCH_THREADS, "--infer-root", str(env["root"])]
+    with running(cmd, url, log, env=environ, cwd=str(home)):
+        yield type("Srv", (), dict(url=url, home=str(home), log=log, orthanc=orthanc))
+
+
+def call(srv, method, path, key=KEY, **kw):
+    headers = {"Authorization": "Bearer " + key} if key else {}
+    return requests.request(method, srv.url + path, headers=headers, timeout=300, **kw)
+
+
+def test_server_takes_the_spec_of_its_folder_and_the_model_folder_override(srv, env):
+    text = open(srv.log).read()
+    assert "model registry: %s (from ./model-serve-spec.yaml in the working directory" % os.path.join(
+        srv.home, "model-serve-spec.yaml") in text
+    assert "model_folder %s from $OVERRIDE_MODEL_FOLDER" % env["folder"] in text
+    info = call(srv, "GET", "/model_info").json()
+    assert list(info) == ["tiny_organs", "tiny_with_organ", "tiny_inline"]
+    assert all(m["available"] for m in info.values())
+
+
+def test_model_info_clean(srv):
+    assert call(srv, "GET", "/model_info_clean", key=None).status_code == 401
+    info = call(srv, "GET", "/model_info_clean").json()
+    organs, inline = info["tiny_organs"], info["tiny_inline"]
+    assert organs["metadata"] == [{"Label ID": "liver", "Name": "liver", "Index": 1},
+                                  {"Label ID": "spleen", "Name": "spleen", "Index": 2}]
+    assert organs["description"] == "Segments the following regions:\nliver, spleen\nNumber of input channels:\n1"
+    assert organs["description_long"] == (
+        "Segments the following regions:\n\t- Label ID: liver, Name: liver, Index: 1\n"
+        "\t- Label ID: spleen, Name: spleen, Index: 2\nUses the following channels:\n\t- 0: CT")
+    assert inline["metadata"][1] == {"Label ID": "spleen", "Name": "kidney_left", "Index": 2}
+    assert info["tiny_with_organ"]["description"].endswith("Number of input channels:\n2")
+    assert organs["n_classes"] == 3 and organs["default_args"]["use_folds"] == [0]
+    assert "/nonexistent" not in json.dumps(info) and srv.home not in json.dumps(info)
+
+
+def test_infer_with_a_reference_over_http(srv, env):
+    body = {"nnunet_id": "with_organ", "study_path": env["study"], "series_folders": ["ct.nii.gz"],
+            "output_dir": str(env["root"] / "http_ref")}
+    r = call(srv, "POST", "/infer", json=body)
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert answer["request"]["nnunet_id"] == ["tiny_organs", "tiny_with_organ"]
+    oracle = run(env, "http_ref_oracle", nnunet_id="with_organ", series_folders=["ct.nii.gz"])
+    for got, want in zip(answer["nifti_prediction"], oracle["nifti_prediction"]):
+        np.testing.assert_array_equal(labels_of(got), labels_of(want))
+    bad = call(srv, "POST", "/infer", json=dict(body, series_folders=["ct.nii.gz", "from:tiny=9"]))
+    assert bad.status_code == 400 and bad.json()["status"] == "failed"
+    assert "model 'tiny_organs' has no label 9" in bad.json()["error"]
+
+
+def _store_series(orthanc, folder):
+    for name in sorted(os.listdir(folder)):
+        with open(os.path.join(folder, name), "rb") as f:
+            r = requests.post(orthanc + "/instances", data=f.read(), auth=("tests", "secret"),
+                              headers={"Content-Type": "application/dicom"})
+        assert r.status_code == 200, r.text
+    return r.json()["ParentSeries"], r.json()["ParentStudy"]
+
+
+def test_infer_orthanc(srv, env):
+    if srv.orthanc is None:
+        pytest.skip("Orthanc is not installed (Debian/Ubuntu: apt-get install -y orthanc; .ci/run installs it)")
+    orthanc, auth = srv.orthanc, ("tests", "secret")
+    series, study = _store_series(orthanc, os.path.join(env["study"], "ct"))
+    assert call(srv, "POST", "/infer_orthanc", key=None, json={}).status_code == 401
+
+    r = call(srv, "POST", "/infer_orthanc", json={"nnunet_id": "tiny_inline", "series_ids": [series]})
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert answer["status"] == "done" and answer["request"]["series_ids"] == [series]
+    assert answer["orthanc_upload"]["uploaded_instance_count"] == 1
+    seg_series = answer["orthanc_upload"]["responses"][0]
+    assert answer["dicom_segmentation"] == ["output/stage_0/prediction.dcm"]  # no server path
+    # the SEG is in Orthanc, in the source study, and is what /infer makes of the same series
+    stored = requests.get(orthanc + "/series/%s" % seg_series, auth=auth).json()
+    assert stored["ParentStudy"] == study and stored["MainDicomTags"]["Modality"] == "SEG"
+    instance = stored["Instances"][0]
+    path = os.path.join(str(env["root"]), "from_orthanc.dcm")
+    with open(path, "wb") as f:
+        f.write(requests.get(orthanc + "/instances/%s/file" % instance, auth=auth).content)
+    got = hd.seg.segread(path)
+    want = hd.seg.segread(run(env, "orthanc_oracle", nnunet_id="tiny_inline", series_folders=["ct"],
+                              is_dicom=True)["dicom_segmentation"][0])
+    np.testing.assert_array_equal(got.pixel_array, want.pixel_array)
+    assert [s.SegmentedPropertyTypeCodeSequence[0].CodeValue for s in got.SegmentSequence] == ["10200004", "64033007"]
+
+    # a cascade through a from: reference: each stage's SEG goes back
+    r = call(srv, "POST", "/infer_orthanc", json={"nnunet_id": "with_organ", "series_ids": [[series]]})
+    assert r.status_code == 200, r.text
+    assert r.json()["request"]["nnunet_id"] == ["tiny_organs", "tiny_with_organ"]
+    assert r.json()["orthanc_upload"]["uploaded_instance_count"] == 2
+
+    for body, match in (({"series_ids": ["../../patients"]}, "is not an Orthanc series identifier"),
+                        ({"series_ids": ["0" * 8 + "-00000000" * 4]}, "has no series 00000000-"),
+                        ({"series_ids": [series], "is_dicom": False}, "series of Orthanc are DICOM")):
+        bad = call(srv, "POST", "/infer_orthanc", json=dict(body, nnunet_id="tiny_inline"))
+        assert bad.status_code == 400 and match in bad.json()["error"], bad.text
+    assert len(requests.get(orthanc + "/series", auth=auth).json()) == 4  # the CT and three SEGs, nothing else
+
+
+def test_orthanc_settings():
+    from nninteractive_slicer_server.auto.orthanc import Orthanc
+
+    assert Orthanc.from_settings(None, {}) is None
+    o = Orthanc.from_settings(None, {"ORTHANC_URL": "http://pacs:8042/", "ORTHANC_USER": "u", "ORTHANC_PASSWORD": "p"})
+    assert (o.url, o.auth) == ("http://pacs:8042", ("u", "p"))
+    assert Orthanc.from_settings("https://other", {"ORTHANC_URL": "http://pacs:8042"}).url == "https://other"
+    with pytest.raises(ValueError, match="must start with http"):
+        Orthanc.from_settings("pacs:8042", {})

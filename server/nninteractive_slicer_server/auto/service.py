@@ -37,6 +37,8 @@ MAX_LICENSE_CHARS = 20000
 # ---------------------------------------------------------------------------------------------------------- service
 
 class AutoService:
+    orthanc = None  # auto.orthanc.Orthanc: the operator's Orthanc for /infer_orthanc (--orthanc-url), or None
+
     def __init__(self, registry, segmenter, limits, infer_roots=(), jobs_dir=None):
         self.registry = registry
         self.segmenter = segmenter
