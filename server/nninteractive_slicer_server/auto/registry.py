@@ -21,8 +21,9 @@ Where the spec comes from (``spec_source``): ``--model-serve-spec PATH``, else `
 ``./model-serve-spec.yaml`` when the working directory has one (the established server's default); the server logs
 which. ``$OVERRIDE_MODEL_FOLDER``, when set, replaces the spec's ``model_folder`` (as the established server does, for
 containers that mount the models elsewhere). A relative ``metadata.path`` is looked up beside the spec first, then in
-the current directory (where the established server looks). ``rel_path`` is matched against each result folder's path relative to ``model_folder`` (a folder with
-``dataset.json`` and a ``fold_*`` folder); when several match, the shortest path wins (a warning says so).
+the current directory (where the established server looks). ``rel_path`` is matched against each result folder's
+path relative to ``model_folder`` (a folder with ``dataset.json`` and a ``fold_*`` folder); when several match, the
+shortest path wins (a warning says so).
 
 Errors: ``SpecError`` (the spec is wrong; names the file, the entry and the field; at load), ``UnknownModel`` (a
 request names a model that is not there; a ``BadInput``, so HTTP 400, naming the known ids), ``ModelUnavailable``
