@@ -128,7 +128,7 @@ def expand(registry, specs, series, channels_of):
                 inserted.append(len(out_specs) - 1)
                 stage = len(out_specs) - 1
             if ref.equal is not None and ref.equal != 0:
-                values = [s.value for s in registry.segments(target)]
+                values = _label_values(registry, target)
                 if values and ref.equal not in values:
                     raise BadInput("series_folders: %r: model %r has no label %d (its labels: %s)"
                                    % (entry, target.id, ref.equal, values))
@@ -138,6 +138,16 @@ def expand(registry, specs, series, channels_of):
         out_specs.append(spec)
         out_series.append(placed)
     return Expansion(out_specs, out_series, inserted, probabilities)
+
+
+def _label_values(registry, spec):
+    """The label values a model's map can hold (its dataset.json; its described segments when that is unreadable)."""
+    from .registry import dataset_labels
+
+    try:
+        return sorted(dataset_labels(registry.result_folder(spec)).values())
+    except ValueError:
+        return [s.value for s in registry.segments(spec)]
 
 
 class StageOutputs:
@@ -159,8 +169,10 @@ class StageOutputs:
         labels, probabilities, grid = self._kept[ref.stage]
         if ref.equal is not None:
             array = (labels == ref.equal).astype(np.uint8)
+        elif ref.index is not None and probabilities is None:
+            array = np.zeros(labels.shape, dtype=np.float32)  # a stage skipped (empty crop): it predicted nothing
         elif ref.index is not None:
-            n = 0 if probabilities is None else len(probabilities)
+            n = len(probabilities)
             if ref.index >= n:
                 raise BadInput("series_folders: %r: the probability map of stage %d has %d channel(s) (0 to %d)"
                                % (ref.text, ref.stage, n, n - 1))
