@@ -147,6 +147,8 @@ def test_reference_to_a_probability_channel_and_to_the_label_map(env):
     (["ct.nii.gz", "from:tiny[x]"], BadInput, r"write from:<model>, from:<model>=<label> or from:<model>\[<channel>\]"),
     (["ct.nii.gz", "from:tiny[5]"], BadInput, r"the probability map of stage 0 has 2 channel\(s\)"),
     (["from:tiny=1", "from:tiny=2"], BadInput, r"runs model 'tiny_organs' first, on the first 1 series of stage 0"),
+    (["ct.nii.gz", "from:tiny=1", "from:tiny"], BadInput,
+     r"model 'tiny_with_organ' takes 2 series \(CT, organ\); stage 1 of the request gives 3 \(ct.nii.gz, from:tiny=1"),
 ])
 def test_bad_references(env, series, error, match):
     with pytest.raises(error, match=match):

@@ -293,7 +293,8 @@ def plan_request(registry, segmenter, request, resolve_path=None):
         channels = _model_channels(registry, spec)
         if channels is not None and len(channels) != len(paths):
             raise BadInput("model %r takes %d series (%s); stage %d of the request gives %d (%s)"
-                           % (spec.id, len(channels), ", ".join(channels), i, len(paths), ", ".join(series[i])))
+                           % (spec.id, len(channels), ", ".join(channels), i, len(paths),
+                              ", ".join(str(f) for f in series[i])))
         plan.stages.append({"spec": spec, "paths": paths, "folders": [str(f) for f in series[i]], "given": given,
                             "args": args, "remove_small": s, "flip_xy": bool(flip),
                             "probabilities": i in expansion.probabilities})
