@@ -34,13 +34,13 @@ def free_port():
 
 
 @contextlib.contextmanager
-def running(cmd, url, log_path, timeout=120.0, env=None, ready=None, what="server"):
-    """Start ``cmd``, wait until ``ready()`` is true (default: ``url``/healthz answers 200), yield the process, then
-    stop it. Fails with the end of its log when it exits or never gets ready."""
+def running(cmd, url, log_path, timeout=120.0, env=None, ready=None, what="server", cwd=None):
+    """Start ``cmd`` (in folder ``cwd``), wait until ``ready()`` is true (default: ``url``/healthz answers 200), yield
+    the process, then stop it. Fails with the end of its log when it exits or never gets ready."""
     if ready is None:
         ready = lambda: requests.get(url + "/healthz", timeout=1).status_code == 200  # noqa: E731
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env or SERVER_ENV)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env or SERVER_ENV, cwd=cwd)
     try:
         deadline = time.monotonic() + timeout
         while True:

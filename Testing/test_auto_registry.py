@@ -134,7 +134,10 @@ def test_segments_from_template_inline_and_dataset_json(reg, models_dir, tmp_pat
                                          "CodeMeaning": "Liver"}
     assert liver.terminology["category"]["CodeMeaning"] == "Anatomical Structure"
     neoplasm, cyst = reg.segments("lesion_ct")
-    assert (neoplasm.value, neoplasm.name, neoplasm.terminology) == (1, "Neoplasm", None)
+    assert (neoplasm.value, neoplasm.name) == (1, "Neoplasm")  # a bare name: its SNOMED CT concept, as established
+    assert neoplasm.terminology["type"] == {"CodeValue": "108369006", "CodingSchemeDesignator": "SCT",
+                                            "CodeMeaning": "Neoplasm"}
+    assert neoplasm.terminology["category"]["CodeValue"] == "49755003"  # DICOM CID 7194: morphologically abnormal
     assert (cyst.value, cyst.name) == (2, "Kidney cyst")
     assert cyst.terminology["type"]["CodeValue"] == "367643001"
     # no metadata: names from dataset.json, colours from the palette

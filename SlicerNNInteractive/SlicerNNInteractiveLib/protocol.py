@@ -38,12 +38,14 @@ PATH_AUTO_CANCEL = "/x/auto_segment/cancel"  # stop the lease's automatic run in
 
 # The established nnU-Net model server's endpoints (automatic models), served as that server serves them.
 PATH_MODEL_INFO = "/model_info"
+PATH_MODEL_INFO_CLEAN = "/model_info_clean"  # each model's segments as "Label ID" / "Name" / "Index", descriptions
 PATH_REQUEST_PARAMS = "/request-params"
 PATH_READYZ = "/readyz"
 PATH_INFER = "/infer"
 PATH_INFER_FILE = "/infer_file"
 PATH_DOWNLOAD = "/download/{job_id}"
 PATH_EXPIRE = "/expire"
+PATH_INFER_ORTHANC = "/infer_orthanc"  # series fetched from the operator's Orthanc, DICOM SEG pushed back to it
 PATH_JOBS = "/jobs"  # ours: POST a study -> 202 {job_id}; GET /jobs/{job_id} status; DELETE cancels
 PATH_JOB = "/jobs/{job_id}"
 

@@ -23,6 +23,7 @@ from .leases import LeaseRegistry
 from .limits import Limits, MemoryBudget
 from .routes import auto as auto_routes
 from .routes import extensions, operations, protocol
+from .routes import orthanc as orthanc_routes
 
 log = logging.getLogger("nninteractive_slicer_server")
 
@@ -102,4 +103,5 @@ def make_app(engine, max_sessions=1, idle_timeout=600.0, liveness_timeout=60.0, 
     app.include_router(protocol.router)
     app.include_router(extensions.router)
     app.include_router(auto_routes.router)
+    app.include_router(orthanc_routes.router)
     return app

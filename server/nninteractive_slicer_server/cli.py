@@ -69,7 +69,8 @@ def build_parser():
     a = p.add_argument_group("automatic models (nnU-Net; the established model server's /infer, /infer_file, "
                              "/model_info, ... and /x/auto_segment on a session's image)")
     a.add_argument("--model-serve-spec", metavar="PATH", help="model registry (model-serve-spec.yaml) to serve "
-                   "(default: $MODEL_SERVE_SPEC; none: no automatic models); an invalid one stops the start-up")
+                   "(default: $MODEL_SERVE_SPEC, else ./model-serve-spec.yaml when there is one; none: no automatic "
+                   "models); an invalid one stops the start-up")
     a.add_argument("--predictor-cache-size", type=int, default=2, metavar="N", help="loaded nnU-Net predictors kept "
                    "at once (default %(default)s)")
     a.add_argument("--predictor-ttl-seconds", type=float, default=600.0, metavar="S", help="drop a predictor unused "
@@ -79,6 +80,9 @@ def build_parser():
     a.add_argument("--infer-root", action="append", default=[], metavar="DIR", help="a directory whose files /infer "
                    "requests may read and write (repeatable; paths resolving outside every one, through '..' or "
                    "links, get 403); none: /infer on server paths is off (uploads to /infer_file still work)")
+    a.add_argument("--orthanc-url", metavar="URL", help="the Orthanc whose series /infer_orthanc segments and which "
+                   "gets the DICOM SEGs back (default: $ORTHANC_URL; credentials from $ORTHANC_USER and "
+                   "$ORTHANC_PASSWORD; none: /infer_orthanc is off)")
     a.add_argument("--jobs-dir", metavar="DIR", help="where /infer_file jobs unpack and keep their outputs (default: "
                    "a temporary folder, removed at exit)")
     lim.add_argument("--max-upload-bytes", type=parse_size, default="2G", metavar="BYTES", help="largest /infer_file "
@@ -241,18 +245,19 @@ def check_device(name):
 def check_registry(args):
     """The model registry (None without a spec), checked before the slow model load: an invalid spec stops the
     start-up with the file, the entry and the field."""
-    from .auto.registry import SpecError, load_registry, spec_path_from
+    from .auto.registry import SpecError, load_registry, spec_source
 
-    path = spec_path_from(args.model_serve_spec)
+    path, where_from = spec_source(args.model_serve_spec)
     if path is None:
-        if args.infer_root or args.jobs_dir:
-            raise StartupError("--infer-root and --jobs-dir serve automatic models: give the model registry too "
-                               "(--model-serve-spec PATH or MODEL_SERVE_SPEC).")
+        if args.infer_root or args.jobs_dir or args.orthanc_url:
+            raise StartupError("--infer-root, --jobs-dir and --orthanc-url serve automatic models: give the model "
+                               "registry too (--model-serve-spec PATH, MODEL_SERVE_SPEC or ./model-serve-spec.yaml).")
         return None
     try:
         registry = load_registry(path)
     except SpecError as exc:
         raise StartupError("the model registry is invalid: %s." % exc)
+    log.info("model registry: %s (from %s)", registry.path, where_from)
     for root in args.infer_root:
         if not os.path.isdir(os.path.expanduser(root)):
             raise StartupError("--infer-root %s is not a directory." % root)
@@ -267,7 +272,22 @@ def make_auto(registry, engine, args, limits):
                               cache_size=args.predictor_cache_size, ttl_s=args.predictor_ttl_seconds,
                               mem_timeout_s=args.gpu_memory_wait_seconds)
     jobs_dir = os.path.abspath(os.path.expanduser(args.jobs_dir)) if args.jobs_dir else None
-    return AutoService(registry, segmenter, limits, args.infer_root, jobs_dir)
+    auto = AutoService(registry, segmenter, limits, args.infer_root, jobs_dir)
+    auto.orthanc = check_orthanc(args)
+    return auto
+
+
+def check_orthanc(args):
+    """The operator's Orthanc for /infer_orthanc (--orthanc-url, else $ORTHANC_URL), or None (the endpoint off)."""
+    from .auto.orthanc import Orthanc
+
+    try:
+        orthanc = Orthanc.from_settings(args.orthanc_url)
+    except ValueError as exc:
+        raise StartupError("%s." % exc)
+    log.info("/infer_orthanc: %s", "series from and DICOM SEGs to Orthanc %s" % orthanc.describe() if orthanc
+             else "off (no --orthanc-url or ORTHANC_URL)")
+    return orthanc
 
 
 def main(argv=None):

@@ -16,10 +16,13 @@ an endpoint that catches them). Semantics, as the established nnU-Net server has
   the first one's grid, whose geometry every output of the stage keeps exactly.
 * Per-stage fields: ``class_idx``, ``proba_threshold``, ``min_confidence``, ``checkpoint_name``, ``use_folds``
   (``tta`` applies to all). A scalar applies to every stage; for several stages a list gives one value per stage
-  (a list of one value is repeated). For one stage, ``class_idx: [1, 2]`` is the subset {1, 2} and
-  ``[[1, 2]]`` the same per stage (*ours*: the established server would take label 1 only); a flat ``use_folds``
-  list is the folds of every stage (*ours*: it would refuse it for a cascade). A field the request leaves out (or
-  sets to null) takes the model's ``default_args`` value.
+  (a list of one value is repeated). ``class_idx`` as established: a list is per stage (``[1, 2]`` for two models:
+  label 1 of the first, label 2 of the second) and a nested list a stage's subset (``[[1, 2]]``: labels 1 and 2 of
+  one model); a flat list whose length is neither 1 nor the number of models is refused with the nested form to
+  write (*ours*: the established server would keep its first values and drop the rest silently). A flat
+  ``use_folds`` list is the folds of every stage (*ours*: it would refuse it for a cascade). A field the request
+  leaves out (or sets to null) takes the model's ``default_args`` value (a model's ``class_idx: [1, 2]`` default
+  is its subset, as established).
 * ``class_idx``, ``proba_threshold``, ``min_confidence``: as ``AutoSegmenter.predict``. ``save_proba_map`` needs
   a ``proba_threshold`` (400 otherwise, as established). ``remove_objects_smaller_than``: per label, components
   smaller than this many voxels (an int) or this fraction of the label's largest component (a float) are dropped.
@@ -28,9 +31,12 @@ an endpoint that catches them). Semantics, as the established nnU-Net server has
   ``crop_padding`` voxels (x, y, z; default 10 each) and puts the result back in place (an empty mask makes the
   next stage empty without running it *ours*); ``intersect`` keeps only those 26-connected components of the next
   stage's prediction of which at least ``min_intersection`` (default 0.1) of the voxels lie inside the previous
-  stage's mask. ``crop_from`` / ``intersect_with`` do the same with a mask file (any nonzero label *ours*: the
-  established server looks at label 1 only), resampled to the stage's grid, for every stage until a cascade
-  replaces it.
+  stage's mask. ``crop_from`` / ``intersect_with`` do the same with label 1 of a mask file, as established
+  (a file with other labels but no 1 is refused *ours*), resampled to the stage's grid, for every stage until a
+  cascade replaces it.
+* ``from:<model>``, ``from:<model>=<k>``, ``from:<model>[<i>]`` in ``series_folders``: an earlier stage's label map,
+  label ``k`` of it, or channel ``i`` of its probability map, as an input channel; a model not in the request runs
+  first as an inserted stage (``auto/references.py``).
 * Outputs per stage (``suffix`` appended as ``_<suffix>``): ``prediction.nii.gz``; with ``save_proba_map``
   ``probabilities.nii.gz`` (``proba_<suffix>``; one channel, or one per label as a vector image, each masked by its
   label); with ``save_nifti_inputs`` ``input_volume_<j>.nii.gz``; from DICOM input ``prediction.dcm`` (BINARY DICOM
@@ -39,7 +45,7 @@ an endpoint that catches them). Semantics, as the established nnU-Net server has
   ``save_rt_struct_output``. ``copy_final`` (the commands) also copies the last stage's outputs into
   ``output_dir`` and names them in ``<field>_final``.
 * ``tmp_dir`` is accepted and unused (nothing is written outside ``output_dir``); ``bvalue_for_filtering`` is
-  refused when set (not supported here); ``from:`` references in ``series_folders`` are refused (not supported).
+  refused when set (not supported here).
 
 Response (the established fields first): ``time_elapsed`` (s), ``gpu`` (CUDA device index or null),
 ``nnunet_path`` (per stage: the result folder relative to the registry's model folder, *ours*: no server path),
@@ -71,6 +77,7 @@ import numpy as np
 from ..validate import BadInput
 from . import dicomseg
 from . import io as aio
+from . import references
 from .request import FIELDS as REQUEST_FIELDS
 from .request import parse_request
 
@@ -108,6 +115,7 @@ class Plan:
         self.options: Dict[str, Any] = {}
         self.output_dir = None
         self.echo: Dict[str, Any] = {}
+        self.expansion = None  # references.Expansion: the stages from: references need, and what they read
 
 
 def _stage_values(name, value, n, per_stage_if_nested_only=False):
@@ -120,12 +128,13 @@ def _stage_values(name, value, n, per_stage_if_nested_only=False):
     nested = any(v is None or isinstance(v, (list, tuple)) for v in value)
     if per_stage_if_nested_only and not nested:
         return [value] * n  # a flat list is the value (a class subset, a fold list) of every stage
-    if n == 1 and not nested and name in ("class_idx",):
-        return [value]
     if len(value) == n:
         return value
     if len(value) == 1:
         return value * n
+    if name == "class_idx" and not nested:  # the established server would take the first n, dropping the others
+        raise BadInput("class_idx %r gives one label per model, and nnunet_id has %d model(s); to keep several labels "
+                       "of one model, nest them: %r" % (value, n, [value] if n == 1 else [value] + [None] * (n - 1)))
     raise BadInput("'%s' has %d values for %d model(s) in nnunet_id; give one value, or one per model"
                    % (name, len(value), n))
 
@@ -154,10 +163,6 @@ def _series_lists(series_folders, n):
     for stage in lists:
         if not stage or not all(isinstance(s, str) and s.strip() for s in stage):
             raise BadInput("series_folders: each model needs a non-empty list of non-empty paths, got %r" % (stage,))
-        for s in stage:
-            if s.startswith("from:"):
-                raise BadInput("series_folders: %r: 'from:' references to another model's output are not supported "
-                               "by this server; run the models as a cascade (cascade_mode) instead" % s)
     return lists
 
 
@@ -256,6 +261,14 @@ def plan_request(registry, segmenter, request, resolve_path=None):
                                         per_stage_if_nested_only=(name == "use_folds"))
     small = _stage_values("remove_objects_smaller_than", shared("remove_objects_smaller_than"), n)
     flips = _stage_values("flip_xy", request.get("flip_xy"), n)
+    # from: references (auto/references.py): the stages they need inserted (their models' defaults for every
+    # per-stage field), each reference placed on the stage whose output it reads
+    plan.expansion = expansion = references.expand(registry, specs, series, lambda s: _model_channels(registry, s))
+    specs, series, n = expansion.specs, expansion.series, len(expansion.specs)
+    per_stage = {k: expansion.per_stage(v) for k, v in per_stage.items()}
+    small, flips = expansion.per_stage(small), expansion.per_stage(flips)
+    for pos in expansion.inserted:
+        small[pos] = specs[pos].default_args.get("remove_objects_smaller_than")
 
     for i, spec in enumerate(specs):
         given = {k: per_stage[k][i] for k in STAGE_FIELDS if per_stage[k][i] is not None}
@@ -269,6 +282,9 @@ def plan_request(registry, segmenter, request, resolve_path=None):
         flip = flips[i] if flips[i] is not None else spec.default_args.get("flip_xy", spec.is_totalseg)
         paths = []
         for folder in series[i]:
+            if isinstance(folder, references.Reference):
+                paths.append(folder)
+                continue
             p = resolve(os.path.join(study, folder), "series_folders")
             if not os.path.exists(p):
                 raise BadInput("series folder %r does not exist under study_path %s" % (folder,
@@ -277,15 +293,17 @@ def plan_request(registry, segmenter, request, resolve_path=None):
         channels = _model_channels(registry, spec)
         if channels is not None and len(channels) != len(paths):
             raise BadInput("model %r takes %d series (%s); stage %d of the request gives %d (%s)"
-                           % (spec.id, len(channels), ", ".join(channels), i, len(paths), ", ".join(series[i])))
-        plan.stages.append({"spec": spec, "paths": paths, "folders": list(series[i]), "given": given, "args": args,
-                            "remove_small": s, "flip_xy": bool(flip)})
+                           % (spec.id, len(channels), ", ".join(channels), i, len(paths),
+                              ", ".join(str(f) for f in series[i])))
+        plan.stages.append({"spec": spec, "paths": paths, "folders": [str(f) for f in series[i]], "given": given,
+                            "args": args, "remove_small": s, "flip_xy": bool(flip),
+                            "probabilities": i in expansion.probabilities})
     if plan.options["save_proba_map"] and all(st["args"].get("proba_threshold") is None for st in plan.stages):
         raise BadInput("proba_threshold must be not-None if save_proba_map is True")
     plan.echo = {k: _jsonable(request.get(k)) for k in REQUEST_FIELDS if k in request}
     plan.echo.update({k: _jsonable(v) for k, v in plan.options.items() if k not in ("intersect_with", "crop_from")})
     plan.echo["nnunet_id"] = [s.id for s in specs]
-    plan.echo["series_folders"] = series
+    plan.echo["series_folders"] = [[str(f) for f in entries] for entries in series]
     for name in STAGE_FIELDS:
         plan.echo[name] = [_jsonable(st["args"].get(name)) for st in plan.stages]
     return plan
@@ -315,14 +333,23 @@ def _might_be_mask(image):
     return len(np.unique(sitk.GetArrayViewFromImage(image))) <= 50
 
 
-def mask_on(path_or_image, reference, check=None):
-    """A mask file or image as a boolean ``[k, j, i]`` array on ``reference``'s grid (nonzero voxels); ``check``: as
-    ``io.read_image``'s."""
+def mask_on(path_or_image, reference, check=None, field="mask"):
+    """A mask as a boolean ``[k, j, i]`` array on ``reference``'s grid: of a mask file (the request's ``field``) its
+    label 1, as the established server reads ``crop_from`` / ``intersect_with`` (``BadInput`` when the file has
+    other labels on the grid but no 1: an empty mask there would silently empty the result); of a cascade's mask
+    image its nonzero voxels. ``check``: as ``io.read_image``'s."""
     image = path_or_image
     if isinstance(path_or_image, str):
         image = aio.read_image(path_or_image, check=check).image
     arr, _ = aio.to_array(aio.resample_to(image, reference, is_mask=True))
-    return arr != 0
+    if not isinstance(path_or_image, str):
+        return arr != 0
+    mask = arr == 1
+    if not mask.any() and arr.any():
+        raise BadInput("%s %s has no voxel of label 1, the label it selects (as in the established server); its "
+                       "labels: %s: write the region as label 1" % (field, os.path.basename(path_or_image),
+                                                                    [int(v) for v in np.unique(arr)[1:11]]))
+    return mask
 
 
 def keep_intersecting(labels, reference_mask, min_fraction):
@@ -402,6 +429,7 @@ def run_study(registry, segmenter, request, resolve_path=None, progress=None, co
     crop_ref = opts["crop_from"]  # a path, then (cascade) an image
     inter_ref = opts["intersect_with"]
     stages_info, is_empty, warnings = [], [], []
+    outputs = references.StageOutputs(plan.expansion)  # what from: references of later stages read
 
     for i, stage in enumerate(plan.stages):
         spec = stage["spec"]
@@ -410,7 +438,9 @@ def run_study(registry, segmenter, request, resolve_path=None, progress=None, co
         say("%s: reading %d series" % (tag, len(stage["paths"])))
         vols = []
         for p in stage["paths"]:
-            if p not in loaded:
+            if isinstance(p, references.Reference):
+                loaded[p] = outputs.series(p)  # an earlier stage's output
+            elif p not in loaded:
                 # the DICOM files found in a confined folder, and the data files a header names, stay confined
                 loaded[p] = aio.read_series(p, opts["is_dicom"], check=lambda f: resolve(f, "series_folders"))
             vols.append(loaded[p])
@@ -424,7 +454,7 @@ def run_study(registry, segmenter, request, resolve_path=None, progress=None, co
         region = tuple(slice(0, m) for m in shape)
         skip = False
         if crop_ref is not None:
-            crop_mask = mask_on(crop_ref, ref, check=lambda f: resolve(f, "crop_from"))
+            crop_mask = mask_on(crop_ref, ref, check=lambda f: resolve(f, "crop_from"), field="crop_from")
             box = aio.mask_bbox(crop_mask)
             if box is None:
                 skip = True
@@ -441,7 +471,8 @@ def run_study(registry, segmenter, request, resolve_path=None, progress=None, co
                 image = image[:, :, ::-1, ::-1]
             say("%s: predicting on %s voxels" % (tag, "x".join(str(d) for d in image.shape[1:])))
             result = segmenter.predict(spec, np.ascontiguousarray(image), spacing,
-                                       probabilities=opts["save_proba_map"], **stage["given"])
+                                       probabilities=opts["save_proba_map"] or stage["probabilities"],
+                                       **stage["given"])
             timings.update(result.timings)
             lab, pr = result.labels, result.probabilities
             if stage["flip_xy"]:
@@ -449,7 +480,7 @@ def run_study(registry, segmenter, request, resolve_path=None, progress=None, co
                 pr = pr[:, :, ::-1, ::-1] if pr is not None else None
             labels = np.zeros(shape, dtype=lab.dtype)
             labels[region] = lab
-            if pr is not None and opts["save_proba_map"]:
+            if pr is not None and (opts["save_proba_map"] or stage["probabilities"]):
                 prob_values = _probability_values(result, pr.shape[0])
                 chans = pr[-len(prob_values):] if prob_values else pr[:0]
                 probs = np.zeros((len(prob_values),) + shape, dtype=np.float32)
@@ -457,11 +488,12 @@ def run_study(registry, segmenter, request, resolve_path=None, progress=None, co
         if stage["remove_small"] is not None and labels.any():
             labels = remove_small_objects(labels, stage["remove_small"])
         if inter_ref is not None and labels.any():
-            ref_mask = mask_on(inter_ref, ref, check=lambda f: resolve(f, "intersect_with"))
+            ref_mask = mask_on(inter_ref, ref, check=lambda f: resolve(f, "intersect_with"), field="intersect_with")
             labels, _kept = keep_intersecting(labels, ref_mask, opts["min_intersection"])
         if probs is not None:  # the established map: each label's probability where the mask has that label
             for c, v in enumerate(prob_values):
                 probs[c] *= (labels == v) if len(prob_values) > 1 else (labels > 0)
+        outputs.keep(i, labels, probs, ref)
 
         # ---- outputs of this stage
         t1 = time.perf_counter()

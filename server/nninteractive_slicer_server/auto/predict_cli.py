@@ -5,11 +5,13 @@ with the flags of the established nnU-Net model server's commands, on this machi
     nnunet-predict-batch --data_json STUDIES.json --nnunet_id MODEL [MODEL ...] [options]
     nnunet-predict-batch --data_dir PATIENTS/ -o OUT --nnunet_id MODEL [options]
 
-The registry comes from ``--model-serve-spec`` or ``$MODEL_SERVE_SPEC``. ``-s`` takes one argument per model of a
+The registry comes from ``--model-serve-spec``, else ``$MODEL_SERVE_SPEC``, else ``./model-serve-spec.yaml``
+(``$OVERRIDE_MODEL_FOLDER`` replaces its ``model_folder``). ``-s`` takes one argument per model of a
 cascade, each a comma-separated list of series (``-s t2,adc``: one model, two channels; ``-s t2 t2``: two models).
 Only the flags given on the command line override a model's ``default_args``. The outputs go to
 ``OUT/stage_<i>/`` with the last stage's also copied into ``OUT``; the response (as ``/infer`` gives it) is printed
-on stdout as JSON, progress on stderr.
+on stdout as JSON, progress on stderr. ``--nproc_writing N`` (the established batch command's writing processes)
+keeps up to N studies in flight: one study's network on the device at a time, the others reading and writing.
 
 Exit status: 0 done, 1 failed (a model that cannot run here, an error while predicting; for the batch: any study
 failed), 2 a wrong command line or request (unknown model, missing series, wrong number of series, ...).
@@ -107,9 +109,15 @@ def make_parser(prog, description, batch=False):
                    "comma-separated per model of a cascade")
     p.add_argument("--suffix", help="added to the output file names (prediction_<suffix>.nii.gz)")
     p.add_argument("--model-serve-spec", dest="model_serve_spec", default=None,
-                   help="the model registry (default: $MODEL_SERVE_SPEC)")
+                   help="the model registry (default: $MODEL_SERVE_SPEC, else "
+                   "./model-serve-spec.yaml)")
     p.add_argument("--device", default=None, help="cuda, cuda:N, mps or cpu (default: cuda when there is one, else "
                    "cpu)")
+    p.add_argument("--nproc_writing", type=int, default=1, metavar="N",
+                   help="studies in flight at once (default 1): while one study's network runs on the device, the "
+                        "others read their inputs and write their outputs (the established command's writing "
+                        "processes; here threads, the device one study at a time). nnunet-predict runs one study: "
+                        "accepted, nothing to overlap")
     p.add_argument("--quiet", "-q", action="store_true", default=False, help="no progress on stderr")
     return p
 
@@ -129,11 +137,13 @@ def request_from_args(args):
     if isinstance(ids, list) and len(ids) == 1:
         req["nnunet_id"] = ids[0]
     if "class_idx" in req:
-        idx = req["class_idx"]
-        if len(idx) == 1:
-            req["class_idx"] = idx[0]  # int, a list (a subset), or None (every class)
-        if req["class_idx"] is None:
+        idx = req["class_idx"]  # one argument per model: a label, a comma list (a subset) or None (every class)
+        if len(idx) == 1 and not isinstance(idx[0], list):
+            idx = idx[0]
+        if idx is None or (isinstance(idx, list) and all(v is None for v in idx)):
             del req["class_idx"]
+        else:
+            req["class_idx"] = idx  # [[1, 2]]: the subset of one model, as the established command sends it
     for key in ("checkpoint_name", "min_intersection"):
         if key in req and len(req[key]) == 1:
             req[key] = req[key][0]
@@ -163,13 +173,15 @@ class _Progress:
 
 def _setup(args, prog, model_ids=()):
     """(registry, segmenter) or an exit status. Unknown models fail here, before torch is imported."""
-    from .registry import SpecError, UnknownModel, load_registry, spec_path_from
+    from .registry import SpecError, UnknownModel, load_registry, spec_source
 
-    spec = spec_path_from(args.model_serve_spec)
+    spec, where_from = spec_source(args.model_serve_spec)
     if not spec:
-        print("%s: error: no model registry: give --model-serve-spec SPEC.yaml or set MODEL_SERVE_SPEC" % prog,
-              file=sys.stderr)
+        print("%s: error: no model registry: give --model-serve-spec SPEC.yaml, set MODEL_SERVE_SPEC, or run where "
+              "./model-serve-spec.yaml is" % prog, file=sys.stderr)
         return 2
+    if not args.quiet:
+        print("%s: model registry %s (from %s)" % (prog, spec, where_from), file=sys.stderr)
     try:
         registry = load_registry(spec)
     except SpecError as exc:
@@ -191,14 +203,16 @@ def _setup(args, prog, model_ids=()):
     return registry, AutoSegmenter(registry, device=device)
 
 
-def _run_one(registry, segmenter, request, progress):
-    """(exit status, response or failure payload)."""
+def _run_one(registry, segmenter, request, progress, quiet_stdout=True):
+    """(exit status, response or failure payload). ``quiet_stdout``: send what nnU-Net prints to stderr (stdout is
+    for the JSON response); a caller running studies in threads does that once around them all instead (swapping
+    ``sys.stdout`` is process-wide)."""
     from ..errors import Problem
     from ..validate import BadInput
     from .pipeline import failure_payload, run_study
 
     try:
-        with contextlib.redirect_stdout(sys.stderr):  # nnU-Net prints; stdout is for the JSON response
+        with contextlib.redirect_stdout(sys.stderr) if quiet_stdout else contextlib.nullcontext():
             return 0, run_study(registry, segmenter, request, progress=progress, copy_final=True)
     except BadInput as exc:
         return 2, failure_payload(exc, request)
@@ -215,6 +229,9 @@ def main(argv=None):
     prog = "nnunet-predict"
     args = make_parser(prog, "Run registered nnU-Net model(s) on one study (NIfTI/NRRD/MHA files or DICOM series).") \
         .parse_args(argv)
+    if args.nproc_writing < 1:
+        print("%s: error: --nproc_writing must be 1 or more" % prog, file=sys.stderr)
+        return 2
     setup = _setup(args, prog, args.nnunet_id)
     if isinstance(setup, int):
         return setup
@@ -252,6 +269,9 @@ def studies_from_dir(data_dir, output_dir):
 def batch_main(argv=None):
     prog = "nnunet-predict-batch"
     args = make_parser(prog, "Run registered nnU-Net model(s) on many studies.", batch=True).parse_args(argv)
+    if args.nproc_writing < 1:
+        print("%s: error: --nproc_writing must be 1 or more" % prog, file=sys.stderr)
+        return 2
     if getattr(args, "data_json", None):
         try:
             with open(args.data_json, encoding="utf-8") as f:
@@ -278,18 +298,29 @@ def batch_main(argv=None):
     registry, segmenter = setup
     base = request_from_args(args)
     base.pop("output_dir", None)
-    responses, worst = [], 0
     t0 = time.perf_counter()
-    for k, item in enumerate(items):
-        request = dict(base, **item)
+
+    def study(k, item):
         progress = _Progress(args.quiet, "[%d/%d %s] " % (k + 1, len(items), item.get("study_path")))
         progress("starting")
-        code, response = _run_one(registry, segmenter, request, progress)
+        code, response = _run_one(registry, segmenter, dict(base, **item), progress, quiet_stdout=False)
         if code:
             print("%s: study %d (%s) failed: %s" % (prog, k + 1, item.get("study_path"), response["error"]),
                   file=sys.stderr)
-            worst = max(worst, 1)
-        responses.append(response)
+        return code, response
+
+    with contextlib.redirect_stdout(sys.stderr):  # nnU-Net prints; stdout is for the JSON responses
+        if args.nproc_writing > 1 and len(items) > 1:
+            # studies in flight at once: the forward passes take turns (the segmenter's runner), the reading,
+            # preprocessing, export and writing of the others go on meanwhile
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=args.nproc_writing, thread_name_prefix="study") as pool:
+                results = list(pool.map(study, range(len(items)), items))
+        else:
+            results = [study(k, item) for k, item in enumerate(items)]
+    responses = [r for _c, r in results]
+    worst = 1 if any(c for c, _r in results) else 0
     done = sum(1 for r in responses if r.get("status") == "done")
     if not args.quiet:
         print("%s: %d of %d studies done in %.1f s" % (prog, done, len(items), time.perf_counter() - t0),

@@ -17,10 +17,13 @@ A spec looks like this (every field of an entry but ``id`` and one of ``rel_path
       - id: total_fast_ct
         totalseg_task: total_fast           # weights fetched by TotalSegmentator's own downloader on first use
 
-Where the spec comes from: ``--model-serve-spec PATH``, else ``$MODEL_SERVE_SPEC`` (``spec_path_from``). A relative
-``metadata.path`` is looked up beside the spec first, then in the current directory (where the established server
-looks). ``rel_path`` is matched against each result folder's path relative to ``model_folder`` (a folder with
-``dataset.json`` and a ``fold_*`` folder); when several match, the shortest path wins (a warning says so).
+Where the spec comes from (``spec_source``): ``--model-serve-spec PATH``, else ``$MODEL_SERVE_SPEC``, else
+``./model-serve-spec.yaml`` when the working directory has one (the established server's default); the server logs
+which. ``$OVERRIDE_MODEL_FOLDER``, when set, replaces the spec's ``model_folder`` (as the established server does, for
+containers that mount the models elsewhere). A relative ``metadata.path`` is looked up beside the spec first, then in
+the current directory (where the established server looks). ``rel_path`` is matched against each result folder's
+path relative to ``model_folder`` (a folder with ``dataset.json`` and a ``fold_*`` folder); when several match, the
+shortest path wins (a warning says so).
 
 Errors: ``SpecError`` (the spec is wrong; names the file, the entry and the field; at load), ``UnknownModel`` (a
 request names a model that is not there; a ``BadInput``, so HTTP 400, naming the known ids), ``ModelUnavailable``
@@ -40,6 +43,8 @@ from ..validate import BadInput
 log = logging.getLogger("nninteractive_slicer_server")
 
 SPEC_ENV = "MODEL_SERVE_SPEC"
+DEFAULT_SPEC = "model-serve-spec.yaml"  # looked for in the working directory when neither flag nor variable names one
+MODEL_FOLDER_ENV = "OVERRIDE_MODEL_FOLDER"
 TOTALSEG_EXTRA = 'pip install "nninteractive-slicer-server[totalsegmentator]"'
 TOTALSEG_WEIGHTS_ENV = "TOTALSEG_WEIGHTS_PATH"
 
@@ -141,19 +146,39 @@ class ModelSpec:
         return "models[%d] (id %r)" % (self.index, self.id)
 
 
-def spec_path_from(cli_value=None, environ=None):
-    """The spec to load: ``--model-serve-spec`` when given, else ``$MODEL_SERVE_SPEC``, else None (no registry)."""
+def spec_source(cli_value=None, environ=None, cwd=None):
+    """``(path, where_from)`` of the spec to load: ``--model-serve-spec`` when given, else ``$MODEL_SERVE_SPEC``, else
+    ``model-serve-spec.yaml`` in ``cwd`` (default: the working directory) when it exists; ``(None, None)`` for no
+    registry. ``where_from`` says which, for the log."""
     environ = os.environ if environ is None else environ
-    return cli_value or environ.get(SPEC_ENV) or None
+    if cli_value:
+        return cli_value, "--model-serve-spec"
+    if environ.get(SPEC_ENV):
+        return environ[SPEC_ENV], "$%s" % SPEC_ENV
+    here = os.path.join(os.getcwd() if cwd is None else cwd, DEFAULT_SPEC)
+    if os.path.isfile(here):
+        return here, "./%s in the working directory (neither --model-serve-spec nor $%s is set)" % (DEFAULT_SPEC,
+                                                                                                   SPEC_ENV)
+    return None, None
 
 
-def load_registry(path, check_files=True, model_folder=None):
+def spec_path_from(cli_value=None, environ=None, cwd=None):
+    """The spec to load (``spec_source``'s path), or None (no registry)."""
+    return spec_source(cli_value, environ, cwd)[0]
+
+
+def load_registry(path, check_files=True, model_folder=None, environ=None):
     """Read and check the spec at ``path``. With ``check_files`` (the server's start-up, the validate command) the
     model folder must exist, every ``rel_path`` must find a result folder and every metadata template must be a
     readable DCMQI template; TotalSegmentator entries are checked only for form (their weights come on first use).
-    ``model_folder`` overrides the spec's (as the established server's ``OVERRIDE_MODEL_FOLDER`` does)."""
+    ``model_folder`` overrides the spec's; without it ``$OVERRIDE_MODEL_FOLDER`` does when set (as in the
+    established server)."""
     import yaml
 
+    environ = os.environ if environ is None else environ
+    if model_folder is None and environ.get(MODEL_FOLDER_ENV):
+        model_folder = os.path.abspath(os.path.expanduser(environ[MODEL_FOLDER_ENV]))  # as the shell meant it
+        log.info("model registry: model_folder %s from $%s (instead of the spec's)", model_folder, MODEL_FOLDER_ENV)
     path = os.path.abspath(os.path.expanduser(str(path)))
     try:
         with open(path, encoding="utf-8") as f:
@@ -315,7 +340,23 @@ class Registry:
                 if number is not None and not (isinstance(number, int) and not isinstance(number, bool)
                                                and number > 0):
                     raise self._err(where, f + ".number", "must be a label value (1 or more), got %r" % (number,))
+            for j, s in enumerate(names):
+                self._check_snomed_name(where, "metadata.segment_names[%d]" % j, s)
         return dict(meta), None
+
+    def _check_snomed_name(self, where, field_name, segment):
+        """Warn about an inline name without a code that names no SNOMED CT concept (the established server refuses
+        it; here its DICOM SEG segment is coded Tissue / Tissue)."""
+        from .terminology import SCT, closest, lookup
+
+        name = segment if isinstance(segment, str) else segment["name"]
+        if isinstance(segment, dict) and (segment.get("code") is not None or (segment.get("scheme") or SCT) != SCT):
+            return
+        if lookup(name) is None:
+            near = closest(name)
+            self._warn(where, field_name, "%r names no SNOMED CT concept DICOM defines%s; its DICOM SEG segment is "
+                       "coded Tissue / Tissue: give 'code' (and 'category_number') to code it"
+                       % (name, " (close: %s)" % ", ".join(near) if near else ""))
 
     def _find_metadata(self, path):
         path = os.path.expanduser(path)
@@ -723,21 +764,18 @@ def dcmqi_segments(template):
 
 def inline_segments(names):
     """Segments of inline ``segment_names``: a name, or ``{name, number, label, code, scheme, category_number}``
-    (label value ``number``, default its position + 1; shown as ``label``, default ``name``)."""
+    (label value ``number``, default its position + 1; shown as ``label``, default ``name``). A name without
+    ``code`` is coded with the SNOMED CT concept it names, as established (``terminology``)."""
+    from .terminology import coded_segment
+
     out = []
     for i, s in enumerate(names):
         if isinstance(s, str):
-            out.append(Segment(i + 1, s, PALETTE[i % len(PALETTE)]))
-            continue
+            s = {"name": s}
         value = s.get("number") or i + 1
-        term = None
-        if s.get("code") is not None:
-            scheme = s.get("scheme") or "SCT"
-            term = {"type": {"CodeValue": str(s["code"]), "CodingSchemeDesignator": scheme, "CodeMeaning": s["name"]}}
-            if s.get("category_number") is not None:
-                term["category"] = {"CodeValue": str(s["category_number"]), "CodingSchemeDesignator": scheme,
-                                    "CodeMeaning": ""}
-        out.append(Segment(value, s.get("label") or s["name"], PALETTE[(value - 1) % len(PALETTE)], term))
+        label, term = coded_segment(s["name"], s.get("label"), s.get("code"), s.get("scheme"),
+                                    s.get("category_number"))
+        out.append(Segment(value, label, PALETTE[(value - 1) % len(PALETTE)], term))
     return sorted(out, key=lambda s: s.value)
 
 

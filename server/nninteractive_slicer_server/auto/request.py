@@ -104,6 +104,21 @@ class InferenceRequestFile(InferenceRequestBase):
     intersect_with: Optional[str] = Field(None, description="A mask inside the archive (a path relative to its top).")
 
 
+class InferenceRequestOrthanc(InferenceRequestBase):
+    """``/infer_orthanc``: the series come from the operator's Orthanc by their identifiers (DICOM, so ``is_dicom``
+    is true), the outputs go to a folder of the server's own and the DICOM SEGs back to Orthanc."""
+
+    output_dir: Optional[str] = Field(None, description="Ignored: the outputs go to a folder of the server's own, "
+                                                        "and the DICOM SEGs to Orthanc.")
+    series_ids: Union[List[str], List[List[str]]] = Field(
+        ..., description="Orthanc series identifiers (as GET /series on Orthanc lists them), one per model channel; "
+                         "a list per model in a cascade; from:<model> entries as in series_folders.")
+    crop_from: Optional[str] = Field(None, description="Crop the input to the bounding box of this mask (a path "
+                                                       "inside an --infer-root directory).")
+    intersect_with: Optional[str] = Field(
+        None, description="Keep the objects that intersect this mask (a path inside an --infer-root directory).")
+
+
 def set_fields(req):
     """The fields the request set, JSON-able (enums as their values): what overrides a model's default_args."""
     return req.model_dump(mode="json", exclude_unset=True)

@@ -37,6 +37,8 @@ MAX_LICENSE_CHARS = 20000
 # ---------------------------------------------------------------------------------------------------------- service
 
 class AutoService:
+    orthanc = None  # auto.orthanc.Orthanc: the operator's Orthanc for /infer_orthanc (--orthanc-url), or None
+
     def __init__(self, registry, segmenter, limits, infer_roots=(), jobs_dir=None):
         self.registry = registry
         self.segmenter = segmenter
@@ -85,6 +87,24 @@ class AutoService:
             out[mid] = info
         return out
 
+    def model_info_clean(self):
+        """The established ``/model_info_clean``: ``model_info`` with each model's ``metadata`` the list of its
+        segments ``{"Label ID": <dataset.json name>, "Name": <segment label>, "Index": <label value>}`` and the
+        ``description`` / ``description_long`` texts the established server writes from them."""
+        out = {}
+        for mid, info in self.model_info().items():
+            model = info.get("model_information") or {}
+            by_value = {v: k for k, v in (model.get("labels") or {}).items()}
+            rows = [{"Label ID": by_value.get(s["value"], s["name"]), "Name": s["name"], "Index": s["value"]}
+                    for s in info.get("labels") or []]
+            channels = model.get("channel_names") or {}
+            out[mid] = dict(info, metadata=rows, description="\n".join([
+                "Segments the following regions:", ", ".join(str(r["Label ID"]) for r in rows),
+                "Number of input channels:", str(len(channels))]), description_long="\n".join([
+                    "Segments the following regions:", *["\t- " + _pairs(r) for r in rows],
+                    "Uses the following channels:", "\t- " + _pairs(channels)]))
+        return out
+
     def readiness(self):
         """``(ready, body)``: the registry loaded and the device usable."""
         import torch
@@ -109,6 +129,10 @@ class AutoService:
         if why:
             body["detail"] = why
         return ready, body
+
+
+def _pairs(d):
+    return ", ".join("%s: %s" % kv for kv in d.items())
 
 
 def _folder_info(folder):

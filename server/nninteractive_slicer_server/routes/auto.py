@@ -1,6 +1,7 @@
 """Automatic nnU-Net models: the established nnU-Net model server's endpoints, and ours under /x/.
 
 * ``GET /model_info`` (the registered models: names, labels, colours, terminology, default arguments, license),
+  ``GET /model_info_clean`` (the same, each model's segments listed as the established server lists them),
   ``GET /request-params`` (the JSON schema of the /infer body), ``GET /readyz`` (registry loaded and device usable;
   503 otherwise; 200 with ``models_loaded: false`` on a server without a registry, which is ready for sessions), ``POST /infer`` (a study on server paths, confined to ``--infer-root``), ``POST /infer_file`` (a
   study uploaded as a zip/tar archive, multipart fields ``file`` and ``request``; answers a ``job_id``),
@@ -123,6 +124,14 @@ async def model_info(request: Request):
     if svc is None:
         return {}
     return await run_in_threadpool(svc.model_info)  # reads metadata files
+
+
+@router.get(P.PATH_MODEL_INFO_CLEAN)
+async def model_info_clean(request: Request):
+    svc = server(request).auto
+    if svc is None:
+        return {}
+    return await run_in_threadpool(svc.model_info_clean)
 
 
 @router.get(P.PATH_REQUEST_PARAMS)
