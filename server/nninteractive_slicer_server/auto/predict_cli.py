@@ -11,8 +11,13 @@ Only the flags given on the command line override a model's ``default_args``. Th
 ``OUT/stage_<i>/`` with the last stage's also copied into ``OUT``; the response (as ``/infer`` gives it) is printed
 on stdout as JSON, progress on stderr.
 
-Exit status: 0 done, 1 failed (a model that cannot run here, an error while predicting; for the batch: any study
-failed), 2 a wrong command line or request (unknown model, missing series, wrong number of series, ...).
+Exit status: 0 done, 1 failed (a model that cannot run here, an input larger than ``--max-image-voxels``, an error
+while predicting; for the batch: any study failed), 2 a wrong command line or request (unknown model, missing
+series, wrong number of series, a DICOM series that is not one regular volume, ...).
+
+Inputs are checked from their headers before any pixel is read: an image whose header declares more voxels than
+``--max-image-voxels`` (default: what a server on this machine accepts by default, sized from its memory) is refused
+with the size, instead of filling the machine's memory. The commands have no memory budget (they run alone).
 """
 
 import argparse
@@ -111,6 +116,9 @@ def make_parser(prog, description, batch=False):
     p.add_argument("--device", default=None, help="cuda, cuda:N, mps or cpu (default: cuda when there is one, else "
                    "cpu)")
     p.add_argument("--quiet", "-q", action="store_true", default=False, help="no progress on stderr")
+    p.add_argument("--max-image-voxels", dest="max_image_voxels", type=int, default=None, metavar="N",
+                   help="refuse an input whose header declares more voxels than this, before reading it (default: "
+                        "what a server on this machine accepts, sized from its memory; 0: no limit)")
     return p
 
 
@@ -191,7 +199,17 @@ def _setup(args, prog, model_ids=()):
     return registry, AutoSegmenter(registry, device=device)
 
 
-def _run_one(registry, segmenter, request, progress):
+def _limits(args):
+    """The voxel limit of ``--max-image-voxels`` (a ``Limits``; None for 0). The commands have no memory budget:
+    they run alone, and their inputs' headers are checked against this limit before any pixel is read."""
+    from ..limits import Limits
+
+    if args.max_image_voxels == 0:
+        return None
+    return Limits.defaults(max_image_voxels=args.max_image_voxels)
+
+
+def _run_one(registry, segmenter, request, progress, limits=None):
     """(exit status, response or failure payload)."""
     from ..errors import Problem
     from ..validate import BadInput
@@ -199,7 +217,7 @@ def _run_one(registry, segmenter, request, progress):
 
     try:
         with contextlib.redirect_stdout(sys.stderr):  # nnU-Net prints; stdout is for the JSON response
-            return 0, run_study(registry, segmenter, request, progress=progress, copy_final=True)
+            return 0, run_study(registry, segmenter, request, progress=progress, copy_final=True, limits=limits)
     except BadInput as exc:
         return 2, failure_payload(exc, request)
     except Problem as exc:  # model unavailable, not enough GPU memory
@@ -219,7 +237,7 @@ def main(argv=None):
     if isinstance(setup, int):
         return setup
     registry, segmenter = setup
-    code, response = _run_one(registry, segmenter, request_from_args(args), _Progress(args.quiet))
+    code, response = _run_one(registry, segmenter, request_from_args(args), _Progress(args.quiet), _limits(args))
     print(json.dumps(response, indent=1))
     if code:
         print("%s: error: %s" % (prog, response["error"]), file=sys.stderr)
@@ -284,7 +302,7 @@ def batch_main(argv=None):
         request = dict(base, **item)
         progress = _Progress(args.quiet, "[%d/%d %s] " % (k + 1, len(items), item.get("study_path")))
         progress("starting")
-        code, response = _run_one(registry, segmenter, request, progress)
+        code, response = _run_one(registry, segmenter, request, progress, _limits(args))
         if code:
             print("%s: study %d (%s) failed: %s" % (prog, k + 1, item.get("study_path"), response["error"]),
                   file=sys.stderr)
