@@ -69,7 +69,8 @@ def test_oblique_anisotropic_series_reads_in_slice_order(tmp_path):
     assert info.voxels == int(np.prod(SHAPE)) and info.shape == list(SHAPE)
     assert series.files == [p for p, _u, _i in files]  # slice order, not name order
     assert_volume(series.image, vol)
-    np.testing.assert_allclose(info.spacing, series.image.GetSpacing(), atol=1e-4)  # the header's geometry is SimpleITK's
+    # the geometry the headers gave is SimpleITK's
+    np.testing.assert_allclose(info.spacing, series.image.GetSpacing(), atol=1e-4)
     np.testing.assert_allclose(info.direction, series.image.GetDirection(), atol=1e-5)
 
 
@@ -217,7 +218,8 @@ def no_positions(folder):
     (time_points, r"holds 3 time points \(TemporalPositionIdentifier 1, 2, 3\) at 12 slice positions"),
     (acquisitions, r"holds 2 acquisitions \(AcquisitionNumber 1, 2\) at 12 slice positions"),
     (gantry_tilt, r"is not stacked along its slices' normal: slice 11 lies 8.84 mm to the side of the first one "
-                  r"over 33.00 mm \(a sheared stack: gantry tilt of 15.0 degrees; GantryDetectorTilt 15\); resample it"),
+                  r"over 33.00 mm \(a sheared stack: gantry tilt of 15.0 degrees; GantryDetectorTilt 15\); "
+                  r"resample it"),
     (only_localizers, r"holds only localizer images"),
     (no_positions, r"has 1 file\(s\) without ImagePositionPatient"),
 ])
@@ -242,11 +244,12 @@ def test_header_bomb_is_refused_before_a_pixel_is_read(tmp_path, registry):
         d.save_as(path)
     info = probe(folder)
     assert info.size == (30000, 30000, 3) and info.voxels == 2700000000
+    limits = Limits.defaults(memory_budget=1 << 30, max_image_voxels=10 ** 6)
     with pytest.raises(TooLarge, match=r"the image of input 'bomb' \[3, 30000, 30000\] has 2700000000 voxels; this "
                                         r"server accepts at most 1000000 \(--max-image-voxels\)"):
         run_study(registry["registry"], registry["seg"], {
             "nnunet_id": "tiny", "study_path": str(tmp_path / "study"), "series_folders": ["bomb"], "is_dicom": True,
-            "output_dir": str(tmp_path / "out")}, limits=Limits.defaults(memory_budget=1 << 30, max_image_voxels=10 ** 6))
+            "output_dir": str(tmp_path / "out")}, limits=limits)
 
 
 # ---------------------------------------------------------------------------------------------------------- run_study

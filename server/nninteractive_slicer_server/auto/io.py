@@ -14,10 +14,10 @@ sizes can be checked and memory reserved before any pixel is read (``auto/inputs
 what was probed. Every problem with an input a request named (missing, not an image, not one regular DICOM volume,
 not 3D) is a ``BadInput`` (HTTP 400) that says which input and what is wrong.
 
-``check(path)``: the readers call it on every file they are about to read beside the one named (each file of a DICOM
-series folder; the data file a MetaImage or detached NRRD header names; the .img of an Analyze/NIfTI pair) before reading
-anything, so that the server's path confinement (``jobs.PathGuard``) covers them: a header uploaded in an archive must
-not read a file elsewhere on the server.
+``check(path)``: the readers call it on every file they are about to read beside the one named (each file of a
+DICOM series folder; the data file a MetaImage or detached NRRD header names; the .img of an Analyze/NIfTI pair) before
+reading anything, so that the server's path confinement (``jobs.PathGuard``) covers them: a header uploaded in an
+archive must not read a file elsewhere on the server.
 """
 
 import logging
