@@ -287,11 +287,15 @@ def write_image(image, path, compress=True):
 
 
 def mask_bbox(mask):
-    """Half-open ``[(lo, hi), ...]`` per axis of the nonzero voxels of ``mask`` (numpy), or None when empty."""
-    nz = np.nonzero(mask)
-    if not nz[0].size:
-        return None
-    return [(int(a.min()), int(a.max()) + 1) for a in nz]
+    """Half-open ``[(lo, hi), ...]`` per axis of the nonzero voxels of ``mask`` (numpy), or None when empty. From
+    the mask's projections on each axis: no index arrays (``np.nonzero`` of a full mask takes 24 bytes a voxel)."""
+    box = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if not hit.size:
+            return None
+        box.append((int(hit[0]), int(hit[-1]) + 1))
+    return box
 
 
 def padded_bbox(bbox, padding, shape):
