@@ -95,6 +95,22 @@ def test_localizers_are_left_out(tmp_path):
     assert any("2 localizer image(s)" in n for n in info.notes)
 
 
+def test_files_without_preamble_and_other_files_in_the_folder(tmp_path):
+    """Old files (no preamble, no file meta: what GDCM reads too) among a text file, random bytes and a folder."""
+    from pydicom.dataset import Dataset
+    from pydicom.filewriter import dcmwrite
+
+    vol = ds.volume(SHAPE)
+    for path, _u, _i in stack(tmp_path / "s", vol):
+        bare = Dataset()
+        bare.update(pydicom.dcmread(path))
+        dcmwrite(path, bare, implicit_vr=True, little_endian=True)
+    (tmp_path / "s" / "README.txt").write_text("not an image\n" * 40)
+    (tmp_path / "s" / "junk.bin").write_bytes(np.random.default_rng(0).bytes(5000))
+    (tmp_path / "s" / "sub").mkdir()
+    assert_volume(read(tmp_path / "s")[1].image, vol)
+
+
 def test_acquisitions_that_do_not_repeat_positions_are_one_volume(tmp_path):
     vol = ds.volume(SHAPE)  # axial CT scanned rotation by rotation: each rotation its own AcquisitionNumber
     stack(tmp_path / "s", vol, per_slice=lambda k: {"AcquisitionNumber": 1 + k // 4})

@@ -182,13 +182,19 @@ def read_header(path):
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, defer_size=DEFER_BYTES, specific_tags=TAGS)
-    except InvalidDicomError:
-        return None
-    except OSError as exc:
-        raise BadInput("DICOM file %s cannot be read: %s" % (os.path.basename(path), exc))
-    except Exception:  # noqa: BLE001 -- pydicom raises many kinds of errors on files that are not DICOM
+    ds = None
+    for force in (False, True):  # without the preamble and file meta (old files) only when it reads as an image
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, defer_size=DEFER_BYTES, specific_tags=TAGS,
+                                 force=force)
+            break
+        except InvalidDicomError:
+            continue
+        except OSError as exc:
+            raise BadInput("DICOM file %s cannot be read: %s" % (os.path.basename(path), exc))
+        except Exception:  # noqa: BLE001 -- pydicom raises many kinds of errors on files that are not DICOM
+            return None
+    if ds is None:
         return None
     rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
     series, sop = _text(_get(ds, "SeriesInstanceUID")), _text(_get(ds, "SOPInstanceUID"))
