@@ -23,7 +23,6 @@ direction cosines), which is the order SimpleITK reads them in and the order of 
 ``check(path)`` is called on every file of the folder before it is opened (the server's path confinement).
 """
 
-import logging
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
@@ -32,8 +31,6 @@ import numpy as np
 
 from ..validate import BadInput
 
-log = logging.getLogger("nninteractive_slicer_server")
-
 DEFER_BYTES = 4096  # header values longer than this are skipped (never read): no tag of ours is that long
 ORIENTATION_TOL = 1e-4  # direction cosines that differ by less are the same orientation
 SPACING_TOL = 0.02  # slice gaps may differ from the median gap by 2% (at least 0.01 mm): rounding in the headers
@@ -41,12 +38,10 @@ SHEAR_TOL = 0.1  # in-plane offset of a slice from the stack's line, in pixels (
 
 SIEMENS_BVALUE = (0x0019, 0x100C)
 GE_BVALUE = (0x0043, 0x1039)
-TAGS = [
-    (0x0008, 0x0005), (0x0008, 0x0008), (0x0008, 0x0016), (0x0008, 0x0018), (0x0008, 0x103E), (0x0018, 0x0086),
-    (0x0018, 0x1060), (0x0018, 0x1120), (0x0018, 0x9087), SIEMENS_BVALUE, (0x0020, 0x000E), (0x0020, 0x0011),
-    (0x0020, 0x0012), (0x0020, 0x0013), (0x0020, 0x0032), (0x0020, 0x0037), (0x0020, 0x0100), (0x0028, 0x0002),
-    (0x0028, 0x0008), (0x0028, 0x0010), (0x0028, 0x0011), (0x0028, 0x0030), (0x0028, 0x0100), (0x0028, 0x0101),
-    (0x0028, 0x0103), (0x0028, 0x1052), (0x0028, 0x1053), GE_BVALUE]
+TAGS = ["SpecificCharacterSet", "ImageType", "SOPInstanceUID", "SeriesDescription", "EchoNumbers", "TriggerTime",
+        "GantryDetectorTilt", "DiffusionBValue", SIEMENS_BVALUE, GE_BVALUE, "SeriesInstanceUID", "AcquisitionNumber",
+        "ImagePositionPatient", "ImageOrientationPatient", "TemporalPositionIdentifier", "SamplesPerPixel",
+        "NumberOfFrames", "Rows", "Columns", "PixelSpacing", "BitsAllocated", "RescaleIntercept", "RescaleSlope"]
 # Tags that tell repeated positions apart (what the repeats are), in the order they are named.
 REPEAT_KEYS = (("temporal", "TemporalPositionIdentifier", "time points"),
                ("acquisition", "AcquisitionNumber", "acquisitions"),
@@ -65,7 +60,6 @@ class SliceHeader:
     frames: int = 1
     samples: int = 1
     bits: int = 16
-    signed: bool = False
     image_type: Tuple[str, ...] = ()
     ipp: Optional[np.ndarray] = None
     iop: Optional[np.ndarray] = None
@@ -76,7 +70,6 @@ class SliceHeader:
     temporal: Optional[str] = None
     acquisition: Optional[str] = None
     trigger: Optional[str] = None
-    instance: Optional[int] = None
     tilt: Optional[float] = None
     description: str = ""
 
@@ -205,13 +198,13 @@ def read_header(path):
     return SliceHeader(
         path=path, sop_uid=sop, series_uid=series, rows=rows, cols=cols, frames=max(1, _int(ds, "NumberOfFrames", 1)),
         samples=_int(ds, "SamplesPerPixel", 1), bits=_int(ds, "BitsAllocated", 16),
-        signed=_int(ds, "PixelRepresentation", 0) == 1, image_type=tuple(image_type.upper().split("\\")),
+        image_type=tuple(image_type.upper().split("\\")),
         ipp=_floats(ds, "ImagePositionPatient", 3), iop=_floats(ds, "ImageOrientationPatient", 6),
         pixel_spacing=tuple(ps) if ps is not None else None,
         rescale=(_number_or(_get(ds, "RescaleSlope"), 1.0), _number_or(_get(ds, "RescaleIntercept"), 0.0)),
         bvalue=bvalue_of(ds), echo=_text(_get(ds, "EchoNumbers")),
         temporal=_text(_get(ds, "TemporalPositionIdentifier")), acquisition=_text(_get(ds, "AcquisitionNumber")),
-        trigger=_text(_get(ds, "TriggerTime")), instance=_int(ds, "InstanceNumber"),
+        trigger=_text(_get(ds, "TriggerTime")),
         tilt=_first_number(_get(ds, "GantryDetectorTilt")), description=_text(_get(ds, "SeriesDescription")) or "")
 
 
