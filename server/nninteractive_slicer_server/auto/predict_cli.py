@@ -59,6 +59,13 @@ def _int_or_float(x):
         return float(x)
 
 
+def _voxels(x):
+    n = int(x)
+    if n < 0:
+        raise argparse.ArgumentTypeError("a number of voxels, 0 or more (0: no limit), got %s" % x)
+    return n
+
+
 def _series(x):
     return [s for s in str(x).split(",") if s]
 
@@ -116,7 +123,7 @@ def make_parser(prog, description, batch=False):
     p.add_argument("--device", default=None, help="cuda, cuda:N, mps or cpu (default: cuda when there is one, else "
                    "cpu)")
     p.add_argument("--quiet", "-q", action="store_true", default=False, help="no progress on stderr")
-    p.add_argument("--max-image-voxels", dest="max_image_voxels", type=int, default=None, metavar="N",
+    p.add_argument("--max-image-voxels", dest="max_image_voxels", type=_voxels, default=None, metavar="N",
                    help="refuse an input whose header declares more voxels than this, before reading it (default: "
                         "what a server on this machine accepts, sized from its memory; 0: no limit)")
     return p
