@@ -39,6 +39,8 @@ class Server:
         self.identities = identities
         self.limits = limits
         self.budget = MemoryBudget(limits.memory_budget)
+        if auto is not None and auto.budget is None:
+            auto.budget = self.budget  # automatic runs reserve their reading from the same budget as sessions
         self.registry = LeaseRegistry(engine.new_session, engine.close_session, max_sessions, idle_timeout,
                                       liveness_timeout, limits.max_waiting_per_lease, max_sessions_per_user)
         self.caps = engine.capabilities

@@ -91,10 +91,10 @@ class Limits:
                 % (human(self.max_upload_bytes), human(self.max_unpacked_bytes), self.max_archive_files,
                    self.max_jobs, self.job_ttl_s))
 
-    def check_image_voxels(self, voxels, shape):
+    def check_image_voxels(self, voxels, shape, what="the image"):
         if voxels > self.max_image_voxels:
-            raise TooLarge("the image %s has %d voxels; this server accepts at most %d (--max-image-voxels)"
-                           % (list(shape), voxels, self.max_image_voxels))
+            raise TooLarge("%s %s has %d voxels; this server accepts at most %d (--max-image-voxels)"
+                           % (what, list(shape), voxels, self.max_image_voxels))
 
 
 def human(n):

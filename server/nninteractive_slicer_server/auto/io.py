@@ -1,20 +1,23 @@
 """Reading studies and writing label maps: NIfTI / NRRD / MHA files and DICOM series, through SimpleITK.
 
 Geometry is never approximated: an output image gets its input's origin, spacing and direction by
-``CopyInformation``, and an image read from DICOM keeps SimpleITK's geometry of the series (the slice order is
-SimpleITK's, along the slice normal; ``Series.files`` lists the files in that order, so frame ``k`` of the array
-came from ``files[k]``).
+``CopyInformation``, and an image read from DICOM keeps SimpleITK's geometry of the series, read in the slice order
+``dicomseries`` checked (ascending along the slice normal; ``Series.files`` lists the files in that order, so frame
+``k`` of the array came from ``files[k]``).
 
 Arrays: ``sitk.GetArrayFromImage`` gives ``[k, j, i]`` (slice, row, column) and the matching spacing is the image's
 spacing reversed; that is the order nnU-Net's SimpleITK reader uses, so arrays go to ``AutoSegmenter.predict`` as is.
 
-Every problem with an input a request named (missing, not an image, not one DICOM series, not 3D) is a
-``BadInput`` (HTTP 400) that says which path and what is wrong.
+Every input is probed before it is read (``probe_series``, ``probe_image``): its size, pixel type and geometry from
+its header alone (SimpleITK's ``ReadImageInformation``; a DICOM series' headers checked by ``dicomseries``), so that
+sizes can be checked and memory reserved before any pixel is read (``auto/inputs.py``); ``read_input`` then reads
+what was probed. Every problem with an input a request named (missing, not an image, not one regular DICOM volume,
+not 3D) is a ``BadInput`` (HTTP 400) that says which input and what is wrong.
 
-``check(path)``: the readers call it on every file they are about to read beside the one named (each DICOM file of a
-series; the data file a MetaImage or detached NRRD header names; the .img of an Analyze/NIfTI pair) before reading
-anything, so that the server's path confinement (``jobs.PathGuard``) covers them: a header uploaded in an archive must
-not read a file elsewhere on the server.
+``check(path)``: the readers call it on every file they are about to read beside the one named (each file of a
+DICOM series folder; the data file a MetaImage or detached NRRD header names; the .img of an Analyze/NIfTI pair) before
+reading anything, so that the server's path confinement (``jobs.PathGuard``) covers them: a header uploaded in an
+archive must not read a file elsewhere on the server.
 """
 
 import logging
@@ -94,78 +97,136 @@ def detached_files(path):
     return []
 
 
-def dicom_series_in(folder):
-    """``{series_uid: [files in slice order]}`` of the DICOM series directly in ``folder``."""
+@dataclass
+class Input:
+    """One input as its header declares it, before any pixel is read: SimpleITK's ``size`` (i, j, k) and geometry,
+    the bytes of a voxel as read, and for a DICOM series its checked ``dicomseries.Volume`` (files in slice order)."""
+
+    path: str
+    name: str  # as the request names it (messages name no server path)
+    size: tuple
+    pixel_bytes: int
+    spacing: Optional[tuple] = None
+    origin: Optional[tuple] = None
+    direction: Optional[tuple] = None
+    dicom: "Optional[object]" = None  # dicomseries.Volume
+
+    @property
+    def voxels(self):
+        return int(np.prod(self.size, dtype=object))
+
+    @property
+    def nbytes(self):
+        return self.voxels * self.pixel_bytes
+
+    @property
+    def shape(self):
+        """``[k, j, i]``, the array's shape."""
+        return list(reversed(self.size))
+
+    @property
+    def notes(self):
+        return list(self.dicom.notes) if self.dicom is not None else []
+
+    def same_grid(self, other, tol=1e-5):
+        return self.path == other.path or (
+            self.spacing is not None and other.spacing is not None and tuple(self.size) == tuple(other.size)
+            and np.allclose(self.spacing, other.spacing, atol=tol) and np.allclose(self.origin, other.origin, atol=tol)
+            and np.allclose(self.direction, other.direction, atol=tol))
+
+
+def _pixel_bytes(pixel_id):
+    """Bytes of one component of SimpleITK pixel type ``pixel_id``."""
     sitk = _sitk()
-    reader = sitk.ImageSeriesReader
     try:
-        uids = reader.GetGDCMSeriesIDs(folder) or ()
-    except RuntimeError:
-        uids = ()
-    return {uid: list(reader.GetGDCMSeriesFileNames(folder, uid)) for uid in uids}
+        return int(sitk.GetArrayViewFromImage(sitk.Image([1, 1, 1], pixel_id)).dtype.itemsize)
+    except (RuntimeError, TypeError):
+        return 8
 
 
-def read_dicom_series(folder, series_uid=None, check=None):
-    """Read the one DICOM series in ``folder`` (or the one with ``series_uid``) with SimpleITK (``check``: see the
-    module's notes)."""
+def probe_image(path, check=None, name=None):
+    """The ``Input`` of one image file (NIfTI, NRRD, MHA, any format SimpleITK reads) from its header alone
+    (``ImageFileReader.ReadImageInformation``); ``check``: see the module's notes."""
     sitk = _sitk()
-    if not os.path.isdir(folder):
-        raise BadInput("DICOM input %s is not a folder (is_dicom: each series folder holds one DICOM series)" % folder)
-    series = dicom_series_in(folder)
-    if not series:
-        raise BadInput("no DICOM series in %s (is_dicom is set: each series folder must hold the files of one DICOM "
-                       "series; for NIfTI/NRRD/MHA files leave is_dicom off)" % folder)
-    if series_uid is None:
-        if len(series) > 1:
-            raise BadInput("%s holds %d DICOM series (%s); put each series in its own folder"
-                           % (folder, len(series), ", ".join(sorted(series))))
-        series_uid = next(iter(series))
-    elif series_uid not in series:
-        raise BadInput("%s has no DICOM series %s (it has %s)" % (folder, series_uid, ", ".join(sorted(series))))
-    files = series[series_uid]
-    for f in files:
-        if check is not None:
-            check(f)
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
-    try:
-        image = reader.Execute()
-    except RuntimeError as exc:
-        raise BadInput("the DICOM series in %s cannot be read: %s" % (folder, _first_line(exc)))
-    _check_3d(image, folder)
-    return Series(path=folder, image=image, files=list(files), series_uid=series_uid)
-
-
-def read_image(path, check=None):
-    """Read one image file (NIfTI, NRRD, MHA, any format SimpleITK reads; ``check``: see the module's notes)."""
-    sitk = _sitk()
+    name = name or path
     if not os.path.exists(path):
-        raise BadInput("input %s does not exist" % path)
+        raise BadInput("input %s does not exist" % name)
     if os.path.isdir(path):
-        raise BadInput("input %s is a folder; a folder is read as a DICOM series only when is_dicom is set" % path)
+        raise BadInput("input %s is a folder; a folder is read as a DICOM series only when is_dicom is set" % name)
     try:
         others = detached_files(path)
     except OSError as exc:
-        raise BadInput("input %s cannot be read: %s" % (path, exc))
+        raise BadInput("input %s cannot be read: %s" % (name, exc))
     for other in others:
         if check is not None:
             check(other)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
     try:
-        image = sitk.ReadImage(path)
+        reader.ReadImageInformation()
     except RuntimeError as exc:
-        raise BadInput("input %s cannot be read as an image: %s" % (path, _first_line(exc)))
-    _check_3d(image, path)
-    return Series(path=path, image=image)
+        raise BadInput("input %s cannot be read as an image: %s" % (name, _first_line(exc)))
+    if reader.GetDimension() != 3:
+        raise BadInput("%s is a %dD image; automatic models take 3D volumes" % (name, reader.GetDimension()))
+    if reader.GetNumberOfComponents() != 1:
+        raise BadInput("%s has %d components per voxel; give one volume per series (one channel each)"
+                       % (name, reader.GetNumberOfComponents()))
+    return Input(path=path, name=name, size=tuple(int(s) for s in reader.GetSize()),
+                 pixel_bytes=_pixel_bytes(reader.GetPixelID()), spacing=tuple(reader.GetSpacing()),
+                 origin=tuple(reader.GetOrigin()), direction=tuple(reader.GetDirection()))
 
 
-def read_series(path, is_dicom=False, check=None):
-    """A DICOM series (``is_dicom`` and ``path`` a folder) or an image file (also when ``is_dicom``: a file is read
-    as the image it is, as the established server does)."""
+def probe_series(path, is_dicom=False, check=None, bvalue=None, name=None):
+    """The ``Input`` of a DICOM series (``is_dicom`` and ``path`` a folder: its headers checked by
+    ``dicomseries``; ``bvalue``: the request's ``bvalue_for_filtering``) or of an image file (also when
+    ``is_dicom``: a file is read as the image it is, as the established server does)."""
+    from . import dicomseries
+
+    name = name or path
     if is_dicom and os.path.isdir(path):
-        return read_dicom_series(path, check=check)
+        vol = dicomseries.series_volume(path, bvalue=bvalue, check=check, name=name)
+        return Input(path=path, name=name, size=vol.size, pixel_bytes=4 if vol.float_output else vol.pixel_bytes,
+                     spacing=vol.spacing, origin=vol.origin, direction=vol.direction, dicom=vol)
     if not os.path.exists(path):
-        raise BadInput("series %s does not exist" % path)
-    return read_image(path, check=check)
+        raise BadInput("series %s does not exist" % name)
+    return probe_image(path, check=check, name=name)
+
+
+def read_input(info):
+    """Read a probed ``Input``: a ``Series`` (for DICOM, exactly the files the checks kept, in slice order)."""
+    sitk = _sitk()
+    if info.dicom is not None:
+        files = list(info.dicom.files)
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(files)
+        if info.dicom.float_output:  # the files rescale differently: one output type that holds every slice
+            reader.SetOutputPixelType(sitk.sitkFloat32)
+        try:
+            image = reader.Execute()
+        except RuntimeError as exc:
+            raise BadInput("the DICOM series in %s cannot be read: %s" % (info.name, _first_line(exc)))
+        series = Series(path=info.path, image=image, files=files, series_uid=info.dicom.series_uid)
+    else:
+        try:
+            image = sitk.ReadImage(info.path)
+        except RuntimeError as exc:
+            raise BadInput("input %s cannot be read as an image: %s" % (info.name, _first_line(exc)))
+        series = Series(path=info.path, image=image)
+    _check_3d(image, info.name)
+    if tuple(image.GetSize()) != tuple(info.size):
+        raise BadInput("input %s changed while it was read (its header said %s, its data %s)"
+                       % (info.name, list(info.size), list(image.GetSize())))
+    return series
+
+
+def read_image(path, check=None):
+    """Read one image file (header checked first: ``probe_image``)."""
+    return read_input(probe_image(path, check=check))
+
+
+def read_series(path, is_dicom=False, check=None, bvalue=None):
+    """Read a DICOM series or an image file (``probe_series``, then ``read_input``)."""
+    return read_input(probe_series(path, is_dicom, check=check, bvalue=bvalue))
 
 
 def _check_3d(image, where):
@@ -226,11 +287,15 @@ def write_image(image, path, compress=True):
 
 
 def mask_bbox(mask):
-    """Half-open ``[(lo, hi), ...]`` per axis of the nonzero voxels of ``mask`` (numpy), or None when empty."""
-    nz = np.nonzero(mask)
-    if not nz[0].size:
-        return None
-    return [(int(a.min()), int(a.max()) + 1) for a in nz]
+    """Half-open ``[(lo, hi), ...]`` per axis of the nonzero voxels of ``mask`` (numpy), or None when empty. From
+    the mask's projections on each axis: no index arrays (``np.nonzero`` of a full mask takes 24 bytes a voxel)."""
+    box = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if not hit.size:
+            return None
+        box.append((int(hit[0]), int(hit[-1]) + 1))
+    return box
 
 
 def padded_bbox(bbox, padding, shape):

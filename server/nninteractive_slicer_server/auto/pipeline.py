@@ -44,8 +44,14 @@ an endpoint that catches them). Semantics, as the established nnU-Net server has
   server writes binned binary segments) with ``save_proba_map``, ``struct.dcm`` (RTSTRUCT) with
   ``save_rt_struct_output``. ``copy_final`` (the commands) also copies the last stage's outputs into
   ``output_dir`` and names them in ``<field>_final``.
-* ``tmp_dir`` is accepted and unused (nothing is written outside ``output_dir``); ``bvalue_for_filtering`` is
-  refused when set (not supported here).
+* DICOM series are checked before they are read (``dicomseries.py``): files that do not form one regular volume
+  (several orientations, sizes, echoes, time points; repeated or missing positions; a sheared stack) are refused
+  with the reason; localizers are left out; a series of several b-values is refused unless
+  ``bvalue_for_filtering`` selects the files of the b-value closest to it (as nnunet-serve; each series of the
+  request, NIfTI inputs untouched). What was left out or selected is in ``warnings``.
+* Limits: every input's size comes from its header, before any pixel is read; one over ``--max-image-voxels`` is
+  refused (413), and the memory the reading holds is reserved from ``--memory-budget`` for the run (``inputs.py``).
+* ``tmp_dir`` is accepted and unused (nothing is written outside ``output_dir``).
 
 Response (the established fields first): ``time_elapsed`` (s), ``gpu`` (CUDA device index or null),
 ``nnunet_path`` (per stage: the result folder relative to the registry's model folder, *ours*: no server path),
@@ -76,6 +82,7 @@ import numpy as np
 
 from ..validate import BadInput
 from . import dicomseg
+from . import inputs as ainputs
 from . import io as aio
 from . import references
 from .request import FIELDS as REQUEST_FIELDS
@@ -219,8 +226,10 @@ def plan_request(registry, segmenter, request, resolve_path=None):
         if not isinstance(v, bool):
             raise BadInput("'%s' must be true or false, got %r" % (key, v))
         plan.options[key] = v
-    if shared("bvalue_for_filtering") is not None:
-        raise BadInput("bvalue_for_filtering is not supported by this server; give the series of one b-value")
+    bvalue = shared("bvalue_for_filtering")
+    if bvalue is not None and (not _number(bvalue) or bvalue < 0):
+        raise BadInput("bvalue_for_filtering must be a b-value (a number, 0 or more), got %r" % (bvalue,))
+    plan.options["bvalue_for_filtering"] = bvalue
     suffix = shared("suffix")
     if suffix is not None and (not isinstance(suffix, str) or not _SUFFIX.match(suffix) or ".." in suffix):
         raise BadInput("suffix must be letters, digits, '.', '_' or '-' (at most 64, no '..'), got %r" % (suffix,))
@@ -398,14 +407,28 @@ def _names(suffix):
 
 # ---------------------------------------------------------------------------------------------------------- run
 
-def run_study(registry, segmenter, request, resolve_path=None, progress=None, copy_final=False):
+def run_study(registry, segmenter, request, resolve_path=None, progress=None, copy_final=False, limits=None,
+              budget=None):
     """Run the request's model(s) on its study and write the outputs; return the established response (``status``
     ``done``). Raises ``BadInput`` (HTTP 400) for a wrong request, ``UnknownModel`` (400) for an unknown model,
     the registry's ``ModelUnavailable`` / the predictors' ``NotEnoughGPUMemory`` (503), ``Forbidden`` (403) from
-    ``resolve_path``; other exceptions are failures of the server. ``progress(message)`` hears what happens."""
+    ``resolve_path``; other exceptions are failures of the server. ``progress(message)`` hears what happens.
+    Before any pixel is read, every input's header is checked against ``limits`` (``Limits``: an image over
+    ``max_image_voxels`` is ``TooLarge``, 413) and the memory its reading holds is reserved from ``budget`` (a
+    ``MemoryBudget``: 413 when it can never fit, 503 + Retry-After when not now) until the run ends (``inputs.py``;
+    None: not checked / not reserved)."""
     started = time.perf_counter()
-    say = progress or (lambda msg: log.info("auto: %s", msg))
     plan = plan_request(registry, segmenter, request, resolve_path)
+    reading = ainputs.prepare(plan, resolve_path or _default_resolve, registry, limits, budget)
+    try:
+        return _run_plan(registry, segmenter, plan, reading, started, resolve_path, progress, copy_final)
+    finally:
+        reading.release()
+
+
+def _run_plan(registry, segmenter, plan, reading, started, resolve_path, progress, copy_final):
+    """The body of ``run_study`` once its inputs are probed and their reading reserved (``reading``)."""
+    say = progress or (lambda msg: log.info("auto: %s", msg))
     resolve = resolve_path or _default_resolve
     opts = plan.options
     names = _names(opts["suffix"])
@@ -430,6 +453,7 @@ def run_study(registry, segmenter, request, resolve_path=None, progress=None, co
     inter_ref = opts["intersect_with"]
     stages_info, is_empty, warnings = [], [], []
     outputs = references.StageOutputs(plan.expansion)  # what from: references of later stages read
+    warnings.extend(reading.notes)  # what the DICOM checks left out or selected
 
     for i, stage in enumerate(plan.stages):
         spec = stage["spec"]
@@ -441,8 +465,8 @@ def run_study(registry, segmenter, request, resolve_path=None, progress=None, co
             if isinstance(p, references.Reference):
                 loaded[p] = outputs.series(p)  # an earlier stage's output
             elif p not in loaded:
-                # the DICOM files found in a confined folder, and the data files a header names, stay confined
-                loaded[p] = aio.read_series(p, opts["is_dicom"], check=lambda f: resolve(f, "series_folders"))
+                # what was probed (and confined: the DICOM files of a folder, the data files a header names)
+                loaded[p] = aio.read_input(reading.info(p))
             vols.append(loaded[p])
         ref = vols[0].image
         images = [ref] + [aio.resample_to(v.image, ref, is_mask=_might_be_mask(v.image)) for v in vols[1:]]

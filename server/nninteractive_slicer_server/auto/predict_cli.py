@@ -13,8 +13,13 @@ Only the flags given on the command line override a model's ``default_args``. Th
 on stdout as JSON, progress on stderr. ``--nproc_writing N`` (the established batch command's writing processes)
 keeps up to N studies in flight: one study's network on the device at a time, the others reading and writing.
 
-Exit status: 0 done, 1 failed (a model that cannot run here, an error while predicting; for the batch: any study
-failed), 2 a wrong command line or request (unknown model, missing series, wrong number of series, ...).
+Exit status: 0 done, 1 failed (a model that cannot run here, an input larger than ``--max-image-voxels``, an error
+while predicting; for the batch: any study failed), 2 a wrong command line or request (unknown model, missing
+series, wrong number of series, a DICOM series that is not one regular volume, ...).
+
+Inputs are checked from their headers before any pixel is read: an image whose header declares more voxels than
+``--max-image-voxels`` (default: what a server on this machine accepts by default, sized from its memory) is refused
+with the size, instead of filling the machine's memory. The commands have no memory budget (they run alone).
 """
 
 import argparse
@@ -54,6 +59,13 @@ def _int_or_float(x):
         return int(x)
     except ValueError:
         return float(x)
+
+
+def _voxels(x):
+    n = int(x)
+    if n < 0:
+        raise argparse.ArgumentTypeError("a number of voxels, 0 or more (0: no limit), got %s" % x)
+    return n
 
 
 def _series(x):
@@ -119,6 +131,9 @@ def make_parser(prog, description, batch=False):
                         "processes; here threads, the device one study at a time). nnunet-predict runs one study: "
                         "accepted, nothing to overlap")
     p.add_argument("--quiet", "-q", action="store_true", default=False, help="no progress on stderr")
+    p.add_argument("--max-image-voxels", dest="max_image_voxels", type=_voxels, default=None, metavar="N",
+                   help="refuse an input whose header declares more voxels than this, before reading it (default: "
+                        "what a server on this machine accepts, sized from its memory; 0: no limit)")
     return p
 
 
@@ -203,7 +218,17 @@ def _setup(args, prog, model_ids=()):
     return registry, AutoSegmenter(registry, device=device)
 
 
-def _run_one(registry, segmenter, request, progress, quiet_stdout=True):
+def _limits(args):
+    """The voxel limit of ``--max-image-voxels`` (a ``Limits``; None for 0). The commands have no memory budget:
+    they run alone, and their inputs' headers are checked against this limit before any pixel is read."""
+    from ..limits import Limits
+
+    if args.max_image_voxels == 0:
+        return None
+    return Limits.defaults(max_image_voxels=args.max_image_voxels)
+
+
+def _run_one(registry, segmenter, request, progress, limits=None, quiet_stdout=True):
     """(exit status, response or failure payload). ``quiet_stdout``: send what nnU-Net prints to stderr (stdout is
     for the JSON response); a caller running studies in threads does that once around them all instead (swapping
     ``sys.stdout`` is process-wide)."""
@@ -213,7 +238,7 @@ def _run_one(registry, segmenter, request, progress, quiet_stdout=True):
 
     try:
         with contextlib.redirect_stdout(sys.stderr) if quiet_stdout else contextlib.nullcontext():
-            return 0, run_study(registry, segmenter, request, progress=progress, copy_final=True)
+            return 0, run_study(registry, segmenter, request, progress=progress, copy_final=True, limits=limits)
     except BadInput as exc:
         return 2, failure_payload(exc, request)
     except Problem as exc:  # model unavailable, not enough GPU memory
@@ -236,7 +261,7 @@ def main(argv=None):
     if isinstance(setup, int):
         return setup
     registry, segmenter = setup
-    code, response = _run_one(registry, segmenter, request_from_args(args), _Progress(args.quiet))
+    code, response = _run_one(registry, segmenter, request_from_args(args), _Progress(args.quiet), _limits(args))
     print(json.dumps(response, indent=1))
     if code:
         print("%s: error: %s" % (prog, response["error"]), file=sys.stderr)
@@ -303,7 +328,7 @@ def batch_main(argv=None):
     def study(k, item):
         progress = _Progress(args.quiet, "[%d/%d %s] " % (k + 1, len(items), item.get("study_path")))
         progress("starting")
-        code, response = _run_one(registry, segmenter, dict(base, **item), progress, quiet_stdout=False)
+        code, response = _run_one(registry, segmenter, dict(base, **item), progress, _limits(args), quiet_stdout=False)
         if code:
             print("%s: study %d (%s) failed: %s" % (prog, k + 1, item.get("study_path"), response["error"]),
                   file=sys.stderr)

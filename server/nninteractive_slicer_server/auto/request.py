@@ -79,7 +79,8 @@ class InferenceRequestBase(BaseModel):
         None, description="Flip the image's two in-plane axes before the model and back after it (per model in a "
                           "cascade; default: the model's default_args, else true for TotalSegmentator tasks).")
     bvalue_for_filtering: Optional[float] = Field(
-        None, description="Not supported by this server (send the series of one b-value): must be null.")
+        None, description="A DICOM series of several b-values is read as the files of the b-value closest to this "
+                          "one (a series of several b-values is refused without it).")
 
 
 class InferenceRequest(InferenceRequestBase):

@@ -30,6 +30,8 @@ MAX_LICENSE_CHARS = 20000
 # * ``resolve_path(path, field)``: every path the pipeline reads or writes goes through it (study, series folders and
 #   the DICOM files in them, output folder, masks, tmp_dir): ``PathGuard.resolver`` confines them to the
 #   --infer-root folders (/infer) or to the job's folder (/infer_file), after resolving '..' and links (403);
+# * limits: every input's header is checked against ``limits`` (--max-image-voxels) and its reading reserved from
+#   ``budget`` (the server's MemoryBudget, shared with the sessions) before any pixel is read (auto/inputs.py);
 # * errors: ``validate.BadInput`` (400) or an ``errors.Problem`` (its status); anything else is a 500 that says only
 #   "internal error" and a request id (the log has the traceback).
 
@@ -39,10 +41,11 @@ MAX_LICENSE_CHARS = 20000
 class AutoService:
     orthanc = None  # auto.orthanc.Orthanc: the operator's Orthanc for /infer_orthanc (--orthanc-url), or None
 
-    def __init__(self, registry, segmenter, limits, infer_roots=(), jobs_dir=None):
+    def __init__(self, registry, segmenter, limits, infer_roots=(), jobs_dir=None, budget=None):
         self.registry = registry
         self.segmenter = segmenter
         self.limits = limits
+        self.budget = budget  # limits.MemoryBudget: the server's (app.Server sets it when None)
         self.guard = PathGuard(infer_roots)
         self.jobs = JobStore(jobs_dir, limits)
         self.running = None  # asyncio.Semaphore(limits.max_running_jobs), made on the event loop (routes.auto)
@@ -55,7 +58,8 @@ class AutoService:
 
     def run_study(self, fields, resolve_path):
         """One study (see the notes above ``AutoService``): the established response."""
-        return pipeline.run_study(self.registry, self.segmenter, fields, resolve_path=resolve_path)
+        return pipeline.run_study(self.registry, self.segmenter, fields, resolve_path=resolve_path, limits=self.limits,
+                                  budget=self.budget)
 
     def sweep(self):
         """The reaper's round: predictors unused for their TTL, jobs past theirs."""
