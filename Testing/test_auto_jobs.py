@@ -35,7 +35,8 @@ from conftest import SERVER_ENV, TORCH_THREADS, free_port, running
 from test_auto_endpoints import SPACING, make_image, zip_bytes
 
 USERS = ("alice", "bob", "carol")
-LONG = 40  # stages of a long job
+LONG = 40  # stages of a long job (a stage of the tiny model takes a fraction of a second to a second here)
+DRAINED = 6  # stages of the job a draining server waits for
 UPLOAD_LIMIT = 4 << 20
 BYTES_PER_USER = 3 << 20  # below the upload limit: an upload can exceed a user's share alone
 JOBS, JOBS_PER_USER = 7, 3
@@ -407,7 +408,7 @@ def test_drain_restart_and_the_deadline(tmp_path, quiet_model):
     with ctx as proc:
         done = w.post_upload().json()["job_id"]
         assert w.wait(done, lambda b: False)["status"] == "done"
-        long_job = w.post_paths(stages=LONG // 2, out="drained").json()["job_id"]
+        long_job = w.post_paths(stages=DRAINED, out="drained").json()["job_id"]
         w.wait(long_job, at_stage(1))
         queued = w.post_upload().json()["job_id"]
         proc.send_signal(signal.SIGTERM)
@@ -426,7 +427,7 @@ def test_drain_restart_and_the_deadline(tmp_path, quiet_model):
             "output/stage_0/prediction.nii.gz"]
         drained = w.status(long_job).json()
         assert drained["status"] == "done", drained  # the shutdown waited for it
-        assert len(drained["result"]["nifti_prediction"]) == LONG // 2
+        assert len(drained["result"]["nifti_prediction"]) == DRAINED
         failed = w.status(queued).json()
         assert failed["status"] == "failed" and failed["error_status"] == 503
         assert "shutting down before this job started" in failed["error"]

@@ -211,7 +211,7 @@ class JobRunner:
         """Cancel the running jobs and mark them failed now (their index says so even if the process ends before
         they reach their next piece). Returns how many."""
         with self._cv:
-            running = list(self._running.values())
+            running = [j for j in self._running.values() if getattr(j, "stopped", None) is None]
         for job in running:
             job.stopped = Draining("%s; submit the study again" % reason, retry_after=DRAIN_RETRY_AFTER)
             job.token.cancel(reason)
