@@ -179,6 +179,7 @@ class Registry:
         self._folders = {}  # model id -> resolved result folder
         self._scan = None
         self.unavailable = {}  # model id -> [why its files cannot serve, when last checked] (check_models)
+        self.clock = time.monotonic
         self.models, self.aliases = {}, {}
         self._parse(data, model_folder)
         if check_files:
@@ -410,7 +411,7 @@ class Registry:
 
     RECHECK_S = 30.0  # an unavailable model's files are looked at again at most this often (a request may ask)
 
-    def check_models(self, clock=time.monotonic):
+    def check_models(self):
         """The server's start-up check: a model whose files are missing or broken (no model folder, no result
         folder for its rel_path, an unreadable metadata template) is marked unavailable with the reason and logged;
         the others serve. Returns ``{id: reason}`` of the unavailable ones."""
@@ -418,7 +419,7 @@ class Registry:
         for spec in self.models.values():
             reason = self._file_problem(spec, refresh=False)
             if reason:
-                found[spec.id] = [reason, clock()]
+                found[spec.id] = [reason, self.clock()]
                 log.warning("model %r is unavailable: %s (model_folder %s); the server serves the other models",
                             spec.id, reason, self.model_folder)
         with self._lock:
@@ -442,7 +443,7 @@ class Registry:
                     "model_folder has %r in its path" % spec.rel_path)
         return None
 
-    def unavailable_reason(self, name, clock=time.monotonic):
+    def unavailable_reason(self, name):
         """Why the model cannot serve (None when it can). A model marked at start-up is looked at again (at most
         every ``RECHECK_S``): files an operator put right make it available without a restart."""
         spec = self.get(name)
@@ -450,9 +451,9 @@ class Registry:
             mark = self.unavailable.get(spec.id)
             if mark is None:
                 return None
-            due = clock() - mark[1] >= self.RECHECK_S
+            due = self.clock() - mark[1] >= self.RECHECK_S
             if due:
-                mark[1] = clock()
+                mark[1] = self.clock()
         if not due:
             return mark[0]
         reason = self._file_problem(spec)
@@ -584,8 +585,11 @@ class Registry:
         out["metadata"] = meta
         try:
             out["labels"] = [s.as_dict() for s in self.segments(spec, resolve=resolve)]
-        except ValueError as exc:
-            out["labels"], out["labels_error"] = [], str(exc)
+        except ValueError as exc:  # a broken metadata template: said without the server's folders
+            text = str(exc)
+            if spec.metadata_path:
+                text = text.replace(os.path.dirname(spec.metadata_path) + os.sep, "")
+            out["labels"], out["labels_error"] = [], text
         return out
 
     # ------------------------------------------------------------------ TotalSegmentator
