@@ -280,14 +280,15 @@ def test_uploads_in_progress_take_no_job_and_spool_under_the_jobs_folder(world, 
         assert [n for n in os.listdir(world.tmpdir) if not n.startswith("torchinductor")] == []
         assert world.call("GET", "/jobs").json()["jobs"] == []
         assert world.call("GET", "/readyz").json()["jobs"]["kept"] == 0
-        # the user's whole job share is free while their uploads are still arriving (their bytes count meanwhile)
+        # the bytes the held uploads sent count against their user's share...
+        r = world.post_upload(archive=bytes(1 << 20))
+        assert r.status_code == 429 and "--max-job-bytes-per-user" in r.json()["detail"]
+        # ...but they take no job: the user's whole job share is free
         ids = []
         for _ in range(JOBS_PER_USER):
             r = world.post_upload()
             assert r.status_code == 202, r.text
             ids.append(r.json()["job_id"])
-        r = world.post_upload(archive=bytes(1 << 20))  # with what the held uploads sent: past the user's bytes
-        assert r.status_code == 429 and "--max-job-bytes-per-user" in r.json()["detail"]
     finally:
         for s in held:
             s.close()

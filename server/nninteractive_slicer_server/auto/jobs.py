@@ -8,8 +8,12 @@ study archive is unpacked, and the jobs whose outputs wait for download.
 * ``unpack_archive``: a zip or tar archive (gzip/bz2/xz tars too, recognised by content) unpacked into a fresh
   folder, entry by entry: no absolute names, no ``..``, no links or devices (400), the entries' count and total
   unpacked size bounded while writing (``Limits``: 413); files are created exclusively and never through a link.
-* ``JobStore``: one folder per ``/infer_file`` job (``inputs/``, ``output/``, then ``outputs.zip``), owned by the
-  user who posted it, deleted ``job_ttl_s`` after it finished (``expire``, run by the server's reaper).
+* ``JobStore``: the jobs (``Job``) under the jobs folder, one folder each with its index (``job.json``, written
+  atomically): an upload's archive, then ``inputs/`` and ``output/``, then ``outputs.zip``. Owned by the user who
+  posted it (404 to anyone else), deleted ``job_ttl_s`` after it ended (``expire``, run by the server's reaper),
+  read back after a restart. Uploads being received are spooled in ``.spool/`` and count against their user's
+  share before any job exists; the shares (jobs kept, bytes per user, all jobs) are checked here. The runner
+  (auto/runner.py) moves jobs through queued, running, done / failed / cancelled.
 """
 
 import concurrent.futures

@@ -3,6 +3,8 @@ it arrives; its ``file`` part goes straight into a spool file under the jobs fol
 folder, never whole into memory) and its text fields (``request``) stay small in memory. While it arrives:
 
 * the whole body stays within ``--max-upload-bytes`` (413), counted as received, whatever Content-Length said;
+* before any byte is read, a job must be possible for this user (``JobStore.check_admission``: their jobs and
+  bytes, all jobs; 429 / 413 / 503), so a client that cannot get one sends nothing;
 * the file's bytes count against the user's share of the jobs folder (``JobStore.receiving``: 413 / 429);
 * a client that sends nothing for the liveness timeout gets 408 (``deps._pieces``), one that goes away ends it;
 * at most ``MAX_FIELDS`` parts of at most ``max_json_bytes`` each beside the file, headers bounded.
@@ -116,13 +118,15 @@ async def receive_upload(request, srv, store, user):
     boundary = multipart_boundary(request)
     limits = srv.limits
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit():
-        limits.check_upload(int(declared))  # before any byte: 413
+    declared = int(declared) if declared is not None and declared.isdigit() else 0
+    limits.check_upload(declared)  # before any byte: 413
+    loop = asyncio.get_running_loop()
+    # Would a job be taken now (the user's jobs and bytes, all jobs)? A client that cannot get one sends nothing.
+    await loop.run_in_executor(None, store.check_admission, user, declared)
     receipt = store.receiving(user)
     out, path = store.spool_file()
     parts = _Parts(out, limits.max_json_bytes)
     parser = MultipartParser(boundary, parts.callbacks(), max_header_count=8, max_header_size=8192)
-    loop = asyncio.get_running_loop()
 
     def feed(batch):  # on a pool thread: parsing and writing to disk stay off the event loop
         for piece in batch:

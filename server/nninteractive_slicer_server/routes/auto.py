@@ -1,20 +1,26 @@
-"""Automatic nnU-Net models: the established nnU-Net model server's endpoints, and ours under /x/.
+"""Automatic nnU-Net models: the established nnU-Net model server's endpoints, and ours under /x/ and /jobs.
 
-* ``GET /model_info`` (the registered models: names, labels, colours, terminology, default arguments, license),
-  ``GET /request-params`` (the JSON schema of the /infer body), ``GET /readyz`` (registry loaded and device usable;
-  503 otherwise; 200 with ``models_loaded: false`` on a server without a registry, which is ready for sessions), ``POST /infer`` (a study on server paths, confined to ``--infer-root``), ``POST /infer_file`` (a
-  study uploaded as a zip/tar archive, multipart fields ``file`` and ``request``; answers a ``job_id``),
-  ``GET /download/{job_id}`` (a zip of that job's outputs), ``POST /expire`` (empty the predictor cache; GET too, as
-  the established server has it). Failures of /infer and /infer_file carry the established fields beside
-  ``detail`` (``status: "failed"``, ``error``, ``request``, and ``job_id``).
+* ``GET /model_info`` (the registered models: names, labels, colours, terminology, default arguments, license,
+  ``available`` and why not), ``GET /request-params`` (the JSON schema of the /infer body), ``GET /readyz`` (registry
+  loaded, device usable, at least one model able to serve; 503 otherwise; 200 with ``models_loaded: false`` on a
+  server without a registry, which is ready for sessions), ``POST /infer`` (a study on server paths, confined to
+  ``--infer-root``), ``POST /infer_file`` (a study uploaded as a zip/tar archive, multipart fields ``file`` and
+  ``request``; answers a ``job_id``), ``GET /download/{job_id}`` (a zip of that job's outputs), ``POST /expire``
+  (empty the predictor cache; GET too, as the established server has it). Failures of /infer and /infer_file carry
+  the established fields beside ``detail`` (``status: "failed"``, ``error``, ``request``, and ``job_id`` once a job
+  exists). Both answer when the run is done; a client that disconnects first cancels it.
+* Jobs (ours): ``POST /jobs`` (the body of /infer_file or of /infer) answers 202 with the job at once; ``GET
+  /jobs/{job_id}`` its status, queue position, progress, result or error; ``GET /jobs`` the caller's jobs; ``DELETE
+  /jobs/{job_id}`` cancels (queued, running) or deletes (finished) it with its files. A job is its owner's alone.
 * ``POST /x/auto_segment`` (with the lease): run a model on the image the session already holds; the answer is the
   packed label array of the box holding labels (``X-Meta``: ``bbox``, ``shape``, ``dtype``, ``labels``, ``timings``),
   an empty body when nothing was found. Any of its labels can be sent back with /add_initial_seg_interaction.
 
 Every route needs the key (when one is set); paths that name nothing on a server without a registry answer 404
-saying so. The study reader/writer behind /infer and /infer_file is ``AutoService.run_study`` (``auto.pipeline``),
-given a ``resolve_path`` that confines every path it touches: to ``--infer-root`` for /infer, to the job's folder for
-/infer_file.
+saying so. A draining server (SIGTERM) takes no new study (503 + Retry-After). Uploads are received by
+``auto.upload``; every study runs as a job (``auto.jobs``) on the runner's threads (``auto.runner``), through
+``AutoService`` (``auto.service``), which confines every path the study runner touches: to ``--infer-root`` for
+server paths, to the job's folder for uploads.
 """
 
 import asyncio
