@@ -4,7 +4,8 @@ memory, and one prediction split so that only the network's forward passes take 
 One prediction (``AutoSegmenter.predict``):
 
 1. resolve the model (``Registry``), its arguments (``default_args`` overridden by the request) and its result folder;
-2. get its predictor from the cache (loading it on the CPU on a miss: ``initialize_from_trained_model_folder``);
+2. get its predictor from the cache (loading it on the CPU on a miss: ``initialize_from_trained_model_folder``; a
+   fold or checkpoint file that is not there is a 400 naming what is, a load that fails a 503 naming the model);
 3. preprocess the array (nnU-Net's own preprocessor: crop, normalise, resample to the model's spacing), here;
 4. wait for the model's ``min_mem`` MiB of free GPU memory (CUDA only; ``NotEnoughGPUMemory``, HTTP 503, when it
    gives up), outside the queue so that nobody waits behind the wait;
