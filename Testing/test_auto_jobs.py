@@ -390,60 +390,6 @@ def test_a_synchronous_run_whose_client_goes_away_is_cancelled(world, clean):
 
 # ---------------------------------------------------------------------------------------------------------- restart
 
-def test_drain_restart_and_the_deadline(tmp_path, quiet_model):
-    """SIGTERM: new automatic work gets 503 + Retry-After, queued jobs fail, the running one is waited for; after a
-    restart on the same --jobs-dir the jobs are there (outputs downloadable). A job still running at a short
-    deadline is cancelled and its index says failed."""
-    spec, allowed, study, tokens = make_world(tmp_path)
-    jobs = str(tmp_path / "jobs")
-
-    def start(deadline, name):
-        port = free_port()
-        url = "http://127.0.0.1:%d" % port
-        cmd = server_cmd(port, spec, tmp_path, jobs, allowed, quiet_model, "--shutdown-deadline-seconds",
-                         str(deadline))
-        log = str(tmp_path / ("%s.log" % name))
-        return running(cmd, url, log), World(url, tmp_path, allowed, jobs, study, tokens, log)
-
-    ctx, w = start(120, "first")
-    with ctx as proc:
-        done = w.post_upload().json()["job_id"]
-        assert w.wait(done, lambda b: False)["status"] == "done"
-        long_job = w.post_paths(stages=DRAINED, out="drained").json()["job_id"]
-        w.wait(long_job, at_stage(1))
-        queued = w.post_upload().json()["job_id"]
-        proc.send_signal(signal.SIGTERM)
-        wait_for(lambda: requests.get(w.url + "/healthz", timeout=5).status_code == 503)
-        for r in (w.post_upload(), w.post_paths(), w.post_upload(path="/infer_file"),
-                  w.call("POST", "/infer", json=w.paths_request())):
-            assert r.status_code == 503 and "shutting down" in r.json()["detail"] and r.headers["retry-after"]
-        assert proc.wait(120) == 0
-    assert "SIGTERM" in open(w.log).read()
-
-    ctx, w = start(4, "second")
-    with ctx as proc:
-        assert w.status(done).json()["status"] == "done"
-        z = w.call("GET", "/download/%s" % done)
-        assert z.status_code == 200 and zipfile.ZipFile(io.BytesIO(z.content)).namelist() == [
-            "output/stage_0/prediction.nii.gz"]
-        drained = w.status(long_job).json()
-        assert drained["status"] == "done", drained  # the shutdown waited for it
-        assert len(drained["result"]["nifti_prediction"]) == DRAINED
-        failed = w.status(queued).json()
-        assert failed["status"] == "failed" and failed["error_status"] == 503
-        assert "shutting down before this job started" in failed["error"]
-        assert os.listdir(os.path.join(jobs, queued)) == ["job.json"]
-
-        cut = w.post_paths(stages=LONG * 4, out="cut").json()["job_id"]
-        w.wait(cut, at_stage(1))
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
-    with open(os.path.join(jobs, cut, "job.json")) as f:
-        index = json.load(f)
-    assert index["status"] == "failed" and "shut down before the job finished" in index["error"]
-    assert len(os.listdir(os.path.join(allowed, "cut"))) < LONG * 4
-
-
 def test_the_index_of_an_unfinished_job_reads_back_as_failed(tmp_path):
     """A server killed (no drain) leaves queued and running jobs: the next start marks them failed, saying why, and
     removes what is not a job of the server (a half-made folder, an upload being received)."""
@@ -470,3 +416,56 @@ def test_the_index_of_an_unfinished_job_reads_back_as_failed(tmp_path):
     assert os.listdir(running_job.folder) == ["job.json"] and os.listdir(again.spool) == []
     with pytest.raises(Exception, match="unknown"):
         again.find(done.id, "bob")
+
+
+def test_drain_restart_and_the_deadline(world, quiet_model):
+    """SIGTERM: new automatic work gets 503 + Retry-After, queued jobs fail, the running one is waited for; after a
+    restart on the same --jobs-dir the jobs are there (outputs downloadable). A job still running at a short
+    deadline is cancelled and its index says failed. (The module's server is the first one: this test ends it, so
+    it comes last.)"""
+    spec, allowed, jobs, study, tokens = (str(world.root / "model-serve-spec.yaml"), world.allowed, world.jobs,
+                                          world.study, world.tokens)
+    proc, w = world.proc, world
+    done = w.post_upload().json()["job_id"]
+    assert w.wait(done, lambda b: False)["status"] == "done"
+    long_job = w.post_paths(stages=DRAINED, out="drained").json()["job_id"]
+    w.wait(long_job, at_stage(1))
+    queued = w.post_upload().json()["job_id"]
+    proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: requests.get(w.url + "/healthz", timeout=5).status_code == 503)
+    for r in (w.post_upload(), w.post_paths(), w.post_upload(path="/infer_file"),
+              w.call("POST", "/infer", json=w.paths_request())):
+        assert r.status_code == 503 and "shutting down" in r.json()["detail"] and r.headers["retry-after"]
+    assert proc.wait(120) == 0
+    assert "SIGTERM" in w.log_text()
+
+    def start(deadline, name):
+        port = free_port()
+        url = "http://127.0.0.1:%d" % port
+        cmd = server_cmd(port, spec, world.root, jobs, allowed, quiet_model, "--shutdown-deadline-seconds",
+                         str(deadline))
+        log = str(world.root / ("%s.log" % name))
+        return running(cmd, url, log), World(url, world.root, allowed, jobs, study, tokens, log)
+
+    ctx, w = start(4, "second")
+    with ctx as proc:
+        assert w.status(done).json()["status"] == "done"
+        z = w.call("GET", "/download/%s" % done)
+        assert z.status_code == 200 and zipfile.ZipFile(io.BytesIO(z.content)).namelist() == [
+            "output/stage_0/prediction.nii.gz"]
+        drained = w.status(long_job).json()
+        assert drained["status"] == "done", drained  # the shutdown waited for it
+        assert len(drained["result"]["nifti_prediction"]) == DRAINED
+        failed = w.status(queued).json()
+        assert failed["status"] == "failed" and failed["error_status"] == 503
+        assert "shutting down before this job started" in failed["error"]
+        assert os.listdir(os.path.join(jobs, queued)) == ["job.json"]
+
+        cut = w.post_paths(stages=LONG * 4, out="cut").json()["job_id"]
+        w.wait(cut, at_stage(1))
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    with open(os.path.join(jobs, cut, "job.json")) as f:
+        index = json.load(f)
+    assert index["status"] == "failed" and "shut down before the job finished" in index["error"]
+    assert len(os.listdir(os.path.join(allowed, "cut"))) < LONG * 4
