@@ -80,7 +80,10 @@ class AutoService:
         """A study on server paths (``fields`` parsed, models checked): its paths and arguments are checked now (400,
         403: before it waits for its turn, and before any job exists), then a job is queued for the runner (the run
         checks them again). ``sync`` (the established /infer) is never stored: its client waits on ``job.future``."""
-        pipeline.plan_request(self.registry, self.segmenter, fields, self.guard.resolver())
+        ids = fields["nnunet_id"] if isinstance(fields["nnunet_id"], list) else [fields["nnunet_id"]]
+        if not any(self.registry.get(i).totalseg_task is not None and self.registry.get(i).rel_path is None
+                   for i in ids):  # a TotalSegmentator model may download its weights first: that is the run's work
+            pipeline.plan_request(self.registry, self.segmenter, fields, self.guard.resolver())
         if sync:
             job = Job(uuid.uuid4().hex, user, PATHS, request=fields, created=self.jobs.clock())
         else:

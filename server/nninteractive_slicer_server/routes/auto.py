@@ -47,7 +47,7 @@ from ..auto.upload import REQUEST_FIELD, discard_upload, receive_upload
 
 log = logging.getLogger("nninteractive_slicer_server")
 router = APIRouter(dependencies=[Depends(require_key)])
-CLIENT_GONE = Response(status_code=499)  # nobody reads it: the client went away (as the logs of proxies say)
+CLIENT_GONE = 499  # the status nobody reads: the client went away (as proxies log it)
 
 SUCCESS_STATUS, FAILURE_STATUS = "done", "failed"  # the established server's status values
 # Request fields of /x/auto_segment beside "model" (or "nnunet_id") and "spacing": the prediction arguments.
@@ -180,7 +180,7 @@ async def infer(request: Request, user=Depends(require_key)):
         started = time.perf_counter()
         job = await run_in_threadpool(svc.submit_paths, user, fields, True)
         result = await answer_of(request, svc, job)
-        return CLIENT_GONE if result is None else established(result, fields, started)
+        return Response(status_code=CLIENT_GONE) if result is None else established(result, fields, started)
 
 
 async def submit_upload(request, svc, user, sync, failing=None):
@@ -219,7 +219,7 @@ async def infer_file(request: Request, user=Depends(require_key)):
         started = time.perf_counter()
         result = await answer_of(request, svc, job)
         if result is None:
-            return CLIENT_GONE
+            return Response(status_code=CLIENT_GONE)
         return dict(established(result, job.request, started), job_id=job.id)
 
 
