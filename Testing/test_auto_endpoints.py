@@ -258,8 +258,11 @@ def study_zip(world):
 
 
 def leftover_jobs(world):
-    """Job folders other than finished jobs' (which hold only outputs.zip, kept for /download until their TTL)."""
-    return sorted(j for j in os.listdir(world.jobs) if os.listdir(os.path.join(world.jobs, j)) != ["outputs.zip"])
+    """Uploads left in the spool, and job folders other than finished jobs' (which hold only their index and
+    outputs.zip, kept for /download until their TTL)."""
+    spool = [os.path.join(".spool", f) for f in os.listdir(os.path.join(world.jobs, ".spool"))]
+    return spool + sorted(j for j in os.listdir(world.jobs) if j != ".spool" and
+                          sorted(os.listdir(os.path.join(world.jobs, j))) != ["job.json", "outputs.zip"])
 
 
 @pytest.mark.parametrize("archive,status,words", [
@@ -280,7 +283,11 @@ def test_infer_file_refuses_unsafe_archives(world, archive, status, words):
     r = infer_file(world, body)
     assert r.status_code == status, r.text
     assert words in r.json()["detail"]
-    assert r.json()["status"] == "failed" and len(r.json()["job_id"]) == 32
+    assert r.json()["status"] == "failed"
+    if words == "not a zip or tar":
+        assert "job_id" not in r.json()  # refused before any job exists (as the established server does)
+    else:
+        assert len(r.json()["job_id"]) == 32  # found while the job unpacked it
     assert leftover_jobs(world) == []  # a refused job leaves nothing behind
     for d in (world.root, os.path.dirname(world.jobs), "/tmp"):
         assert not os.path.exists(os.path.join(d, "evil.txt"))
@@ -310,7 +317,7 @@ def test_infer_file_validates_the_request(world):
     r = infer_file(world, archive, request="{not json")
     assert r.status_code == 400 and "not valid JSON" in r.json()["detail"]
     r = infer_file(world, archive, request={"nnunet_id": "nope", "series_folders": ["ct.nii.gz"]})
-    assert r.status_code == 400 and "tiny_organs" in r.json()["detail"] and r.json()["job_id"]
+    assert r.status_code == 400 and "tiny_organs" in r.json()["detail"] and "job_id" not in r.json()
     r = infer_file(world, archive, request={"nnunet_id": "tiny", "series_folders": ["../../../outside"]})
     assert r.status_code == 403
     r = call(world, "POST", "/infer_file", json={"nnunet_id": "tiny"})
@@ -336,7 +343,7 @@ def test_infer_file_runs_a_job_and_download_serves_it(world, tmp_path):
     r = infer(world, output_dir=os.path.join(world.allowed, "for_job"))
     assert r.status_code == 200, r.text
     np.testing.assert_array_equal(from_job, sitk.GetArrayFromImage(sitk.ReadImage(r.json()["nifti_prediction"][0])))
-    assert os.listdir(os.path.join(world.jobs, body["job_id"])) == ["outputs.zip"]  # inputs and outputs dropped
+    assert sorted(os.listdir(os.path.join(world.jobs, body["job_id"]))) == ["job.json", "outputs.zip"]  # no inputs
     for job_id in ("0" * 32, "../../etc/passwd", "x" * 300):
         r = call(world, "GET", "/download/%s" % job_id)
         assert r.status_code == 404
@@ -520,35 +527,40 @@ def test_the_client_against_an_official_server(quiet_model, tmp_path):
 
 def test_jobs_are_zipped_owned_and_expire(tmp_path):
     from nninteractive_slicer_server.auto.jobs import JobStore
-    from nninteractive_slicer_server.errors import NotFound, Unavailable
+    from nninteractive_slicer_server.errors import Busy, NotFound, Unavailable
     from nninteractive_slicer_server.limits import Limits
 
     now = [1000.0]
     limits = Limits.defaults(memory_budget=1 << 30)
-    limits.job_ttl_s, limits.max_jobs = 60.0, 2
+    limits.job_ttl_s, limits.max_jobs, limits.max_jobs_per_user = 60.0, 3, 2
     store = JobStore(str(tmp_path / "jobs"), limits, clock=lambda: now[0])
-    job = store.create("alice")
+    job = store.create("alice", "upload", {})
     os.makedirs(os.path.join(job.output, "stage_0"))
     with open(os.path.join(job.output, "stage_0", "prediction.nii.gz"), "wb") as f:
         f.write(b"labels")
     os.symlink("/etc/passwd", os.path.join(job.output, "stage_0", "link"))  # never followed into the zip
-    with pytest.raises(NotFound):
-        store.get(job.id, "alice")  # not finished yet
-    store.finish(job)
-    assert sorted(os.listdir(job.folder)) == ["outputs.zip"]
-    with zipfile.ZipFile(store.get(job.id, "alice").zip_path) as zf:
+    with pytest.raises(NotFound, match="queued"):
+        store.download(job.id, "alice")  # not finished yet
+    store.zip_outputs(job)
+    job.status, job.finished = "done", now[0]
+    assert sorted(os.listdir(job.folder)) == ["job.json", "outputs.zip"]
+    assert job.bytes == sum(os.path.getsize(os.path.join(job.folder, f)) for f in os.listdir(job.folder))
+    with zipfile.ZipFile(store.download(job.id, "alice").zip_path) as zf:
         assert zf.namelist() == ["output/stage_0/prediction.nii.gz"]
         assert zf.read("output/stage_0/prediction.nii.gz") == b"labels"
     with pytest.raises(NotFound):
-        store.get(job.id, "bob")  # another user's job names nothing to them
-    other = store.create("bob")
+        store.find(job.id, "bob")  # another user's job names nothing to them
+    other = store.create("alice", "paths", {})
+    with pytest.raises(Busy, match="--max-jobs-per-user"):
+        store.create("alice", "paths", {})
+    store.create("bob", "paths", {})
     with pytest.raises(Unavailable, match="--max-jobs"):
-        store.create("carol")
+        store.create("carol", "paths", {})
     store.discard(other)
     now[0] += 61
     assert store.expire() == 1 and not os.path.exists(job.folder)
     with pytest.raises(NotFound, match="expired"):
-        store.get(job.id, "alice")
+        store.find(job.id, "alice")
     store.close()
     assert os.path.isdir(str(tmp_path / "jobs"))  # an operator's --jobs-dir stays; only a temporary one is removed
     temp = JobStore(None, limits)

@@ -475,30 +475,45 @@ class Clock:
         return self.now
 
 
-def test_cache_hits_ttl_size_and_expire():
+def result_folders(root, names=("a", "b", "c"), folds=("0", "1", "all"), checkpoints=("checkpoint_final.pth",
+                                                                                     "checkpoint_best.pth")):
+    """Result folders the cache can check (fold folders with checkpoint files; the loaders here never read them)."""
+    out = {}
+    for name in names:
+        for fold in folds:
+            os.makedirs(os.path.join(str(root), name, "fold_%s" % fold), exist_ok=True)
+            for ckpt in checkpoints:
+                open(os.path.join(str(root), name, "fold_%s" % fold, ckpt), "wb").close()
+        out[name] = os.path.join(str(root), name)
+    return out
+
+
+def test_cache_hits_ttl_size_and_expire(tmp_path):
+    m = result_folders(tmp_path)
     loads = []
     clock = Clock()
     cache = PredictorCache("cpu", max_size=2, ttl_s=60, clock=clock,
                            loader=lambda folder, folds, ckpt: loads.append((folder, folds, ckpt)) or object())
-    a = cache.get("/m/a", [0], "checkpoint_final.pth")
-    assert cache.get("/m/a", ["0"], "checkpoint_final.pth") is a and (cache.hits, cache.misses) == (1, 1)
-    assert cache.get("/m/a", [0, 1], "checkpoint_final.pth") is not a  # other folds: another predictor
-    assert loads[-1] == ("/m/a", [0, 1], "checkpoint_final.pth")
-    cache.get("/m/b", ["all"], "checkpoint_best.pth")  # third entry: the least recently used (a, fold 0) goes
+    a = cache.get(m["a"], [0], "checkpoint_final.pth")
+    assert cache.get(m["a"], ["0"], "checkpoint_final.pth") is a and (cache.hits, cache.misses) == (1, 1)
+    assert cache.get(m["a"], [0, 1], "checkpoint_final.pth") is not a  # other folds: another predictor
+    assert loads[-1] == (m["a"], [0, 1], "checkpoint_final.pth")
+    cache.get(m["b"], ["all"], "checkpoint_best.pth")  # third entry: the least recently used (a, fold 0) goes
     assert len(cache) == 2 and cache.evictions == 1
-    cache.get("/m/a", [0], "checkpoint_final.pth")
+    cache.get(m["a"], [0], "checkpoint_final.pth")
     assert len(loads) == 4
     clock.now = 59.0
-    cache.get("/m/b", ["all"], "checkpoint_best.pth")  # used: its clock restarts
+    cache.get(m["b"], ["all"], "checkpoint_best.pth")  # used: its clock restarts
     clock.now = 61.0
     assert cache.sweep() == 1 and len(cache) == 1  # (a, fold 0) unused for 61 s
     clock.now = 200.0
-    cache.get("/m/c", [0], "checkpoint_final.pth")  # every get sweeps first
+    cache.get(m["c"], [0], "checkpoint_final.pth")  # every get sweeps first
     assert cache.stats()["size"] == 1
     assert cache.expire() == 1 and len(cache) == 0 and cache.expire() == 0
 
 
-def test_cache_loads_once_under_concurrency():
+def test_cache_loads_once_under_concurrency(tmp_path):
+    m = result_folders(tmp_path, names=("a",))
     gate = threading.Event()
     loads = []
 
@@ -509,13 +524,98 @@ def test_cache_loads_once_under_concurrency():
 
     cache = PredictorCache("cpu", max_size=2, ttl_s=60, loader=slow)
     got = []
-    threads = [threading.Thread(target=lambda: got.append(cache.get("/m/a", [0], "c.pth"))) for _ in range(4)]
+    threads = [threading.Thread(target=lambda: got.append(cache.get(m["a"], [0], "checkpoint_final.pth")))
+               for _ in range(4)]
     for t in threads:
         t.start()
     gate.set()
     for t in threads:
         t.join(10)
     assert len(loads) == 1 and len(got) == 4 and all(g is got[0] for g in got)
+    assert cache.stats()["loading"] == 0
+
+
+def test_missing_folds_and_checkpoints_never_reach_the_loader(tmp_path):
+    m = result_folders(tmp_path, names=("a",), folds=("0", "1"))
+    loads = []
+    cache = PredictorCache("cpu", loader=lambda *a: loads.append(a) or object())
+    for i in range(200):  # many distinct names: nothing of them stays
+        with pytest.raises(BadInput) as e:
+            cache.get(m["a"], [0], "checkpoint_%d.pth" % i, model="organs")
+    assert str(e.value) == ("checkpoint_name: model 'organs' has no checkpoint_199.pth in fold_0 (there: "
+                            "checkpoint_best.pth, checkpoint_final.pth)")
+    with pytest.raises(BadInput, match=r"use_folds: model 'organs' has no fold 4 \(its folds: 0, 1\)"):
+        cache.get(m["a"], [0, 4], "checkpoint_final.pth", model="organs")
+    assert loads == [] and cache.stats()["loading"] == 0 and cache.failures() == {}
+    assert str(tmp_path) not in str(e.value)
+
+
+def test_failed_loads_leave_a_bounded_record_and_fail_fast(tmp_path):
+    """Each failing load of a distinct checkpoint leaves no lock behind and at most MAX_FAILED records; the same
+    failure is answered at once (no reload) until FAILED_RETRY_S has passed or /expire forgets it."""
+    names = ["broken_%d.pth" % i for i in range(PredictorCache.MAX_FAILED + 10)]
+    m = result_folders(tmp_path, names=("a",), folds=("0",), checkpoints=names + ["checkpoint_final.pth"])
+    loads = []
+    clock = Clock()
+
+    def loader(folder, folds, ckpt):
+        loads.append(ckpt)
+        if ckpt.startswith("broken"):
+            raise RuntimeError("Weights only load failed: %s/fold_0/%s is not a checkpoint" % (folder, ckpt))
+        return object()
+
+    cache = PredictorCache("cpu", loader=loader, clock=clock)
+    for name in names:
+        with pytest.raises(R.ModelUnavailable) as e:
+            cache.get(m["a"], [0], name, model="organs")
+    assert e.value.status == 503
+    assert str(e.value) == ("model 'organs' cannot be loaded on this server (folds 0, %s: RuntimeError: Weights only "
+                            "load failed: %s is not a checkpoint); its files need the operator's attention (the "
+                            "server log has the details), or choose other folds or another checkpoint_name"
+                            % (names[-1], names[-1]))
+    stats = cache.stats()
+    assert stats["loading"] == 0 and stats["size"] == 0 and stats["load_failures"] == len(names)
+    assert stats["failed_remembered"] == PredictorCache.MAX_FAILED  # the oldest were dropped
+    with pytest.raises(R.ModelUnavailable):
+        cache.get(m["a"], [0], names[-1], model="organs")
+    assert len(loads) == len(names)  # answered from the record, not loaded again
+    clock.now = PredictorCache.FAILED_RETRY_S
+    with pytest.raises(R.ModelUnavailable):
+        cache.get(m["a"], [0], names[-1], model="organs")
+    assert len(loads) == len(names) + 1  # tried again after the retry time
+    assert cache.get(m["a"], [0], "checkpoint_final.pth") is not None  # the model's good checkpoint still loads
+    cache.expire()
+    assert cache.failures() == {} and cache.stats()["failed_remembered"] == 0
+
+
+def test_waiters_of_a_failing_load_share_its_failure(tmp_path):
+    m = result_folders(tmp_path, names=("a",), folds=("0",))
+    gate, loads, errors = threading.Event(), [], []
+
+    def loader(folder, folds, ckpt):
+        loads.append(ckpt)
+        gate.wait(5)
+        raise ValueError("broken")
+
+    cache = PredictorCache("cpu", loader=loader)
+
+    def get():
+        try:
+            cache.get(m["a"], [0], "checkpoint_final.pth", model="organs")
+        except R.ModelUnavailable as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=get) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for _ in range(500):
+        if cache.stats()["loading"] == 1 and loads:
+            break
+        threading.Event().wait(0.01)
+    gate.set()
+    for t in threads:
+        t.join(10)
+    assert len(loads) == 1 and len(errors) == 4 and cache.stats()["loading"] == 0
 
 
 def test_threshold_components():

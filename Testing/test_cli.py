@@ -87,3 +87,7 @@ def test_conflicting_flags(quiet_model):
     assert_one_clear_sentence(rc, err, "not both")
     rc, err = run("--model-dir", quiet_model, "--device", "cpu", "--max-sessions", "0")
     assert_one_clear_sentence(rc, err, "--max-sessions")
+    rc, err = run("--model-dir", quiet_model, "--device", "cpu", "--max-running-jobs", "0")
+    assert_one_clear_sentence(rc, err, "--max-running-jobs")
+    rc, err = run("--model-dir", quiet_model, "--device", "cpu", "--max-jobs-per-user", "0")
+    assert_one_clear_sentence(rc, err, "--max-jobs-per-user")

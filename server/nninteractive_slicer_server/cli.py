@@ -83,16 +83,23 @@ def build_parser():
     a.add_argument("--orthanc-url", metavar="URL", help="the Orthanc whose series /infer_orthanc segments and which "
                    "gets the DICOM SEGs back (default: $ORTHANC_URL; credentials from $ORTHANC_USER and "
                    "$ORTHANC_PASSWORD; none: /infer_orthanc is off)")
-    a.add_argument("--jobs-dir", metavar="DIR", help="where /infer_file jobs unpack and keep their outputs (default: "
-                   "a temporary folder, removed at exit)")
+    a.add_argument("--jobs-dir", metavar="DIR", help="where uploads are received and jobs (/infer_file, POST /jobs) "
+                   "unpack and keep their outputs and index; jobs survive a restart there (default: a temporary "
+                   "folder, removed at exit)")
+    a.add_argument("--max-running-jobs", type=int, default=2, metavar="N", help="automatic studies (/infer, "
+                   "/infer_file, /jobs) run at once; more wait their turn (default %(default)s)")
     lim.add_argument("--max-upload-bytes", type=parse_size, default="2G", metavar="BYTES", help="largest /infer_file "
                      "upload (default 2G)")
     lim.add_argument("--max-unpacked-bytes", type=parse_size, default="8G", metavar="BYTES", help="what one uploaded "
                      "archive may unpack to (default 8G)")
     lim.add_argument("--max-archive-files", type=int, default=10000, metavar="N", help="entries of one uploaded "
                      "archive (default %(default)s)")
-    lim.add_argument("--max-jobs", type=int, default=100, metavar="N", help="finished /infer_file jobs kept for "
-                     "download at once (default %(default)s)")
+    lim.add_argument("--max-jobs", type=int, default=100, metavar="N", help="jobs (uploads and POST /jobs, any "
+                     "status) kept at once; one more gets 503 (default %(default)s)")
+    lim.add_argument("--max-jobs-per-user", type=int, metavar="N", help="jobs one user keeps at once; one more gets "
+                     "429 (default: a quarter of --max-jobs)")
+    lim.add_argument("--max-job-bytes-per-user", type=parse_size, metavar="BYTES", help="what one user's jobs and "
+                     "uploads may take in the jobs folder (default: twice --max-upload-bytes plus --max-unpacked-bytes)")
     lim.add_argument("--job-ttl-seconds", type=float, default=86400.0, metavar="S", help="delete a job's outputs this "
                      "long after it finished (default %(default)s)")
     o = p.add_argument_group("operations")
@@ -147,8 +154,10 @@ def check_args(args):
             raise StartupError("--%s must be positive." % flag.replace("_", "-"))
     if args.gpu_memory_wait_seconds < 0:
         raise StartupError("--gpu-memory-wait-seconds must be 0 or more.")
-    if args.max_archive_files < 1 or args.max_jobs < 1:
-        raise StartupError("--max-archive-files and --max-jobs must be at least 1.")
+    if args.max_archive_files < 1 or args.max_jobs < 1 or args.max_running_jobs < 1:
+        raise StartupError("--max-archive-files, --max-jobs and --max-running-jobs must be at least 1.")
+    if args.max_jobs_per_user is not None and args.max_jobs_per_user < 1:
+        raise StartupError("--max-jobs-per-user must be at least 1.")
     if args.model_dir:
         args.fold = check_model_dir(os.path.abspath(os.path.expanduser(args.model_dir)), args.fold, args.checkpoint)
 
@@ -244,7 +253,8 @@ def check_device(name):
 
 def check_registry(args):
     """The model registry (None without a spec), checked before the slow model load: an invalid spec stops the
-    start-up with the file, the entry and the field."""
+    start-up with the file, the entry and the field. A model whose files are missing or broken is only marked
+    unavailable (``Registry.check_models``): the server starts with the others."""
     from .auto.registry import SpecError, load_registry, spec_source
 
     path, where_from = spec_source(args.model_serve_spec)
@@ -254,10 +264,14 @@ def check_registry(args):
                                "registry too (--model-serve-spec PATH, MODEL_SERVE_SPEC or ./model-serve-spec.yaml).")
         return None
     try:
-        registry = load_registry(path)
+        registry = load_registry(path, check_files=False)
     except SpecError as exc:
         raise StartupError("the model registry is invalid: %s." % exc)
     log.info("model registry: %s (from %s)", registry.path, where_from)
+    unavailable = registry.check_models()
+    if unavailable and len(unavailable) == len(registry):
+        log.error("none of the %d automatic model(s) of %s can serve (see above); interactive sessions work, and "
+                  "/readyz answers 503 until a model's files are put right", len(registry), path)
     for root in args.infer_root:
         if not os.path.isdir(os.path.expanduser(root)):
             raise StartupError("--infer-root %s is not a directory." % root)
@@ -337,6 +351,10 @@ def serve(args):
     limits.max_upload_bytes, limits.max_unpacked_bytes = args.max_upload_bytes, args.max_unpacked_bytes
     limits.max_archive_files, limits.max_jobs, limits.job_ttl_s = (args.max_archive_files, args.max_jobs,
                                                                     args.job_ttl_seconds)
+    limits.max_running_jobs = args.max_running_jobs
+    limits.max_jobs_per_user = args.max_jobs_per_user or max(1, args.max_jobs // 4)
+    limits.max_job_bytes_per_user = args.max_job_bytes_per_user or 2 * (args.max_upload_bytes +
+                                                                          args.max_unpacked_bytes)
     auto = make_auto(registry, engine, args, limits) if registry is not None else None
     app = make_app(engine, args.max_sessions, args.idle_timeout_seconds, args.liveness_timeout_seconds, limits=limits,
                    identities=identities, max_sessions_per_user=args.max_sessions_per_user, auto=auto,

@@ -70,7 +70,7 @@ class TooLarge(Problem):
 
 
 class Busy(Problem):
-    """Too many requests of one lease waiting."""
+    """Too many requests of one lease waiting, or a user's share (of jobs, of the jobs folder) used up."""
 
     status = 429
 

@@ -48,8 +48,10 @@ class Limits:
     max_upload_bytes: int = 2 * GiB  # one uploaded study archive (the whole multipart body)
     max_unpacked_bytes: int = 8 * GiB  # what one archive may unpack to, all files together
     max_archive_files: int = 10000  # entries (files and folders) of one archive
-    max_jobs: int = 100  # finished /infer_file jobs kept for download at once; one more gets 503 + Retry-After
-    job_ttl_s: float = 86400.0  # a job's outputs are deleted this long after it finished
+    max_jobs: int = 100  # jobs (uploads and POST /jobs) kept at once, any status; one more gets 503 + Retry-After
+    max_jobs_per_user: int = 25  # jobs one user keeps at once; one more gets 429 (a quarter of max_jobs)
+    max_job_bytes_per_user: int = 20 * GiB  # the jobs folder's bytes one user's jobs and uploads may take (413 / 429)
+    job_ttl_s: float = 86400.0  # a job (its outputs, its index) is deleted this long after it ended
     max_running_jobs: int = 2  # automatic runs on server paths or uploads at once (more wait their turn)
 
     @classmethod
@@ -87,9 +89,10 @@ class Limits:
                            % self.max_unpacked_bytes)
 
     def describe_jobs(self):
-        return ("uploads up to %s unpacking to at most %s in %d entries; %d job(s) kept at most, each for %.0f s"
-                % (human(self.max_upload_bytes), human(self.max_unpacked_bytes), self.max_archive_files,
-                   self.max_jobs, self.job_ttl_s))
+        return ("uploads up to %s unpacking to at most %s in %d entries; %d job(s) kept at most (%d and %s per user), "
+                "each for %.0f s after it ends" % (human(self.max_upload_bytes), human(self.max_unpacked_bytes),
+                                                    self.max_archive_files, self.max_jobs, self.max_jobs_per_user,
+                                                    human(self.max_job_bytes_per_user), self.job_ttl_s))
 
     def check_image_voxels(self, voxels, shape, what="the image"):
         if voxels > self.max_image_voxels:

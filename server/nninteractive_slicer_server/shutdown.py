@@ -2,10 +2,12 @@
 
 On the first SIGTERM the server, at once:
 
-1. refuses new sessions (``/claim``: 503 with Retry-After; ``/healthz``: 503, so a balancer sends no one new), while
-   the sessions it holds keep working;
-2. waits until no request of any session is in progress and no prediction waits for or runs on the GPU (at most
-   until 4/5 of the deadline, or 5 s before it);
+1. refuses new sessions (``/claim``: 503 with Retry-After; ``/healthz``: 503, so a balancer sends no one new) and new
+   automatic work (``/infer``, ``/infer_file``, ``POST /jobs``: 503 with Retry-After; the queued jobs fail the same
+   way), while the sessions it holds and the automatic studies running keep working;
+2. waits until no request of any session is in progress, no prediction waits for or runs on the GPU and no
+   automatic study runs (at most until 4/5 of the deadline, or 5 s before it); studies still running then are
+   cancelled and marked failed (their job index says so), and get until the deadline to stop;
 3. releases every session (a client that asks again gets 410, and its recovery claims elsewhere);
 4. stops uvicorn (which closes the connections and waits for the answers still being sent) and exits 0.
 
@@ -51,22 +53,39 @@ class GracefulServer(uvicorn.Server):
         return await uvicorn.Server.on_tick(self, counter)
 
     def busy(self):
-        """Requests of sessions in progress, predictions queued or running."""
-        return sum(lease.in_flight for lease in self.srv.registry.snapshot()), len(self.srv.engine.queue)
+        """Requests of sessions in progress, predictions queued or running, automatic studies queued or running."""
+        auto = self.srv.auto
+        return (sum(lease.in_flight for lease in self.srv.registry.snapshot()), len(self.srv.engine.queue),
+                auto.runner.active() if auto is not None else 0)
 
     async def _drain(self):
         registry = self.srv.registry
         settle_by = self.drain_started + max(self.deadline * 0.8, self.deadline - 5.0)
-        log.info("SIGTERM: shutting down within %.0f s; new sessions are refused; %d session(s), %d request(s) in "
-                 "progress, %d prediction(s) queued or running", self.deadline, registry.count(), *self.busy())
+        log.info("SIGTERM: shutting down within %.0f s; new sessions and automatic runs are refused; %d session(s), "
+                 "%d request(s) in progress, %d prediction(s) queued or running, %d automatic run(s)", self.deadline,
+                 registry.count(), *self.busy())
+        loop = asyncio.get_running_loop()
         try:
+            auto = self.srv.auto
+            if auto is not None:
+                failed = await loop.run_in_executor(None, auto.drain)
+                if failed:
+                    log.info("%d queued automatic job(s) failed: the server is shutting down", failed)
             while any(self.busy()) and time.monotonic() < settle_by:
                 await asyncio.sleep(0.05)
+            if auto is not None and auto.runner.running():
+                stopped = await loop.run_in_executor(None, auto.runner.stop_running,
+                                                     "the server shut down before the job finished (SIGTERM; "
+                                                     "--shutdown-deadline-seconds %.0f)" % self.deadline)
+                log.warning("cancelled %d automatic run(s) still running at the deadline; their jobs are failed",
+                            stopped)
+                while auto.runner.running() and time.monotonic() < self.drain_started + self.deadline - 1.0:
+                    await asyncio.sleep(0.05)
             if any(self.busy()):
-                log.warning("shutting down with %d request(s) in progress, %d prediction(s) queued or running",
-                            *self.busy())
+                log.warning("shutting down with %d request(s) in progress, %d prediction(s) queued or running, %d "
+                            "automatic run(s)", *self.busy())
             sessions = registry.count()
-            await asyncio.get_running_loop().run_in_executor(None, registry.close_all)
+            await loop.run_in_executor(None, registry.close_all)
             log.info("released %d session(s); stopping", sessions)
         except Exception:
             log.exception("error while draining; stopping")

@@ -4,7 +4,8 @@ memory, and one prediction split so that only the network's forward passes take 
 One prediction (``AutoSegmenter.predict``):
 
 1. resolve the model (``Registry``), its arguments (``default_args`` overridden by the request) and its result folder;
-2. get its predictor from the cache (loading it on the CPU on a miss: ``initialize_from_trained_model_folder``);
+2. get its predictor from the cache (loading it on the CPU on a miss: ``initialize_from_trained_model_folder``; a
+   fold or checkpoint file that is not there is a 400 naming what is, a load that fails a 503 naming the model);
 3. preprocess the array (nnU-Net's own preprocessor: crop, normalise, resample to the model's spacing), here;
 4. wait for the model's ``min_mem`` MiB of free GPU memory (CUDA only; ``NotEnoughGPUMemory``, HTTP 503, when it
    gives up), outside the queue so that nobody waits behind the wait;
@@ -31,6 +32,7 @@ Arrays: ``image`` is ``[channels, *spatial]`` in the axis order nnU-Net's image 
 
 import logging
 import os
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -39,9 +41,9 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from ..errors import Unavailable
+from ..errors import Unavailable, is_out_of_memory
 from ..validate import BadInput
-from .registry import ArgError, check_args
+from .registry import ArgError, ModelUnavailable, check_args
 
 log = logging.getLogger("nninteractive_slicer_server")
 
@@ -185,10 +187,48 @@ class LoadedPredictor:
         return seg, probs
 
 
+_NO_DIRS = re.compile(r"(?<![\w.:/])/(?:[^\s'\"/]+/)+")  # the folders of an absolute path in a message
+
+
+class ModelLoadFailed(ModelUnavailable):
+    """A registered model's files are there but nnU-Net could not load them (HTTP 503 naming the model); remembered
+    for ``PredictorCache.FAILED_RETRY_S`` so that requests do not reload a broken checkpoint one after another."""
+
+
+def check_model_files(folder, use_folds, checkpoint_name, model="this model"):
+    """``BadInput`` (400) unless every fold asked for has a ``fold_<f>`` folder holding ``checkpoint_name``: the
+    message names the missing file and what exists (no server path)."""
+    try:
+        present = sorted(d for d in os.listdir(folder) if d.startswith("fold_") and
+                         os.path.isdir(os.path.join(folder, d)))
+    except OSError as exc:
+        raise ModelUnavailable("model %r: its result folder cannot be read (%s)" % (model, exc.strerror or exc))
+    for fold in use_folds:
+        sub = "fold_%s" % fold
+        if sub not in present:
+            raise BadInput("use_folds: model %r has no fold %s (its folds: %s)"
+                           % (model, fold, ", ".join(d[5:] for d in present) or "none"))
+        if not os.path.isfile(os.path.join(folder, sub, checkpoint_name)):
+            try:
+                there = sorted(f for f in os.listdir(os.path.join(folder, sub)) if f.endswith(".pth"))
+            except OSError:
+                there = []
+            raise BadInput("checkpoint_name: model %r has no %s in %s (there: %s)"
+                           % (model, checkpoint_name, sub, ", ".join(there) or "no checkpoint"))
+
+
 class PredictorCache:
     """Loaded predictors by (result folder, folds, checkpoint): at most ``max_size``, each dropped ``ttl_s``
     seconds after its last use (``sweep``; every ``get`` sweeps too); ``expire()`` empties it. Loading happens
-    outside the cache's lock (one load per key at a time), so a slow load never blocks hits on other models."""
+    outside the cache's lock (one load per key at a time), so a slow load never blocks hits on other models.
+
+    A failed load leaves nothing behind but one bounded record (``failures``: at most ``MAX_FAILED``, the oldest
+    dropped first): the key's loading lock goes with its last waiter, and for ``FAILED_RETRY_S`` the same key fails
+    at once with the same ``ModelLoadFailed`` instead of loading again (``expire()`` forgets failures too: an
+    operator who fixed the files need not wait). Files that are not there never reach the loader (400)."""
+
+    MAX_FAILED = 32
+    FAILED_RETRY_S = 60.0
 
     def __init__(self, device="cpu", max_size=2, ttl_s=600.0, loader=None, clock=time.monotonic):
         if max_size < 1:
@@ -198,41 +238,94 @@ class PredictorCache:
         self._clock = clock
         self._entries = OrderedDict()  # key -> [predictor, last_used]
         self._lock = threading.Lock()
-        self._loading = {}  # key -> Lock
-        self.hits = self.misses = self.evictions = 0
+        self._loading = {}  # key -> [Lock, requests holding or waiting for it]; empty when nothing loads
+        self._failed = OrderedDict()  # key -> (ModelLoadFailed, when, model)
+        self.hits = self.misses = self.evictions = self.load_failures = 0
 
     @staticmethod
     def key(folder, use_folds, checkpoint_name):
         return (os.path.realpath(folder), tuple(str(f) for f in use_folds), checkpoint_name)
 
-    def get(self, folder, use_folds=(0,), checkpoint_name=DEFAULT_CHECKPOINT):
+    def get(self, folder, use_folds=(0,), checkpoint_name=DEFAULT_CHECKPOINT, model=None):
+        """The predictor of ``folder`` (a registered model's result folder; ``model`` its id, for messages) with
+        these folds and checkpoint, loaded on a miss. ``BadInput`` when a fold or the checkpoint file is not there,
+        ``ModelLoadFailed`` when nnU-Net cannot load them."""
         key = self.key(folder, use_folds, checkpoint_name)
+        name = model or os.path.basename(key[0])
         self.sweep()
         with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None:
-                entry[1] = self._clock()
-                self._entries.move_to_end(key)
-                self.hits += 1
-                return entry[0]
-            loading = self._loading.setdefault(key, threading.Lock())
-        with loading:
+            hit = self._hit(key)
+            if hit is not None:
+                return hit
+        check_model_files(folder, key[1], checkpoint_name, name)  # before any lock or record exists for the key
+        with self._lock:
+            hit = self._hit(key)
+            if hit is not None:
+                return hit
+            slot = self._loading.setdefault(key, [threading.Lock(), 0])
+            slot[1] += 1
+        try:
+            with slot[0]:
+                with self._lock:
+                    hit = self._hit(key)  # loaded (or failed) by another request meanwhile
+                    if hit is not None:
+                        return hit
+                loaded = self._load(key, folder, name)
+                with self._lock:
+                    self.misses += 1
+                    self._entries[key] = [loaded, self._clock()]
+                    self._entries.move_to_end(key)
+                    while len(self._entries) > self.max_size:
+                        self._entries.popitem(last=False)
+                        self.evictions += 1
+                return loaded
+        finally:
             with self._lock:
-                entry = self._entries.get(key)  # loaded by another request meanwhile
-                if entry is not None:
-                    entry[1] = self._clock()
-                    self.hits += 1
-                    return entry[0]
-            loaded = self._loader(folder, [_fold(f) for f in use_folds], checkpoint_name)
+                slot[1] -= 1
+                if slot[1] == 0:
+                    del self._loading[key]
+
+    def _hit(self, key):
+        """Under the lock: the loaded predictor, or raise the key's recent failure, or None."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            entry[1] = self._clock()
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return entry[0]
+        failed = self._failed.get(key)
+        if failed is not None:
+            if self._clock() - failed[1] < self.FAILED_RETRY_S:
+                raise failed[0]
+            del self._failed[key]
+        return None
+
+    def _load(self, key, folder, name):
+        try:
+            return self._loader(folder, [_fold(f) for f in key[1]], key[2])
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                raise  # the device's state, not the model's: nothing to remember (the caller answers 507)
+            log.error("auto: model %r (%s, folds %s, %s) cannot be loaded", name, folder, list(key[1]), key[2],
+                      exc_info=True)
+            text = _NO_DIRS.sub("", str(exc))[:300]  # file names, not the server's paths
+            failure = ModelLoadFailed("model %r cannot be loaded on this server (folds %s, %s: %s: %s); its files "
+                                      "need the operator's attention (the server log has the details), or choose "
+                                      "other folds or another checkpoint_name"
+                                      % (name, ", ".join(key[1]), key[2], type(exc).__name__, text))
             with self._lock:
-                self.misses += 1
-                self._entries[key] = [loaded, self._clock()]
-                self._entries.move_to_end(key)
-                while len(self._entries) > self.max_size:
-                    self._entries.popitem(last=False)
-                    self.evictions += 1
-                self._loading.pop(key, None)
-        return loaded
+                self.load_failures += 1
+                self._failed[key] = (failure, self._clock(), name)
+                self._failed.move_to_end(key)
+                while len(self._failed) > self.MAX_FAILED:
+                    self._failed.popitem(last=False)
+            raise failure from exc
+
+    def failures(self):
+        """``{(folder, folds, checkpoint): (model, message)}`` of the loads that failed recently."""
+        now = self._clock()
+        with self._lock:
+            return {k: (f[2], f[0].detail) for k, f in self._failed.items() if now - f[1] < self.FAILED_RETRY_S}
 
     def sweep(self):
         """Drop predictors unused for ``ttl_s``; returns how many."""
@@ -247,10 +340,11 @@ class PredictorCache:
         return len(old)
 
     def expire(self):
-        """Drop every predictor (``/expire``); returns how many there were."""
+        """Drop every predictor (``/expire``) and forget failed loads; returns how many predictors there were."""
         with self._lock:
             n = len(self._entries)
             self._entries.clear()
+            self._failed.clear()
         if n:
             self._free_device()
         return n
@@ -271,7 +365,8 @@ class PredictorCache:
     def stats(self):
         with self._lock:
             return {"size": len(self._entries), "max_size": self.max_size, "ttl_s": self.ttl_s, "hits": self.hits,
-                    "misses": self.misses, "evictions": self.evictions,
+                    "misses": self.misses, "evictions": self.evictions, "loading": len(self._loading),
+                    "load_failures": self.load_failures, "failed_remembered": len(self._failed),
                     "loaded": [{"folder": os.path.basename(k[0]), "use_folds": list(k[1]), "checkpoint_name": k[2]}
                                for k in self._entries]}
 
@@ -339,7 +434,7 @@ class AutoSegmenter:
         spec = self.registry.get(model)
         args = self.arguments(spec, given)
         folder = self.registry.result_folder(spec)
-        return self.cache.get(folder, args["use_folds"], args["checkpoint_name"]), args
+        return self.cache.get(folder, args["use_folds"], args["checkpoint_name"], model=spec.id), args
 
     def predict(self, model, image, spacing, probabilities=None, **given):
         """Segment ``image`` (``[channels, *spatial]``) of voxel ``spacing`` with ``model`` (id, alias or name).

@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -202,6 +203,8 @@ class Registry:
         self._lock = threading.Lock()
         self._folders = {}  # model id -> resolved result folder
         self._scan = None
+        self.unavailable = {}  # model id -> [why its files cannot serve, when last checked] (check_models)
+        self.clock = time.monotonic
         self.models, self.aliases = {}, {}
         self._parse(data, model_folder)
         if check_files:
@@ -445,6 +448,64 @@ class Registry:
                                                      sorted(labels.values()))))
         return out
 
+    # ------------------------------------------------------------------ availability
+
+    RECHECK_S = 30.0  # an unavailable model's files are looked at again at most this often (a request may ask)
+
+    def check_models(self):
+        """The server's start-up check: a model whose files are missing or broken (no model folder, no result
+        folder for its rel_path, an unreadable metadata template) is marked unavailable with the reason and logged;
+        the others serve. Returns ``{id: reason}`` of the unavailable ones."""
+        found = {}
+        for spec in self.models.values():
+            reason = self._file_problem(spec, refresh=False)
+            if reason:
+                found[spec.id] = [reason, self.clock()]
+                log.warning("model %r is unavailable: %s (model_folder %s); the server serves the other models",
+                            spec.id, reason, self.model_folder)
+        with self._lock:
+            self.unavailable = found
+        return {mid: r[0] for mid, r in found.items()}
+
+    def _file_problem(self, spec, refresh=True):
+        """Why ``spec``'s files cannot serve, in a sentence without server paths; None when they can."""
+        if spec.metadata_path:
+            try:
+                read_dcmqi_template(spec.metadata_path)
+            except ValueError:
+                return "its metadata template (metadata.path %s) cannot be read or is invalid" % (
+                    os.path.basename(spec.metadata_path))
+        if spec.totalseg_task is not None and spec.rel_path is None:
+            return None  # fetched by TotalSegmentator on first use
+        if not os.path.isdir(self.model_folder):
+            return "the registry's model_folder does not exist on this server"
+        if not self._matches(spec, refresh=refresh):
+            return ("no nnU-Net result folder (dataset.json, plans.json and a fold_N folder) under the registry's "
+                    "model_folder has %r in its path" % spec.rel_path)
+        return None
+
+    def unavailable_reason(self, name):
+        """Why the model cannot serve (None when it can). A model marked at start-up is looked at again (at most
+        every ``RECHECK_S``): files an operator put right make it available without a restart."""
+        spec = self.get(name)
+        with self._lock:
+            mark = self.unavailable.get(spec.id)
+            if mark is None:
+                return None
+            due = self.clock() - mark[1] >= self.RECHECK_S
+            if due:
+                mark[1] = self.clock()
+        if not due:
+            return mark[0]
+        reason = self._file_problem(spec)
+        with self._lock:
+            if reason is None:
+                self.unavailable.pop(spec.id, None)
+                log.info("model %r is available now", spec.id)
+            else:
+                mark[0] = reason
+        return reason
+
     # ------------------------------------------------------------------ lookup
 
     def get(self, name):
@@ -496,6 +557,10 @@ class Registry:
         """The nnU-Net result folder of a model (for a TotalSegmentator task: downloaded now when absent).
         ``ModelUnavailable`` when it cannot be had."""
         spec = self.get(name)
+        reason = self.unavailable_reason(spec)
+        if reason:
+            raise ModelUnavailable("model %r is unavailable on this server: %s; the other models work (GET /model_info "
+                                   "says which)" % (spec.id, reason))
         with self._lock:
             found = self._folders.get(spec.id)
         if found and os.path.isdir(found):
@@ -561,8 +626,11 @@ class Registry:
         out["metadata"] = meta
         try:
             out["labels"] = [s.as_dict() for s in self.segments(spec, resolve=resolve)]
-        except ValueError as exc:
-            out["labels"], out["labels_error"] = [], str(exc)
+        except ValueError as exc:  # a broken metadata template: said without the server's folders
+            text = str(exc)
+            if spec.metadata_path:
+                text = text.replace(os.path.dirname(spec.metadata_path) + os.sep, "")
+            out["labels"], out["labels_error"] = [], text
         return out
 
     # ------------------------------------------------------------------ TotalSegmentator

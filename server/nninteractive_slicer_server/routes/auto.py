@@ -1,46 +1,54 @@
-"""Automatic nnU-Net models: the established nnU-Net model server's endpoints, and ours under /x/.
+"""Automatic nnU-Net models: the established nnU-Net model server's endpoints, and ours under /x/ and /jobs.
 
-* ``GET /model_info`` (the registered models: names, labels, colours, terminology, default arguments, license),
-  ``GET /model_info_clean`` (the same, each model's segments listed as the established server lists them),
-  ``GET /request-params`` (the JSON schema of the /infer body), ``GET /readyz`` (registry loaded and device usable;
-  503 otherwise; 200 with ``models_loaded: false`` on a server without a registry, which is ready for sessions), ``POST /infer`` (a study on server paths, confined to ``--infer-root``), ``POST /infer_file`` (a
-  study uploaded as a zip/tar archive, multipart fields ``file`` and ``request``; answers a ``job_id``),
-  ``GET /download/{job_id}`` (a zip of that job's outputs), ``POST /expire`` (empty the predictor cache; GET too, as
-  the established server has it). Failures of /infer and /infer_file carry the established fields beside
-  ``detail`` (``status: "failed"``, ``error``, ``request``, and ``job_id``).
+* ``GET /model_info`` (the registered models: names, labels, colours, terminology, default arguments, license,
+  ``available`` and why not), ``GET /model_info_clean`` (the same, each model's segments listed as the established
+  server lists them), ``GET /request-params`` (the JSON schema of the /infer body), ``GET /readyz`` (registry
+  loaded, device usable, at least one model able to serve; 503 otherwise; 200 with ``models_loaded: false`` on a
+  server without a registry, which is ready for sessions), ``POST /infer`` (a study on server paths, confined to
+  ``--infer-root``), ``POST /infer_file`` (a study uploaded as a zip/tar archive, multipart fields ``file`` and
+  ``request``; answers a ``job_id``), ``GET /download/{job_id}`` (a zip of that job's outputs), ``POST /expire``
+  (empty the predictor cache; GET too, as the established server has it). Failures of /infer and /infer_file carry
+  the established fields beside ``detail`` (``status: "failed"``, ``error``, ``request``, and ``job_id`` once a job
+  exists). Both answer when the run is done; a client that disconnects first cancels it.
+* Jobs (ours): ``POST /jobs`` (the body of /infer_file or of /infer) answers 202 with the job at once; ``GET
+  /jobs/{job_id}`` its status, queue position, progress, result or error; ``GET /jobs`` the caller's jobs; ``DELETE
+  /jobs/{job_id}`` cancels (queued, running) or deletes (finished) it with its files. A job is its owner's alone.
 * ``POST /x/auto_segment`` (with the lease): run a model on the image the session already holds; the answer is the
   packed label array of the box holding labels (``X-Meta``: ``bbox``, ``shape``, ``dtype``, ``labels``, ``timings``),
   an empty body when nothing was found. Any of its labels can be sent back with /add_initial_seg_interaction.
 
 Every route needs the key (when one is set); paths that name nothing on a server without a registry answer 404
-saying so. The study reader/writer behind /infer and /infer_file is ``AutoService.run_study`` (``auto.pipeline``),
-given a ``resolve_path`` that confines every path it touches: to ``--infer-root`` for /infer, to the job's folder for
-/infer_file.
+saying so. A draining server (SIGTERM) takes no new study (503 + Retry-After). Uploads are received by
+``auto.upload``; every study runs as a job (``auto.jobs``) on the runner's threads (``auto.runner``), through
+``AutoService`` (``auto.service``), which confines every path the study runner touches: to ``--infer-root`` for
+server paths, to the job's folder for uploads.
 """
 
 import asyncio
 import json
+import logging
 import math
-import os
 import time
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request as StarletteRequest
 
 from SlicerNNInteractiveLib import protocol as P
 from SlicerNNInteractiveLib.wire import MASK_CODEC, pack_array
 
 from ..deps import act, lease, read_json, require_key, server
-from ..errors import Invalid, NotFound, OutOfMemory, Problem, is_out_of_memory, request_id
+from ..errors import Draining, Invalid, NotFound, OutOfMemory, Problem, is_out_of_memory
 from ..validate import BadInput, require
-from ..auto.jobs import PathGuard, unpack_archive
-from ..auto.pipeline import OUTPUT_KEYS
+from ..auto.jobs import CANCELLED
 from ..auto.request import InferenceRequest, InferenceRequestFile, parse_request
+from ..auto.runner import DRAIN_RETRY_AFTER
+from ..auto.upload import REQUEST_FIELD, discard_upload, receive_upload
 
+log = logging.getLogger("nninteractive_slicer_server")
 router = APIRouter(dependencies=[Depends(require_key)])
+CLIENT_GONE = 499  # the status nobody reads: the client went away (as proxies log it)
 
 SUCCESS_STATUS, FAILURE_STATUS = "done", "failed"  # the established server's status values
 # Request fields of /x/auto_segment beside "model" (or "nnunet_id") and "spacing": the prediction arguments.
@@ -86,36 +94,6 @@ class established_failure:
         return False
 
 
-def check_models(registry, nnunet_id):
-    for name in nnunet_id if isinstance(nnunet_id, list) else [nnunet_id]:
-        registry.get(name)  # UnknownModel: 400 naming the known ids
-
-
-async def run_study(request, svc, fields, resolve_path):
-    """``svc.run_study`` in a worker thread, at most ``max_running_jobs`` at once; the answer's established fields.
-    ``resolve_path``: the confinement of every path the study runner touches (``PathGuard.resolver``)."""
-    if svc.running is None:
-        svc.running = asyncio.Semaphore(max(1, svc.limits.max_running_jobs))
-    started = time.perf_counter()
-    async with svc.running:
-        try:
-            result = await run_in_threadpool(svc.run_study, fields, resolve_path)
-        except (Problem, BadInput):
-            raise
-        except Exception as exc:
-            if is_out_of_memory(exc):
-                raise OutOfMemory("the server ran out of memory (or its device failed) running this study (%s); try "
-                                  "again later, or with fewer folds" % type(exc).__name__)
-            raise Problem("the automatic segmentation failed: internal error; request id %s (the server log has the "
-                          "details)" % request_id(request)) from exc
-    result = dict(result or {})
-    result.setdefault("status", SUCCESS_STATUS)
-    result.setdefault("error", None)
-    result.setdefault("request", fields)
-    result.setdefault("time_elapsed", time.perf_counter() - started)
-    return result
-
-
 # ---------------------------------------------------------------------------------------------------------- listing
 
 @router.get(P.PATH_MODEL_INFO)
@@ -158,102 +136,150 @@ async def expire(request: Request):
 
 # ---------------------------------------------------------------------------------------------------------- studies
 
+def refuse_when_draining(request):
+    if server(request).draining:
+        raise Draining("this server is shutting down and takes no new automatic run; send the study again in a moment "
+                       "(a balancer sends it to another server)", retry_after=DRAIN_RETRY_AFTER)
+
+
+async def until_disconnected(request):
+    """Return once the client has gone away (its body was read: ``receive`` now waits for the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def answer_of(request, svc, job):
+    """Wait for the answer of ``job`` (its result, or its exception raised here); None when the client went away
+    first: the job is cancelled then (nobody would read its answer)."""
+    answer = asyncio.wrap_future(job.future)
+    answer.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even when nobody waits
+    gone = asyncio.ensure_future(until_disconnected(request))
+    try:
+        await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if answer.done():
+        return answer.result()
+    if svc.cancel(job, "its client disconnected"):
+        log.info("auto: the client of job %s went away; the job is cancelled", job.id)
+    return None
+
+
+def established(result, fields, started):
+    """A run's result with the established fields filled."""
+    result = dict(result or {})
+    result.setdefault("status", SUCCESS_STATUS)
+    result.setdefault("error", None)
+    result.setdefault("request", fields)
+    result.setdefault("time_elapsed", time.perf_counter() - started)
+    return result
+
+
 @router.post(P.PATH_INFER)
-async def infer(request: Request):
+async def infer(request: Request, user=Depends(require_key)):
     svc = auto_service(request)
-    fields = None
     with established_failure() as failing:
+        refuse_when_draining(request)
         payload = await read_json(request)
         failing.fields = payload
         fields = parse_request(payload, InferenceRequest)
         failing.fields = fields
         svc.guard.require_roots()
-        check_models(svc.registry, fields["nnunet_id"])
-        return await run_study(request, svc, fields, svc.guard.resolver())
+        svc.check_models(fields["nnunet_id"])
+        started = time.perf_counter()
+        job = await run_in_threadpool(svc.submit_paths, user, fields, True)
+        result = await answer_of(request, svc, job)
+        return Response(status_code=CLIENT_GONE) if result is None else established(result, fields, started)
 
 
-async def read_upload(request, limits):
-    """The multipart form of /infer_file, the whole body within ``max_upload_bytes`` (413 past it)."""
-    received = [0]
-    receive = request.receive
-
-    async def counting():
-        message = await receive()
-        if message.get("type") == "http.request":
-            received[0] += len(message.get("body", b""))
-            limits.check_upload(received[0])
-        return message
-
-    return await StarletteRequest(request.scope, counting).form(max_files=1, max_fields=8)
+async def submit_upload(request, svc, user, sync, failing=None):
+    """Receive an upload (auto/upload.py), check its request, then make it a job (``failing``: the established
+    failure answer, given the fields as they are known)."""
+    upload = await receive_upload(request, server(request), svc.jobs, user)
+    try:
+        text = upload.fields.get(REQUEST_FIELD)
+        if text is None:
+            raise BadInput("send the request JSON (nnunet_id, series_folders, ...) in the multipart/form-data field "
+                           "'request'")
+        try:
+            payload = json.loads(text)
+        except ValueError as exc:
+            raise BadInput("the 'request' field is not valid JSON (%s)" % exc)
+        require(isinstance(payload, dict), "the 'request' field must hold a JSON object")
+        if failing is not None:
+            failing.fields = payload
+        fields = parse_request(payload, InferenceRequestFile)
+        if failing is not None:
+            failing.fields = fields
+        svc.check_models(fields["nnunet_id"])
+        return await run_in_threadpool(svc.submit_upload, user, upload, fields, sync)
+    except BaseException:
+        discard_upload(upload.path, upload.receipt)  # nothing left once a job took it over
+        raise
 
 
 @router.post(P.PATH_INFER_FILE)
 async def infer_file(request: Request, user=Depends(require_key)):
     svc = auto_service(request)
-    srv = server(request)
-    declared = request.headers.get("content-length")
-    with established_failure():
-        if declared is not None and declared.isdigit():
-            srv.limits.check_upload(int(declared))  # before any job or byte: 413
-        job = await run_in_threadpool(svc.jobs.create, user)
-    try:
-        with established_failure(job_id=job.id) as failing:
-            form = await read_upload(request, srv.limits)
-            try:
-                upload = form.get("file")
-                text = form.get("request")
-                if upload is None or isinstance(upload, str):
-                    raise BadInput("send the study as a zip or tar archive in the multipart/form-data field 'file' "
-                                   "(and the request JSON in the field 'request')")
-                if text is None or not isinstance(text, str):
-                    raise BadInput("send the request JSON (nnunet_id, series_folders, ...) in the multipart/form-data "
-                                   "field 'request'")
-                try:
-                    payload = json.loads(text)
-                except ValueError as exc:
-                    raise BadInput("the 'request' field is not valid JSON (%s)" % exc)
-                require(isinstance(payload, dict), "the 'request' field must hold a JSON object")
-                failing.fields = payload
-                fields = parse_request(payload, InferenceRequestFile)
-                failing.fields = fields
-                check_models(svc.registry, fields["nnunet_id"])
-                await run_in_threadpool(unpack_archive, upload.file, job.inputs, srv.limits)
-            finally:
-                await form.close()
-            # The study is the archive, the outputs go to the job's folder; tmp_dir is ignored (nothing is written
-            # elsewhere); relative masks (crop_from, intersect_with) are paths inside the archive.
-            fields = {k: v for k, v in fields.items() if k != "tmp_dir"}
-            fields.update(study_path=job.inputs, output_dir=job.output)
-            resolve = PathGuard([job.folder], "this job's folder (the uploaded archive)").resolver(base=job.inputs)
-            result = await run_study(request, svc, fields, resolve)
-            result = in_download(result, job)
-            await run_in_threadpool(svc.jobs.finish, job)
-    except BaseException:
-        await run_in_threadpool(svc.jobs.discard, job)
-        raise
-    result["job_id"] = job.id
-    return result
-
-
-def in_download(result, job):
-    """The output paths of a job's answer as they are named in its /download zip (``output/stage_0/...``), the
-    request's folders as the client named them: no server path."""
-    def rel(path):
-        return os.path.relpath(path, job.folder) if isinstance(path, str) and os.path.isabs(path) else path
-
-    out = dict(result)
-    for key in OUTPUT_KEYS:
-        if isinstance(out.get(key), list):
-            out[key] = [rel(p) for p in out[key]]
-    if isinstance(out.get("request"), dict):
-        out["request"] = {k: v for k, v in out["request"].items() if k not in ("study_path", "output_dir")}
-    return out
+    with established_failure() as failing:
+        refuse_when_draining(request)
+        job = await submit_upload(request, svc, user, sync=True, failing=failing)
+        failing.more["job_id"] = job.id
+        started = time.perf_counter()
+        result = await answer_of(request, svc, job)
+        if result is None:
+            return Response(status_code=CLIENT_GONE)
+        return dict(established(result, job.request, started), job_id=job.id)
 
 
 @router.get(P.PATH_DOWNLOAD)
 async def download(request: Request, job_id: str, user=Depends(require_key)):
-    job = auto_service(request).jobs.get(job_id, user)
+    job = await run_in_threadpool(auto_service(request).jobs.download, job_id, user)
     return FileResponse(job.zip_path, media_type="application/zip", filename="%s.zip" % job.id)
+
+
+# ---------------------------------------------------------------------------------------------------------- jobs
+
+@router.post(P.PATH_JOBS)
+async def submit_job(request: Request, user=Depends(require_key)):
+    """A study as a job: the multipart body of /infer_file (an upload) or the JSON body of /infer (server paths);
+    202 with the job's id and status at once."""
+    svc = auto_service(request)
+    refuse_when_draining(request)
+    if request.headers.get("content-type", "").lower().startswith("multipart/"):
+        job = await submit_upload(request, svc, user, sync=False)
+    else:
+        fields = parse_request(await read_json(request), InferenceRequest)
+        svc.guard.require_roots()
+        svc.check_models(fields["nnunet_id"])
+        job = await run_in_threadpool(svc.submit_paths, user, fields, False)
+    return JSONResponse(svc.status(job), status_code=202, headers={"Location": P.PATH_JOB.format(job_id=job.id)})
+
+
+@router.get(P.PATH_JOBS)
+async def list_jobs(request: Request, user=Depends(require_key)):
+    """The caller's jobs, oldest first (without their results: GET /jobs/{id} has them)."""
+    svc = auto_service(request)
+    jobs = await run_in_threadpool(svc.jobs.of_user, user)
+    return {"jobs": [{k: v for k, v in svc.status(j).items() if k not in ("result", "request")} for j in jobs]}
+
+
+@router.get(P.PATH_JOB)
+async def job_status(request: Request, job_id: str, user=Depends(require_key)):
+    svc = auto_service(request)
+    return svc.status(await run_in_threadpool(svc.jobs.find, job_id, user))
+
+
+@router.delete(P.PATH_JOB)
+async def delete_job(request: Request, job_id: str, user=Depends(require_key)):
+    """Cancel the caller's job if it is queued or running (it is removed with its files once it has stopped), or
+    delete a finished one with its files."""
+    svc = auto_service(request)
+    job = await run_in_threadpool(svc.jobs.find, job_id, user)
+    if svc.cancel(job, "deleted by its owner"):
+        return {"job_id": job.id, "status": CANCELLED}
+    await run_in_threadpool(svc.jobs.discard, job)
+    return {"job_id": job.id, "status": "deleted"}
 
 
 # ---------------------------------------------------------------------------------------------------------- sessions

@@ -10,21 +10,20 @@ path; ``request`` echoes ``series_ids``. Masks (``crop_from``, ``intersect_with`
 ``--infer-root`` directories as for ``/infer``.
 """
 
-import os
+import time
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from SlicerNNInteractiveLib import protocol as P
 
-from ..auto.jobs import PathGuard
 from ..auto.orthanc import Orthanc, series_lists
 from ..auto.references import is_reference
 from ..auto.request import InferenceRequestOrthanc, parse_request
-from ..deps import read_json, require_key, server
+from ..deps import read_json, require_key
 from ..errors import NotFound
 from ..validate import BadInput
-from .auto import auto_service, check_models, established_failure, in_download, run_study
+from .auto import CLIENT_GONE, answer_of, auto_service, established, established_failure, refuse_when_draining
 
 router = APIRouter(dependencies=[Depends(require_key)])
 
@@ -35,8 +34,8 @@ NO_ORTHANC = ("/infer_orthanc is off on this server: its operator names no Ortha
 @router.post(P.PATH_INFER_ORTHANC)
 async def infer_orthanc(request: Request, user=Depends(require_key)):
     svc = auto_service(request)
-    limits = server(request).limits
     with established_failure() as failing:
+        refuse_when_draining(request)
         payload = await read_json(request)
         failing.fields = payload
         fields = parse_request(payload, InferenceRequestOrthanc)
@@ -50,27 +49,11 @@ async def infer_orthanc(request: Request, user=Depends(require_key)):
         wanted = list(dict.fromkeys(s for stage in stages for s in stage if not is_reference(s)))
         for sid in wanted:
             Orthanc.check_id(sid)  # 400 before anything is fetched
-        check_models(svc.registry, fields["nnunet_id"])
-        job = await run_in_threadpool(svc.jobs.create, user)
-    try:
-        with established_failure(fields):
-            local = {}
-            for sid in wanted:
-                folder = await run_in_threadpool(orthanc.download_series, sid, os.path.join(job.inputs, sid), limits)
-                local[sid] = os.path.relpath(folder, job.inputs)
-            run = {k: v for k, v in fields.items() if k not in ("series_ids", "tmp_dir")}
-            run.update(study_path=job.inputs, output_dir=job.output, is_dicom=True,
-                       series_folders=[[s if is_reference(s) else local[s] for s in stage] for stage in stages])
-            guard = PathGuard([job.folder] + list(svc.guard.roots), "this run's folder or the --infer-root directories")
-            result = await run_study(request, svc, run, guard.resolver(base=job.inputs))
-            stored = []
-            for path in result.get("dicom_segmentation") or []:
-                if path:
-                    stored.append(await run_in_threadpool(orthanc.upload, path))
-            result = in_download(result, job)
-            echo = {k: v for k, v in (result.get("request") or {}).items() if k != "series_folders"}
-            result["request"] = dict(echo, series_ids=fields["series_ids"])
-            result["orthanc_upload"] = {"uploaded_instance_count": len(stored), "responses": stored}
-    finally:
-        await run_in_threadpool(svc.jobs.discard, job)
-    return result
+        svc.check_models(fields["nnunet_id"])
+        started = time.perf_counter()
+        job = await run_in_threadpool(svc.submit_orthanc, user, fields, orthanc, stages, wanted)
+        result = await answer_of(request, svc, job)  # a failed or cancelled synchronous job leaves nothing behind
+        if result is None:
+            return Response(status_code=CLIENT_GONE)
+        await run_in_threadpool(svc.jobs.discard, job)  # its SEGs are in Orthanc now
+        return established(result, fields, started)
