@@ -131,8 +131,16 @@ def test_which_replay_applies():
     assert h.replay_mode(7, ("vol", 1)) == H.FAST
     assert h.replay_mode(8, ("vol", 1)) is None  # the segment was edited since the last prompt
     assert h.replay_mode(7, ("vol", 2)) is None  # another image
+    segment = np.zeros(SHAPE, np.uint8)
+    segment[1:4, 2:5, 3:6] = 1
+    h.state = H.mask_digest(segment)  # the segment's voxels as the last prompt left them
+    assert h.replay_mode(9, ("vol", 1), segment) == H.FAST and h.version == 9  # a new version, the same voxels
+    segment[0, 0, 0] = 1
+    assert h.replay_mode(10, ("vol", 1), segment) is None
     h.steps[1].exact = False  # masking changed that result as it was written
-    assert h.replay_mode(7, ("vol", 1)) == H.FULL
+    assert h.replay_mode(9, ("vol", 1)) == H.FULL
+    h.add(Step.from_args("point", {"coordinates": (1, 2, 3)}, True, SHAPE))
+    assert h.state is None  # a new prompt: the segment's voxels are not known until the caller says
 
 
 def corrupt(text, fn):

@@ -590,8 +590,9 @@ class Controller(object):
                 or history.version != self._shadow_version:
             self.scene.store_history(key, None)
             return
+        history.state = mask_digest(self._shadow)  # also lets the sync layer recognise these voxels later
         self.scene.store_history(key, history.to_json(self.scene.ijk_to_ras(), self._image_digest_now(),
-                                                      mask_digest(self._shadow)))
+                                                      history.state))
 
     def stored_history(self, key=None):
         """The prompt history kept in the scene for segment ``key`` (default: the selected one), read and checked:

@@ -261,7 +261,8 @@ class PromptHistory(object):
     """One segment's prompts since its last reset; see the module docstring.
 
     In memory (not serialised): ``version`` (the caller's version of the segment as the last step left it, None while
-    a result is on its way) and ``image_state`` (which image, at which version, the prompts were made on).
+    a result is on its way), ``state`` (the digest of that segment, when the caller computed it: it recognises the
+    same voxels under a new version) and ``image_state`` (which image, at which version, the prompts were made on).
     """
 
     def __init__(self, shape, segment_key=None):
@@ -272,6 +273,7 @@ class PromptHistory(object):
         self.steps = []
         self.servers = []
         self.version = None
+        self.state = None
         self.image_state = None
         self.recorded_under = None  # read back: {"ijk_to_ras", "image", "state"} as written
         self._base_text = None  # the base in base64, made once
@@ -310,10 +312,12 @@ class PromptHistory(object):
             return False
         step.by = self.server_index(server)
         self.steps.append(step)
+        self.state = None
         return True
 
     def pop(self):
         """Forget the last prompt (it was undone). Returns it, or None when there is none."""
+        self.state = None
         return self.steps.pop() if self.steps else None
 
     def copy(self):
@@ -321,7 +325,8 @@ class PromptHistory(object):
         other.base, other.base_omitted = self.base, self.base_omitted
         other.steps = list(self.steps)  # steps are not changed in place once recorded, but for ``exact``
         other.servers = [dict(s) for s in self.servers]
-        other.version, other.image_state, other.recorded_under = self.version, self.image_state, self.recorded_under
+        other.version, other.state, other.image_state = self.version, self.state, self.image_state
+        other.recorded_under = self.recorded_under
         return other
 
     # ------------------------------------------------------------------ state
@@ -348,12 +353,17 @@ class PromptHistory(object):
                                % (mask.dtype, list(mask.shape), list(self.shape)))
         return mask
 
-    def replay_mode(self, version, image_state):
+    def replay_mode(self, version, image_state, segment=None):
         """How this history rebuilds the server's state for a segment at ``version`` on the image ``image_state``:
         FAST, FULL, or None when it does not apply (another image, the segment edited since, or it needs its base
-        and has none)."""
-        if version is None or version != self.version or image_state != self.image_state:
+        and has none). ``segment``: the segment itself, compared with ``state`` when only its version changed (Slicer
+        gives a segment a new version when another segment on its labelmap layer is written)."""
+        if version is None or image_state != self.image_state:
             return None
+        if version != self.version:
+            if self.state is None or segment is None or mask_digest(segment) != self.state:
+                return None
+            self.version = version  # the same voxels
         if self.exact:
             return FAST
         return None if self.base_omitted else FULL

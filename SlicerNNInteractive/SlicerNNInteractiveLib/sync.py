@@ -176,7 +176,7 @@ class SyncedSession:
         seg_state = (segment_key, segment_version if segment_version is not None else fingerprint(segment))
         if seg_state != self._segment_state:
             history = self.histories.get(segment_key) if self.histories is not None else None
-            mode = None if history is None else history.replay_mode(seg_state[1], self._image_state)
+            mode = None if history is None else history.replay_mode(seg_state[1], self._image_state, segment)
             if mode is None or not self._replay(session, history, segment, mode, timings):
                 t1 = time.perf_counter()
                 if segment.any():
