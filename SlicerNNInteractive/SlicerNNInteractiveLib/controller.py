@@ -545,6 +545,9 @@ class Controller(object):
             self.log("The server session was lost (%s); continued on a new one, the image and segment sent again%s"
                      % (timings["recovered"], ", then the segment's earlier %s" % timings["replayed"]
                         if timings.get("replayed") else ""))
+        if timings.get("replay_failed"):
+            self.log("The segment's earlier prompts could not be sent again (%s); it was sent alone, as a new start"
+                     % timings["replay_failed"])
         self.log(format_timing(timings))
         if self.on_result is not None:
             self.on_result(job, result, timings)

@@ -211,6 +211,7 @@ class SyncedSession:
             raise
         except (NNInteractiveError, ValueError) as exc:  # HistoryError and a server's 400 included
             self.last_replay = {"error": str(exc)}
+            timings["replay_failed"] = str(exc)
             return False
         timings["replay_ms"] = (time.perf_counter() - t0) * 1e3
         timings["replayed"] = "%d prompt%s (%s)" % (report["prompts"], "" if report["prompts"] == 1 else "s", mode)

@@ -86,17 +86,15 @@ def history_of(shape, prompts, base=None):
     return h
 
 
-def ms(seconds):
-    return seconds * 1e3
-
-
 def timed(fn, repeat):
+    """Milliseconds per call: [median, min] of ``repeat`` calls (on a shared machine the minimum is the cost itself,
+    the median what it was under the load of the moment)."""
     out = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         fn()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
+        out.append((time.perf_counter() - t0) * 1e3)
+    return [statistics.median(out), min(out)]
 
 
 # ---------------------------------------------------------------------------------------------- sizes and recording
@@ -119,15 +117,15 @@ def recording(ph, prompts, repeat=20):
     record = {}
     for kind in KINDS:
         args = [a for k, a in prompts if k == kind][0]
-        record[kind] = ms(timed(lambda: history_of(shape, [(kind, args)]), repeat))
+        record[kind] = (timed(lambda: history_of(shape, [(kind, args)]), repeat))
     segment = (ph.labels > 0).astype(np.uint8)
     h = history_of(shape, in_turn(prompts, 20), segment)
     matrix = oblique()
     h.to_json(matrix)  # the steps' JSON is made once and kept
-    digest = ms(timed(lambda: H.mask_digest(segment), repeat))
-    store = ms(timed(lambda: h.to_json(matrix, "0" * 8, H.mask_digest(segment)), repeat))
-    start = ms(timed(lambda: H.PromptHistory.start(shape, segment), repeat))
-    image = ms(timed(lambda: H.image_digest(ph.image), 5))
+    digest = (timed(lambda: H.mask_digest(segment), repeat))
+    store = (timed(lambda: h.to_json(matrix, "0" * 8, H.mask_digest(segment)), repeat))
+    start = (timed(lambda: H.PromptHistory.start(shape, segment), repeat))
+    image = (timed(lambda: H.image_digest(ph.image), 5))
     out = {"record_prompt_ms": record, "segment_digest_ms": digest, "store_20_prompts_ms": store,
            "start_with_base_ms": start, "image_digest_ms": image}
     try:  # the attribute write on a real segmentation node (slicer-core), when installed
@@ -137,7 +135,7 @@ def recording(ph, prompts, repeat=20):
         node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
         text = h.to_json(matrix, "0" * 8, "0" * 8)
         texts = itertools.cycle([text, text + " "])  # a value that changes each time (an equal one is not set)
-        out["set_attribute_ms"] = ms(timed(lambda: node.SetAttribute("h", next(texts)), repeat))
+        out["set_attribute_ms"] = (timed(lambda: node.SetAttribute("h", next(texts)), repeat))
     except ImportError:
         pass
     return out
@@ -201,12 +199,16 @@ def report(res):
                                                       sz["header_with_base"], sz["twenty_prompts_with_base"]))
     rec = res["recording"]
     lines.append("")
-    lines.append("Recording (median ms): a prompt into the history %s; starting a history with that base (compress) "
-                 "%.2f; storing it with 20 prompts (segment digest %.2f + JSON) %.2f%s; the image's digest (once per "
-                 "image) %.1f." % (", ".join("%s %.3f" % (k, rec["record_prompt_ms"][k]) for k in KINDS),
-                                   rec["start_with_base_ms"], rec["segment_digest_ms"], rec["store_20_prompts_ms"],
-                                   "; the node attribute write %.3f" % rec["set_attribute_ms"]
-                                   if "set_attribute_ms" in rec else "", rec["image_digest_ms"]))
+    def both(v, digits=2):
+        return "%.*f (%.*f)" % (digits, v[0], digits, v[1])
+
+    lines.append("Recording, ms, median (min): a prompt into the history %s; starting a history with that base "
+                 "(compressed) %s; storing it with 20 prompts (the segment's digest %s, with the JSON %s)%s; the image's "
+                 "digest (once per image) %s." % (
+                     ", ".join("%s %s" % (k, both(rec["record_prompt_ms"][k], 3)) for k in KINDS),
+                     both(rec["start_with_base_ms"]), both(rec["segment_digest_ms"]), both(rec["store_20_prompts_ms"]),
+                     "; the node attribute write %s" % both(rec["set_attribute_ms"], 3)
+                     if "set_attribute_ms" in rec else "", both(rec["image_digest_ms"], 1)))
     rp = res["replay"]
     lines.append("")
     lines.append("Replay per prompt count (median of %d, seconds; FAST sends the segment first):" % meta["reps"])
