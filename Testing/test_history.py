@@ -230,3 +230,36 @@ def test_a_foreign_history_is_refused_on_check():
     ]:
         with pytest.raises(HistoryError, match=why):
             h.check(*args)
+
+
+def test_a_history_kept_on_a_segmentation_node_survives_a_mrml_file(tmp_path):
+    """Slicer writes node attributes into the scene's .mrml (with ';' and '%' escaped): a history of 2000 prompts
+    (~1 MB of JSON) comes back from a .mrml file byte for byte, under a segment ID with the characters that separate
+    attributes there. (test_history_replay.py saves and reopens a whole scene as a .mrb.)"""
+    from mrml import new_mrml_scene
+
+    from SlicerNNInteractiveLib.slicerscene import historyAttributeName
+
+    shape = (40, 64, 64)
+    h = PromptHistory.start(shape)
+    mask = np.zeros((1, 60, 60), np.uint8)
+    mask[0, ::3, 5:50] = 1
+    for n in range(H.MAX_STEPS):
+        h.add(Step.from_args("lasso", {"mask": mask, "interaction_bbox": [[n % 40, n % 40 + 1], [2, 62], [1, 61]]},
+                             n % 2 == 0, shape))
+    text = h.to_json(matrix(), "0badf00d", "12345678")
+    assert len(text) > 900000
+    odd = 'Segment_1;a:b%3B "x" <&>'
+    scene = new_mrml_scene()
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
+    node.SetAttribute(historyAttributeName(odd), text)
+    node.SetAttribute(historyAttributeName("other"), "{}")
+    scene.SetURL(str(tmp_path / "scene.mrml"))
+    assert scene.Commit()
+    back = new_mrml_scene()
+    back.SetURL(str(tmp_path / "scene.mrml"))
+    assert back.Import()
+    node = back.GetFirstNodeByName("seg")
+    assert node.GetAttribute(historyAttributeName(odd)) == text
+    assert node.GetAttribute(historyAttributeName("other")) == "{}"
+    same_steps(h, PromptHistory.from_json(node.GetAttribute(historyAttributeName(odd))))

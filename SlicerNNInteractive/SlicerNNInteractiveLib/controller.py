@@ -645,7 +645,8 @@ class Controller(object):
         predictions on the server ``connect()`` claims a session on (another nnInteractive checkpoint or server). The
         mask it ends with becomes a new segment, "<key> on <model>" (not selected, written without masking: the
         other segments are untouched), for the user to compare; ``on_result(job, (new key, mask, report), timings)``
-        reports it. This controller's own session and segments are not changed. Returns the Job."""
+        reports it. This controller's own session and segments are not changed. It runs in the queue like a prompt
+        (one prediction per prompt replayed): prompts placed meanwhile wait for it. Returns the Job."""
         key = key or self.scene.selected_segment()
         if key is None or key not in self.histories:
             raise HistoryError("Segment %s has no prompts to replay." % key)
@@ -669,7 +670,9 @@ class Controller(object):
                 report["url"] = getattr(session, "server_url", None)
                 return mask, report
             finally:
-                session.close()
+                close = getattr(session, "close", None)  # an in-process session (scripts) has none
+                if close is not None:
+                    close()
 
         self._run(job, task)
 

@@ -50,8 +50,10 @@ FAST, FULL, LAST = "fast", "full", "last"
 
 # Bounds: a history holds only what is needed since the last reset, but a user may click for hours without one.
 MAX_STEPS = 2000  # prompts since the last reset; past this the history is dropped (the old recovery applies)
-MAX_BASE_BYTES = 16 << 20  # the compressed base; a larger one is left out (FAST still works, FULL does not)
-MAX_TEXT_BYTES = 64 << 20  # a serialised history read back; anything longer is refused unread
+MAX_BASE_BYTES = 8 << 20  # the compressed base; a larger one is left out (FAST still works, FULL does not)
+# A serialised history read back (from a scene file: anything); longer is refused unread. It also bounds what its
+# masks unpack to (8 voxels a byte: ~100 MB at most).
+MAX_TEXT_BYTES = 16 << 20
 MAX_SERVERS = 64
 # The base (a whole segment, mostly zeros): zstd clevel 3 after bitshuffle. On a 256x256x130 segment of two blobs
 # (this machine, 2 cores): 1.4 KB in ~1.5 ms; lz4 as for uploads (wire.MASK_CODEC) gives 6 KB in a similar time.
