@@ -143,6 +143,36 @@ def test_which_replay_applies():
     assert h.state is None  # a new prompt: the segment's voxels are not known until the caller says
 
 
+def test_the_server_s_buffer_is_rebuilt_around_results_that_masking_cut():
+    """Results written through masking leave the segment unlike the server's buffer; the history keeps the server's
+    regions of those results, and rebuilds the buffer from the segment: also after a JSON round trip."""
+    rng = np.random.RandomState(1)
+    base = (rng.rand(*SHAPE) > 0.7).astype(np.uint8)
+    allowed = np.zeros(SHAPE, bool)
+    allowed[:, :12] = True  # the editable area, say
+    server, segment = base.copy(), base.copy()
+    h = PromptHistory.start(SHAPE, base)
+    for n, (box, cut) in enumerate([([[2, 12], [4, 20], [3, 15]], True), ([[5, 9], [0, 24], [10, 28]], False),
+                                     ([[0, 20], [10, 14], [0, 20]], True), ([[8, 10], [15, 18], [5, 6]], False)]):
+        sl = tuple(slice(lo, hi) for lo, hi in box)
+        region = (rng.rand(*[hi - lo for lo, hi in box]) > 0.5).astype(np.uint8)  # the server's result
+        server[sl] = region
+        segment[sl] = np.where(allowed[sl], region, segment[sl]) if cut else region
+        step = Step.from_args("point", {"coordinates": (n, n, n)}, True, SHAPE)
+        step.written = box
+        if cut:
+            step.cut(region)
+        h.add(step)
+    assert not h.exact and not np.array_equal(segment, server)
+    assert np.array_equal(h.server_segment(segment), server)
+    back = PromptHistory.from_json(h.to_json(matrix()))
+    assert np.array_equal(back.server_segment(segment), server)
+    h.version = back.version = 3
+    assert h.replay_mode(3, None) == back.replay_mode(3, None) == H.FAST  # no prediction needed
+    h.steps[0].raw = None  # a cut region too large to keep: only predicting every prompt again rebuilds the buffer
+    assert h.replay_mode(3, None) == H.FULL
+
+
 def corrupt(text, fn):
     obj = json.loads(text)
     fn(obj)

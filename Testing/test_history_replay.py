@@ -208,9 +208,10 @@ def test_a_lost_session_continues_as_if_nothing_happened(side, request, phantom,
     assert ("blobs" in who[0]["model"]) if side == "ours" else (who[0]["model"] is None)  # the official: no /x/info
 
 
-def test_a_result_cut_by_masking_is_predicted_again_on_replay(ours, phantom, start, prompts, blob_reference):
-    """A result written under masking leaves the segment unlike the server's buffer: the replay predicts every prompt
-    again (FULL), so the server's state is still the uninterrupted one (its next raw result shows it)."""
+def test_results_cut_by_masking_are_rebuilt_on_replay(ours, phantom, start, prompts, blob_reference):
+    """Results written under masking leave the segment unlike the server's buffer: the history kept the server's
+    regions, so the replay rebuilds that buffer without predictions, and the server's state is still the
+    uninterrupted one (its next raw result shows it)."""
     image, segment = phantom.image, start.copy()
     forbidden = np.zeros(image.shape, bool)
     forbidden[:, :32] = True  # an editable area, say: nothing is written on this side
@@ -228,8 +229,8 @@ def test_a_result_cut_by_masking_is_predicted_again_on_replay(ours, phantom, sta
         result = sync.prompt(kind, args, image, segment, positive)
     finally:
         sync.close()
-    assert sync.replays == 1 and sync.last_replay["mode"] == H.FULL
-    assert sync.last_replay["predictions"] == len(prompts) - 1
+    assert sync.replays == 1 and sync.last_replay["mode"] == H.FAST and sync.last_replay["predictions"] == 0
+    assert not np.array_equal(segment, blob_reference[-2])  # the masking did cut something
     assert np.array_equal(result.region, blob_reference[-1][result.slices])
 
 

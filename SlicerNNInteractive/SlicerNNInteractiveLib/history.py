@@ -9,7 +9,7 @@ server that answered each.
 
 Replaying it (``replay``) on a session whose image is set, in one of three modes:
 
-* ``FAST``: the segment as the last prompt left it as the initial segmentation, then every prompt with
+* ``FAST``: the server's buffer as the last prompt left it, as the initial segmentation, then every prompt with
   ``run_prediction=False``: no prediction at all. This is the state of the uninterrupted session, voxel for voxel,
   in nnInteractive 2.6 (its ``inference_session.py``): a prompt writes only its own channel and bumps the intensity
   (renormalisation included), both the same whatever ran in between; a prediction writes only the previous-prediction
@@ -17,10 +17,13 @@ Replaying it (``replay``) on a session whose image is set, in one of three modes
   initial segmentation resets the prompt channels and the intensity and writes both. Prompts added without a
   prediction queue their centres, but a prediction uses only the last one queued (the next prompt's own) and
   clears the queue. So the prompt channels and the intensity match, and the previous-prediction channel is the
-  segment. That needs the segment to equal the server's buffer: it does unless the Segment Editor's masking changed
-  a result as it was written (``Step.exact``), or the segment was edited since (then the history no longer applies).
+  buffer. That buffer is the caller's segment as the last prompt left it (``server_segment``), except where the
+  Segment Editor's masking cut a result as it was written: such a step keeps the server's region (``Step.raw``), and
+  the buffer is the segment with those regions put back wherever no later result covered them. (A segment edited
+  since its last prompt is not described by its history at all: it starts a new one.)
 * ``FULL``: the base, then every prompt with its prediction: the same state when predictions are deterministic (on
-  the CPU they are), and what another model would have made of the same prompts (``replay_on``).
+  the CPU they are), used when a cut result's region was too large to keep (``MAX_RAW_BYTES``), and what another
+  model would have made of the same prompts (``replay_on``).
 * ``LAST``: the base, every prompt without a prediction but the last. Not the same state (the previous-prediction
   channel holds the base, not the last prediction, and only the last prompt's patch is predicted); kept to show it.
 
@@ -54,6 +57,7 @@ MAX_BASE_BYTES = 8 << 20  # the compressed base; a larger one is left out (FAST 
 # A serialised history read back (from a scene file: anything); longer is refused unread. It also bounds what its
 # masks unpack to (8 voxels a byte: ~100 MB at most).
 MAX_TEXT_BYTES = 16 << 20
+MAX_RAW_BYTES = 4 << 20  # a cut result's region (compressed); a larger one is not kept (then FULL is needed)
 MAX_SERVERS = 64
 # The base (a whole segment, mostly zeros): zstd clevel 3 after bitshuffle. On a 256x256x130 segment of two blobs
 # (this machine, 2 cores): 1.4 KB in ~1.5 ms; lz4 as for uploads (wire.MASK_CODEC) gives 6 KB in a similar time.
@@ -121,15 +125,36 @@ def _unb64(text, what):
 class Step(object):
     """One prompt as the server received it: ``kind`` (KINDS), ``positive``, and ``point`` (k, j, i), ``box`` (half-open
     ``[[lo, hi]] * 3``; for scribble / lasso the mask's ``interaction_bbox``) and ``mask`` (uint8 0/1 over ``box``).
-    ``exact``: its result was written into the segment unchanged (not cut by masking). ``by``: index of the server
-    that answered, in the history's ``servers``."""
+    ``written``: the box of its result in the server's buffer (None: nothing changed). ``exact``: the result was
+    written into the segment unchanged; when masking cut it, ``raw`` keeps the server's region over ``written``
+    (packed; None when it was too large). ``by``: index of the server that answered, in the history's ``servers``."""
 
-    __slots__ = ("kind", "positive", "point", "box", "mask", "exact", "by", "_json")
+    __slots__ = ("kind", "positive", "point", "box", "mask", "written", "exact", "raw", "by", "_json")
 
     def __init__(self, kind, positive, point=None, box=None, mask=None, by=None):
         self.kind, self.positive = kind, bool(positive)
         self.point, self.box, self.mask = point, box, mask
-        self.exact, self.by, self._json = True, by, None
+        self.written, self.exact, self.raw, self.by, self._json = None, True, None, by, None
+
+    def cut(self, region):
+        """Its result ``region`` (the server's, over ``written``) was not written as it was (masking)."""
+        from .wire import pack_array
+
+        packed = pack_array(np.asarray(region, np.uint8), **BASE_CODEC)
+        self.exact, self.raw = False, packed if len(packed) <= MAX_RAW_BYTES else None
+
+    def raw_region(self):
+        from .wire import WireFormatError, unpack_array
+
+        size = [hi - lo for lo, hi in self.written]
+        try:
+            region = unpack_array(self.raw, max_elements=max(1, int(np.prod(size))))
+        except WireFormatError as exc:
+            raise HistoryError("a %s's result region cannot be decoded (%s)" % (self.kind, exc))
+        if list(region.shape) != size or region.dtype != np.uint8:
+            raise HistoryError("a %s's result region is %s %s, not uint8 %s" % (self.kind, region.dtype,
+                                                                                list(region.shape), size))
+        return region
 
     @classmethod
     def from_args(cls, kind, args, positive, shape):
@@ -177,8 +202,8 @@ class Step(object):
             method(self.mask, include_interaction=self.positive, run_prediction=run_prediction,
                    interaction_bbox=[list(b) for b in self.box])
 
-    # --- JSON (cached: a step never changes once recorded, but ``exact`` may turn False once)
-    def to_obj(self, matrix):
+    # --- JSON (cached: a step never changes once recorded, but it may be cut once)
+    def to_obj(self, matrix, with_written=False):
         obj = {"kind": self.kind, "positive": self.positive}
         if self.kind == "point":
             obj["ras"] = [_short(x) for x in _index_to_ras(matrix, self.point)[0]]
@@ -188,16 +213,20 @@ class Step(object):
         else:
             obj["box"] = [list(b) for b in self.box]
             obj["bits"] = _b64(np.packbits(self.mask.reshape(-1)))
+        if with_written and self.written is not None:  # only where a cut result makes boxes matter
+            obj["written"] = [list(b) for b in self.written]
         if not self.exact:
             obj["exact"] = False
+            if self.raw is not None:
+                obj["raw"] = _b64(self.raw)
         if self.by is not None:
             obj["by"] = self.by
         return obj
 
-    def to_json(self, matrix):
-        key = (matrix.tobytes(), self.exact)
+    def to_json(self, matrix, with_written=False):
+        key = (matrix.tobytes(), self.exact, with_written)
         if self._json is None or self._json[0] != key:
-            self._json = (key, json.dumps(self.to_obj(matrix), separators=(",", ":")))
+            self._json = (key, json.dumps(self.to_obj(matrix, with_written), separators=(",", ":")))
         return self._json[1]
 
     @classmethod
@@ -236,6 +265,13 @@ class Step(object):
         if not isinstance(exact, bool):
             raise HistoryError("a %s prompt has a malformed 'exact'" % kind)
         step.exact, step.by = exact, by
+        if obj.get("written") is not None:
+            step.written = _box(obj["written"], shape, "a %s's result box" % kind)
+        if not exact and obj.get("raw") is not None:
+            if step.written is None:
+                raise HistoryError("a %s's result region has no box" % kind)
+            step.raw = _unb64(obj["raw"], "a %s's result region" % kind)
+            step.raw_region()  # decodes and checks it now
         return step
 
 
@@ -325,7 +361,7 @@ class PromptHistory(object):
     def copy(self):
         other = PromptHistory(self.shape, self.segment_key)
         other.base, other.base_omitted = self.base, self.base_omitted
-        other.steps = list(self.steps)  # steps are not changed in place once recorded, but for ``exact``
+        other.steps = list(self.steps)  # a step is not changed once recorded (but for being cut, once)
         other.servers = [dict(s) for s in self.servers]
         other.version, other.state, other.image_state = self.version, self.state, self.image_state
         other.recorded_under = self.recorded_under
@@ -337,6 +373,27 @@ class PromptHistory(object):
     def exact(self):
         """Whether the segment the caller holds equals the server's buffer (no result was changed by masking)."""
         return all(s.exact for s in self.steps)
+
+    @property
+    def rebuildable(self):
+        """Whether the server's buffer follows from the caller's segment (``server_segment``)."""
+        return all(s.exact or s.raw is not None for s in self.steps)
+
+    def server_segment(self, segment):
+        """The server's buffer as the last prompt left it, from the caller's ``segment`` as the last prompt left it:
+        the segment itself, but where masking cut a result: there, each voxel holds what the last result covering it
+        was on the server (see the module docstring)."""
+        if self.exact:
+            return segment
+        if not self.rebuildable:
+            raise HistoryError("a result cut by masking was too large to keep")
+        buffer = np.array(segment, dtype=np.uint8)
+        for step in self.steps:
+            if step.written is None:
+                continue
+            sl = tuple(slice(lo, hi) for lo, hi in step.written)
+            buffer[sl] = segment[sl] if step.exact else step.raw_region()
+        return buffer
 
     def base_mask(self):
         """The base as a uint8 array, or None (a reset). HistoryError when it was too large to keep."""
@@ -366,7 +423,7 @@ class PromptHistory(object):
             if self.state is None or segment is None or mask_digest(segment) != self.state:
                 return None
             self.version = version  # the same voxels
-        if self.exact:
+        if self.rebuildable:
             return FAST
         return None if self.base_omitted else FULL
 
@@ -391,7 +448,8 @@ class PromptHistory(object):
                 "base": {"omitted": True} if self.base_omitted else (
                     None if self.base is None else {"mask": self._base_b64()})}
         text = json.dumps(head, separators=(",", ":"))
-        steps = ",".join(s.to_json(matrix) for s in self.steps)
+        written = not self.exact  # result boxes matter only to rebuild the server's buffer around a cut result
+        steps = ",".join(s.to_json(matrix, written) for s in self.steps)
         return text[:-1] + ',"steps":[' + steps + "]}"
 
     def _base_b64(self):
@@ -476,13 +534,13 @@ class PromptHistory(object):
 def replay(history, session, segment=None, mode=FULL, on_step=None):
     """Rebuild ``history``'s state on ``session`` (any object with the nnInteractive session API whose image, and
     target buffer or declared one, are set), in ``mode`` (see the module docstring). FAST needs ``segment``: the
-    segment as the last prompt left it. ``on_step(n)`` is called after each prompt. Returns
+    caller's segment as the last prompt left it. ``on_step(n)`` is called after each prompt. Returns
     ``{"mode", "prompts", "predictions", "seconds"}``."""
     t0 = time.perf_counter()
     if mode == FAST:
         if segment is None:
             raise ValueError("a FAST replay needs the segment as the last prompt left it")
-        start = segment if segment.dtype == np.uint8 else segment.astype(np.uint8)
+        start = history.server_segment(segment if segment.dtype == np.uint8 else segment.astype(np.uint8))
     elif mode in (FULL, LAST):
         start = history.base_mask()
     else:

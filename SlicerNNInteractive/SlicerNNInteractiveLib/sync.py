@@ -233,6 +233,7 @@ class SyncedSession:
             return
         result.step = step
         if result.region is not None:
+            step.written = [list(b) for b in result.bbox]
             history.version = None  # until segment_written says what the segment holds now
 
     def _describe(self):
@@ -261,12 +262,12 @@ class SyncedSession:
 
     def note_written(self, result, written):
         """Say how ``result``'s region was written into the segment (``written``: what the segment holds in the
-        result's box now). When masking changed it, the segment no longer equals the server's buffer, so a replay of
-        the history predicts again (``history.FULL``) rather than start from the segment as it is."""
+        result's box now). When masking changed it, the segment no longer equals the server's buffer there: the
+        history keeps the server's region, so that a replay rebuilds that buffer (``PromptHistory.server_segment``)."""
         step = result.step if result is not None else None
         if step is not None and result.region is not None and not np.array_equal(np.asarray(written) != 0,
                                                                                   result.region != 0):
-            step.exact = False
+            step.cut(result.region)
 
     # ------------------------------------------------------------------ actions
 
