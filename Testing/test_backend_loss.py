@@ -186,13 +186,13 @@ def servers(slow_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def expected(slow_model):
-    """The oracle, from in-process sessions given the image, a segment as the initial segmentation, and one prompt:
-    ``[0]``: the drawn segment and POINT; ``[1]``: that result and SECOND."""
+    """The oracle, from in-process sessions given the image, a segment as the initial segmentation, and prompts:
+    ``[0]``: the drawn segment and POINT; ``[1]``: that result and SECOND; ``[2]``: the drawn segment, POINT and
+    SECOND in one session (the controller replays its segment's prompts on a new session: history.py)."""
     import torch
     from nnInteractive.inference.inference_session import nnInteractiveInferenceSession
 
-    results, segment = [], make_segment()
-    for point in (POINT, SECOND):
+    def run(segment, points):
         s = nnInteractiveInferenceSession(device=torch.device("cpu"), use_torch_compile=False, verbose=False,
                                           torch_n_threads=1, do_autozoom=False)
         s.initialize_from_trained_model_folder(slow_model)
@@ -200,12 +200,17 @@ def expected(slow_model):
         buf = np.zeros(SHAPE, np.uint8)
         s.set_target_buffer(buf)
         s.add_initial_seg_interaction(segment, run_prediction=False)
-        s.add_point_interaction(point, include_interaction=True)
-        assert (buf != segment).sum() > 1000  # each prompt changes the segment: applying one twice would show
-        results.append(buf.copy())
-        segment = buf.copy()
-        del s
-    return results
+        for point in points:
+            s.add_point_interaction(point, include_interaction=True)
+        return buf.copy()
+
+    first = run(make_segment(), [POINT])
+    second = run(first, [SECOND])
+    both = run(make_segment(), [POINT, SECOND])
+    # each prompt changes the segment (applying one twice would show), and so does the replayed first prompt
+    assert (first != make_segment()).sum() > 1000 and (second != first).sum() > 1000
+    assert not np.array_equal(both, second)
+    return [first, second, both]
 
 
 def scrape(url):
@@ -306,7 +311,8 @@ def test_a_502_from_the_balancer_is_recovered_on_another_server_without_the_old_
 def test_a_killed_server_s_clients_continue_on_the_other_one(servers, expected):
     """A SyncedSession and the library's Controller each made a first prompt on A; each has its second in flight
     (one running, one waiting in A's GPU queue) when A's process is killed: both finish on B, with the segment as
-    the first prompt left it, and the second prompt applied once."""
+    the first prompt left it (the controller also with the first prompt, replayed from its history), and the second
+    prompt applied once."""
     a, proc_a, b = servers
     fwd = Forwarder([a, b])
     image = make_image()
@@ -342,8 +348,8 @@ def test_a_killed_server_s_clients_continue_on_the_other_one(servers, expected):
     assert prompt.error is None and not errors, (prompt.error, errors)
     assert np.array_equal(segment, expected[1]), "%d voxels differ" % (segment != expected[1]).sum()
     drawn = scene.read_segment("drawn")
-    assert np.array_equal(drawn, expected[1]), "%d voxels differ" % (drawn != expected[1]).sum()
-    assert sync.recoveries == 1 and controller.sync.recoveries == 1
+    assert np.array_equal(drawn, expected[2]), "%d voxels differ" % (drawn != expected[2]).sum()
+    assert sync.recoveries == 1 and controller.sync.recoveries == 1 and controller.sync.replays == 1
     for why in (sync.last_recovery, controller.sync.last_recovery):  # the dropped connection, not a later 410
         assert "broke during /add_point_interaction" in why, why
     assert sync.uploads == {"image": 2, "segment": 2}  # the image and the segment again, to B
@@ -351,7 +357,8 @@ def test_a_killed_server_s_clients_continue_on_the_other_one(servers, expected):
     assert any("continued on a new one" in line for line in log), log
     assert requests_to(after, "/claim") - requests_to(before, "/claim") == 2
     assert requests_to(after, "/add_initial_seg_interaction") - requests_to(before, "/add_initial_seg_interaction") == 2
-    assert requests_to(after, "/add_point_interaction") - requests_to(before, "/add_point_interaction") == 2
+    # the two second prompts, and the controller's first one replayed (without a prediction)
+    assert requests_to(after, "/add_point_interaction") - requests_to(before, "/add_point_interaction") == 3
     assert fwd.dead == {0}
 
 

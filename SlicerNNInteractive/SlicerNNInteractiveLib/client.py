@@ -303,6 +303,7 @@ class RemoteSession:
         self._last_paste_bbox = None
         self.target_buffer = None
         self.original_image_shape = None
+        self._server_info = None  # see server_info
 
         claim = self._http.call("POST", P.PATH_CLAIM).json()
         self._lease_token = claim["lease_token"]
@@ -346,6 +347,18 @@ class RemoteSession:
             return  # not our server: keep compressing
         if isinstance(info, dict) and info.get("machine") == P.machine_id():
             self.image_codec = dict(LOOPBACK_IMAGE_CODEC)
+
+    @property
+    def server_info(self):
+        """Our server's ``/x/info`` (``model``, ``version``, ``device``...), asked once; None from a server without it
+        (the official one) or when it could not be read."""
+        if self._server_info is None:
+            try:
+                info = self._http.call("GET", P.PATH_SERVER_INFO).json()
+            except (NNInteractiveError, ValueError):
+                info = None
+            self._server_info = info if isinstance(info, dict) else False
+        return self._server_info or None
 
     # ------------------------------------------------------------------ transport
 

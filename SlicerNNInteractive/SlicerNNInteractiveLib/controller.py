@@ -17,6 +17,13 @@ segment (a uint8 array the size of the image) which is refreshed from the scene 
 version changed by other means (a hand edit, another segment), is updated region by region as results are
 written, and is what the sync layer uploads when the server needs the segment (first prompt, after a
 switch or an edit, after the server lost the session). The shadow is touched only while the worker is idle.
+
+Each segment's prompts since its last reset are kept (``histories``, see ``history.py``): the sync layer rebuilds the
+server's state from them whenever the segment is sent again, an undo the server cannot do (it keeps one level, and
+none after a lost session) forgets the prompt there and the next prompt rebuilds the state without it, and after each
+change the history is stored in the scene (Slicer: on the segmentation node, saved with the scene) so that a reopened
+scene's segment can be continued (``continue_segment``). ``replay_elsewhere`` replays a segment's prompts on another
+model or server, for the user to compare.
 """
 
 import collections
@@ -28,6 +35,7 @@ import numpy as np
 
 from .background import YIELD_SECONDS
 from .errors import NNInteractiveError
+from .history import HistoryError, PromptHistory, image_digest, mask_digest, replay_on
 from .scene import UndoRecord
 from .sync import SyncedSession
 
@@ -37,8 +45,8 @@ IDLE_TICK_MS = 200  # while a session exists: the heartbeat (every liveness time
 
 
 class Job(object):
-    """One queued action: a prompt (``kind`` in PROMPT_KINDS), "auto" (an automatic model), "undo", "reset" or
-    "connect"."""
+    """One queued action: a prompt (``kind`` in PROMPT_KINDS), "auto" (an automatic model), "undo", "reset",
+    "connect" or "replay" (a segment's prompts on another server)."""
 
     __slots__ = ("kind", "args", "positive", "segment_key", "generation", "submitted", "timings", "label",
                  "cancelled")
@@ -155,7 +163,9 @@ class Controller(object):
                  log=None, before_write=None):
         self.scene = scene
         self._connect = connect
-        self.sync = SyncedSession(connect)
+        self.histories = {}  # segment key -> history.PromptHistory, kept across sessions and reconnections
+        self.sync = SyncedSession(connect, self.histories)
+        self._image_digest = (None, None)  # ((image key, version), digest) of the last image a history was stored for
         self.on_busy = on_busy
         self.on_error = on_error
         self.on_result = on_result
@@ -385,8 +395,11 @@ class Controller(object):
             self.log("Segment %s was removed; its queued %s is dropped" % (job.segment_key, job.kind))
             return
         if job.kind == "reset":
-            sync = self.sync
-            self._run(job, sync.reset)
+            sync, key = self.sync, job.segment_key
+            self._run(job, lambda: sync.reset(key))
+            return
+        if job.kind == "replay":
+            self._start_replay(job)
             return
         if job.kind == "undo":
             self._start_undo(job, t0)
@@ -450,7 +463,10 @@ class Controller(object):
         job.timings["apply_ms"] = (time.perf_counter() - t0) * 1e3
         sync = self.sync
         in_step = record.server_step == self._server_step() and sync.supports_undo
-        if in_step:
+        if sync.has_history(key):  # the history can rebuild the server's state without this prompt
+            version = self._shadow_version
+            self._run(job, lambda: sync.undo_prompt(key, version, in_step))
+        elif in_step:
             self._run(job, sync.undo)
         else:
             self._run(job, sync.reset)  # the server cannot go back: the next prompt sends the segment again
@@ -468,6 +484,10 @@ class Controller(object):
                 self.on_connected(fut.result)
             return
         if job.kind == "reset":
+            self.scene.store_history(job.segment_key, None)
+            return
+        if job.kind == "replay":
+            self._finish_replay(job, fut.result)
             return
         if job.kind == "auto":
             if not job.cancelled:
@@ -479,6 +499,7 @@ class Controller(object):
             # restored segment with the next prompt.
             if key in self.scene.segment_keys() and fut.result is not None and fut.result.ran_prediction:
                 self.sync.segment_written(key, self._shadow_version)
+            self._store_history(key)
             self._record_timing(job, fut.result)
             return
         result = fut.result
@@ -494,6 +515,7 @@ class Controller(object):
                 self._shadow_key = None
             self.before_write(key)
             new_region, record = self.scene.merge(key, result.bbox, result.region)
+            self.sync.note_written(result, new_region)  # the editor's masking may have changed the result
             if self._shadow_key == key:
                 self._shadow[result.slices] = new_region
         if self._shadow_key == key:
@@ -504,6 +526,7 @@ class Controller(object):
         record.segment_key = key
         record.server_step = self._server_step()
         self._undo.append(record)
+        self._store_history(key)
         result.timings["apply_ms"] = (time.perf_counter() - t0) * 1e3
         self._record_timing(job, result)
 
@@ -519,8 +542,12 @@ class Controller(object):
             timings["label"] = job.label
         self.timings.append(timings)
         if timings.get("recovered"):
-            self.log("The server session was lost (%s); continued on a new one, the image and segment sent again"
-                     % timings["recovered"])
+            self.log("The server session was lost (%s); continued on a new one, the image and segment sent again%s"
+                     % (timings["recovered"], ", then the segment's earlier %s" % timings["replayed"]
+                        if timings.get("replayed") else ""))
+        if timings.get("replay_failed"):
+            self.log("The segment's earlier prompts could not be sent again (%s); it was sent alone, as a new start"
+                     % timings["replay_failed"])
         self.log(format_timing(timings))
         if self.on_result is not None:
             self.on_result(job, result, timings)
@@ -544,9 +571,126 @@ class Controller(object):
         """Release the server session (in the background) and drop queued prompts; the next prompt claims a new
         session and sends the image and segment again (after the server settings changed, say)."""
         self._stop()
-        old, self.sync = self.sync, SyncedSession(self._connect)
+        old, self.sync = self.sync, SyncedSession(self._connect, self.histories)
         self._undo = []
         old.close()
+
+    # ------------------------------------------------------------------ prompt histories (caller's thread)
+
+    def _image_digest_now(self):
+        state = (self.scene.image_key(), self.scene.image_version())
+        if self._image_digest[0] != state:
+            self._image_digest = (state, image_digest(self.scene.image_array()))
+        return self._image_digest[1]
+
+    def _store_history(self, key):
+        """Keep segment ``key``'s prompt history in the scene, with what checks it when read back (the volume's geometry
+        and voxels, the segment as the last prompt left it); remove what is kept when nothing can be continued."""
+        if not self.scene.keeps_histories or key not in self.scene.segment_keys():
+            return
+        history = self.histories.get(key)
+        if history is None or key != self._shadow_key or history.version is None \
+                or history.version != self._shadow_version:
+            self.scene.store_history(key, None)
+            return
+        history.state = mask_digest(self._shadow)  # also lets the sync layer recognise these voxels later
+        self.scene.store_history(key, history.to_json(self.scene.ijk_to_ras(), self._image_digest_now(),
+                                                      history.state))
+
+    def stored_history(self, key=None):
+        """The prompt history kept in the scene for segment ``key`` (default: the selected one), read and checked:
+        ``(summary, None)`` when it can be continued (``continue_segment``), ``(None, why)`` when it cannot (none, or
+        corrupt, foreign, or the segment changed since), for the module to offer "Continue" or say why not."""
+        key = key or self.scene.selected_segment()
+        try:
+            history, _ = self._checked_history(key)
+        except HistoryError as exc:
+            return None, str(exc)
+        return history.summary(), None
+
+    def _checked_history(self, key, adopt=False):
+        if key is None or key not in self.scene.segment_keys():
+            raise HistoryError("Select a segment first.")
+        text = self.scene.stored_history(key) if self.scene.keeps_histories else None
+        if text is None:
+            raise HistoryError("Segment %s has no saved prompts." % key)
+        history = PromptHistory.from_json(text)
+        if adopt:  # the next prompt is on this segment: the shadow holds it as it is now (read only if it changed)
+            version, segment = self._prepare_shadow(key), self._shadow
+        elif key == self._shadow_key and self.scene.segment_version(key) == self._shadow_version:
+            version, segment = self._shadow_version, self._shadow
+        else:  # only a look: the shadow may be in use by a prompt in progress
+            segment = self.scene.read_segment(key)
+            version = self.scene.segment_version(key)
+        history.check(self.scene.shape, self.scene.ijk_to_ras(), key, self._image_digest_now(), segment)
+        return history, version
+
+    def continue_segment(self, key=None):
+        """Continue segment ``key`` (default: the selected one) of a reopened scene where its saved prompts left it:
+        the next prompt on it first rebuilds the server's state from them, so it gives the mask it would have given
+        before the scene was closed. Returns the history's summary. Raises HistoryError (the reason, for the user)
+        when there is none or it cannot be used (corrupt, of another version, image or segment, or the segment
+        changed since); nothing of it is used then. Only while idle (``busy`` false)."""
+        if self.busy:
+            raise HistoryError("Wait until the prompts in progress have finished, then continue.")
+        key = key or self.scene.selected_segment()
+        history, version = self._checked_history(key, adopt=True)
+        self.sync.adopt_history(key, history, version, (self.scene.image_key(), self.scene.image_version()))
+        summary = history.summary()
+        self.log("Continuing %s from its %d saved prompts" % (key, summary["prompts"]))
+        return summary
+
+    def replay_elsewhere(self, connect, key=None, label=None):
+        """Queue a replay of segment ``key``'s prompts (default: the selected one's, since its last reset) with
+        predictions on the server ``connect()`` claims a session on (another nnInteractive checkpoint or server). The
+        mask it ends with becomes a new segment, "<key> on <model>" (not selected, written without masking: the
+        other segments are untouched), for the user to compare; ``on_result(job, (new key, mask, report), timings)``
+        reports it. This controller's own session and segments are not changed. It runs in the queue like a prompt
+        (one prediction per prompt replayed): prompts placed meanwhile wait for it. Returns the Job."""
+        key = key or self.scene.selected_segment()
+        if key is None or key not in self.histories:
+            raise HistoryError("Segment %s has no prompts to replay." % key)
+        job = Job("replay", {"connect": connect}, segment_key=key, generation=self._generation, label=label)
+        self._enqueue(job)
+        return job
+
+    def _start_replay(self, job):
+        history = self.histories.get(job.segment_key)
+        if history is None:
+            self._fail(job, HistoryError("Segment %s has no prompts to replay." % job.segment_key))
+            return
+        snapshot, image, connect = history.copy(), self.scene.image_array().copy(), job.args["connect"]
+
+        def task():
+            session = connect()
+            try:
+                mask, report = replay_on(snapshot, session, image)
+                info = getattr(session, "server_info", None)
+                report["model"] = info.get("model") if isinstance(info, dict) else None
+                report["url"] = getattr(session, "server_url", None)
+                return mask, report
+            finally:
+                close = getattr(session, "close", None)  # an in-process session (scripts) has none
+                if close is not None:
+                    close()
+
+        self._run(job, task)
+
+    def _finish_replay(self, job, result):
+        from .rasterize import crop_to_bbox
+
+        mask, report = result
+        selected = self.scene.selected_segment()
+        name = "%s on %s" % (job.segment_key, job.label or report.get("model") or report.get("url") or "another server")
+        new = self.scene.add_segment(name)
+        if selected is not None:
+            self.scene.select_segment(selected)  # the user's prompts keep going to their segment
+        cropped = crop_to_bbox(mask)
+        if cropped is not None:
+            self.before_write(new)
+            self.scene.write_segment_region(new, cropped[1], cropped[0])
+            self.scene.layers_modified([new])
+        self._record_timing(job, (new, mask, report), {"replayed": report["prompts"], "segments": [new]})
 
     def _stop(self):
         self._queue_watch.stop()
@@ -569,6 +713,7 @@ PHASES = (
     ("queued_ms", "queued"),
     ("upload_image_ms", "upload image"),
     ("upload_segment_ms", "upload segment"),
+    ("replay_ms", "replay"),
     ("encode_ms", "encode"),
     ("exchange_ms", "network+server"),
     ("server_total_ms", "server"),

@@ -106,6 +106,20 @@ class Scene(object):
     def clear_segment(self, key):
         raise NotImplementedError
 
+    # --- prompt histories (history.py), kept with the scene where the host can save it
+    keeps_histories = False
+
+    def ijk_to_ras(self):
+        """The volume's IJK-to-RAS matrix (4x4: spacing, origin, directions), or None when unknown."""
+        return None
+
+    def stored_history(self, key):
+        """The prompt history text kept for segment ``key`` (``store_history``), or None."""
+        return None
+
+    def store_history(self, key, text):
+        """Keep ``text`` as segment ``key``'s prompt history (None: remove it)."""
+
     # --- derived operations (no need to override)
     @property
     def shape(self):
@@ -218,11 +232,17 @@ class ArrayScene(Scene):
 
     ``segments``: optional {key: mask}; each starts on its own layer cropped to its voxels, unless
     ``shared=True`` puts them all on one layer (label values 1, 2, ...) like Slicer's collapsed layers.
+    ``ijk_to_ras``: the volume's matrix (default: the spacing along the axes, origin 0); prompt histories are kept in
+    ``histories`` {key: text}, as Slicer keeps them on the segmentation node.
     """
 
-    def __init__(self, image, segments=None, shared=False, spacing=(1.0, 1.0, 1.0)):
+    keeps_histories = True
+
+    def __init__(self, image, segments=None, shared=False, spacing=(1.0, 1.0, 1.0), ijk_to_ras=None):
         self.image = np.asarray(image)
         self.voxel_spacing = tuple(float(s) for s in spacing)
+        self.matrix = np.diag(list(self.voxel_spacing[::-1]) + [1.0]) if ijk_to_ras is None else np.asarray(ijk_to_ras)
+        self.histories = {}
         self.names = {}  # segment key -> name
         self._image_key = "image"
         self._image_version = 0
@@ -298,6 +318,18 @@ class ArrayScene(Scene):
 
     def spacing(self):
         return self.voxel_spacing
+
+    def ijk_to_ras(self):
+        return self.matrix
+
+    def stored_history(self, key):
+        return self.histories.get(key)
+
+    def store_history(self, key, text):
+        if text is None:
+            self.histories.pop(key, None)
+        else:
+            self.histories[key] = text
 
     def remove_segment(self, key):
         del self._segments[key]

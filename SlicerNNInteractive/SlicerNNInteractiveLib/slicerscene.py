@@ -72,6 +72,18 @@ def terminologyEntry(terminology):
                      code("anatomic_region_modifier")])
 
 
+HISTORY_ATTRIBUTE = "SlicerNNInteractive.PromptHistory."
+
+
+def historyAttributeName(segmentId):
+    """The segmentation node attribute holding a segment's prompt history. A scene file separates attributes with ';'
+    and a name from its value with ':', so every character of the segment ID but letters, digits, '_', '-' and '.' is
+    written as %XX."""
+    safe = "".join(c if (c.isalnum() and ord(c) < 128) or c in "_-." else
+                   "".join("%%%02X" % b for b in c.encode("utf-8")) for c in segmentId)
+    return HISTORY_ATTRIBUTE + safe
+
+
 class SlicerScene(Scene):
     """One Segment Editor parameter node: its source volume, its segmentation, its selected segment.
 
@@ -284,6 +296,22 @@ class SlicerScene(Scene):
 
     def clear_segment(self, key):
         self.segmentation().ClearSegment(key)
+
+    # --- prompt histories: one attribute of the segmentation node per segment, saved in the scene's .mrml (checked
+    # on slicer-core: .mrml and .mrb round trips keep it, 10 MB and more)
+    keeps_histories = True
+
+    def ijk_to_ras(self):
+        return self.volumeIJKToLocal()
+
+    def stored_history(self, key):
+        node = self.segmentationNode()
+        return None if node is None else node.GetAttribute(historyAttributeName(key))
+
+    def store_history(self, key, text):
+        node = self.segmentationNode()
+        if node is not None:
+            node.SetAttribute(historyAttributeName(key), text)  # None removes it
 
     # --- prompts: world RAS -> voxels -> the arguments of the server's calls
     def spacing(self):

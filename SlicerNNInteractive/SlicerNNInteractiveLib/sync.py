@@ -19,6 +19,13 @@ recovery always takes a new session, and at most one per call. The claim of that
 times when it cannot reach a server (``RECLAIM_DELAYS``): while a server dies, a balancer may still send it there for
 a moment. ``undo`` and ``reset`` on a lost session only drop it (the next prompt sends the segment to a new one).
 
+With a dict of histories (``histories``: segment key -> ``history.PromptHistory``), every segment's prompts since its
+last reset are recorded as they are sent, and whenever a segment must be sent again (a new session after a loss, a
+switch back to it, an undo the server cannot do) the server's state is rebuilt from its history instead: the segment
+and the prompts without predictions, which is the state of the uninterrupted session (proof in ``history``), so the
+next prompt gives the same mask as if nothing had happened. The segment alone is sent (and a new history started)
+when it was edited outside the prompts, another image was loaded, or no history applies.
+
 Each new session is a new ``RemoteSession`` with its own cookie jar, so a claim after a recovery carries no
 stickiness cookie naming the lost server; the old session's release (best effort, in the background) still carries
 it, so that a server that is alive after all (a balancer's timeout) frees the slot.
@@ -29,7 +36,9 @@ import zlib
 
 import numpy as np
 
-from .errors import ServerUnreachableError, SessionClosedError, SessionExpiredError
+from .errors import NNInteractiveError, ServerUnreachableError, SessionClosedError, SessionExpiredError
+from .history import FAST, PromptHistory, Step
+from .history import replay as replay_history
 
 KINDS = ("point", "bbox", "scribble", "lasso")
 RECLAIM_DELAYS = (0.25, 1.0)  # seconds between claims that fail to connect, after a recovery
@@ -42,7 +51,8 @@ def fingerprint(arr):
 
 
 class PromptResult:
-    """What one prompt (or undo) changed: ``bbox`` (half-open, array order) and ``region`` (the new mask there)."""
+    """What one prompt (or undo) changed: ``bbox`` (half-open, array order) and ``region`` (the new mask there);
+    ``step``: the prompt as its segment's history recorded it (None without histories)."""
 
     def __init__(self, kind, bbox, region, ran_prediction, timings):
         self.kind = kind
@@ -50,6 +60,7 @@ class PromptResult:
         self.region = region
         self.ran_prediction = ran_prediction
         self.timings = timings
+        self.step = None
 
     @property
     def slices(self):
@@ -63,10 +74,19 @@ def _write_region(segment, slices, region):
     segment[slices] = region
 
 
+def _text(value):
+    return value if isinstance(value, str) else None
+
+
 class SyncedSession:
-    def __init__(self, connect):
-        """``connect()`` returns a new ``RemoteSession`` (it claims a lease); called lazily and after expiry."""
+    def __init__(self, connect, histories=None):
+        """``connect()`` returns a new ``RemoteSession`` (it claims a lease); called lazily and after expiry.
+        ``histories``: a dict to keep each segment's ``PromptHistory`` in (see the module docstring), or None."""
         self._connect = connect
+        self.histories = histories
+        self.replays = 0  # server states rebuilt from a history
+        self.last_replay = None  # the last one's report (history.replay), or {"error": why} when it fell back
+        self._description = (None, None)  # (session, who answers it), see _describe
         self._closed = False
         self._session = None
         self._image_state = None  # (key, version) of the image the server has
@@ -155,16 +175,99 @@ class SyncedSession:
         session = self._sync_image(image, image_key, image_version, timings)
         seg_state = (segment_key, segment_version if segment_version is not None else fingerprint(segment))
         if seg_state != self._segment_state:
-            t1 = time.perf_counter()
-            if segment.any():
-                session.add_initial_seg_interaction(segment if segment.dtype == np.uint8 else segment.astype(np.uint8),
-                                                    run_prediction=False)
-            else:
-                session.reset_interactions()
-            timings["upload_segment_ms"] = (time.perf_counter() - t1) * 1e3
+            history = self.histories.get(segment_key) if self.histories is not None else None
+            mode = None if history is None else history.replay_mode(seg_state[1], self._image_state, segment)
+            if mode is None or not self._replay(session, history, segment, mode, timings):
+                t1 = time.perf_counter()
+                if segment.any():
+                    session.add_initial_seg_interaction(
+                        segment if segment.dtype == np.uint8 else segment.astype(np.uint8), run_prediction=False)
+                else:
+                    session.reset_interactions()
+                timings["upload_segment_ms"] = (time.perf_counter() - t1) * 1e3
+                if self.histories is not None:
+                    self._start_history(segment_key, segment, seg_state[1], timings)
             self._segment_state = seg_state
             self.uploads["segment"] += 1
             self.server_generation += 1
+
+    # ------------------------------------------------------------------ histories
+
+    def _start_history(self, key, segment, version, timings):
+        """A new history for segment ``key``, starting from ``segment`` (just sent as the initial segmentation)."""
+        t0 = time.perf_counter()
+        history = PromptHistory.start(segment.shape, segment, key)
+        history.version, history.image_state = version, self._image_state
+        self.histories[key] = history
+        timings["history_ms"] = (time.perf_counter() - t0) * 1e3
+
+    def _replay(self, session, history, segment, mode, timings):
+        """Rebuild the server's state for a segment from its history. False when it could not (the server refused a
+        prompt, say another model's capabilities): the caller then sends the segment alone."""
+        t0 = time.perf_counter()
+        try:
+            report = replay_history(history, session, segment=segment if mode == FAST else None, mode=mode)
+        except SessionExpiredError:
+            raise
+        except (NNInteractiveError, ValueError) as exc:  # HistoryError and a server's 400 included
+            self.last_replay = {"error": str(exc)}
+            timings["replay_failed"] = str(exc)
+            return False
+        timings["replay_ms"] = (time.perf_counter() - t0) * 1e3
+        timings["replayed"] = "%d prompt%s (%s)" % (report["prompts"], "" if report["prompts"] == 1 else "s", mode)
+        self.replays += 1
+        self.last_replay = report
+        return True
+
+    def _record(self, kind, args, positive, result):
+        """Add a prompt the server just took to its segment's history."""
+        if self.histories is None or self._segment_state is None or self._closed:
+            return
+        key = self._segment_state[0]
+        history = self.histories.get(key)
+        if history is None:
+            return
+        step = Step.from_args(kind, args, positive, history.shape)
+        if step is None or not history.add(step, self._describe()):
+            del self.histories[key]  # it could not be replayed faithfully: the segment alone is sent next time
+            return
+        result.step = step
+        if result.region is not None:
+            step.written = [list(b) for b in result.bbox]
+            history.version = None  # until segment_written says what the segment holds now
+
+    def _describe(self):
+        """Who answers this session, for the history: its URL, and the model and version when the server says."""
+        session = self._session
+        if self._description[0] is not session:
+            info = getattr(session, "server_info", None)  # RemoteSession asks our server's /x/info once
+            info = info if isinstance(info, dict) else {}
+            self._description = (session, {
+                "url": _text(getattr(session, "server_url", None)), "model": _text(info.get("model")),
+                "version": _text(info.get("version")) or _text(getattr(session, "INFERENCE_SESSION_VERSION", None))})
+        return self._description[1]
+
+    def has_history(self, segment_key):
+        """Whether segment ``segment_key`` has recorded prompts (an undo can then rebuild the server's state)."""
+        return self.histories is not None and bool(getattr(self.histories.get(segment_key), "steps", None))
+
+    def adopt_history(self, segment_key, history, version, image_state):
+        """Continue segment ``segment_key`` from ``history`` (read back from a saved scene and checked against the
+        segment, now at ``version``, and the image ``image_state`` = (key, version)): the next prompt on it rebuilds
+        the server's state from the history first."""
+        history.version, history.image_state = version, image_state
+        self.histories[segment_key] = history
+        if self._segment_state is not None and self._segment_state[0] == segment_key:
+            self._segment_state = None
+
+    def note_written(self, result, written):
+        """Say how ``result``'s region was written into the segment (``written``: what the segment holds in the
+        result's box now). When masking changed it, the segment no longer equals the server's buffer there: the
+        history keeps the server's region, so that a replay rebuilds that buffer (``PromptHistory.server_segment``)."""
+        step = result.step if result is not None else None
+        if step is not None and result.region is not None and not np.array_equal(np.asarray(written) != 0,
+                                                                                  result.region != 0):
+            step.cut(result.region)
 
     # ------------------------------------------------------------------ actions
 
@@ -218,7 +321,9 @@ class SyncedSession:
         else:
             method = s.add_scribble_interaction if kind == "scribble" else s.add_lasso_interaction
             method(args["mask"], include_interaction=positive, interaction_bbox=args.get("interaction_bbox"))
-        return self._result(kind, True, timings)
+        result = self._result(kind, True, timings)
+        self._record(kind, args, positive, result)
+        return result
 
     def _result(self, kind, ran, timings):
         s = self._session
@@ -231,18 +336,54 @@ class SyncedSession:
         longer follows the caller's: the next prompt sends the segment again."""
         if self._session is None:
             return None
+        key = self._segment_state[0] if self._segment_state is not None else None
         try:
             ran = self._session.undo()
         except SessionExpiredError as exc:  # BackendLostError included: nothing to undo on a new session
             self._recover(exc)
             return None
+        result = self._result("undo", ran, {})
+        history = self.histories.get(key) if self.histories is not None else None
         if not ran:
             self._segment_state = None
-        return self._result("undo", ran, {})
+            if history is not None:  # the caller may restore its segment by itself: send that, not a replay
+                del self.histories[key]
+        elif history is not None:
+            history.pop()
+            if result.region is not None:
+                history.version = None  # until segment_written
+        return result
 
-    def reset(self):
-        """Forget the server's interactions; the next prompt sends the current segment again."""
+    def undo_prompt(self, segment_key, version, in_step=True):
+        """Undo the last prompt of segment ``segment_key``, whose segment the caller has already restored (it is now
+        at ``version``). With ``in_step`` (the server's state follows the caller's prompts) the server undoes it too;
+        otherwise, or when the server cannot (it keeps one level) or was lost, the history forgets the prompt and the
+        next prompt rebuilds the server's state from it. Returns the server's ``PromptResult``, or None."""
+        history = self.histories.get(segment_key) if self.histories is not None else None
+        if history is None or not history.steps:
+            if in_step:
+                return self.undo()
+            self.reset()
+            return None
+        result = None
+        if in_step and self._session is not None and self._segment_state is not None \
+                and self._segment_state[0] == segment_key:
+            try:
+                if self._session.undo():
+                    result = self._result("undo", True, {})
+            except SessionExpiredError as exc:  # BackendLostError included
+                self._recover(exc)
+        history.pop()
+        history.version = version
+        self._segment_state = (segment_key, version) if result is not None else None
+        return result
+
+    def reset(self, segment_key=None):
+        """Forget the server's interactions; the next prompt sends the current segment again. ``segment_key``: the
+        segment that was cleared, whose history ends here."""
         self._segment_state = None
+        if segment_key is not None and self.histories is not None:
+            self.histories.pop(segment_key, None)
         if self._session is not None and self._image_state is not None:
             try:
                 self._session.reset_interactions()
@@ -256,6 +397,8 @@ class SyncedSession:
             return None
         t0 = time.perf_counter()
         (write or _write_region)(segment, result.slices, result.region)
+        if write is not None:
+            self.note_written(result, segment[result.slices])
         result.timings["apply_ms"] = (time.perf_counter() - t0) * 1e3
         return result.slices
 
@@ -267,6 +410,9 @@ class SyncedSession:
                 raise ValueError("pass the segment's new version, or the segment to checksum")
             version = fingerprint(segment)
         self._segment_state = (segment_key, version)
+        history = self.histories.get(segment_key) if self.histories is not None else None
+        if history is not None:
+            history.version = version
 
     def prompt_and_apply(self, kind, args, image, segment, positive=True, write=None):
         """For scripts: prompt, write the result into ``segment`` and record it (checksums, no versions needed)."""
