@@ -68,6 +68,7 @@ from typing import Any, Dict, List
 
 import numpy as np
 
+from ..cancel import NEVER
 from ..validate import BadInput
 from . import dicomseg
 from . import io as aio
@@ -371,11 +372,14 @@ def _names(suffix):
 
 # ---------------------------------------------------------------------------------------------------------- run
 
-def run_study(registry, segmenter, request, resolve_path=None, progress=None, copy_final=False):
+def run_study(registry, segmenter, request, resolve_path=None, progress=None, copy_final=False, cancel=None):
     """Run the request's model(s) on its study and write the outputs; return the established response (``status``
     ``done``). Raises ``BadInput`` (HTTP 400) for a wrong request, ``UnknownModel`` (400) for an unknown model,
     the registry's ``ModelUnavailable`` / the predictors' ``NotEnoughGPUMemory`` (503), ``Forbidden`` (403) from
-    ``resolve_path``; other exceptions are failures of the server. ``progress(message)`` hears what happens."""
+    ``resolve_path``; other exceptions are failures of the server. ``progress(message)`` hears what happens.
+    ``cancel`` (a ``cancel.CancelToken``): checked before each stage and its outputs, and between the pieces of each
+    prediction (``RunCancelled``, 409)."""
+    cancel = cancel or NEVER
     started = time.perf_counter()
     say = progress or (lambda msg: log.info("auto: %s", msg))
     plan = plan_request(registry, segmenter, request, resolve_path)
@@ -404,6 +408,7 @@ def run_study(registry, segmenter, request, resolve_path=None, progress=None, co
     stages_info, is_empty, warnings = [], [], []
 
     for i, stage in enumerate(plan.stages):
+        cancel.check()
         spec = stage["spec"]
         tag = "stage %d/%d (%s)" % (i + 1, n, spec.id)
         t0 = time.perf_counter()
@@ -441,7 +446,7 @@ def run_study(registry, segmenter, request, resolve_path=None, progress=None, co
                 image = image[:, :, ::-1, ::-1]
             say("%s: predicting on %s voxels" % (tag, "x".join(str(d) for d in image.shape[1:])))
             result = segmenter.predict(spec, np.ascontiguousarray(image), spacing,
-                                       probabilities=opts["save_proba_map"], **stage["given"])
+                                       probabilities=opts["save_proba_map"], cancel=cancel, **stage["given"])
             timings.update(result.timings)
             lab, pr = result.labels, result.probabilities
             if stage["flip_xy"]:
@@ -464,6 +469,7 @@ def run_study(registry, segmenter, request, resolve_path=None, progress=None, co
                 probs[c] *= (labels == v) if len(prob_values) > 1 else (labels > 0)
 
         # ---- outputs of this stage
+        cancel.check()
         t1 = time.perf_counter()
         sdir = os.path.join(plan.output_dir, "stage_%d" % i)
         os.makedirs(sdir, exist_ok=True)

@@ -23,7 +23,8 @@ MAX_LICENSE_CHARS = 20000
 # ``output_dir/stage_<i>/``):
 #
 # * called in a worker thread, at most Limits.max_running_jobs at once (routes.auto); forward passes go through
-#   ``segmenter`` (AutoSegmenter, runner = Engine.run_on_gpu: the interactive GPU queue);
+#   ``segmenter`` (AutoSegmenter, its queue = Engine.queue: in pieces between the prompts on the prediction thread,
+#   its working memory reserved from the server's MemoryBudget);
 # * ``fields``: the fields the client set (auto/request.py, JSON values; unset fields are absent so that the models'
 #   default_args fill them). For /infer_file ``study_path`` is the unpacked archive and ``output_dir`` the job's
 #   output folder (zipped for /download afterwards);
@@ -51,9 +52,12 @@ class AutoService:
                    "under " + ", ".join(self.guard.roots) if self.guard else "off (no --infer-root)",
                    self.limits.describe_jobs()))
 
-    def run_study(self, fields, resolve_path):
-        """One study (see the notes above ``AutoService``): the established response."""
-        return pipeline.run_study(self.registry, self.segmenter, fields, resolve_path=resolve_path)
+    def run_study(self, fields, resolve_path, cancel=None, progress=None):
+        """One study (see the notes above ``AutoService``): the established response. ``cancel`` (a
+        ``cancel.CancelToken``) stops it between stages and between the pieces of each prediction
+        (``RunCancelled``, 409), giving back what it holds; ``progress(message)`` hears what happens."""
+        return pipeline.run_study(self.registry, self.segmenter, fields, resolve_path=resolve_path, progress=progress,
+                                  cancel=cancel)
 
     def sweep(self):
         """The reaper's round: predictors unused for their TTL, jobs past theirs."""
