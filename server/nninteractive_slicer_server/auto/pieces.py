@@ -31,6 +31,18 @@ log = logging.getLogger("nninteractive_slicer_server")
 SLAB_VOXELS = 1 << 21  # voxels of the image's grid per piece of the probabilities' normalisation
 
 
+def expected_pieces(predictor, data_shape, props, channels, probabilities=False):
+    """How many pieces ``logits_steps`` then ``export_steps`` take (for the queue's positions): per fold one to
+    start it and one per tile; one per class exported; one per slab of the probabilities; one to end."""
+    patch = list(predictor.configuration_manager.patch_size)
+    spatial = [int(s) for s in data_shape[1:]]
+    k = len(spatial) - len(patch)
+    padded = spatial[:k] + [max(s, p) for s, p in zip(spatial[k:], patch)]
+    tiles = len(predictor._internal_get_sliding_window_slicers(padded))
+    slabs = len(_slabs(props["shape_after_cropping_and_before_resampling"])) if probabilities else 0
+    return len(predictor.list_of_parameters) * (1 + tiles) + int(channels) + slabs + 1
+
+
 @contextlib.contextmanager
 def device_piece(device):
     """What nnU-Net's prediction runs under, for one piece: inference mode, autocast on CUDA, and at most nnU-Net's
@@ -59,7 +71,7 @@ def logits_steps(model, data, run, mirroring=False):
     """Generator (pieces: see the module docstring): the folds' averaged logits of ``model`` (a
     ``predictors.LoadedPredictor``) for the preprocessed ``data`` (``[c, *spatial]`` CPU tensor), on the CPU, at the
     network's resolution, as ``predict_logits_from_preprocessed_data`` computes them. ``run``: the queue's
-    ``AutoRun`` (told how many pieces to expect)."""
+    ``AutoRun``."""
     from acvl_utils.cropping_and_padding.padding import pad_nd_image
 
     p = model.predictor
@@ -70,7 +82,6 @@ def logits_steps(model, data, run, mirroring=False):
                                       None)
         slicers = p._internal_get_sliding_window_slicers(padded.shape[1:])
     folds = list(p.list_of_parameters)
-    run.expect(len(folds) * (len(slicers) + 2))
     total = None
     try:
         for params in folds:
@@ -157,6 +168,12 @@ def _empty_cache(device):
 
 # ---------------------------------------------------------------------------------------------------------- export
 
+def _slabs(shape):
+    """Slices of the first axis of ``shape``, each about ``SLAB_VOXELS`` voxels."""
+    per_slab = max(1, SLAB_VOXELS // max(1, int(np.prod(shape[1:]))))
+    return [slice(i, min(i + per_slab, shape[0])) for i in range(0, shape[0], per_slab)]
+
+
 def export_steps(predictor, logits, props, run, label_manager=None, channels=None, probabilities=False):
     """Generator (pieces: one per class, then the label map; with ``probabilities`` one per slab of the
     normalisation): ``convert_predicted_logits_to_segmentation_with_correct_shape`` of ``predictor`` (an
@@ -176,7 +193,6 @@ def export_steps(predictor, logits, props, run, label_manager=None, channels=Non
     resample = cm.resampling_fn_probabilities
     seg_dtype = np.uint8 if len(lm.foreground_labels) < 255 else np.uint16
     run.phase = "export"
-    run.expect(len(channels) + 1)
 
     def one(c):
         """Class ``c``'s logits on the cropped image grid, as nnU-Net's resampling of all of them gives it."""
@@ -223,11 +239,8 @@ def _export_probabilities(lm, one, channels, props, run, seg_dtype, pm):
         inside[k] = torch.from_numpy(np.asarray(one(c))).float()
         yield
     crop_shape = inside.shape[1:]
-    per_slab = max(1, SLAB_VOXELS // max(1, int(np.prod(crop_shape[1:]))))
-    slabs = [slice(i, min(i + per_slab, crop_shape[0])) for i in range(0, crop_shape[0], per_slab)]
-    run.expect(len(slabs))
     labels = np.zeros(crop_shape, dtype=np.uint16 if lm.has_regions else np.int64)
-    for s in slabs:
+    for s in _slabs(crop_shape):
         with torch.no_grad():
             p = lm.apply_inference_nonlin(inside[:, s])
             inside[:, s] = p

@@ -49,7 +49,7 @@ from ..cancel import NEVER
 from ..errors import Unavailable
 from ..scheduler import DeviceQueue
 from ..validate import BadInput
-from .pieces import SLAB_VOXELS, export_steps, logits_steps
+from .pieces import SLAB_VOXELS, expected_pieces, export_steps, logits_steps
 from .registry import ArgError, check_args
 
 log = logging.getLogger("nninteractive_slicer_server")
@@ -158,10 +158,11 @@ class LoadedPredictor:
         self._loaded_params = params
 
     def steps(self, data, props, tta=False, class_idx=None, probabilities=False):
-        """``steps(run)`` for ``DeviceQueue.run_pieces``: the logits of preprocessed ``data``, then the export to the
-        image's grid. Its value: ``(labels, probabilities or None)``; with ``class_idx`` (non-region models) the
-        softmax is over background + those classes only, the probabilities have one channel per entry of
-        ``[0] + class_idx``, and the labels are the classes' own values."""
+        """``(steps, pieces)``: ``steps(run)`` for ``DeviceQueue.run_pieces`` (the logits of preprocessed ``data``,
+        then the export to the image's grid) and how many pieces it takes. Its value: ``(labels, probabilities or
+        None)``; with ``class_idx`` (non-region models) the softmax is over background + those classes only, the
+        probabilities have one channel per entry of ``[0] + class_idx``, and the labels are the classes' own
+        values."""
         lm, channels, mapping = self.label_manager, None, None
         if class_idx and not self.has_regions and sorted(class_idx) != sorted(self.label_values):
             from nnunetv2.utilities.label_handling.label_handling import LabelManager
@@ -182,7 +183,8 @@ class LoadedPredictor:
                 seg = np.where(np.isin(seg, class_idx), seg, 0).astype(seg.dtype)
             return seg, probs
 
-        return run_steps
+        heads = len(channels) if channels else int(self.label_manager.num_segmentation_heads)
+        return run_steps, expected_pieces(self.predictor, data.shape, props, heads, probabilities)
 
     def working_bytes(self, image_shape, spacing, probabilities=False):
         """The memory one prediction of an image ``[channels, *spatial]`` of ``spacing`` needs at its peak, beside
@@ -422,8 +424,9 @@ class AutoSegmenter:
             wait_for_gpu_memory(spec.min_mem, loaded.device, self.mem_timeout_s, probe=self.mem_probe,
                                 poll_s=self.mem_poll_s, sleep=self._sleep, what="model %r" % spec.id)
             timings["memory_wait"] = time.perf_counter() - t
-            steps = loaded.steps(data, props, args["tta"], idx, need_probs)
-            (seg, probs), run = self.queue.run_pieces(steps, owner=owner, cancel=cancel, what="model %r" % spec.id)
+            steps, pieces = loaded.steps(data, props, args["tta"], idx, need_probs)
+            (seg, probs), run = self.queue.run_pieces(steps, owner=owner, cancel=cancel, what="model %r" % spec.id,
+                                                      expected=pieces)
             data = None
             timings["queue"] = run.waited
             timings["predict"] = run.ran.get("predict", 0.0)
