@@ -225,9 +225,9 @@ class DeviceQueue:
                 if self._runs and self._runs[0] is run:
                     self._runs.rotate(-1)  # round-robin: the next run gets the next automatic piece
         if finished:
-            if isinstance(run.error, RunCancelled):
-                log.info("%s cancelled (%s) after %d of about %d pieces", run.what, run.cancel.reason, run.done,
-                         run.expected)
+            if isinstance(run.error, RunCancelled):  # logged with its request's id
+                run._context.run(log.info, "%s cancelled (%s) after %d of about %d pieces", run.what,
+                                 run.cancel.reason, run.done, run.expected)
             run._gen = None  # what the generator's frame held goes with it
             run.finished.set()
 
