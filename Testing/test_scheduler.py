@@ -131,6 +131,26 @@ def test_a_prompt_waits_for_the_piece_in_progress_only(q):
     assert q.automatic_runs() == (0, 0)
 
 
+def test_after_a_prompt_automatic_work_waits_a_moment_for_the_next_one():
+    """A user clicking one point after another: the next prompt, sent once the answer came, finds no new automatic
+    piece started (here the moment is made long, so that the order never depends on how fast this test is)."""
+    q = DeviceQueue(name="test-anticipate", anticipate_s=WAIT)
+    try:
+        order, gate, started = [], threading.Event(), threading.Event()
+        run = Background(q.run_pieces, pieces(order, "auto", 3, gate, started))
+        assert started.wait(WAIT)
+        first = Background(q.run, held(order, "p1"))
+        until(lambda: len(q) == 2)
+        gate.set()
+        first.result()
+        q._anticipate_s = 0.0  # after the second prompt, no moment: the run goes on at once
+        q.run(held(order, "p2"))
+        run.result()
+        assert order == ["auto1", "p1", "p2", "auto2", "auto3"]
+    finally:
+        q.shutdown()
+
+
 def test_automatic_runs_take_turns_and_positions_count_their_pieces(q):
     order, gate, started = [], threading.Event(), threading.Event()
     first = Background(q.run_pieces, pieces(order, "a", 3, gate, started), owner="A", expected=2)

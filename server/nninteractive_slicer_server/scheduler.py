@@ -11,6 +11,12 @@ thread that warmed the model up is the one that predicts):
   the piece in progress. Several automatic runs share what prompts leave **round-robin**: one piece of each run in
   turn, in the order the runs came, so that a long batch run never holds a short one back for its whole length.
 
+Right after a prompt's prediction, automatic work waits a moment (``ANTICIPATE_S``) for the next prompt before it
+resumes: a user clicking one point after another sends the next prompt as soon as the answer arrives, and without
+that moment it would find a fresh automatic piece started every time (and wait for all of it). A prompt arriving
+in that moment runs at once; otherwise automatic work resumes after it, so it costs automatic runs at most that
+moment per prompt.
+
 Code between two ``yield`` of a run is one piece: it must not keep a thread-local torch mode (``inference_mode``,
 ``autocast``, the thread count) across a ``yield``, since prompts and other runs execute in between.
 
@@ -33,6 +39,10 @@ from .cancel import NEVER, CancelToken, RunCancelled
 
 log = logging.getLogger("nninteractive_slicer_server")
 
+# After a prompt, how long automatic work waits for that user's next prompt (an answer's way back to the client, its
+# next request's way in: a few ms on a LAN, tens over a WAN or on a loaded server)
+ANTICIPATE_S = 0.05
+
 
 class _Ticket:
     """One interactive prediction."""
@@ -52,7 +62,8 @@ class _Ticket:
 class AutoRun:
     """One automatic run in the queue: its generator of pieces, progress and times. The generator gets it as
     ``steps(run)`` and tells how many pieces it expects (``expect``) and which phase it is in (``phase``); the
-    caller reads the times afterwards: ``waited`` (s spent ready but not running), ``ran`` (s per phase)."""
+    caller reads the times afterwards: ``waited`` (s spent ready but not running), ``ran`` (s per phase),
+    ``longest`` (s of its longest piece: the most a prompt waited for it)."""
 
     def __init__(self, owner, cancel, what):
         self.owner, self.cancel, self.what = owner, cancel, what
@@ -61,6 +72,7 @@ class AutoRun:
         self.phase = "predict"
         self.ran = {}
         self.waited = 0.0
+        self.longest = 0.0
         self.running = False  # a piece of it is running now
         self.result = self.error = None
         self.finished = threading.Event()
@@ -89,8 +101,10 @@ class DeviceQueue:
     RECENT = 20  # interactive predictions in the moving average
     RECENT_PIECES = 50  # automatic pieces in theirs
 
-    def __init__(self, initializer=None, initargs=(), name="nninteractive-gpu"):
+    def __init__(self, initializer=None, initargs=(), name="nninteractive-gpu", anticipate_s=ANTICIPATE_S):
         self._initializer, self._initargs, self._name = initializer, tuple(initargs), name
+        self._anticipate_s = float(anticipate_s)
+        self._anticipate_until = None  # after a prompt: automatic work waits until then for the next prompt
         self._cv = threading.Condition()
         self._interactive = deque()  # _Ticket, in order; the first may be running
         self._runs = deque()  # AutoRun, in rotation order; the first gets the next automatic piece
@@ -162,6 +176,12 @@ class DeviceQueue:
             with self._cv:
                 while not self._interactive and not self._runs and not self._closing:
                     self._cv.wait()
+                while not self._interactive and not self._closing and self._anticipate_until is not None:
+                    left = self._anticipate_until - time.perf_counter()
+                    if left <= 0:
+                        break
+                    self._cv.wait(left)  # the next prompt, or the moment's end
+                self._anticipate_until = None
                 if self._interactive:
                     item = self._interactive[0]
                 elif self._runs:
@@ -190,6 +210,7 @@ class DeviceQueue:
             self._interactive.popleft()
             self._current = None
             self._recent.append(ran)
+            self._anticipate_until = time.perf_counter() + self._anticipate_s
         ticket.done.set()
         for listener in list(self.listeners):
             try:
@@ -213,6 +234,7 @@ class DeviceQueue:
             run.error, finished = exc, True
         ended = time.perf_counter()
         run.ran[run.phase] = run.ran.get(run.phase, 0.0) + (ended - started)
+        run.longest = max(run.longest, ended - started)
         run._ready_at = ended
         with self._cv:
             run.running = False

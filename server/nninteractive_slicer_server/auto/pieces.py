@@ -6,7 +6,7 @@ one of them.
   ``inference/predict_from_raw_data.py``) driven with its public parts: per fold, load the fold's parameters and
   allocate the half-precision accumulators (one piece); per sliding-window tile (``_internal_get_sliding_window_
   slicers``), ``_internal_maybe_mirror_and_predict`` weighted by the gaussian (one piece each); divide, check for
-  infinities, revert the padding and add to the sum of the folds (one piece). The same operations, in the same order
+  infinities and revert the padding (one piece); add to the sum of the folds. The same operations, in the same order
   and dtypes, as nnU-Net's: the logits are equal (tests compare them). On CUDA with results on the device, a fold that
   fails (out of memory) is run again with results on the CPU, as nnU-Net does.
 * ``export_steps`` is ``convert_predicted_logits_to_segmentation_with_correct_shape`` (``inference/export_
@@ -33,14 +33,15 @@ SLAB_VOXELS = 1 << 21  # voxels of the image's grid per piece of the probabiliti
 
 def expected_pieces(predictor, data_shape, props, channels, probabilities=False):
     """How many pieces ``logits_steps`` then ``export_steps`` take (for the queue's positions): per fold one to
-    start it and one per tile; one per class exported; one per slab of the probabilities; one to end."""
+    start it, one per tile and one to end it; one per class exported; one per slab of the probabilities; one to
+    end."""
     patch = list(predictor.configuration_manager.patch_size)
     spatial = [int(s) for s in data_shape[1:]]
     k = len(spatial) - len(patch)
     padded = spatial[:k] + [max(s, p) for s, p in zip(spatial[k:], patch)]
     tiles = len(predictor._internal_get_sliding_window_slicers(padded))
     slabs = len(_slabs(props["shape_after_cropping_and_before_resampling"])) if probabilities else 0
-    return len(predictor.list_of_parameters) * (1 + tiles) + int(channels) + slabs + 1
+    return len(predictor.list_of_parameters) * (tiles + 2) + int(channels) + slabs + 1
 
 
 @contextlib.contextmanager
@@ -154,6 +155,8 @@ def _window_steps(model, params, data, slicers, revert, mirroring, results):
                                    "value_scaling_factor in compute_gaussian or increase the dtype of "
                                    "predicted_logits to fp32")
             out = logits[(slice(None), *revert[1:])].to("cpu")
+        logits = counts = None
+        yield  # the division and the check over the whole image are a piece of their own
         return out
     finally:
         logits = counts = gaussian = on = None

@@ -320,7 +320,8 @@ class AutoResult:
     ``probabilities``: ``[channels, *spatial]`` float32 when asked for or when a threshold was applied (with a
     class subset: the kept probability of those classes, one channel), else None; ``segments``: the registry's
     ``Segment`` records of the values that can appear; ``timings``: seconds for ``load`` (0 on a cache hit),
-    ``preprocess``, ``memory_wait``, ``queue``, ``predict`` (the network, in the queue) and ``postprocess``."""
+    ``preprocess``, ``memory_wait``, ``queue`` (its pieces waiting for prompts and other runs), ``predict`` (the
+    sliding window's pieces), ``postprocess`` (the export's pieces and what follows) and ``longest_piece``."""
 
     model_id: str
     labels: np.ndarray
@@ -413,7 +414,7 @@ class AutoSegmenter:
         reserved = self.reserve(loaded.working_bytes(image.shape, spacing, need_probs),
                                 "the automatic segmentation of the image %s with model %r"
                                 % (list(image.shape), spec.id))
-        data = props = None
+        data = props = steps = None
         try:
             cancel.check()
             t = time.perf_counter()
@@ -428,8 +429,9 @@ class AutoSegmenter:
             (seg, probs), run = self.queue.run_pieces(steps, owner=owner, cancel=cancel, what="model %r" % spec.id,
                                                       expected=pieces)
             data = None
-            timings["queue"] = run.waited
+            timings["queue"] = run.waited  # ready but waiting: for prompts, and for other runs' pieces
             timings["predict"] = run.ran.get("predict", 0.0)
+            timings["longest_piece"] = run.longest  # the most a prompt waited for this run
             t = time.perf_counter()
             if threshold is not None and idx:
                 # probs channels: [background, *idx] (non-region subset) or every region / class
@@ -444,7 +446,7 @@ class AutoSegmenter:
                 probs = None
             timings["postprocess"] = run.ran.get("export", 0.0) + time.perf_counter() - t
         finally:
-            data = props = None  # a failed or cancelled run lets go of its arrays before its reservation
+            data = props = steps = None  # a failed or cancelled run lets go of its arrays before its reservation
             if reserved is not None:
                 reserved.release()
         values = [v for v in (idx if idx else loaded.label_values)]
