@@ -232,3 +232,40 @@ def test_a_run_takes_its_memory_from_the_budget(world):
     finally:
         a.close(wait=True)
         c.close(wait=True)
+
+
+def test_a_study_stops_when_cancelled_and_gives_its_memory_back(tmp_path):
+    """``pipeline.run_study`` (what /infer, /infer_file and the jobs run) with a token: cancelled as its prediction
+    starts, it stops there (RunCancelled, 409), writes no output of that stage, and its reservation is given back."""
+    import SimpleITK as sitk
+
+    from nninteractive_slicer_server.auto.pipeline import run_study
+    from nninteractive_slicer_server.auto.predictors import AutoSegmenter
+    from nninteractive_slicer_server.auto.registry import load_registry
+    from nninteractive_slicer_server.cancel import CancelToken, RunCancelled
+    from nninteractive_slicer_server.limits import MemoryBudget
+
+    models = str(tmp_path / "models")
+    tiny_nnunet.make_tiny_nnunet(models, patch_size=PATCH)
+    registry = load_registry(tiny_nnunet.write_spec(str(tmp_path / "spec.yaml"), models))
+    study = tmp_path / "study"
+    study.mkdir()
+    sitk.WriteImage(sitk.GetImageFromArray(auto_image()[0]), str(study / "ct.nii.gz"))
+    budget = MemoryBudget(1 << 30)
+    segmenter = AutoSegmenter(registry, device="cpu", budget=budget)
+    request = {"nnunet_id": "tiny_organs", "study_path": str(study), "series_folders": ["ct.nii.gz"],
+               "output_dir": str(tmp_path / "out")}
+    token, heard = CancelToken(), []
+
+    def progress(message):
+        heard.append(message)
+        if "predicting" in message:
+            token.cancel("the job was deleted")
+
+    with pytest.raises(RunCancelled, match="the job was deleted"):
+        run_study(registry, segmenter, request, progress=progress, cancel=token)
+    assert any("predicting" in m for m in heard) and not any("writing" in m for m in heard)
+    assert not (tmp_path / "out" / "stage_0" / "prediction.nii.gz").exists()
+    assert budget.used == 0
+    done = run_study(registry, segmenter, request)  # the same segmenter carries on
+    assert done["status"] == "done" and budget.used == 0

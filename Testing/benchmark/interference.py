@@ -14,9 +14,9 @@ The server: ours on the CPU (``--torch-n-threads 2``), the committed trained int
   one after another (a reset between blobs, not timed); a click's latency is the wall time of
   ``add_point_interaction`` in the client (a prediction every time), with the server's queue wait beside it.
 * Phases alternate in the same run: alone, during, alone, during... (``--rounds``), the same clicks in each. A click
-  counts as "during" when an automatic run was on the server's prediction thread both when it was sent and when it
-  came back (the automatic user's ``/x/queue`` position: its pieces; on a server that runs it as one job, before this
-  scheduler, a job in the queue while the clicking user has none).
+  counts as "during" when an automatic run was on the server's prediction thread when it was sent (the automatic
+  user's ``/x/queue`` position: its pieces; on a server that runs it as one job, before this scheduler, a job in the
+  queue while the clicking user has none).
   The automatic runs are stopped after each "during" phase (``/x/auto_segment/cancel`` where the server has it).
 
 Figures are printed (mean, median, p90, max of each side, the ratios during / alone, the automatic runs' own times
@@ -137,20 +137,20 @@ def clicks_of(ph, n):
     return [out[i % len(out)] for i in range(n)]
 
 
-def click_phase(remote, clicks, auto=None):
-    """Click; returns [(latency s, server queue wait ms, during)] (``during`` only with ``auto``)."""
+def click_phase(remote, clicks, auto=None, think=0.0):
+    """Click (``think`` s between an answer and the next click); returns [(latency s, server queue wait ms, sent
+    during an automatic run)]."""
     rows, blob = [], None
     for k, point in clicks:
+        time.sleep(think)
         if k != blob:
             remote.reset_interactions()
             blob = k
-        before = auto.in_progress() if auto is not None else False
+        during = auto.in_progress() if auto is not None else False
         t0 = time.perf_counter()
         remote.add_point_interaction(point, include_interaction=True)
         latency = time.perf_counter() - t0
-        wait = remote.last_timing.get("server_queue_wait", float("nan"))
-        after = auto.in_progress() if auto is not None else False
-        rows.append((latency, wait, before and after))
+        rows.append((latency, remote.last_timing.get("server_queue_wait", float("nan")), during))
     return rows
 
 
@@ -197,6 +197,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clicks", type=int, default=24, help="clicks per phase (default 24)")
     p.add_argument("--rounds", type=int, default=2, help="alone/during pairs (default 2)")
+    p.add_argument("--think", type=float, default=0.0, help="seconds between an answer and the next click (default 0: "
+                   "one after another; a person takes a second or more)")
     p.add_argument("--server-tree", help="run the server of this checkout (its server/ and SlicerNNInteractive/)")
     p.add_argument("--write", action="store_true", help="append the section to Testing/benchmark/RESULTS.md")
     args = p.parse_args()
@@ -216,7 +218,9 @@ def main():
     alone, during, runs, outside = [], [], [], 0
     waits = {"alone": [], "during": []}  # the server's queue wait of each click (ms)
     with running(cmd, url, os.path.join(tmp, "server.log"), env=server_env(args.server_tree)):
-        with RemoteSession(url) as clicker, RemoteSession(url) as autos:
+        # the clicker waits as long as it takes (the client's default gives up after 60 s, which a prompt behind a
+        # whole automatic run, before this scheduler, exceeds on a CPU)
+        with RemoteSession(url, read_timeout=3600) as clicker, RemoteSession(url) as autos:
             clicker.set_image(ph.image[None], image_properties={"spacing": [1.0, 1.0, 1.0]})
             clicker.set_target_buffer(np.zeros(ph.image.shape, np.uint8))
             autos.set_image(big, image_properties={"spacing": [1.0, 1.0, 1.0]})
@@ -232,7 +236,7 @@ def main():
             print("server %s; automatic runs %s positions" % (args.server_tree or "this tree",
                                                               "with" if user.has_positions else "without"), flush=True)
             for rnd in range(args.rounds):
-                rows = click_phase(clicker, clicks)
+                rows = click_phase(clicker, clicks, think=args.think)
                 alone += [r[0] for r in rows]
                 waits["alone"] += [r[1] for r in rows]
                 print("round %d alone: mean %s ms, max %s ms" % (rnd + 1, ms(stats([r[0] for r in rows])["mean"]),
@@ -240,7 +244,7 @@ def main():
                 user.begin()
                 while not user.in_progress():
                     time.sleep(0.02)
-                rows = click_phase(clicker, clicks, user)
+                rows = click_phase(clicker, clicks, user, think=args.think)
                 user.end()
                 during += [r[0] for r in rows if r[2]]
                 waits["during"] += [r[1] for r in rows if r[2]]
@@ -260,14 +264,17 @@ def main():
         "## Prompts during automatic runs (`Testing/benchmark/interference.py`, %s, %s)" % (info["date"],
                                                                                             info["commit"]),
         "",
-        "Produced by `python Testing/benchmark/interference.py%s%s` on %s; load average %.1f before, %.1f after; "
+        "Produced by `python Testing/benchmark/interference.py%s%s%s%s` on %s; load average %.1f before, %.1f after; "
         "%.0f s." % (" --clicks %d" % args.clicks if args.clicks != 24 else "",
-                     " --rounds %d" % args.rounds if args.rounds != 2 else "", info["machine"], info["load"][0],
-                     info["load"][1], elapsed),
-        "One user clicks points (trained blobs model, 64^3 phantom, a prediction each) one after another; another "
+                     " --rounds %d" % args.rounds if args.rounds != 2 else "",
+                     " --think %g" % args.think if args.think else "",
+                     " --server-tree %s" % args.server_tree if args.server_tree else "", info["machine"],
+                     info["load"][0], info["load"][1], elapsed),
+        "One user clicks points (trained blobs model, 64^3 phantom, a prediction each) one after another%s; another "
         "user's automatic runs (trained auto_blobs model, 130 x 256 x 256 image, 196 tiles of 64^3) are in progress "
         "during the \"during\" phases. %d rounds of %d clicks alone then %d clicks during, interleaved. "
-        "Milliseconds, client wall time per click." % (args.rounds, args.clicks, args.clicks),
+        "Milliseconds, client wall time per click." % (" (%g s between an answer and the next click)" % args.think
+                                                        if args.think else "", args.rounds, args.clicks, args.clicks),
         "",
         "| clicks | n | mean | median | p90 | max |",
         "|---|---|---|---|---|---|",

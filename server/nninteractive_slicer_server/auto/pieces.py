@@ -47,7 +47,9 @@ def expected_pieces(predictor, data_shape, props, channels, probabilities=False)
 @contextlib.contextmanager
 def device_piece(device):
     """What nnU-Net's prediction runs under, for one piece: inference mode, autocast on CUDA, and at most nnU-Net's
-    ``default_num_processes`` torch threads (its ``predict_logits_from_preprocessed_data`` caps them so)."""
+    ``default_num_processes`` torch threads (its ``predict_logits_from_preprocessed_data`` caps them so). On a GPU
+    the piece ends when the device has done its work: kernels are launched asynchronously, and without the wait the
+    thread would queue tile after tile on the device, and a prompt would wait behind all of them there."""
     import torch
     from nnunetv2.configuration import default_num_processes
 
@@ -61,6 +63,10 @@ def device_piece(device):
                     yield
             else:
                 yield
+        if device.type == "cuda":  # (not when the piece failed: its error is the one to report)
+            torch.cuda.synchronize(device)
+        elif device.type == "mps":
+            torch.mps.synchronize()
     finally:
         if threads > default_num_processes:
             torch.set_num_threads(threads)
