@@ -539,8 +539,8 @@ class CountingQueue(DeviceQueue):
         super().__init__(name="test-queue")
         self.runs = []
 
-    def run_pieces(self, steps, owner=None, cancel=None, what="an automatic run"):
-        out, run = super().run_pieces(steps, owner, cancel, what)
+    def run_pieces(self, steps, **kw):
+        out, run = super().run_pieces(steps, **kw)
         self.runs.append(run)
         return out, run
 
@@ -571,8 +571,10 @@ def test_predict_shape_labels_and_queue(seg, image, full):
     assert r.probabilities.shape == (3, 64, 64, 64)
     assert (r.probabilities.argmax(0) == r.labels).all()
     assert [s.name for s in r.segments] == ["liver", "spleen"]
-    run = seg.queue.runs[0]  # a 64^3 image, a 64^3 patch: one tile, and the export class by class
-    assert run.done >= 1 + 3 and run.ran["predict"] > 0 and run.ran["export"] > 0
+    # a 64^3 image, a 64^3 patch: the fold's start, one tile, its end; the export class by class, the probabilities'
+    # one slab, the end
+    run = seg.queue.runs[0]
+    assert run.done + 1 == run.expected == (1 + 1 + 1) + 3 + 1 + 1 and run.ran["predict"] > 0 and run.ran["export"] > 0
     assert r.timings["queue"] == run.waited and r.timings["predict"] == run.ran["predict"]
     again = seg.predict("organs_ct", image, (1.0, 1.0, 1.0))
     assert again.timings["load"] == 0.0 and again.probabilities is None  # a cache hit; no map unless asked
