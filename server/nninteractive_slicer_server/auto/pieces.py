@@ -208,7 +208,7 @@ def export_steps(predictor, logits, props, run, label_manager=None, channels=Non
         return resample(logits[c:c + 1], cropped, current, spacing)[0]
 
     if probabilities:
-        return (yield from _export_probabilities(lm, one, channels, props, run, seg_dtype, pm))
+        return (yield from _export_probabilities(lm, one, channels, props, seg_dtype, pm))
 
     best = labels = None
     for k, c in enumerate(channels):
@@ -234,7 +234,7 @@ def export_steps(predictor, logits, props, run, label_manager=None, channels=Non
     return seg.transpose(pm.transpose_backward)
 
 
-def _export_probabilities(lm, one, channels, props, run, seg_dtype, pm):
+def _export_probabilities(lm, one, channels, props, seg_dtype, pm):
     import torch
     from acvl_utils.cropping_and_padding.bounding_boxes import bounding_box_to_slice, insert_crop_into_image
 
