@@ -139,7 +139,7 @@ def clicks_of(ph, n):
 
 def click_phase(remote, clicks, auto=None, think=0.0):
     """Click (``think`` s between an answer and the next click); returns [(latency s, server queue wait ms, sent
-    during an automatic run)]."""
+    during an automatic run, the server's prediction ms)]."""
     rows, blob = [], None
     for k, point in clicks:
         time.sleep(think)
@@ -150,7 +150,8 @@ def click_phase(remote, clicks, auto=None, think=0.0):
         t0 = time.perf_counter()
         remote.add_point_interaction(point, include_interaction=True)
         latency = time.perf_counter() - t0
-        rows.append((latency, remote.last_timing.get("server_queue_wait", float("nan")), during))
+        t = remote.last_timing
+        rows.append((latency, t.get("server_queue_wait", float("nan")), during, t.get("server_predict", float("nan"))))
     return rows
 
 
@@ -217,6 +218,7 @@ def main():
     started = time.perf_counter()
     alone, during, runs, outside = [], [], [], 0
     waits = {"alone": [], "during": []}  # the server's queue wait of each click (ms)
+    predicts = {"alone": [], "during": []}  # the server's prediction time of each click (ms)
     with running(cmd, url, os.path.join(tmp, "server.log"), env=server_env(args.server_tree)):
         # the clicker waits as long as it takes (the client's default gives up after 60 s, which a prompt behind a
         # whole automatic run, before this scheduler, exceeds on a CPU)
@@ -239,6 +241,7 @@ def main():
                 rows = click_phase(clicker, clicks, think=args.think)
                 alone += [r[0] for r in rows]
                 waits["alone"] += [r[1] for r in rows]
+                predicts["alone"] += [r[3] for r in rows]
                 print("round %d alone: mean %s ms, max %s ms" % (rnd + 1, ms(stats([r[0] for r in rows])["mean"]),
                                                                 ms(stats([r[0] for r in rows])["max"])), flush=True)
                 user.begin()
@@ -248,6 +251,7 @@ def main():
                 user.end()
                 during += [r[0] for r in rows if r[2]]
                 waits["during"] += [r[1] for r in rows if r[2]]
+                predicts["during"] += [r[3] for r in rows if r[2]]
                 outside += sum(1 for r in rows if not r[2])
                 got = [r[0] for r in rows if r[2]]
                 print("round %d during: %d clicks during a run, mean %s ms, max %s ms" % (
@@ -284,9 +288,10 @@ def main():
         "| during / alone | | **%.2fx** | %.2fx | %.2fx | **%.2fx** |" % (
             d["mean"] / a["mean"], d["median"] / a["median"], d["p90"] / a["p90"], d["max"] / a["max"]),
         "",
-        "The server's queue wait of a click (ms, in its timings): alone median %.1f, max %.1f; during median %.1f, "
-        "max %.1f." % (stats(waits["alone"])["median"], stats(waits["alone"])["max"], stats(waits["during"])["median"],
-                       stats(waits["during"])["max"]),
+        "The server's own timings of a click (ms): queue wait alone median %.1f, max %.1f; during median %.1f, max "
+        "%.1f. Its prediction alone median %.0f, during median %.0f." % (
+            stats(waits["alone"])["median"], stats(waits["alone"])["max"], stats(waits["during"])["median"],
+            stats(waits["during"])["max"], stats(predicts["alone"])["median"], stats(predicts["during"])["median"]),
         "An automatic run alone (the warm-up run, no clicks) took %.1f s: preprocessing %.1f s, sliding window %.1f s, "
         "export %.1f s%s. During the clicks: %d run(s) finished, %d stopped at the end of a phase (%s). %d clicks of "
         "the \"during\" phases fell outside a run (between runs) and are not counted." % (
