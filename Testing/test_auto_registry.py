@@ -23,6 +23,7 @@ from nninteractive_slicer_server.auto import spec_cli
 from nninteractive_slicer_server.auto.predictors import (MiB, AutoSegmenter, NotEnoughGPUMemory, PredictorCache,
                                                          threshold_components, wait_for_gpu_memory)
 from nninteractive_slicer_server.errors import Unavailable
+from nninteractive_slicer_server.scheduler import DeviceQueue
 from nninteractive_slicer_server.validate import BadInput
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -634,15 +635,17 @@ def test_threshold_components():
 
 # ---------------------------------------------------------------------------------------------------------- predictors
 
-class RecordingRunner:
-    """Stands where the server passes Engine.run_on_gpu: runs the job, reports a queue wait."""
+class CountingQueue(DeviceQueue):
+    """The server's prediction queue (a real one, its own thread), counting the automatic runs it was given."""
 
     def __init__(self):
-        self.calls = 0
+        super().__init__(name="test-queue")
+        self.runs = []
 
-    def __call__(self, fn, *args):
-        self.calls += 1
-        return fn(*args), 0.25
+    def run_pieces(self, steps, **kw):
+        out, run = super().run_pieces(steps, **kw)
+        self.runs.append(run)
+        return out, run
 
 
 @pytest.fixture(scope="module")
@@ -650,7 +653,7 @@ def seg(reg):
     import torch
 
     torch.set_num_threads(2)
-    return AutoSegmenter(reg, device="cpu", runner=RecordingRunner())
+    return AutoSegmenter(reg, device="cpu", queue=CountingQueue())
 
 
 @pytest.fixture(scope="module")
@@ -671,7 +674,11 @@ def test_predict_shape_labels_and_queue(seg, image, full):
     assert r.probabilities.shape == (3, 64, 64, 64)
     assert (r.probabilities.argmax(0) == r.labels).all()
     assert [s.name for s in r.segments] == ["liver", "spleen"]
-    assert seg.runner.calls >= 1 and r.timings["queue"] == 0.25 and r.timings["predict"] > 0
+    # a 64^3 image, a 64^3 patch: the fold's start, one tile, its end; the export class by class, the probabilities'
+    # one slab, the end
+    run = seg.queue.runs[0]
+    assert run.done + 1 == run.expected == (1 + 1 + 1) + 3 + 1 + 1 and run.ran["predict"] > 0 and run.ran["export"] > 0
+    assert r.timings["queue"] == run.waited and r.timings["predict"] == run.ran["predict"]
     again = seg.predict("organs_ct", image, (1.0, 1.0, 1.0))
     assert again.timings["load"] == 0.0 and again.probabilities is None  # a cache hit; no map unless asked
     assert (again.labels == r.labels).all()

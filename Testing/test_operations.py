@@ -232,28 +232,6 @@ def test_text_logs_carry_the_request_id_and_prints_become_lines():
 # ---------------------------------------------------------------- queue position
 
 
-def test_gpu_queue_positions():
-    from nninteractive_slicer_server.engine import GpuQueue
-
-    q = GpuQueue()
-    a, b, c = object(), object(), object()
-    assert q.position(a) == {"ahead": 0, "expected_wait_seconds": None, "running": False, "waiting": False,
-                             "queued": 0}
-    ta, tb = q.enter(a), q.enter(b)
-    q.enter(c)
-    q.start(ta)
-    assert q.position(a)["running"] and q.position(a)["ahead"] == 0
-    assert q.position(b)["ahead"] == 1 and q.position(b)["waiting"] and not q.position(b)["running"]
-    assert q.position(c)["ahead"] == 2
-    assert q.position(object())["ahead"] == 3  # what a prediction sent now would face
-    q.leave(ta)  # 1 timed prediction: the moving average exists
-    q.start(tb)
-    mean = q.mean_seconds()
-    wait_c = q.position(c)["expected_wait_seconds"]
-    assert wait_c is not None and 0 <= wait_c <= mean + 1e-3
-    assert q.position(c)["ahead"] == 1
-
-
 def test_queue_position_of_a_prompt_waiting_for_the_gpu(served):
     url, _ = served
     a, b = session(url, 0), session(url, 1)

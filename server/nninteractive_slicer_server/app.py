@@ -32,13 +32,13 @@ class Server:
     """What every route reaches through ``request.app.state.server``."""
 
     def __init__(self, engine, max_sessions, idle_timeout, liveness_timeout, identities, limits,
-                 max_sessions_per_user=None, auto=None):
+                 max_sessions_per_user=None, auto=None, budget=None):
         self.engine = engine
         self.auto = auto  # auto.service.AutoService: the model registry and its endpoints (None: no registry)
         self.keep_source_images = auto is not None  # sessions keep the image as received, for /x/auto_segment
         self.identities = identities
         self.limits = limits
-        self.budget = MemoryBudget(limits.memory_budget)
+        self.budget = budget if budget is not None else MemoryBudget(limits.memory_budget)
         if auto is not None and auto.budget is None:
             auto.budget = self.budget  # automatic runs reserve their reading from the same budget as sessions
         self.registry = LeaseRegistry(engine.new_session, engine.close_session, max_sessions, idle_timeout,
@@ -56,12 +56,14 @@ class Server:
 
 
 def make_app(engine, max_sessions=1, idle_timeout=600.0, liveness_timeout=60.0, api_key=None, limits=None,
-             identities=None, max_sessions_per_user=None, auto=None, agent_port=None, agent_host="127.0.0.1"):
+             identities=None, max_sessions_per_user=None, auto=None, agent_port=None, agent_host="127.0.0.1",
+             budget=None):
     """``identities`` (shared key and keys file) replaces ``api_key`` when given; ``auto`` (an
     ``auto.service.AutoService``) serves automatic models; ``agent_port``: answer HAProxy's agent-check there
-    (``capacity.py``; None: off)."""
+    (``capacity.py``; None: off); ``budget``: the ``MemoryBudget`` shared with ``auto``'s runs (default: a new one
+    of ``limits.memory_budget``)."""
     srv = Server(engine, max_sessions, idle_timeout, liveness_timeout, identities or Identities(api_key),
-                 limits or Limits.defaults(), max_sessions_per_user, auto)
+                 limits or Limits.defaults(), max_sessions_per_user, auto, budget)
 
     @asynccontextmanager
     async def lifespan(_app):

@@ -3,7 +3,9 @@
 One figure, computed the same way everywhere (``free_capacity``):
 
 * ``free_sessions``: session slots nobody holds or is claiming (``--max-sessions`` less those);
-* ``gpu_queue``: predictions waiting for or running on the prediction thread;
+* ``gpu_queue``: what a prompt sent now waits behind on the prediction thread (``scheduler.DeviceQueue``): prompts
+  waiting or running, and the automatic piece running; automatic pieces that wait never go before a prompt, so a
+  server busy with automatic runs is not counted as busy for prompts;
 * ``weight``: 1..100, the share of new sessions this server should get: the free share of the slots, divided by
   ``1 + predictions waiting behind the running one`` (a long GPU queue makes a server less attractive); 0 when no
   slot is free or while draining;

@@ -278,15 +278,16 @@ def check_registry(args):
     return registry
 
 
-def make_auto(registry, engine, args, limits):
+def make_auto(registry, engine, args, limits, budget):
     from .auto.predictors import AutoSegmenter
     from .auto.service import AutoService
 
-    segmenter = AutoSegmenter(registry, device=str(engine.device), runner=engine.run_on_gpu,
+    # The prompts' queue (automatic runs in pieces between prompts) and the sessions' memory budget
+    segmenter = AutoSegmenter(registry, device=str(engine.device), queue=engine.queue, budget=budget,
                               cache_size=args.predictor_cache_size, ttl_s=args.predictor_ttl_seconds,
                               mem_timeout_s=args.gpu_memory_wait_seconds)
     jobs_dir = os.path.abspath(os.path.expanduser(args.jobs_dir)) if args.jobs_dir else None
-    auto = AutoService(registry, segmenter, limits, args.infer_root, jobs_dir)
+    auto = AutoService(registry, segmenter, limits, args.infer_root, jobs_dir, budget=budget)
     auto.orthanc = check_orthanc(args)
     return auto
 
@@ -343,7 +344,7 @@ def serve(args):
                            "folder made for nnInteractive 2.6." % (model_dir, type(exc).__name__, exc))
 
     from .app import make_app
-    from .limits import Limits
+    from .limits import Limits, MemoryBudget
     from .shutdown import serve as serve_until_stopped
 
     limits = Limits.defaults(args.memory_budget, args.max_image_voxels, args.max_body_bytes)
@@ -355,10 +356,11 @@ def serve(args):
     limits.max_jobs_per_user = args.max_jobs_per_user or max(1, args.max_jobs // 4)
     limits.max_job_bytes_per_user = args.max_job_bytes_per_user or 2 * (args.max_upload_bytes +
                                                                           args.max_unpacked_bytes)
-    auto = make_auto(registry, engine, args, limits) if registry is not None else None
+    budget = MemoryBudget(limits.memory_budget)  # sessions and automatic runs share it
+    auto = make_auto(registry, engine, args, limits, budget) if registry is not None else None
     app = make_app(engine, args.max_sessions, args.idle_timeout_seconds, args.liveness_timeout_seconds, limits=limits,
                    identities=identities, max_sessions_per_user=args.max_sessions_per_user, auto=auto,
-                   agent_port=args.agent_port, agent_host=args.host)
+                   agent_port=args.agent_port, agent_host=args.host, budget=budget)
     log.info("serving %s on %s://%s:%d (max %d session(s)%s, %s)", engine.model_name,
              "https" if args.ssl_certfile else "http", args.host, args.port, args.max_sessions,
              ", %d per user" % args.max_sessions_per_user if args.max_sessions_per_user else "", identities.describe())

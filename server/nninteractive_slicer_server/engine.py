@@ -1,17 +1,17 @@
 """The model, loaded once, and the one thread that runs every forward pass.
 
 All sessions share one network by reference (one copy of the weights on the device). Predictions are
-serialized on a single long-lived thread: the device is one resource, and cuDNN's autotuning cache is
-thread-local, so the warm-up must run on the thread that later predicts. Uploads, decoding and image
-preprocessing of other sessions run elsewhere and proceed meanwhile.
+serialized on a single long-lived thread (``scheduler.DeviceQueue``: prompts first, automatic models in pieces
+between them): the device is one resource, and cuDNN's autotuning cache is thread-local, so the warm-up must run on
+the thread that later predicts. Uploads, decoding and image preprocessing of other sessions run elsewhere and
+proceed meanwhile.
 """
 
 import contextvars
 import logging
-import threading
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+
+from .scheduler import DeviceQueue
 
 log = logging.getLogger("nninteractive_slicer_server")
 
@@ -38,9 +38,8 @@ class Engine:
         init = None
         if self.device.type == "cuda" and self.device.index is not None:
             init = torch.cuda.set_device  # the current device is per thread
-        self.gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nninteractive-gpu", initializer=init,
-                                      initargs=(self.device,) if init else ())
-        self.queue = GpuQueue()  # what waits for (or runs on) self.gpu, for /x/queue and the metrics
+        # The prediction thread and what waits for it (prompts, automatic runs' pieces), for /x/queue and the metrics
+        self.queue = DeviceQueue(initializer=init, initargs=(self.device,) if init else ())
         probe = self.new_session(compiled=False)
         self.capabilities = _capabilities(probe)
         self.license = probe.license
@@ -49,7 +48,7 @@ class Engine:
             warm = self.new_session()
             if self.use_torch_compile:
                 self.artifacts["network"] = warm.network  # every session shares the one compiled module
-            self.gpu.submit(warm.warmup).result()
+            self.queue.run(warm.warmup)
             self.close_session(warm)
         log.info("model %s loaded on %s in %.1f s (torch.compile %s)", self.model_name, self.device,
                  time.perf_counter() - started, "on" if self.use_torch_compile else "off")
@@ -75,22 +74,13 @@ class Engine:
             log.exception("error while freeing a session")
 
     def run_on_gpu(self, fn, *args, owner=None):
-        """Run ``fn(*args)`` on the prediction thread; returns (result, seconds waited in the queue). ``owner`` (the
-        lease) names the job in ``self.queue``, so that its owner can ask how many predictions are ahead of it."""
-        ticket = self.queue.enter(owner)
-        context = contextvars.copy_context()  # the request id of the log lines written on the prediction thread
-
-        def job():
-            self.queue.start(ticket)
-            return context.run(fn, *args)
-
-        try:
-            return self.gpu.submit(job).result(), ticket.waited
-        finally:
-            self.queue.leave(ticket)
+        """Run ``fn(*args)`` on the prediction thread, before any automatic piece waiting; returns (result, seconds
+        waited in the queue). ``owner`` (the lease) names it in ``self.queue``, so that its owner can ask how much
+        is ahead of it."""
+        return self.queue.run(fn, *args, owner=owner)
 
     def shutdown(self):
-        self.gpu.shutdown(wait=True)
+        self.queue.shutdown(wait=True)
 
 
 class _CarryContext:
@@ -104,80 +94,6 @@ class _CarryContext:
 
     def __getattr__(self, name):
         return getattr(self._inner, name)
-
-
-class _Ticket:
-    __slots__ = ("owner", "queued_at", "started_at", "waited")
-
-    def __init__(self, owner):
-        self.owner = owner
-        self.queued_at = time.perf_counter()
-        self.started_at = None
-        self.waited = 0.0
-
-
-class GpuQueue:
-    """The predictions submitted to the prediction thread, in order (the first may be running), and how long recent
-    ones ran: who is ahead of whom, and the expected wait. ``listeners`` are called with (seconds waited, seconds
-    run) after each prediction (the metrics)."""
-
-    RECENT = 20  # predictions in the moving average
-
-    def __init__(self):
-        self._mu = threading.Lock()
-        self._jobs = []
-        self._recent = deque(maxlen=self.RECENT)
-        self.listeners = []
-
-    def enter(self, owner):
-        ticket = _Ticket(owner)
-        with self._mu:
-            self._jobs.append(ticket)
-        return ticket
-
-    def start(self, ticket):
-        ticket.started_at = time.perf_counter()
-        ticket.waited = ticket.started_at - ticket.queued_at
-
-    def leave(self, ticket):
-        ran = None if ticket.started_at is None else time.perf_counter() - ticket.started_at
-        with self._mu:
-            self._jobs.remove(ticket)
-            if ran is not None:
-                self._recent.append(ran)
-        if ran is not None:
-            for listener in list(self.listeners):
-                try:
-                    listener(ticket.waited, ran)
-                except Exception:
-                    log.exception("error in a prediction listener")
-
-    def __len__(self):
-        with self._mu:
-            return len(self._jobs)
-
-    def mean_seconds(self):
-        """Moving average of the last predictions' durations; None before the first."""
-        with self._mu:
-            return sum(self._recent) / len(self._recent) if self._recent else None
-
-    def position(self, owner):
-        """``{"ahead", "expected_wait_seconds", "running", "waiting", "queued"}`` for ``owner``'s first prediction in
-        the queue; when it has none, what a prediction it sent now would face (``waiting`` false). The expected wait
-        (until its prediction starts) is the moving average per prediction ahead, less what the running one has
-        already run; null before any prediction was timed."""
-        now = time.perf_counter()
-        with self._mu:
-            jobs = list(self._jobs)
-            mean = sum(self._recent) / len(self._recent) if self._recent else None
-        mine = next((i for i, t in enumerate(jobs) if t.owner is owner), None) if owner is not None else None
-        ahead = jobs if mine is None else jobs[:mine]
-        running = mine is not None and jobs[mine].started_at is not None
-        wait = None
-        if mean is not None:
-            wait = sum(mean if t.started_at is None else max(0.0, mean - (now - t.started_at)) for t in ahead)
-        return {"ahead": len(ahead), "expected_wait_seconds": None if wait is None else round(wait, 3),
-                "running": running, "waiting": mine is not None and not running, "queued": len(jobs)}
 
 
 def _capabilities(session):

@@ -58,6 +58,7 @@ class Lease:
         # kept only on servers with automatic models (POST /x/auto_segment runs them on it); budgeted with "image".
         self.source_image = None
         self.image_properties = {}
+        self.auto_runs = set()  # cancel.CancelToken of its /x/auto_segment requests in progress (routes/auto.py)
         self.last_active = self.last_seen = time.monotonic()
 
     def seen(self):

@@ -10,8 +10,10 @@ app does not serve), ``user`` is the name the key gave (``request.state.user``, 
 * ``nninteractive_rejections_total{reason}``: every refused request (``bad_input``, ``unauthorized``, ``gone``,
   ``too_large``, ``busy``, ``at_capacity``, ``budget_full``, ``draining``, ``stalled``, ``out_of_memory``,
   ``not_found``...)
-* ``nninteractive_prediction_seconds``, ``nninteractive_gpu_queue_wait_seconds`` (histograms)
-* ``nninteractive_gpu_queue_length`` (predictions waiting or running), ``nninteractive_sessions{user}``,
+* ``nninteractive_prediction_seconds``, ``nninteractive_gpu_queue_wait_seconds`` (histograms, prompts)
+* ``nninteractive_gpu_queue_length`` (what a prompt sent now waits behind: prompts waiting or running and the
+  automatic piece running), ``nninteractive_automatic_runs`` and ``nninteractive_automatic_pieces_remaining``
+  (automatic runs in progress on the prediction thread, and the pieces they have left), ``nninteractive_sessions{user}``,
   ``nninteractive_max_sessions``, ``nninteractive_memory_budget_bytes``, ``nninteractive_memory_reserved_bytes``,
   ``nninteractive_draining``, ``nninteractive_free_sessions`` and ``nninteractive_capacity_weight`` (the free
   capacity HAProxy's agent-check reads, see capacity.py), ``nninteractive_server_info{version,model,device}``; and the
@@ -118,8 +120,14 @@ class _StateCollector:
         yield sessions
         yield GaugeMetricFamily(PREFIX + "max_sessions", "Session slots (--max-sessions)",
                                 value=srv.registry.max_sessions)
-        yield GaugeMetricFamily(PREFIX + "gpu_queue_length", "Predictions waiting for or running on the prediction "
-                                "thread", value=len(srv.engine.queue))
+        yield GaugeMetricFamily(PREFIX + "gpu_queue_length", "What a prompt sent now waits behind: prompts waiting "
+                                "for or running on the prediction thread, and the automatic piece running",
+                                value=len(srv.engine.queue))
+        runs, pieces = srv.engine.queue.automatic_runs()
+        yield GaugeMetricFamily(PREFIX + "automatic_runs", "Automatic runs in progress on the prediction thread (in "
+                                "pieces, between prompts)", value=runs)
+        yield GaugeMetricFamily(PREFIX + "automatic_pieces_remaining", "Pieces (tiles, export steps) the automatic "
+                                "runs in progress have left", value=pieces)
         yield GaugeMetricFamily(PREFIX + "memory_budget_bytes", "Memory all sessions may hold together "
                                 "(--memory-budget)", value=srv.budget.total)
         yield GaugeMetricFamily(PREFIX + "memory_reserved_bytes", "Memory reserved now by sessions and requests in "

@@ -80,6 +80,7 @@ from typing import Any, Dict, List
 
 import numpy as np
 
+from ..cancel import NEVER
 from ..validate import BadInput
 from . import dicomseg
 from . import inputs as ainputs
@@ -408,7 +409,7 @@ def _names(suffix):
 # ---------------------------------------------------------------------------------------------------------- run
 
 def run_study(registry, segmenter, request, resolve_path=None, progress=None, copy_final=False, limits=None,
-              budget=None):
+              budget=None, cancel=None):
     """Run the request's model(s) on its study and write the outputs; return the established response (``status``
     ``done``). Raises ``BadInput`` (HTTP 400) for a wrong request, ``UnknownModel`` (400) for an unknown model,
     the registry's ``ModelUnavailable`` / the predictors' ``NotEnoughGPUMemory`` (503), ``Forbidden`` (403) from
@@ -416,17 +417,20 @@ def run_study(registry, segmenter, request, resolve_path=None, progress=None, co
     Before any pixel is read, every input's header is checked against ``limits`` (``Limits``: an image over
     ``max_image_voxels`` is ``TooLarge``, 413) and the memory its reading holds is reserved from ``budget`` (a
     ``MemoryBudget``: 413 when it can never fit, 503 + Retry-After when not now) until the run ends (``inputs.py``;
-    None: not checked / not reserved)."""
+    None: not checked / not reserved).
+    ``cancel`` (a ``cancel.CancelToken``): checked before each stage and its outputs, and between the pieces of each
+    prediction (``RunCancelled``, 409)."""
+    cancel = cancel or NEVER
     started = time.perf_counter()
     plan = plan_request(registry, segmenter, request, resolve_path)
     reading = ainputs.prepare(plan, resolve_path or _default_resolve, registry, limits, budget)
     try:
-        return _run_plan(registry, segmenter, plan, reading, started, resolve_path, progress, copy_final)
+        return _run_plan(registry, segmenter, plan, reading, started, resolve_path, progress, copy_final, cancel)
     finally:
         reading.release()
 
 
-def _run_plan(registry, segmenter, plan, reading, started, resolve_path, progress, copy_final):
+def _run_plan(registry, segmenter, plan, reading, started, resolve_path, progress, copy_final, cancel):
     """The body of ``run_study`` once its inputs are probed and their reading reserved (``reading``)."""
     say = progress or (lambda msg: log.info("auto: %s", msg))
     resolve = resolve_path or _default_resolve
@@ -456,6 +460,7 @@ def _run_plan(registry, segmenter, plan, reading, started, resolve_path, progres
     warnings.extend(reading.notes)  # what the DICOM checks left out or selected
 
     for i, stage in enumerate(plan.stages):
+        cancel.check()
         spec = stage["spec"]
         tag = "stage %d/%d (%s)" % (i + 1, n, spec.id)
         t0 = time.perf_counter()
@@ -496,7 +501,7 @@ def _run_plan(registry, segmenter, plan, reading, started, resolve_path, progres
             say("%s: predicting on %s voxels" % (tag, "x".join(str(d) for d in image.shape[1:])))
             result = segmenter.predict(spec, np.ascontiguousarray(image), spacing,
                                        probabilities=opts["save_proba_map"] or stage["probabilities"],
-                                       **stage["given"])
+                                       cancel=cancel, **stage["given"])
             timings.update(result.timings)
             lab, pr = result.labels, result.probabilities
             if stage["flip_xy"]:
@@ -520,6 +525,7 @@ def _run_plan(registry, segmenter, plan, reading, started, resolve_path, progres
         outputs.keep(i, labels, probs, ref)
 
         # ---- outputs of this stage
+        cancel.check()
         t1 = time.perf_counter()
         sdir = os.path.join(plan.output_dir, "stage_%d" % i)
         os.makedirs(sdir, exist_ok=True)

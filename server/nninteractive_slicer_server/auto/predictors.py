@@ -1,18 +1,24 @@
 """nnU-Net's own ``nnUNetPredictor`` for registered models: a TTL cache of loaded predictors, the wait for free GPU
-memory, and one prediction split so that only the network's forward passes take the GPU queue.
+memory, and one prediction cut into pieces that take turns with the prompts on the prediction thread.
 
 One prediction (``AutoSegmenter.predict``):
 
 1. resolve the model (``Registry``), its arguments (``default_args`` overridden by the request) and its result folder;
 2. get its predictor from the cache (loading it on the CPU on a miss: ``initialize_from_trained_model_folder``; a
    fold or checkpoint file that is not there is a 400 naming what is, a load that fails a 503 naming the model);
-3. preprocess the array (nnU-Net's own preprocessor: crop, normalise, resample to the model's spacing), here;
-4. wait for the model's ``min_mem`` MiB of free GPU memory (CUDA only; ``NotEnoughGPUMemory``, HTTP 503, when it
+3. reserve its working memory from the server's ``MemoryBudget`` for the whole prediction (``LoadedPredictor.
+   working_bytes``: the float copies, preprocessing, logits at the network's resolution, the export, probability
+   maps): 413 when it can never fit, 503 + Retry-After when other work holds the budget now;
+4. preprocess the array (nnU-Net's own preprocessor: crop, normalise, resample to the model's spacing), here;
+5. wait for the model's ``min_mem`` MiB of free GPU memory (CUDA only; ``NotEnoughGPUMemory``, HTTP 503, when it
    gives up), outside the queue so that nobody waits behind the wait;
-5. run the network (sliding window, folds averaged, mirroring when ``tta``) through ``runner``: the server passes
-   ``Engine.run_on_gpu``, the same single thread every interactive prompt runs on, so auto-segmentations and
-   prompts take turns on the device (and whatever reports that queue's position covers both);
-6. back here: logits to the image's grid (nnU-Net's own export code), a class subset, probability thresholds.
+6. the sliding window (folds averaged, mirroring when ``tta``) and the export (logits to the image's grid, one class
+   at a time) in pieces (``auto.pieces``) through ``queue``, the server's ``scheduler.DeviceQueue``: the same single
+   thread every prompt runs on, prompts first, a tile or an export step at a time;
+7. back here: a class subset's label values, probability thresholds.
+
+``cancel`` (a ``cancel.CancelToken``) stops a prediction between two pieces; whatever it held (tensors, logits, the
+reservation) is given back on the way out.
 
 Arrays: ``image`` is ``[channels, *spatial]`` in the axis order nnU-Net's image reader gives for the model's files
 (SimpleITK's for SimpleITKIO models, i.e. numpy ``[c, k, j, i]``, the order of Slicer's ``arrayFromVolume``), and
@@ -41,8 +47,11 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from ..cancel import NEVER
 from ..errors import Unavailable, is_out_of_memory
+from ..scheduler import DeviceQueue
 from ..validate import BadInput
+from .pieces import SLAB_VOXELS, expected_pieces, export_steps, logits_steps
 from .registry import ArgError, ModelUnavailable, check_args
 
 log = logging.getLogger("nninteractive_slicer_server")
@@ -103,25 +112,11 @@ def wait_for_gpu_memory(min_mem_mib, device, timeout_s=120.0, probe=None, poll_s
         sleep(min(poll_s, remaining))
 
 
-# ---------------------------------------------------------------------------------------------------------- runners
-
-_inline_lock = threading.Lock()
-
-
-def inline_runner(fn, *args):
-    """Run ``fn(*args)`` here, one at a time in this process; returns ``(result, seconds waited)`` like
-    ``Engine.run_on_gpu`` (the runner the server passes, so predictions share its GPU queue)."""
-    queued = time.perf_counter()
-    with _inline_lock:
-        waited = time.perf_counter() - queued
-        return fn(*args), waited
-
-
 # ---------------------------------------------------------------------------------------------------------- predictors
 
 class LoadedPredictor:
-    """One ``nnUNetPredictor`` with its model folder, folds and checkpoint, split into the three steps of a
-    prediction (only ``logits`` belongs on the GPU queue)."""
+    """One ``nnUNetPredictor`` with its model folder, folds and checkpoint: preprocessing (here), and the pieces of a
+    prediction for the device queue (``steps``; see ``auto.pieces``)."""
 
     def __init__(self, folder, use_folds, checkpoint_name, device):
         import torch
@@ -142,7 +137,7 @@ class LoadedPredictor:
         self.label_values = [int(v) for v in self.label_manager.foreground_labels] if not \
             self.label_manager.has_regions else [int(v) for v in self.label_manager.regions_class_order]
         self.has_regions = bool(self.label_manager.has_regions)
-        self.lock = threading.Lock()  # mirroring is an attribute of the predictor: one forward pass at a time
+        self._loaded_params = None  # the fold whose parameters the network holds (pieces of runs interleave)
         log.info("auto: loaded %s (folds %s, %s) on %s in %.1f s", folder, list(self.use_folds), checkpoint_name,
                  self.device, self.load_seconds)
 
@@ -156,35 +151,72 @@ class LoadedPredictor:
                                              self.predictor.dataset_json)
         return torch.from_numpy(data), props
 
-    def logits(self, data, tta=False):
-        """The network's averaged logits (on the CPU) for preprocessed ``data``: the part for the GPU queue."""
-        with self.lock:
-            self.predictor.use_mirroring = bool(tta)
-            return self.predictor.predict_logits_from_preprocessed_data(data).cpu()
+    def load_parameters(self, params):
+        """Put one fold's parameters into the network, unless it holds them already (on the prediction thread)."""
+        if self._loaded_params is params:
+            return
+        network = self.predictor.network
+        getattr(network, "_orig_mod", network).load_state_dict(params)  # a torch.compile'd network wraps the module
+        self._loaded_params = params
 
-    def postprocess(self, logits, props, class_idx=None, probabilities=False):
-        """Labels (and probabilities, ``[classes, *spatial]``, when asked) on the image's grid; with ``class_idx``
-        (non-region models) the softmax is over background + those classes only and the probabilities have one
-        channel per entry of ``[0] + class_idx``."""
-        from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
-        from nnunetv2.utilities.label_handling.label_handling import LabelManager
-
-        pm, cm = self.predictor.plans_manager, self.predictor.configuration_manager
-        lm, mapping = self.label_manager, None
+    def steps(self, data, props, tta=False, class_idx=None, probabilities=False):
+        """``(steps, pieces)``: ``steps(run)`` for ``DeviceQueue.run_pieces`` (the logits of preprocessed ``data``,
+        then the export to the image's grid) and how many pieces it takes. Its value: ``(labels, probabilities or
+        None)``; with ``class_idx`` (non-region models) the softmax is over background + those classes only, the
+        probabilities have one channel per entry of ``[0] + class_idx``, and the labels are the classes' own
+        values."""
+        lm, channels, mapping = self.label_manager, None, None
         if class_idx and not self.has_regions and sorted(class_idx) != sorted(self.label_values):
-            keep = [0] + list(class_idx)
-            logits = logits[keep]
+            from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+            channels = [0] + list(class_idx)
             lm = LabelManager({"background": 0, **{"c%d" % v: i + 1 for i, v in enumerate(class_idx)}},
                               regions_class_order=None)
-            mapping = np.array(keep, dtype=np.uint16 if max(keep) > 255 else np.uint8)
-        out = convert_predicted_logits_to_segmentation_with_correct_shape(
-            logits, pm, cm, lm, props, return_probabilities=probabilities)
-        seg, probs = (out if probabilities else (out, None))
-        if mapping is not None:
-            seg = mapping[seg]
-        elif class_idx and self.has_regions:
-            seg = np.where(np.isin(seg, class_idx), seg, 0).astype(seg.dtype)
-        return seg, probs
+            mapping = np.array(channels, dtype=np.uint16 if max(channels) > 255 else np.uint8)
+
+        def run_steps(run):
+            logits = yield from logits_steps(self, data, run, tta)
+            out = yield from export_steps(self.predictor, logits, props, run, lm, channels, probabilities)
+            del logits
+            seg, probs = out if probabilities else (out, None)
+            if mapping is not None:
+                seg = mapping[seg]
+            elif class_idx and self.has_regions:
+                seg = np.where(np.isin(seg, class_idx), seg, 0).astype(seg.dtype)
+            return seg, probs
+
+        heads = len(channels) if channels else int(self.label_manager.num_segmentation_heads)
+        return run_steps, expected_pieces(self.predictor, data.shape, props, heads, probabilities)
+
+    def working_bytes(self, image_shape, spacing, probabilities=False):
+        """The memory one prediction of an image ``[channels, *spatial]`` of ``spacing`` needs at its peak, beside
+        the image itself (an estimate from nnU-Net's steps, on the large side): the largest of preprocessing (two
+        float32 copies, float64 while resampling), the sliding window (the padded input, half-precision logits of
+        every head and their fold sum at the network's resolution) and the export (those logits, one class resampled
+        in float64, the running argmax, the labels; with ``probabilities`` the map, classes x voxels float32)."""
+        from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
+
+        pm, cm = self.predictor.plans_manager, self.predictor.configuration_manager
+        channels, spatial = int(image_shape[0]), [int(s) for s in image_shape[1:]]
+        voxels = int(np.prod(spatial))
+        shape_t = [spatial[i] for i in pm.transpose_forward]
+        spacing_t = [float(spacing[i]) for i in pm.transpose_forward]
+        target = cm.spacing if len(cm.spacing) == len(shape_t) else [spacing_t[0], *cm.spacing]
+        net = [int(n) for n in compute_new_shape(shape_t, spacing_t, target)]
+        net_voxels = int(np.prod(net))
+        patch = list(cm.patch_size)
+        padded = net[:len(net) - len(patch)] + [max(n, p) for n, p in zip(net[len(net) - len(patch):], patch)]
+        padded_voxels = int(np.prod(padded))
+        heads = int(self.label_manager.num_segmentation_heads)
+        folds = len(self.predictor.list_of_parameters)
+        resampled = net != shape_t
+        preprocess = channels * voxels * (4 + 4 + (8 if resampled else 0)) + channels * net_voxels * 4
+        window = channels * (net_voxels + padded_voxels) * 4 + heads * padded_voxels * 2 * (2 if folds > 1 else 1) \
+            + padded_voxels * 2
+        export = heads * net_voxels * 2 + net_voxels * 8 + voxels * (8 + 2 + 2 + 1 + 2 + 2)
+        if probabilities:
+            export += heads * voxels * 4 + voxels * 8 + 2 * heads * SLAB_VOXELS * 4
+        return int(max(preprocess, window, export) + voxels * 2)  # + the labels handed back
 
 
 _NO_DIRS = re.compile(r"(?<![\w.:/])/(?:[^\s'\"/]+/)+")  # the folders of an absolute path in a message
@@ -383,7 +415,8 @@ class AutoResult:
     ``probabilities``: ``[channels, *spatial]`` float32 when asked for or when a threshold was applied (with a
     class subset: the kept probability of those classes, one channel), else None; ``segments``: the registry's
     ``Segment`` records of the values that can appear; ``timings``: seconds for ``load`` (0 on a cache hit),
-    ``preprocess``, ``memory_wait``, ``queue``, ``predict`` (the network, in the queue) and ``postprocess``."""
+    ``preprocess``, ``memory_wait``, ``queue`` (its pieces waiting for prompts and other runs), ``predict`` (the
+    sliding window's pieces), ``postprocess`` (the export's pieces and what follows) and ``longest_piece``."""
 
     model_id: str
     labels: np.ndarray
@@ -395,16 +428,18 @@ class AutoResult:
 
 
 class AutoSegmenter:
-    """Run registered models on arrays. ``runner(fn) -> (result, seconds_waited)`` runs the forward passes
-    (default ``inline_runner``; the server passes ``engine.run_on_gpu``). ``mem_probe`` is ``probe`` of
-    ``wait_for_gpu_memory`` (injectable for tests)."""
+    """Run registered models on arrays. ``queue``: where the pieces of a prediction run (the server passes its
+    ``scheduler.DeviceQueue``, shared with the prompts; default: one of its own). ``budget``: the server's
+    ``limits.MemoryBudget``, from which each prediction reserves its working memory (None: nothing reserved, as
+    in the command-line tools). ``mem_probe`` is ``probe`` of ``wait_for_gpu_memory`` (injectable for tests)."""
 
-    def __init__(self, registry, device="cpu", cache=None, runner=None, cache_size=2, ttl_s=600.0,
+    def __init__(self, registry, device="cpu", cache=None, queue=None, budget=None, cache_size=2, ttl_s=600.0,
                  mem_timeout_s=120.0, mem_probe=None, mem_poll_s=0.5, sleep=time.sleep):
         self.registry = registry
         self.device = str(device)
         self.cache = cache or PredictorCache(self.device, cache_size, ttl_s)
-        self.runner = runner or inline_runner
+        self.queue = queue if queue is not None else DeviceQueue(name="nnunet-predict")
+        self.budget = budget
         self.mem_timeout_s, self.mem_probe, self.mem_poll_s, self._sleep = mem_timeout_s, mem_probe, mem_poll_s, sleep
 
     def arguments(self, model, given=None):
@@ -436,11 +471,14 @@ class AutoSegmenter:
         folder = self.registry.result_folder(spec)
         return self.cache.get(folder, args["use_folds"], args["checkpoint_name"], model=spec.id), args
 
-    def predict(self, model, image, spacing, probabilities=None, **given):
+    def predict(self, model, image, spacing, probabilities=None, cancel=None, owner=None, **given):
         """Segment ``image`` (``[channels, *spatial]``) of voxel ``spacing`` with ``model`` (id, alias or name).
         ``given``: request fields overriding the model's defaults (``use_folds``, ``tta``, ``checkpoint_name``,
         ``class_idx``, ``proba_threshold``, ``min_confidence``, ``save_proba_map``). ``probabilities``: return
-        the probability map (default: when ``save_proba_map`` or a threshold asks for it)."""
+        the probability map (default: when ``save_proba_map`` or a threshold asks for it). ``cancel``: a
+        ``CancelToken`` that stops it between pieces (``RunCancelled``); ``owner``: who it runs for, in the queue's
+        positions (the lease of /x/auto_segment)."""
+        cancel = cancel or NEVER
         spec = self.registry.get(model)
         timings = {}
         t0 = time.perf_counter()
@@ -467,41 +505,45 @@ class AutoSegmenter:
         threshold = args["proba_threshold"]
         want_probs = bool(probabilities if probabilities is not None else (args["save_proba_map"] or
                                                                           threshold is not None))
-        t = time.perf_counter()
-        data, props = loaded.preprocess(image, spacing)
-        timings["preprocess"] = time.perf_counter() - t
-        t = time.perf_counter()
-        wait_for_gpu_memory(spec.min_mem, loaded.device, self.mem_timeout_s, probe=self.mem_probe,
-                            poll_s=self.mem_poll_s, sleep=self._sleep, what="model %r" % spec.id)
-        timings["memory_wait"] = time.perf_counter() - t
-
-        ran = {}
-
-        def job():
-            started = time.perf_counter()
-            try:
-                return loaded.logits(data, args["tta"])
-            finally:
-                ran["predict"] = time.perf_counter() - started
-
-        logits, waited = self.runner(job)
-        timings["queue"], timings["predict"] = waited, ran.get("predict", 0.0)
-        t = time.perf_counter()
         need_probs = want_probs or threshold is not None
-        seg, probs = loaded.postprocess(logits, props, idx, probabilities=need_probs)
-        del logits
-        if threshold is not None and idx:
-            # probs channels: [background, *idx] (non-region subset) or every region / class
-            chans = list(range(1, len(idx) + 1)) if not loaded.has_regions and len(probs) == len(idx) + 1 else \
-                [_channel(loaded, v) for v in idx]
-            p = probs[chans].sum(0) if len(chans) > 1 else probs[chans[0]]
-            kept = threshold_components(np.asarray(p, dtype=np.float32), threshold, args["min_confidence"])
-            dtype = np.uint16 if min(idx) > 255 else np.uint8
-            seg = np.where(kept > threshold, min(idx), 0).astype(dtype)
-            probs = kept[None] if want_probs else None
-        elif not want_probs:
-            probs = None
-        timings["postprocess"] = time.perf_counter() - t
+        reserved = self.reserve(loaded.working_bytes(image.shape, spacing, need_probs),
+                                "the automatic segmentation of the image %s with model %r"
+                                % (list(image.shape), spec.id))
+        data = props = steps = None
+        try:
+            cancel.check()
+            t = time.perf_counter()
+            data, props = loaded.preprocess(image, spacing)
+            timings["preprocess"] = time.perf_counter() - t
+            cancel.check()
+            t = time.perf_counter()
+            wait_for_gpu_memory(spec.min_mem, loaded.device, self.mem_timeout_s, probe=self.mem_probe,
+                                poll_s=self.mem_poll_s, sleep=self._sleep, what="model %r" % spec.id)
+            timings["memory_wait"] = time.perf_counter() - t
+            steps, pieces = loaded.steps(data, props, args["tta"], idx, need_probs)
+            (seg, probs), run = self.queue.run_pieces(steps, owner=owner, cancel=cancel, what="model %r" % spec.id,
+                                                      expected=pieces)
+            data = None
+            timings["queue"] = run.waited  # ready but waiting: for prompts, and for other runs' pieces
+            timings["predict"] = run.ran.get("predict", 0.0)
+            timings["longest_piece"] = run.longest  # the most a prompt waited for this run
+            t = time.perf_counter()
+            if threshold is not None and idx:
+                # probs channels: [background, *idx] (non-region subset) or every region / class
+                chans = list(range(1, len(idx) + 1)) if not loaded.has_regions and len(probs) == len(idx) + 1 else \
+                    [_channel(loaded, v) for v in idx]
+                p = probs[chans].sum(0) if len(chans) > 1 else probs[chans[0]]
+                kept = threshold_components(np.asarray(p, dtype=np.float32), threshold, args["min_confidence"])
+                dtype = np.uint16 if min(idx) > 255 else np.uint8
+                seg = np.where(kept > threshold, min(idx), 0).astype(dtype)
+                probs = kept[None] if want_probs else None
+            elif not want_probs:
+                probs = None
+            timings["postprocess"] = run.ran.get("export", 0.0) + time.perf_counter() - t
+        finally:
+            data = props = steps = None  # a failed or cancelled run lets go of its arrays before its reservation
+            if reserved is not None:
+                reserved.release()
         values = [v for v in (idx if idx else loaded.label_values)]
         if threshold is not None and idx:
             values = [min(idx)]
@@ -510,6 +552,12 @@ class AutoSegmenter:
         seg = np.ascontiguousarray(seg)
         return AutoResult(model_id=spec.id, labels=seg, segments=segments, probabilities=probs, args=args,
                           timings=timings, empty=not bool(seg.any()))
+
+    def reserve(self, nbytes, what):
+        """The one place a prediction takes its working memory from the server's budget (None without one)."""
+        if self.budget is None:
+            return None
+        return self.budget.reserve(nbytes, what)
 
 
 def threshold_components(p, threshold, min_confidence=None, min_voxels=MIN_COMPONENT_VOXELS):

@@ -27,7 +27,8 @@ MAX_LICENSE_CHARS = 20000
 # ``output_dir/stage_<i>/``):
 #
 # * called on a runner thread (auto/runner.py: at most Limits.max_running_jobs at once); forward passes go through
-#   ``segmenter`` (AutoSegmenter, runner = Engine.run_on_gpu: the interactive GPU queue);
+#   ``segmenter`` (AutoSegmenter, its queue = Engine.queue: in pieces between the prompts on the prediction thread,
+#   its working memory reserved from the server's MemoryBudget);
 # * ``fields``: the fields the client set (auto/request.py, JSON values; unset fields are absent so that the models'
 #   default_args fill them). For an upload ``study_path`` is the unpacked archive and ``output_dir`` the job's
 #   output folder (zipped for /download afterwards);
@@ -63,11 +64,12 @@ class AutoService:
                    self.runner.workers, self.limits.describe_jobs()))
 
     def run_study(self, fields, resolve_path, cancel=None, progress=None):
-        """One study (see the notes above ``AutoService``): the established response. ``cancel``: the run's
-        ``CancelToken`` (checked before it starts); ``progress(message)`` hears its steps."""
+        """One study (see the notes above ``AutoService``): the established response. ``cancel`` (a
+        ``cancel.CancelToken``) stops it between stages and between the pieces of each prediction
+        (``RunCancelled``, 409), giving back what it holds; ``progress(message)`` hears what happens."""
         (cancel or NEVER).check()
         return pipeline.run_study(self.registry, self.segmenter, fields, resolve_path=resolve_path,
-                                  progress=progress, limits=self.limits, budget=self.budget)
+                                  progress=progress, limits=self.limits, budget=self.budget, cancel=cancel)
 
     def check_models(self, nnunet_id):
         """Every model a request names is registered (``UnknownModel``: 400 naming the known ids) and can serve

@@ -15,7 +15,11 @@
   /jobs/{job_id}`` cancels (queued, running) or deletes (finished) it with its files. A job is its owner's alone.
 * ``POST /x/auto_segment`` (with the lease): run a model on the image the session already holds; the answer is the
   packed label array of the box holding labels (``X-Meta``: ``bbox``, ``shape``, ``dtype``, ``labels``, ``timings``),
-  an empty body when nothing was found. Any of its labels can be sent back with /add_initial_seg_interaction.
+  an empty body when nothing was found. Any of its labels can be sent back with /add_initial_seg_interaction. The run
+  takes turns with every session's prompts on the prediction thread (a piece at a time, prompts first) and stops
+  between two pieces (409 to whoever still waits) when its client goes away or sends
+  ``POST /x/auto_segment/cancel`` with the same lease (``{"cancelled": true}`` when a run of that lease was in
+  progress or waiting; another lease never reaches it).
 
 Every route needs the key (when one is set); paths that name nothing on a server without a registry answer 404
 saying so. A draining server (SIGTERM) takes no new study (503 + Retry-After). Uploads are received by
@@ -38,6 +42,7 @@ from starlette.concurrency import run_in_threadpool
 from SlicerNNInteractiveLib import protocol as P
 from SlicerNNInteractiveLib.wire import MASK_CODEC, pack_array
 
+from ..cancel import CancelToken
 from ..deps import act, lease, read_json, require_key, server
 from ..errors import Draining, Invalid, NotFound, OutOfMemory, Problem, is_out_of_memory
 from ..validate import BadInput, require
@@ -53,6 +58,7 @@ CLIENT_GONE = 499  # the status nobody reads: the client went away (as proxies l
 SUCCESS_STATUS, FAILURE_STATUS = "done", "failed"  # the established server's status values
 # Request fields of /x/auto_segment beside "model" (or "nnunet_id") and "spacing": the prediction arguments.
 AUTO_FIELDS = ("use_folds", "tta", "checkpoint_name", "class_idx", "proba_threshold", "min_confidence")
+DISCONNECT_POLL_S = 0.25  # how often a waiting /x/auto_segment looks whether its client went away
 MAX_META_BYTES = 48 * 1024  # an X-Meta header longer than this drops the labels' terminology (clients cap header lines)
 NO_REGISTRY = ("this server serves no automatic models: its operator starts it with --model-serve-spec PATH (or "
                "MODEL_SERVE_SPEC) to serve some")
@@ -312,7 +318,6 @@ def label_box(labels):
 
 @router.post(P.PATH_AUTO_SEGMENT)
 async def auto_segment(request: Request, lease_=Depends(lease)):
-    srv = server(request)
     svc = auto_service(request)
     payload = await read_json(request, lease_)
     model = payload.pop("model", None)
@@ -329,20 +334,16 @@ async def auto_segment(request: Request, lease_=Depends(lease)):
     svc.segmenter.arguments(model, fields)  # wrong types: 400 now
     started = time.perf_counter()
     received_at = time.time()
+    cancel = CancelToken()
 
     def work(session):
         image = lease_.source_image
         require(image is not None and session.original_image_shape is not None,
                 "no image yet: send set_image before /x/auto_segment")
         spacing = session_spacing(given_spacing, lease_.image_properties, image.ndim - 1)
-        voxels = math.prod(image.shape[1:])
-        n_labels = len(svc.registry.segments(model, resolve=False)) or 2
-        # Working memory of the prediction beside the session's own: a float32 copy of the image, probabilities of
-        # every class on the image's grid, the labels (an estimate; nnU-Net's resampled copies come and go).
-        reserved = srv.budget.reserve(voxels * 4 * (image.shape[0] + n_labels + 2),
-                                      "the automatic segmentation of %s" % list(image.shape))
-        try:
-            result = svc.segmenter.predict(model, image, spacing, probabilities=False, **fields)
+        try:  # its working memory is reserved from the budget by predict, for as long as it runs
+            result = svc.segmenter.predict(model, image, spacing, probabilities=False, cancel=cancel, owner=lease_,
+                                           **fields)
         except (Problem, BadInput):
             raise
         except Exception as exc:
@@ -350,11 +351,35 @@ async def auto_segment(request: Request, lease_=Depends(lease)):
                 raise OutOfMemory("the server ran out of memory (or its device failed) running model %r (%s); the "
                                   "session keeps its image: try again later" % (model, type(exc).__name__))
             raise
-        finally:
-            reserved.release()
         return auto_response(result, started, received_at)
 
-    return await act(request, lease_, work)
+    lease_.auto_runs.add(cancel)
+    watch = asyncio.ensure_future(cancel_when_gone(request, cancel))
+    try:
+        return await act(request, lease_, work)
+    finally:
+        watch.cancel()
+        lease_.auto_runs.discard(cancel)
+
+
+@router.post(P.PATH_AUTO_CANCEL)
+async def auto_segment_cancel(request: Request, lease_=Depends(lease)):
+    """Cancel the lease's /x/auto_segment in progress or waiting (it stops between two pieces; its request answers
+    409). Never waits for the lease's turn; ``{"cancelled": false}`` when the lease had none."""
+    auto_service(request)
+    runs = [token for token in list(lease_.auto_runs) if not token.cancelled]
+    for token in runs:
+        token.cancel("cancelled by its client")
+    return {"cancelled": bool(runs)}
+
+
+async def cancel_when_gone(request, token):
+    """Cancel ``token`` when the client of ``request`` disconnects (its body already read)."""
+    while not token.cancelled:
+        if await request.is_disconnected():
+            token.cancel("its client went away")
+            return
+        await asyncio.sleep(DISCONNECT_POLL_S)
 
 
 def auto_response(result, started, received_at):
