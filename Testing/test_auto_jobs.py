@@ -359,7 +359,7 @@ def test_delete_cancels_queued_and_running_jobs_and_the_runner_is_fair(world, cl
     world.wait_gone(long_job)
     assert long_job not in job_folders(world)
     written = os.listdir(os.path.join(world.allowed, "long"))
-    assert 2 <= len(written) < LONG  # stopped between its pieces, long before its last stage
+    assert 1 <= len(written) < LONG  # stopped between its pieces (stage 2 was running), long before its last stage
     assert "job %s cancelled (deleted by its owner)" % long_job in world.log_text()
     assert world.wait(bob, lambda b: False, "bob")["status"] == "done"  # the runner goes on
 
