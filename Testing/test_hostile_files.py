@@ -212,13 +212,38 @@ def test_the_check_and_the_open_are_one(tmp_path):
         guard.close()
 
 
-def test_fifos_and_other_files_that_are_not_regular_are_refused_at_once(world, outside_untouched):
+def test_fifos_and_links_among_a_series_files_are_refused_at_once(world, outside_untouched):
+    import dicom_synth
+
     study = os.path.join(world.shared, "odd")
     os.makedirs(study)
     os.mkfifo(os.path.join(study, "ct.nii.gz"))  # opened for reading, it would block until a writer comes
     r = world.infer(study=study, out=os.path.join(study, "out"))
     assert r.status_code == 400, r.text
     assert "'ct.nii.gz' is not a regular file" in r.json()["detail"]
+    series = os.path.join(study, "dicom")
+    dicom_synth.write_stack(series, dicom_synth.volume((3, 8, 8)))
+    os.symlink(os.path.join(world.outside, "victim.nii.gz"), os.path.join(series, "IM9999.dcm"))
+    r = world.infer(study=study, out=os.path.join(study, "out"), series=["dicom"], is_dicom=True)
+    assert r.status_code == 403, r.text
+    assert "symbolic link ('IM9999.dcm')" in r.json()["detail"]
+
+
+def test_copies_of_inputs_are_bounded(tmp_path):
+    """Inputs copied (not hard-linked: the private folder is on another file system) count against the limit."""
+    from nninteractive_slicer_server.auto.paths import PathGuard
+    from nninteractive_slicer_server.errors import TooLarge
+
+    if not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == os.stat(str(tmp_path)).st_dev:
+        pytest.skip("needs a private folder on another file system")
+    (tmp_path / "big.nii").write_bytes(bytes(3 << 20))
+    guard = PathGuard([str(tmp_path)])
+    try:
+        with guard.files("alice", scratch="/dev/shm", limit=2 << 20) as files:
+            with pytest.raises(TooLarge, match="--max-unpacked-bytes"):
+                files.read(str(tmp_path / "big.nii"), "series_folders")
+    finally:
+        guard.close()
 
 
 # ---------------------------------------------------------------------------------------------------------- formats
