@@ -7,6 +7,8 @@ the roots is read or written:
   as a folder the run makes is refused (403);
 * a folder swapped for a link after its check (between a job's admission and its run, and, in this process, between
   ``ConfinedFiles``' check and its read or write) is never followed: reads and writes stay in the folder checked;
+  neither is a link among a DICOM series' files, nor the ``ct.nii`` that ITK's NIfTI reader prefers to the
+  ``ct.nii.gz`` it was asked for; a FIFO is refused at once;
 * uploaded headers that name their data elsewhere (MetaImage ``ElementDataFile`` with ``=`` or ``:``, padded past
   64 KiB, or hidden behind a line MetaIO swallows; NRRD ``data file`` in any spelling) are refused (400) although
   SimpleITK reads the outside file through each of them (shown here first); HDF5, MINC and NIfTI / Analyze pairs
@@ -227,6 +229,23 @@ def test_fifos_and_links_among_a_series_files_are_refused_at_once(world, outside
     r = world.infer(study=study, out=os.path.join(study, "out"), series=["dicom"], is_dicom=True)
     assert r.status_code == 403, r.text
     assert "symbolic link ('IM9999.dcm')" in r.json()["detail"]
+
+
+def test_a_sibling_the_reader_would_prefer_is_never_read(world, outside_untouched):
+    """ITK's NIfTI reader, asked for ``ct.nii.gz``, reads ``ct.nii`` when one lies beside it (shown here first): a
+    link planted under that name would lead it anywhere. The server's copy holds only the file named."""
+    study = os.path.join(world.shared, "sibling")
+    write_ct(os.path.join(study, "ct.nii.gz"))
+    write_ct(os.path.join(world.outside, "secret.nii"), value=777)
+    try:
+        os.symlink(os.path.join(world.outside, "secret.nii"), os.path.join(study, "ct.nii"))
+        assert sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(study, "ct.nii.gz"))).max() == 777
+        r = world.infer(study=study, out=os.path.join(study, "out"), save_nifti_inputs=True)
+        assert r.status_code == 200, r.text
+        read = sitk.GetArrayFromImage(sitk.ReadImage(r.json()["nifti_inputs"][0]))
+        np.testing.assert_array_equal(read, make_image()[0])  # the file named, not its sibling
+    finally:
+        os.unlink(os.path.join(world.outside, "secret.nii"))
 
 
 def test_copies_of_inputs_are_bounded(tmp_path):

@@ -8,8 +8,8 @@ checked there (``auto/formats.py``), then read by SimpleITK. Printed against Sim
 Per input (median of ``--reps``, the variants interleaved): ``link`` (stage by hard link, the scratch folder on the
 study's file system), ``copy`` (stage by copy through a descriptor: the scratch folder on ``--copy-scratch``, another
 file system), ``check`` (the format allowlist on the staged file: a gzip header, a NRRD header, a MetaImage scan of
-the whole file), ``read`` (SimpleITK probe and read of the staged file) and ``in place`` (SimpleITK reading the
-original). The page cache is warm for every variant (the study was just written): this is the cost the server adds,
+the whole file), ``read`` (probe, with the format check, and SimpleITK's read of the staged file) and ``in place``
+(the same on the original). The page cache is warm for every variant (the study was just written): this is the cost the server adds,
 not the disk's. Figures are printed, never asserted.
 """
 
@@ -63,8 +63,9 @@ def main():
         image = sitk.GetImageFromArray(vol)
         image.SetSpacing((0.7, 0.7, 1.0))
         t0 = time.perf_counter()
-        for name in ("ct.nii.gz", "ct.nii", "ct.nrrd", "ct.mha"):
-            sitk.WriteImage(image, os.path.join(study, name), name.endswith(".gz"))
+        for name in ("ct.nii.gz", "ct.nii", "ct.nrrd", "ct.mha"):  # one folder each: ITK's NIfTI reader takes
+            os.makedirs(os.path.join(study, name))              # ct.nii when asked for ct.nii.gz beside it
+            sitk.WriteImage(image, os.path.join(study, name, name), name.endswith(".gz"))
         dicom_synth.write_stack(os.path.join(study, "dicom"), vol, pixel_spacing=(0.7, 0.7), modality="CT")
         print("study %s int16 (%.0f MB of voxels) written in %.0f s; %s, Python %s, SimpleITK %s"
               % ("x".join(map(str, shape[::-1])), vol.nbytes / MiB, time.perf_counter() - t0, platform.machine(),
@@ -75,7 +76,7 @@ def main():
         try:
             for _rep in range(args.reps):
                 for name in inputs:
-                    path = os.path.join(study, name)
+                    path = os.path.join(study, name) if name == "dicom" else os.path.join(study, name, name)
                     is_dicom = name == "dicom"
                     r = rows[name]
                     r["in place"].append(timed(lambda: aio.read_input(aio.probe_series(path, is_dicom)))[0])
@@ -94,8 +95,7 @@ def main():
                                                        "read ms", "in place"))
         for name in inputs:
             r = rows[name]
-            path = os.path.join(study, name)
-            files = len(os.listdir(path)) if name == "dicom" else 1
+            files = len(os.listdir(os.path.join(study, name))) if name == "dicom" else 1
             med = {k: statistics.median(v) * 1e3 if v else float("nan") for k, v in r.items() if k != "bytes"}
             print("%-10s %9.1f %9d %9.1f %9.1f %9.1f %9.1f %10.1f" % (
                 name, r["bytes"] / MiB, files, med["link"], med["copy"], med["check"], med["read"],
