@@ -121,9 +121,9 @@ def _check_meta(path, name):
     if at < 0:
         raise _refuse(name, "is a MetaImage header without ElementDataFile in its first %d bytes" % HEADER_LIMIT)
     line_start = head.rfind(b"\n", 0, at) + 1
-    match = META_LOCAL.match(head, line_start)
-    if match is None or match.start() != line_start or head.find(ELEMENT_DATA_FILE, line_start) != at:
-        line = head[line_start:head.find(b"\n", at) if head.find(b"\n", at) >= 0 else at + 200]
+    if META_LOCAL.match(head, line_start) is None:  # the line of its first mention, whole: "ElementDataFile = LOCAL"
+        end = head.find(b"\n", at)
+        line = head[line_start:end if end >= 0 else at + 200]
         raise _refuse(name, "is a MetaImage header whose data is not in the same file (%r): ElementDataFile must "
                             "be LOCAL (save as .mha)" % line.strip()[:200].decode("latin-1"))
     if _count(path, ELEMENT_DATA_FILE) != 1:
