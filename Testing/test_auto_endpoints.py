@@ -360,38 +360,25 @@ def metaimage(data_file, tmp_path):
     return header.encode(), (tmp_path / "ct.raw").read_bytes()
 
 
-@pytest.mark.parametrize("where", ["absolute", "dotdot"])
-def test_headers_naming_data_files_outside_are_forbidden(world, tmp_path, where):
-    """A MetaImage / NRRD header may name its data file anywhere: SimpleITK would read it. The data file is confined
-    like every other path (else an uploaded header would turn a server file into a downloadable input volume)."""
-    secret = os.path.join(world.outside, "secret.raw")
-    header, raw = metaimage(secret if where == "absolute" else "../../../../outside/secret.raw", tmp_path)
-    with open(secret, "wb") as f:
-        f.write(raw)
-    nhdr = ("NRRD0004\ntype: short\ndimension: 3\nsizes: %d %d %d\nencoding: raw\nendian: little\n"
-            "data file: %s\n\n" % (SHAPE[2], SHAPE[1], SHAPE[0], secret)).encode()
-    for name, content in (("ct.mhd", header), ("ct.nhdr", nhdr)):
-        request = {"nnunet_id": "tiny_organs", "series_folders": [name], "save_nifti_inputs": True}
-        r = infer_file(world, zip_bytes([(name, content)]), request=request)
-        assert r.status_code == 403, r.text
-        assert "series_folders" in r.json()["detail"] and "job's folder" in r.json()["detail"]
-        assert leftover_jobs(world) == []
-    study = os.path.join(world.allowed, "mhd_" + where)
-    os.makedirs(study, exist_ok=True)
-    with open(os.path.join(study, "ct.mhd"), "wb") as f:
-        f.write(header.replace(b"../../../../outside", b"../../outside"))
-    r = infer(world, study_path=study, series_folders=["ct.mhd"], output_dir=os.path.join(study, "out"),
-              save_nifti_inputs=True)
-    assert r.status_code == 403, r.text
-    assert not [f for _d, _s, files in os.walk(os.path.join(study, "out")) for f in files]  # nothing was written
+def test_infer_file_reads_a_metaimage_that_holds_its_data(world, tmp_path):
+    """MetaImage with its data attached (.mha, ElementDataFile = LOCAL) is read; a detached header (.mhd and its
+    .raw) is refused even with its data beside it in the archive (test_hostile_files.py: headers that name files
+    elsewhere)."""
+    import SimpleITK as sitk
 
-
-def test_infer_file_reads_a_header_and_its_data_file_inside_the_archive(world, tmp_path):
+    volume = sitk.GetImageFromArray(make_image()[0])
+    volume.SetSpacing(SPACING[::-1])
+    sitk.WriteImage(volume, str(tmp_path / "ct.mha"))
+    r = infer_file(world, zip_bytes([("ct.mha", (tmp_path / "ct.mha").read_bytes())]),
+                   request={"nnunet_id": "tiny_organs", "series_folders": ["ct.mha"]})
+    assert r.status_code == 200, r.text
+    assert r.json()["is_empty"] == [False]
     header, raw = metaimage("ct.raw", tmp_path)
     r = infer_file(world, zip_bytes([("ct.mhd", header), ("ct.raw", raw)]),
                    request={"nnunet_id": "tiny_organs", "series_folders": ["ct.mhd"]})
-    assert r.status_code == 200, r.text
-    assert r.json()["is_empty"] == [False]
+    assert r.status_code == 400, r.text
+    assert "ElementDataFile must be LOCAL" in r.json()["detail"]
+    assert leftover_jobs(world) == []
 
 
 # ---------------------------------------------------------------------------------------------------------- sessions

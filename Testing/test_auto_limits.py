@@ -178,6 +178,7 @@ def test_a_run_inside_the_limits_gives_its_reservation_back(world):
 def _read_bytes(world, series):
     """What the server reserves to read ``series`` with the tiny model: the same estimate, in this process."""
     from nninteractive_slicer_server.auto import inputs
+    from nninteractive_slicer_server.auto.paths import LocalFiles
     from nninteractive_slicer_server.auto.pipeline import plan_request
     from nninteractive_slicer_server.auto.predictors import AutoSegmenter
     from nninteractive_slicer_server.auto.registry import load_registry
@@ -185,7 +186,7 @@ def _read_bytes(world, series):
     registry = load_registry(world.spec)
     plan = plan_request(registry, AutoSegmenter(registry), {
         "nnunet_id": "tiny", "study_path": world.study, "series_folders": [series], "output_dir": "/nowhere"})
-    return inputs.prepare(plan, lambda p, _field: p, registry).nbytes
+    return inputs.prepare(plan, LocalFiles(), registry).nbytes
 
 
 def test_budget_held_by_a_session_is_503_until_it_is_released(world):

@@ -38,6 +38,7 @@ def main():
 
     import tiny_nnunet
     from nninteractive_slicer_server.auto import inputs
+    from nninteractive_slicer_server.auto.paths import LocalFiles
     from nninteractive_slicer_server.auto.pipeline import plan_request, run_study
     from nninteractive_slicer_server.auto.predictors import AutoSegmenter
     from nninteractive_slicer_server.auto.registry import load_registry
@@ -81,7 +82,7 @@ def main():
     print("%-32s %12s %14s %14s %8s" % ("request", "reserved MB", "measured MB", "(before/after)", "ratio"))
     for name, extra in cases:
         request = dict(base, **extra)
-        estimate = inputs.prepare(plan_request(registry, segmenter, request), lambda p, _f: p, registry).nbytes
+        estimate = inputs.prepare(plan_request(registry, segmenter, request), LocalFiles(), registry).nbytes
         peaks.clear()
         tracemalloc.start()
         run_study(registry, segmenter, request)

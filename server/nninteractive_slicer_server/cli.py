@@ -78,8 +78,9 @@ def build_parser():
     a.add_argument("--gpu-memory-wait-seconds", type=float, default=120.0, metavar="S", help="how long a run waits "
                    "for its model's min_mem of free GPU memory before answering 503 (default %(default)s)")
     a.add_argument("--infer-root", action="append", default=[], metavar="DIR", help="a directory whose files /infer "
-                   "requests may read and write (repeatable; paths resolving outside every one, through '..' or "
-                   "links, get 403); none: /infer on server paths is off (uploads to /infer_file still work)")
+                   "requests may read and write (repeatable; paths outside every one, and links inside, get 403); "
+                   "{user} in it gives each key holder a folder of their own (/data/{user}); none: /infer on server "
+                   "paths is off (uploads to /infer_file still work)")
     a.add_argument("--orthanc-url", metavar="URL", help="the Orthanc whose series /infer_orthanc segments and which "
                    "gets the DICOM SEGs back (default: $ORTHANC_URL; credentials from $ORTHANC_USER and "
                    "$ORTHANC_PASSWORD; none: /infer_orthanc is off)")
@@ -272,9 +273,13 @@ def check_registry(args):
     if unavailable and len(unavailable) == len(registry):
         log.error("none of the %d automatic model(s) of %s can serve (see above); interactive sessions work, and "
                   "/readyz answers 503 until a model's files are put right", len(registry), path)
+    from .auto.paths import check_root
+
     for root in args.infer_root:
-        if not os.path.isdir(os.path.expanduser(root)):
-            raise StartupError("--infer-root %s is not a directory." % root)
+        try:
+            check_root(root)
+        except ValueError as exc:
+            raise StartupError("%s." % exc)
     return registry
 
 

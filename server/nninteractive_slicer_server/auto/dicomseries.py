@@ -20,7 +20,8 @@ Several multi-frame files are refused; one multi-frame file is the volume Simple
 not checked here). The volume's files are listed in slice order, ascending along the normal (row x column
 direction cosines), which is the order SimpleITK reads them in and the order of the array's k axis.
 
-``check(path)`` is called on every file of the folder before it is opened (the server's path confinement).
+The folder given is the server's private copy of the one a request named (``paths.ConfinedFiles.read``: its regular
+files, none through a link), or a command user's own folder.
 """
 
 import os
@@ -208,15 +209,13 @@ def read_header(path):
         tilt=_first_number(_get(ds, "GantryDetectorTilt")), description=_text(_get(ds, "SeriesDescription")) or "")
 
 
-def scan_folder(folder, check=None):
+def scan_folder(folder):
     """``{series_uid: [SliceHeader]}`` of the DICOM images directly in ``folder`` (sub-folders and files that are not
     DICOM images are left out)."""
     series = {}
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         if entry.is_dir():
             continue
-        if check is not None:
-            check(entry.path)
         head = read_header(entry.path)
         if head is not None:
             series.setdefault(head.series_uid, []).append(head)
@@ -422,12 +421,12 @@ def select_volume(heads, name, bvalue=None):
                   direction=direction, float_output=len(rescales) > 1, notes=notes)
 
 
-def series_volume(folder, series_uid=None, bvalue=None, check=None, name=None):
+def series_volume(folder, series_uid=None, bvalue=None, name=None):
     """The checked ``Volume`` of the one DICOM series in ``folder`` (or the one with ``series_uid``)."""
     name = name or folder
     if not os.path.isdir(folder):
         raise BadInput("DICOM input %s is not a folder (is_dicom: each series folder holds one DICOM series)" % name)
-    series = scan_folder(folder, check)
+    series = scan_folder(folder)
     if not series:
         raise BadInput("no DICOM series in %s (is_dicom is set: each series folder must hold the files of one DICOM "
                        "series; for NIfTI/NRRD/MHA files leave is_dicom off)" % name)

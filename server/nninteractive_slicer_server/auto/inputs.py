@@ -2,16 +2,18 @@
 ``--max-image-voxels``, and the memory the run's reading holds reserved from the server's memory budget for the
 whole run.
 
-    inputs = prepare(plan, resolve, registry, limits, budget)   # headers, sizes, one reservation
+    inputs = prepare(plan, files, registry, limits, budget)     # headers, sizes, one reservation
     try:
         ... io.read_input(inputs.info(path)) ...
     finally:
         inputs.release()
 
-``prepare`` probes every series of every stage and the masks (``crop_from``, ``intersect_with``) through
-``io.probe_series`` / ``io.probe_image`` (headers only; DICOM series checked by ``dicomseries``), refuses an input
-over the voxel limit (``TooLarge``, 413, naming it), then reserves ``read_bytes`` from the budget in one call
-(``TooLarge`` when it can never fit, ``BudgetFull`` 503 + Retry-After when it cannot now).
+``prepare`` takes the server's private copy of every series of every stage and of the masks (``crop_from``,
+``intersect_with``) through ``files`` (``paths.ConfinedFiles.read``: confined, never through a link), probes them
+with ``io.probe_series`` / ``io.probe_image`` (headers only, accepted formats only; DICOM series checked by
+``dicomseries``), refuses an input over the voxel limit (``TooLarge``, 413, naming it), then reserves ``read_bytes``
+from the budget in one call (``TooLarge`` when it can never fit, ``BudgetFull`` 503 + Retry-After when it cannot
+now).
 
 ``read_bytes`` is an upper bound on what ``pipeline.run_study`` holds besides the prediction itself (whose working
 memory ``AutoSegmenter.predict`` accounts for): the images read (kept for the whole run, each series once), and per
@@ -24,6 +26,7 @@ are counted together. Not counted: highdicom's and rt-utils' own buffers while t
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from ..validate import BadInput
 from . import io as aio
 from . import references
 
@@ -55,24 +58,27 @@ class RunInputs:
             self.reservation.release()
 
 
-def prepare(plan, resolve, registry=None, limits=None, budget=None):
+def prepare(plan, files, registry=None, limits=None, budget=None):
     """Probe the inputs of ``plan`` (a ``pipeline.Plan``), check them against ``limits`` and reserve their reading
-    from ``budget`` (either may be None: not checked / not reserved). ``resolve(path, field)`` confines every file."""
+    from ``budget`` (either may be None: not checked / not reserved). ``files`` (``paths.ConfinedFiles`` or
+    ``LocalFiles``) gives the copies that are probed and later read (``Input.path``)."""
     opts = plan.options
+    is_dicom = opts.get("is_dicom", False)
     out = RunInputs()
     for stage in plan.stages:
         for path, folder in zip(stage["paths"], stage["folders"]):
             if isinstance(path, references.Reference):
                 continue  # an earlier stage's output: counted with that stage (stage_bytes), read from no file
             if path not in out.infos:
-                out.infos[path] = aio.probe_series(path, opts.get("is_dicom", False),
-                                                   check=lambda f: resolve(f, "series_folders"),
+                if not is_dicom and files.kind(path, "series_folders") == "dir":
+                    raise BadInput("input %s is a folder; a folder is read as a DICOM series only when is_dicom is "
+                                   "set" % folder)
+                out.infos[path] = aio.probe_series(files.read(path, "series_folders"), is_dicom,
                                                    bvalue=opts.get("bvalue_for_filtering"), name=folder)
     for key in ("crop_from", "intersect_with"):
         path = opts.get(key)
         if isinstance(path, str):
-            out.masks[key] = aio.probe_image(path, check=lambda f, key=key: resolve(f, key),
-                                             name="%s %s" % (key, plan.echo.get(key) or path))
+            out.masks[key] = aio.probe_image(files.read(path, key), name="%s %s" % (key, plan.echo.get(key) or path))
     if limits is not None:
         for info in list(out.infos.values()) + list(out.masks.values()):
             limits.check_image_voxels(info.voxels, info.shape, what="the image of input %r" % info.name)

@@ -14,10 +14,9 @@ sizes can be checked and memory reserved before any pixel is read (``auto/inputs
 what was probed. Every problem with an input a request named (missing, not an image, not one regular DICOM volume,
 not 3D) is a ``BadInput`` (HTTP 400) that says which input and what is wrong.
 
-``check(path)``: the readers call it on every file they are about to read beside the one named (each file of a
-DICOM series folder; the data file a MetaImage or detached NRRD header names; the .img of an Analyze/NIfTI pair) before
-reading anything, so that the server's path confinement (``jobs.PathGuard``) covers them: a header uploaded in an
-archive must not read a file elsewhere on the server.
+Which files are read at all: ``formats.identify`` on every image file (NIfTI, NRRD and MetaImage holding their own
+data, DICOM; everything else 400), which is then read with the ITK reader it was checked as. The paths given here
+are the server's private copies of what a request named (``paths.ConfinedFiles.read``), or a command user's own.
 """
 
 import logging
@@ -28,6 +27,7 @@ from typing import List, Optional
 import numpy as np
 
 from ..validate import BadInput
+from . import formats
 
 log = logging.getLogger("nninteractive_slicer_server")
 
@@ -55,48 +55,6 @@ def _sitk():
     return sitk
 
 
-HEADER_BYTES = 1 << 16
-
-
-def _detached_value(path, value, what):
-    v = value.strip()
-    if not v or v.upper() in ("LOCAL", "NONE"):
-        return []
-    if v.split()[0].upper() == "LIST" or "%" in v:
-        raise BadInput("input %s: its %s (%r) is a list or pattern of data files, which this server does not read; "
-                       "give one file (or the data in the header's file)" % (path, what, v))
-    return [os.path.join(os.path.dirname(path), v)]
-
-
-def detached_files(path):
-    """The files SimpleITK reads besides ``path`` itself: a MetaImage's ``ElementDataFile``, a NRRD header's
-    ``data file``, an Analyze/NIfTI pair's other half. ``BadInput`` for lists and patterns of data files."""
-    lower = path.lower()
-    if lower.endswith((".mha", ".mhd")):
-        with open(path, "rb") as f:
-            head = f.read(HEADER_BYTES).decode("latin-1")
-        for line in head.splitlines():
-            key, sep, value = line.partition("=")
-            if sep and key.strip() == "ElementDataFile":
-                return _detached_value(path, value, "ElementDataFile")
-        return []
-    if lower.endswith((".nrrd", ".nhdr")):
-        with open(path, "rb") as f:
-            head = f.read(HEADER_BYTES).decode("latin-1")
-        for line in head.splitlines()[1:]:
-            if not line.strip():
-                break  # the end of the header
-            key, sep, value = line.partition(":")
-            if sep and key.strip().lower() in ("data file", "datafile"):
-                return _detached_value(path, value.lstrip("="), "data file")
-        return []
-    for a, b in ((".hdr", ".img"), (".img", ".hdr"), (".img.gz", ".hdr"), (".hdr.gz", ".img")):
-        if lower.endswith(a):
-            stem = path[:-len(a)]
-            return [stem + ext for ext in (b, b + ".gz") if os.path.lexists(stem + ext)]
-    return []
-
-
 @dataclass
 class Input:
     """One input as its header declares it, before any pixel is read: SimpleITK's ``size`` (i, j, k) and geometry,
@@ -106,6 +64,7 @@ class Input:
     name: str  # as the request names it (messages name no server path)
     size: tuple
     pixel_bytes: int
+    imageio: Optional[str] = None  # the ITK reader it was checked for (formats.IMAGEIO); None for a DICOM series
     spacing: Optional[tuple] = None
     origin: Optional[tuple] = None
     direction: Optional[tuple] = None
@@ -144,24 +103,19 @@ def _pixel_bytes(pixel_id):
         return 8
 
 
-def probe_image(path, check=None, name=None):
-    """The ``Input`` of one image file (NIfTI, NRRD, MHA, any format SimpleITK reads) from its header alone
-    (``ImageFileReader.ReadImageInformation``); ``check``: see the module's notes."""
+def probe_image(path, name=None):
+    """The ``Input`` of one image file (an accepted format: ``formats.identify``) from its header alone
+    (``ImageFileReader.ReadImageInformation``, with the reader of that format)."""
     sitk = _sitk()
     name = name or path
     if not os.path.exists(path):
         raise BadInput("input %s does not exist" % name)
     if os.path.isdir(path):
         raise BadInput("input %s is a folder; a folder is read as a DICOM series only when is_dicom is set" % name)
-    try:
-        others = detached_files(path)
-    except OSError as exc:
-        raise BadInput("input %s cannot be read: %s" % (name, exc))
-    for other in others:
-        if check is not None:
-            check(other)
+    imageio = formats.IMAGEIO[formats.identify(path, name)]
     reader = sitk.ImageFileReader()
     reader.SetFileName(path)
+    reader.SetImageIO(imageio)
     try:
         reader.ReadImageInformation()
     except RuntimeError as exc:
@@ -172,11 +126,11 @@ def probe_image(path, check=None, name=None):
         raise BadInput("%s has %d components per voxel; give one volume per series (one channel each)"
                        % (name, reader.GetNumberOfComponents()))
     return Input(path=path, name=name, size=tuple(int(s) for s in reader.GetSize()),
-                 pixel_bytes=_pixel_bytes(reader.GetPixelID()), spacing=tuple(reader.GetSpacing()),
+                 pixel_bytes=_pixel_bytes(reader.GetPixelID()), imageio=imageio, spacing=tuple(reader.GetSpacing()),
                  origin=tuple(reader.GetOrigin()), direction=tuple(reader.GetDirection()))
 
 
-def probe_series(path, is_dicom=False, check=None, bvalue=None, name=None):
+def probe_series(path, is_dicom=False, bvalue=None, name=None):
     """The ``Input`` of a DICOM series (``is_dicom`` and ``path`` a folder: its headers checked by
     ``dicomseries``; ``bvalue``: the request's ``bvalue_for_filtering``) or of an image file (also when
     ``is_dicom``: a file is read as the image it is, as the established server does)."""
@@ -184,12 +138,12 @@ def probe_series(path, is_dicom=False, check=None, bvalue=None, name=None):
 
     name = name or path
     if is_dicom and os.path.isdir(path):
-        vol = dicomseries.series_volume(path, bvalue=bvalue, check=check, name=name)
+        vol = dicomseries.series_volume(path, bvalue=bvalue, name=name)
         return Input(path=path, name=name, size=vol.size, pixel_bytes=4 if vol.float_output else vol.pixel_bytes,
                      spacing=vol.spacing, origin=vol.origin, direction=vol.direction, dicom=vol)
     if not os.path.exists(path):
         raise BadInput("series %s does not exist" % name)
-    return probe_image(path, check=check, name=name)
+    return probe_image(path, name=name)
 
 
 def read_input(info):
@@ -198,6 +152,7 @@ def read_input(info):
     if info.dicom is not None:
         files = list(info.dicom.files)
         reader = sitk.ImageSeriesReader()
+        reader.SetImageIO(formats.IMAGEIO[formats.DICOM])
         reader.SetFileNames(files)
         if info.dicom.float_output:  # the files rescale differently: one output type that holds every slice
             reader.SetOutputPixelType(sitk.sitkFloat32)
@@ -208,7 +163,7 @@ def read_input(info):
         series = Series(path=info.path, image=image, files=files, series_uid=info.dicom.series_uid)
     else:
         try:
-            image = sitk.ReadImage(info.path)
+            image = sitk.ReadImage(info.path, imageIO=info.imageio or "")
         except RuntimeError as exc:
             raise BadInput("input %s cannot be read as an image: %s" % (info.name, _first_line(exc)))
         series = Series(path=info.path, image=image)
@@ -219,14 +174,14 @@ def read_input(info):
     return series
 
 
-def read_image(path, check=None):
+def read_image(path):
     """Read one image file (header checked first: ``probe_image``)."""
-    return read_input(probe_image(path, check=check))
+    return read_input(probe_image(path))
 
 
-def read_series(path, is_dicom=False, check=None, bvalue=None):
+def read_series(path, is_dicom=False, bvalue=None):
     """Read a DICOM series or an image file (``probe_series``, then ``read_input``)."""
-    return read_input(probe_series(path, is_dicom, check=check, bvalue=bvalue))
+    return read_input(probe_series(path, is_dicom, bvalue=bvalue))
 
 
 def _check_3d(image, where):

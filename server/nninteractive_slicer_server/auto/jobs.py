@@ -1,10 +1,6 @@
-"""Server paths and uploads of the automatic-model endpoints: where a request may read and write, how an uploaded
-study archive is unpacked, and the jobs whose outputs wait for download.
+"""Uploads of the automatic-model endpoints: how an uploaded study archive is unpacked, and the jobs whose outputs
+wait for download. (Where a request may read and write on server paths: ``auto/paths.py``.)
 
-* ``PathGuard``: a request's paths, resolved (``..`` and symbolic links, as the file system will see them), must lie
-  inside one of the operator's directories (``--infer-root``); anything else is ``Forbidden`` (403). Without any
-  root, requests on server paths are off, and the answer says so. ``resolver()`` is what ``pipeline.run_study``
-  calls on every path it touches.
 * ``unpack_archive``: a zip or tar archive (gzip/bz2/xz tars too, recognised by content) unpacked into a fresh
   folder, entry by entry: no absolute names, no ``..``, no links or devices (400), the entries' count and total
   unpacked size bounded while writing (``Limits``: 413); files are created exclusively and never through a link.
@@ -12,8 +8,9 @@ study archive is unpacked, and the jobs whose outputs wait for download.
   atomically): an upload's archive, then ``inputs/`` and ``output/``, then ``outputs.zip``. Owned by the user who
   posted it (404 to anyone else), deleted ``job_ttl_s`` after it ended (``expire``, run by the server's reaper),
   read back after a restart. Uploads being received are spooled in ``.spool/`` and count against their user's
-  share before any job exists; the shares (jobs kept, bytes per user, all jobs) are checked here. The runner
-  (auto/runner.py) moves jobs through queued, running, done / failed / cancelled.
+  share before any job exists; the runs' private copies of their inputs are made there too (``paths.py``); the
+  shares (jobs kept, bytes per user, all jobs) are checked here. The runner (auto/runner.py) moves jobs through
+  queued, running, done / failed / cancelled.
 """
 
 import concurrent.futures
@@ -31,56 +28,12 @@ import uuid
 import zipfile
 
 from ..cancel import NEVER, CancelToken
-from ..errors import Busy, Forbidden, NotFound, TooLarge, Unavailable
+from ..errors import Busy, NotFound, TooLarge, Unavailable
 from ..validate import BadInput
 
 log = logging.getLogger("nninteractive_slicer_server")
 
 COPY_BYTES = 1 << 20
-
-
-# ---------------------------------------------------------------------------------------------------------- paths
-
-class PathGuard:
-    """The directories requests may name (each resolved once, at start-up)."""
-
-    def __init__(self, roots=(), allowed="the directories this server allows (--infer-root)"):
-        self.allowed = allowed  # how a refusal names the roots
-        self.roots = []
-        for root in roots:
-            real = os.path.realpath(os.path.expanduser(str(root)))
-            if not os.path.isdir(real):
-                raise ValueError("--infer-root %s is not a directory" % root)
-            if real not in self.roots:
-                self.roots.append(real)
-
-    def __bool__(self):
-        return bool(self.roots)
-
-    def require_roots(self):
-        if not self.roots:
-            raise Forbidden("/infer on server paths is off on this server: its operator allows no directory (start it "
-                            "with --infer-root DIR to allow one); upload the study to /infer_file instead")
-
-    def inside(self, real):
-        return any(real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in self.roots)
-
-    def confine(self, path, what, base=None):
-        """``path`` (relative ones against ``base``, else the server's working directory, as the established server
-        reads them) resolved; ``Forbidden`` unless it lies inside a root."""
-        if not isinstance(path, str) or not path.strip() or "\x00" in path:
-            raise BadInput("%s must be a non-empty path, got %r" % (what, path))
-        joined = os.path.join(base, path) if base is not None and not os.path.isabs(path) else path
-        real = os.path.realpath(joined)
-        if not self.inside(real):
-            raise Forbidden("%s %r is outside %s%s" % (what, path, self.allowed,
-                                                       "" if self.roots else ": none is allowed"))
-        return real
-
-    def resolver(self, base=None):
-        """The ``resolve_path(path, field)`` that ``pipeline.run_study`` calls for every path it reads or writes
-        (study, series folders and the DICOM files found in them, output folder, masks, tmp_dir): ``confine``."""
-        return lambda path, field: self.confine(path, field, base)
 
 
 # ---------------------------------------------------------------------------------------------------------- archives

@@ -64,17 +64,17 @@ no DICOM SEG / RTSTRUCT) ``nifti_prediction`` and, when asked, ``nifti_proba``, 
 names and colours, ``crop_ijk`` (the region run, index ranges i, j, k) or null, ``skipped``, ``timings``) and
 ``warnings`` when there are any.
 
-Paths: every path a request names goes through ``resolve_path(path, field)`` before use (default: made absolute);
-the server passes one that confines paths to its ``--infer-root`` folders (``/infer``) or to the job's folder
-(``/infer_file``) and raises ``Forbidden`` otherwise. The DICOM files found in a series folder and the data files a
-header names (MetaImage ``ElementDataFile``, NRRD ``data file``, an Analyze pair's ``.img``) go through it too, before
-they are read. The request is checked against its one definition, ``auto/request.py`` (unknown fields refused).
+Paths: every path a request names goes through ``files`` (``paths.ConfinedFiles`` for the server: confined to its
+``--infer-root`` folders for ``/infer``, to the job's folder for ``/infer_file``, never through a link, 403
+otherwise; ``paths.LocalFiles`` for the commands: the user's own files). Inputs are read from the private copies it
+makes, in the accepted formats only (``formats.py``); outputs are written through it (a temporary file moved into
+place under its name). The request is checked against its one definition, ``auto/request.py`` (unknown fields
+refused).
 """
 
 import logging
 import os
 import re
-import shutil
 import time
 from typing import Any, Dict, List
 
@@ -86,6 +86,7 @@ from . import dicomseg
 from . import inputs as ainputs
 from . import io as aio
 from . import references
+from .paths import LocalFiles
 from .request import FIELDS as REQUEST_FIELDS
 from .request import parse_request
 
@@ -185,13 +186,10 @@ def _model_channels(registry, spec):
         return None
 
 
-def _default_resolve(path, field):
-    return os.path.abspath(os.path.expanduser(str(path)))
-
-
-def plan_request(registry, segmenter, request, resolve_path=None):
-    """Check ``request`` and turn it into a ``Plan`` (``BadInput`` for anything wrong, naming the field)."""
-    resolve = resolve_path or _default_resolve
+def plan_request(registry, segmenter, request, files=None):
+    """Check ``request`` and turn it into a ``Plan`` (``BadInput`` for anything wrong, naming the field; ``files``'
+    ``Forbidden`` for a path the request may not name)."""
+    files = files or LocalFiles()
     request = parse_request(request)  # the one definition of the request (auto/request.py): types, unknown fields
     ids = request.get("nnunet_id")
     if isinstance(ids, str):
@@ -215,12 +213,13 @@ def plan_request(registry, segmenter, request, resolve_path=None):
     for key in ("study_path", "output_dir"):
         if not isinstance(request.get(key), str) or not request[key].strip():
             raise BadInput("%s is required: a path, got %r" % (key, request.get(key)))
-    study = resolve(request["study_path"], "study_path")
-    if not os.path.isdir(study):
+    study = files.locate(request["study_path"], "study_path")
+    if files.kind(study, "study_path") != "dir":
         raise BadInput("study_path %s is not a folder" % request["study_path"])
-    plan.output_dir = resolve(request["output_dir"], "output_dir")
+    plan.output_dir = files.locate(request["output_dir"], "output_dir")
+    files.check_output(plan.output_dir, "output_dir")
     if request.get("tmp_dir") is not None:
-        resolve(request["tmp_dir"], "tmp_dir")  # unused, but a path named outside the allowed ones is refused
+        files.locate(request["tmp_dir"], "tmp_dir")  # unused, but a path named outside the allowed ones is refused
 
     for key in ("is_dicom", "tta", "save_proba_map", "save_nifti_inputs", "save_rt_struct_output"):
         v = shared(key)
@@ -257,8 +256,8 @@ def plan_request(registry, segmenter, request, resolve_path=None):
         if v is not None:
             if not isinstance(v, str) or not v.strip():
                 raise BadInput("%s must be the path of a mask image, got %r" % (key, v))
-            p = resolve(v, key)
-            if not os.path.isfile(p):
+            p = files.locate(v, key)
+            if files.kind(p, key) != "file":
                 raise BadInput("%s %s does not exist (or is not a file)" % (key, v))
             v = p
         plan.options[key] = v
@@ -295,8 +294,8 @@ def plan_request(registry, segmenter, request, resolve_path=None):
             if isinstance(folder, references.Reference):
                 paths.append(folder)
                 continue
-            p = resolve(os.path.join(study, folder), "series_folders")
-            if not os.path.exists(p):
+            p = files.locate(os.path.join(study, folder), "series_folders")
+            if files.kind(p, "series_folders") is None:
                 raise BadInput("series folder %r does not exist under study_path %s" % (folder,
                                                                                       request["study_path"]))
             paths.append(p)
@@ -343,21 +342,20 @@ def _might_be_mask(image):
     return len(np.unique(sitk.GetArrayViewFromImage(image))) <= 50
 
 
-def mask_on(path_or_image, reference, check=None, field="mask"):
-    """A mask as a boolean ``[k, j, i]`` array on ``reference``'s grid: of a mask file (the request's ``field``) its
-    label 1, as the established server reads ``crop_from`` / ``intersect_with`` (``BadInput`` when the file has
-    other labels on the grid but no 1: an empty mask there would silently empty the result); of a cascade's mask
-    image its nonzero voxels. ``check``: as ``io.read_image``'s."""
-    image = path_or_image
-    if isinstance(path_or_image, str):
-        image = aio.read_image(path_or_image, check=check).image
+def mask_on(source, reference, field="mask"):
+    """A mask as a boolean ``[k, j, i]`` array on ``reference``'s grid: of a mask file (``source`` its probed
+    ``io.Input``, the request's ``field``) its label 1, as the established server reads ``crop_from`` /
+    ``intersect_with`` (``BadInput`` when the file has other labels on the grid but no 1: an empty mask there would
+    silently empty the result); of a cascade's mask image its nonzero voxels."""
+    from_file = isinstance(source, aio.Input)
+    image = aio.read_input(source).image if from_file else source
     arr, _ = aio.to_array(aio.resample_to(image, reference, is_mask=True))
-    if not isinstance(path_or_image, str):
+    if not from_file:
         return arr != 0
     mask = arr == 1
     if not mask.any() and arr.any():
         raise BadInput("%s %s has no voxel of label 1, the label it selects (as in the established server); its "
-                       "labels: %s: write the region as label 1" % (field, os.path.basename(path_or_image),
+                       "labels: %s: write the region as label 1" % (field, os.path.basename(source.path),
                                                                     [int(v) for v in np.unique(arr)[1:11]]))
     return mask
 
@@ -408,32 +406,33 @@ def _names(suffix):
 
 # ---------------------------------------------------------------------------------------------------------- run
 
-def run_study(registry, segmenter, request, resolve_path=None, progress=None, copy_final=False, limits=None,
+def run_study(registry, segmenter, request, files=None, progress=None, copy_final=False, limits=None,
               budget=None, cancel=None):
     """Run the request's model(s) on its study and write the outputs; return the established response (``status``
     ``done``). Raises ``BadInput`` (HTTP 400) for a wrong request, ``UnknownModel`` (400) for an unknown model,
     the registry's ``ModelUnavailable`` / the predictors' ``NotEnoughGPUMemory`` (503), ``Forbidden`` (403) from
-    ``resolve_path``; other exceptions are failures of the server. ``progress(message)`` hears what happens.
+    ``files``; other exceptions are failures of the server. ``progress(message)`` hears what happens.
     Before any pixel is read, every input's header is checked against ``limits`` (``Limits``: an image over
     ``max_image_voxels`` is ``TooLarge``, 413) and the memory its reading holds is reserved from ``budget`` (a
     ``MemoryBudget``: 413 when it can never fit, 503 + Retry-After when not now) until the run ends (``inputs.py``;
-    None: not checked / not reserved).
+    None: not checked / not reserved). ``files``: what the run reads and writes through (see the module's notes;
+    default ``LocalFiles``).
     ``cancel`` (a ``cancel.CancelToken``): checked before each stage and its outputs, and between the pieces of each
     prediction (``RunCancelled``, 409)."""
     cancel = cancel or NEVER
     started = time.perf_counter()
-    plan = plan_request(registry, segmenter, request, resolve_path)
-    reading = ainputs.prepare(plan, resolve_path or _default_resolve, registry, limits, budget)
+    files = files or LocalFiles()
+    plan = plan_request(registry, segmenter, request, files)
+    reading = ainputs.prepare(plan, files, registry, limits, budget)
     try:
-        return _run_plan(registry, segmenter, plan, reading, started, resolve_path, progress, copy_final, cancel)
+        return _run_plan(registry, segmenter, plan, reading, started, files, progress, copy_final, cancel)
     finally:
         reading.release()
 
 
-def _run_plan(registry, segmenter, plan, reading, started, resolve_path, progress, copy_final, cancel):
+def _run_plan(registry, segmenter, plan, reading, started, files, progress, copy_final, cancel):
     """The body of ``run_study`` once its inputs are probed and their reading reserved (``reading``)."""
     say = progress or (lambda msg: log.info("auto: %s", msg))
-    resolve = resolve_path or _default_resolve
     opts = plan.options
     names = _names(opts["suffix"])
     n = len(plan.stages)
@@ -451,10 +450,10 @@ def _run_plan(registry, segmenter, plan, reading, started, resolve_path, progres
     if opts["is_dicom"] and opts["save_rt_struct_output"] and not dicomseg.rtstruct_available():
         raise BadInput("save_rt_struct_output: RTSTRUCT output needs rt-utils, which is not installed on this server "
                        "(%s)" % dicomseg.RTSTRUCT_EXTRA)
-    os.makedirs(plan.output_dir, exist_ok=True)
+    output = files.output(plan.output_dir, "output_dir")
     loaded: Dict[str, aio.Series] = {}
-    crop_ref = opts["crop_from"]  # a path, then (cascade) an image
-    inter_ref = opts["intersect_with"]
+    crop_ref = reading.masks.get("crop_from")  # a mask file (its probed Input), then (cascade) an image
+    inter_ref = reading.masks.get("intersect_with")
     stages_info, is_empty, warnings = [], [], []
     outputs = references.StageOutputs(plan.expansion)  # what from: references of later stages read
     warnings.extend(reading.notes)  # what the DICOM checks left out or selected
@@ -470,8 +469,7 @@ def _run_plan(registry, segmenter, plan, reading, started, resolve_path, progres
             if isinstance(p, references.Reference):
                 loaded[p] = outputs.series(p)  # an earlier stage's output
             elif p not in loaded:
-                # what was probed (and confined: the DICOM files of a folder, the data files a header names)
-                loaded[p] = aio.read_input(reading.info(p))
+                loaded[p] = aio.read_input(reading.info(p))  # the private copy that was probed
             vols.append(loaded[p])
         ref = vols[0].image
         images = [ref] + [aio.resample_to(v.image, ref, is_mask=_might_be_mask(v.image)) for v in vols[1:]]
@@ -483,7 +481,7 @@ def _run_plan(registry, segmenter, plan, reading, started, resolve_path, progres
         region = tuple(slice(0, m) for m in shape)
         skip = False
         if crop_ref is not None:
-            crop_mask = mask_on(crop_ref, ref, check=lambda f: resolve(f, "crop_from"), field="crop_from")
+            crop_mask = mask_on(crop_ref, ref, field="crop_from")
             box = aio.mask_bbox(crop_mask)
             if box is None:
                 skip = True
@@ -517,7 +515,7 @@ def _run_plan(registry, segmenter, plan, reading, started, resolve_path, progres
         if stage["remove_small"] is not None and labels.any():
             labels = remove_small_objects(labels, stage["remove_small"])
         if inter_ref is not None and labels.any():
-            ref_mask = mask_on(inter_ref, ref, check=lambda f: resolve(f, "intersect_with"), field="intersect_with")
+            ref_mask = mask_on(inter_ref, ref, field="intersect_with")
             labels, _kept = keep_intersecting(labels, ref_mask, opts["min_intersection"])
         if probs is not None:  # the established map: each label's probability where the mask has that label
             for c, v in enumerate(prob_values):
@@ -527,30 +525,28 @@ def _run_plan(registry, segmenter, plan, reading, started, resolve_path, progres
         # ---- outputs of this stage
         cancel.check()
         t1 = time.perf_counter()
-        sdir = os.path.join(plan.output_dir, "stage_%d" % i)
-        os.makedirs(sdir, exist_ok=True)
-        say("%s: writing outputs to %s" % (tag, sdir))
+        sdir = output.sub("stage_%d" % i)
+        say("%s: writing outputs to %s" % (tag, sdir.shown))
         labels = labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.uint16, copy=False)
-        out["nifti_prediction"].append(aio.write_image(aio.from_array(labels, ref),
-                                                       os.path.join(sdir, names["prediction"] + ".nii.gz")))
+        out["nifti_prediction"].append(sdir.write(names["prediction"] + ".nii.gz", nifti_writer(
+            aio.from_array(labels, ref))))
         if opts["save_proba_map"]:
             if probs is None or not len(prob_values):
                 out["nifti_proba"].append(None)
             else:
                 img = aio.from_array(probs[0], ref) if len(prob_values) == 1 else \
                     aio.from_array(np.moveaxis(probs, 0, -1), ref, vector=True)
-                out["nifti_proba"].append(aio.write_image(img, os.path.join(sdir, names["probabilities"] +
-                                                                            ".nii.gz")))
+                out["nifti_proba"].append(sdir.write(names["probabilities"] + ".nii.gz", nifti_writer(img)))
         if opts["save_nifti_inputs"]:
             for j, im in enumerate(images):
-                out["nifti_inputs"].append(aio.write_image(im, os.path.join(sdir, "input_volume_%d.nii.gz" % j)))
+                out["nifti_inputs"].append(sdir.write("input_volume_%d.nii.gz" % j, nifti_writer(im)))
         segments = registry.segments(spec)
         info = _seg_info(registry, spec)
         if opts["is_dicom"]:
-            files, why = vols[0].files, None
-            if not files:
+            files_k, why = vols[0].files, None
+            if not files_k:
                 why = "is not a DICOM series"
-            elif len(files) != shape[0]:
+            elif len(files_k) != shape[0]:
                 why = "is a multi-frame DICOM file, for which this server writes no DICOM outputs"
             if why:
                 warnings.append("stage %d: the first series (%s) %s; prediction.nii.gz has the result"
@@ -559,18 +555,17 @@ def _run_plan(registry, segmenter, plan, reading, started, resolve_path, progres
                     if key in out:
                         out[key].append(None)
             else:
-                p = os.path.join(sdir, names["prediction"] + ".dcm")
-                written = dicomseg.write_binary_seg(labels, files, segments, p, info)
-                out["dicom_segmentation"].append(p if written else None)
+                seg = sdir.write(names["prediction"] + ".dcm", lambda p: dicomseg.write_binary_seg(
+                    labels, files_k, segments, p, info))
+                out["dicom_segmentation"].append(seg)
                 if "dicom_struct" in out:
-                    p = os.path.join(sdir, names["struct"] + ".dcm")
-                    out["dicom_struct"].append(p if written and dicomseg.write_rtstruct(
-                        labels, files, segments, p, info) else None)
+                    out["dicom_struct"].append(seg and sdir.write(names["struct"] + ".dcm", lambda p: (
+                        dicomseg.write_rtstruct(labels, files_k, segments, p, info))))
                 if "dicom_fractional_segmentation" in out:
-                    p = os.path.join(sdir, names["probabilities"] + ".dcm")
-                    ok = probs is not None and len(prob_values) and dicomseg.write_fractional_seg(
-                        probs, files, dicomseg.probability_segments(segments, prob_values), p, info)
-                    out["dicom_fractional_segmentation"].append(p if ok else None)
+                    out["dicom_fractional_segmentation"].append(
+                        sdir.write(names["probabilities"] + ".dcm", lambda p: dicomseg.write_fractional_seg(
+                            probs, files_k, dicomseg.probability_segments(segments, prob_values), p, info))
+                        if probs is not None and len(prob_values) else None)
         timings["write"] = time.perf_counter() - t1
         present = [int(v) for v in np.unique(labels) if v > 0]
         is_empty.append(not present)
@@ -605,13 +600,19 @@ def _run_plan(registry, segmenter, plan, reading, started, resolve_path, progres
     if warnings:
         response["warnings"] = warnings
     if copy_final:
+        last_stage = sdir
         for key in OUTPUT_KEYS:
             if key in out and out[key] and key != "nifti_inputs" and out[key][-1]:
-                final = os.path.join(plan.output_dir, os.path.basename(out[key][-1]))
-                shutil.copyfile(out[key][-1], final)
-                response["%s_final" % key] = os.path.basename(final)
+                name = os.path.basename(out[key][-1])
+                output.copy(last_stage, name)
+                response["%s_final" % key] = name
     say("done in %.1f s" % response["time_elapsed"])
     return response
+
+
+def nifti_writer(image):
+    """The writer of ``image`` as a compressed NIfTI file (for ``output.write``)."""
+    return lambda path: aio.write_image(image, path)
 
 
 def _probability_values(result, channels):

@@ -3,6 +3,7 @@ predictor cache), the allowed directories, the jobs of uploads, readiness, and t
 the study reader and writer (``run_study``).
 """
 
+import json
 import logging
 import os
 import uuid
@@ -10,7 +11,8 @@ import uuid
 from ..cancel import NEVER
 from ..validate import BadInput
 from . import pipeline
-from .jobs import PATHS, UPLOAD, Job, JobStore, PathGuard, archive_kind, unpack_archive
+from .jobs import PATHS, UPLOAD, Job, JobStore, archive_kind, unpack_archive
+from .paths import PathGuard, folder_files
 from .registry import ModelUnavailable, dataset_labels
 from .runner import JobRunner
 
@@ -22,8 +24,8 @@ MAX_LICENSE_CHARS = 20000
 
 
 # ---------------------------------------------------------------------------------------------------------- run_study
-# THE ONE PLACE where the endpoints meet issue 11's study IO: ``AutoService.run_study(fields, resolve_path)`` calls
-# ``pipeline.run_study`` (NIfTI/DICOM in; prediction.nii.gz, DICOM SEG, RTSTRUCT out; cascades; outputs in
+# THE ONE PLACE where the endpoints meet issue 11's study IO: ``AutoService.run_study(fields, files, cancel,
+# progress)`` calls ``pipeline.run_study`` (NIfTI/DICOM in; prediction.nii.gz, DICOM SEG, RTSTRUCT out; cascades; outputs in
 # ``output_dir/stage_<i>/``):
 #
 # * called on a runner thread (auto/runner.py: at most Limits.max_running_jobs at once); forward passes go through
@@ -34,9 +36,10 @@ MAX_LICENSE_CHARS = 20000
 #   output folder (zipped for /download afterwards);
 # * ``cancel`` (the job's CancelToken) and ``progress(message)``: the run stops between its pieces once cancelled
 #   (DELETE /jobs/{id}, a synchronous client gone, the shutdown's deadline) and tells its steps to GET /jobs/{id};
-# * ``resolve_path(path, field)``: every path the pipeline reads or writes goes through it (study, series folders and
-#   the DICOM files in them, output folder, masks, tmp_dir): ``PathGuard.resolver`` confines them to the
-#   --infer-root folders (/infer) or to the job's folder (/infer_file), after resolving '..' and links (403);
+# * ``files`` (auto/paths.py): every path the pipeline reads or writes goes through it (study, series folders and
+#   the DICOM files in them, output folder, masks, tmp_dir): ``PathGuard.files`` confines them to the caller's
+#   --infer-root folders (/infer) or to the job's folder (/infer_file), never through a link (403); inputs are read
+#   from private copies under the jobs folder's .spool, outputs moved into place through held descriptors;
 # * limits: every input's header is checked against ``limits`` (--max-image-voxels) and its reading reserved from
 #   ``budget`` (the server's MemoryBudget, shared with the sessions) before any pixel is read (auto/inputs.py);
 # * errors: ``validate.BadInput`` (400) or an ``errors.Problem`` (its status); anything else is a 500 that says only
@@ -63,13 +66,27 @@ class AutoService:
                    "under " + ", ".join(self.guard.roots) if self.guard else "off (no --infer-root)",
                    self.runner.workers, self.limits.describe_jobs()))
 
-    def run_study(self, fields, resolve_path, cancel=None, progress=None):
+    def run_study(self, fields, files, cancel=None, progress=None, job=None):
         """One study (see the notes above ``AutoService``): the established response. ``cancel`` (a
-        ``cancel.CancelToken``) stops it between stages and between the pieces of each prediction
-        (``RunCancelled``, 409), giving back what it holds; ``progress(message)`` hears what happens."""
+        ``cancel.CancelToken``) stops it between stages and between the pieces of each prediction (``RunCancelled``,
+        409), giving back what it holds; ``progress(message)`` hears its steps. Logged with its user, what
+        it reads and what it wrote (``job``: the job it runs for)."""
         (cancel or NEVER).check()
-        return pipeline.run_study(self.registry, self.segmenter, fields, resolve_path=resolve_path,
-                                  progress=progress, limits=self.limits, budget=self.budget, cancel=cancel)
+        run = job.id[:8] if job is not None else "-"
+        named = {k: fields.get(k) for k in ("study_path", "series_folders", "crop_from", "intersect_with")
+                 if fields.get(k) is not None}
+        log.info("auto: run %s of user %s reads %s and writes into %s", run, json.dumps(files.user),
+                 json.dumps(named), json.dumps(fields.get("output_dir")))
+        result = pipeline.run_study(self.registry, self.segmenter, fields, files=files, progress=progress,
+                                    limits=self.limits, budget=self.budget, cancel=cancel)
+        written = [p for key in pipeline.OUTPUT_KEYS for p in result.get(key) or [] if p]
+        log.info("auto: run %s of user %s wrote %s", run, json.dumps(files.user), json.dumps(written))
+        return result
+
+    def _files(self, user, **kw):
+        """What a run of ``user`` may touch: the --infer-root folders (``folder``: a folder of the server's own first),
+        private copies under the jobs folder, copies bounded by --max-unpacked-bytes."""
+        return self.guard.files(user, scratch=self.jobs.spool, limit=self.limits.max_unpacked_bytes, **kw)
 
     def check_models(self, nnunet_id):
         """Every model a request names is registered (``UnknownModel``: 400 naming the known ids) and can serve
@@ -90,7 +107,8 @@ class AutoService:
         ids = fields["nnunet_id"] if isinstance(fields["nnunet_id"], list) else [fields["nnunet_id"]]
         if not any(self.registry.get(i).totalseg_task is not None and self.registry.get(i).rel_path is None
                    for i in ids):  # a TotalSegmentator model may download its weights first: that is the run's work
-            pipeline.plan_request(self.registry, self.segmenter, fields, self.guard.resolver())
+            with self.guard.files(user) as files:
+                pipeline.plan_request(self.registry, self.segmenter, fields, files)
         if sync:
             job = Job(uuid.uuid4().hex, user, PATHS, request=fields, created=self.jobs.clock())
         else:
@@ -136,8 +154,9 @@ class AutoService:
         run.update(study_path=job.inputs, output_dir=job.output, is_dicom=True,
                    series_folders=[[s if is_reference(s) else local[s] for s in stage] for stage in stages])
         # Masks (crop_from, intersect_with) are server paths, confined to --infer-root as for /infer.
-        guard = PathGuard([job.folder] + list(self.guard.roots), "this run's folder or the --infer-root directories")
-        result = self.run_study(run, guard.resolver(base=job.inputs), cancel=job.token, progress=self._progress(job))
+        with self._files(job.user, base=job.inputs, folder=job.folder,
+                         allowed="this run's folder or the --infer-root directories") as files:
+            result = self.run_study(run, files, cancel=job.token, progress=self._progress(job), job=job)
         stored = []
         for path in result.get("dicom_segmentation") or []:
             if path:
@@ -164,7 +183,8 @@ class AutoService:
         return progress
 
     def _run_paths(self, job):
-        return self.run_study(job.fields, self.guard.resolver(), cancel=job.token, progress=self._progress(job))
+        with self._files(job.user) as files:
+            return self.run_study(job.fields, files, cancel=job.token, progress=self._progress(job), job=job)
 
     def _run_upload(self, job):
         job.say("unpacking the upload")
@@ -174,8 +194,9 @@ class AutoService:
         os.unlink(job.upload)
         self.jobs.measure(job)
         fields = dict(job.fields, study_path=job.inputs, output_dir=job.output)
-        resolve = PathGuard([job.folder], "this job's folder (the uploaded archive)").resolver(base=job.inputs)
-        result = self.run_study(fields, resolve, cancel=job.token, progress=self._progress(job))
+        with folder_files(job.folder, "this job's folder (the uploaded archive)", job.user, base=job.inputs,
+                          scratch=self.jobs.spool, limit=self.limits.max_unpacked_bytes) as files:
+            result = self.run_study(fields, files, cancel=job.token, progress=self._progress(job), job=job)
         job.token.check()
         job.say("zipping the outputs")
         self.jobs.zip_outputs(job)
@@ -206,6 +227,7 @@ class AutoService:
         self.runner.close()
         self.segmenter.cache.expire()
         self.jobs.close()
+        self.guard.close()
 
     # ------------------------------------------------------------------ what clients see
 
