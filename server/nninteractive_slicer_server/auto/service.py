@@ -25,8 +25,8 @@ MAX_LICENSE_CHARS = 20000
 
 # ---------------------------------------------------------------------------------------------------------- run_study
 # THE ONE PLACE where the endpoints meet issue 11's study IO: ``AutoService.run_study(fields, files, cancel,
-# progress)`` calls ``pipeline.run_study`` (NIfTI/DICOM in; prediction.nii.gz, DICOM SEG, RTSTRUCT out; cascades; outputs in
-# ``output_dir/stage_<i>/``):
+# progress)`` calls ``pipeline.run_study`` (NIfTI/DICOM in; prediction.nii.gz, DICOM SEG, RTSTRUCT out; cascades;
+# outputs in ``output_dir/stage_<i>/``):
 #
 # * called on a runner thread (auto/runner.py: at most Limits.max_running_jobs at once); forward passes go through
 #   ``segmenter`` (AutoSegmenter, its queue = Engine.queue: in pieces between the prompts on the prediction thread,
