@@ -1,6 +1,7 @@
 """Log lines that carry the request id (and the user, when known), as text or one JSON object per line.
 
-The request id is set by ``errors.RequestIdMiddleware`` in ``request_id_var`` for the task that serves the request;
+Text lines never carry a line break from what they quote (``TextFormatter``; JSON escapes it anyway). The request
+id is set by ``errors.RequestIdMiddleware`` in ``request_id_var`` for the task that serves the request;
 work handed to threads carries it along (Starlette's thread pool copies the context, and so does
 ``Engine.run_on_gpu``). A filter on the one handler adds it to every record, whichever logger wrote it (ours,
 uvicorn's, the access log): ``-`` outside a request. What the nnInteractive library prints (it prints rather than
@@ -27,6 +28,22 @@ class RequestContextFilter(logging.Filter):
         record.request_id = request_id_var.get()
         record.user = user_var.get()
         return True
+
+
+def escape_controls(text):
+    """``text`` with line breaks and other control characters written as escapes (``\\n``, ``\\x1b``), so that
+    nothing a client sends (a path with %0A) can start a forged line in a text log."""
+    if not any(ord(c) < 32 or c == "\x7f" for c in text):
+        return text
+    return "".join(c if ord(c) >= 32 and c != "\x7f" else repr(c)[1:-1] for c in text)
+
+
+class TextFormatter(logging.Formatter):
+    """The text log's lines: a message is one line whatever it quotes (a traceback follows on lines of its own)."""
+
+    def formatMessage(self, record):
+        record.message = escape_controls(record.message)
+        return logging.Formatter.formatMessage(self, record)
 
 
 class JsonFormatter(logging.Formatter):
@@ -88,7 +105,7 @@ def configure(level="info", json_lines=False, stream=None, verbose=False, captur
     included."""
     handler = logging.StreamHandler(stream)
     handler.addFilter(RequestContextFilter())
-    handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if json_lines else TextFormatter(TEXT_FORMAT))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

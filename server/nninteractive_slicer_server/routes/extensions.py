@@ -1,12 +1,15 @@
 """Our additions under /x/ (official clients never call them)."""
 
+import os
+
 from fastapi import APIRouter, Depends, Request
 
 from SlicerNNInteractiveLib import protocol as P
 
 from .. import __version__
 from ..capacity import free_capacity
-from ..deps import lease, require_key, server
+from ..deps import lease, require_key, role, server
+from ..identities import OPERATOR
 from ..limits import rss_bytes
 
 router = APIRouter(dependencies=[Depends(require_key)])
@@ -14,15 +17,27 @@ router = APIRouter(dependencies=[Depends(require_key)])
 
 @router.get(P.PATH_SERVER_INFO)
 async def server_info(request: Request, user=Depends(require_key)):
+    """What a client needs (version, model, license, limits of a request, capacity, who it is); an operator also
+    gets the server's state (sessions, memory, compile). Never a server path: the model is named, not located."""
     srv = server(request)
     engine, caps = srv.engine, srv.caps
-    return {"server": "nninteractive-slicer-server", "server_version": __version__,
-            "version": caps["inference_session_version"], "model": engine.model_name, "license": engine.license,
-            "device": str(engine.device), "torch_compile": engine.use_torch_compile,
-            "sessions": srv.registry.count(), "max_sessions": srv.registry.max_sessions, "rss_bytes": rss_bytes(),
-            "memory_budget": srv.budget.total, "memory_reserved": srv.budget.used,
-            "max_image_voxels": srv.limits.max_image_voxels, "max_body_bytes": srv.limits.max_body_bytes,
-            "machine": P.machine_id(), "user": user, "capacity": free_capacity(srv)}
+    info = {"server": "nninteractive-slicer-server", "server_version": __version__,
+            "version": caps["inference_session_version"], "model": model_label(engine), "license": engine.license,
+            "device": str(engine.device), "max_image_voxels": srv.limits.max_image_voxels,
+            "max_body_bytes": srv.limits.max_body_bytes, "machine": P.machine_id(), "user": user,
+            "role": role(request), "capacity": free_capacity(srv)}
+    if role(request) == OPERATOR:
+        info.update({"torch_compile": engine.use_torch_compile, "sessions": srv.registry.count(),
+                     "max_sessions": srv.registry.max_sessions, "rss_bytes": rss_bytes(),
+                     "memory_budget": srv.budget.total, "memory_reserved": srv.budget.used,
+                     "memory_share_per_user": srv.budget.user_share})
+    return info
+
+
+def model_label(engine):
+    """The model's name: an official id, or the last part of a local folder's path (the rest is the server's)."""
+    name = str(engine.model_name)
+    return os.path.basename(name.rstrip("/" + os.sep)) if os.sep in name or "/" in name else name
 
 
 @router.get(P.PATH_QUEUE)
