@@ -46,6 +46,7 @@ class Server:
         self.registry = LeaseRegistry(engine.new_session, engine.close_session, max_sessions, idle_timeout,
                                       liveness_timeout, limits.max_waiting_per_lease, max_sessions_per_user)
         self.caps = engine.capabilities
+        self.model = model_label(getattr(engine, "model_name", None))  # what answers call the model: never a path
         self.supports_3d_box = bool(self.caps["supported_interactions"].get("bbox3d"))
         self.image_channels = len(engine.artifacts["dataset_json"]["channel_names"])
         self.num_interaction_channels = int(self.caps.get("num_interaction_channels") or 7)
@@ -57,6 +58,13 @@ class Server:
         self.metrics = None  # metrics.Metrics, made by metrics.install
         self.guard = None  # connections.Guard, when served by shutdown.serve
         self.metrics_user_labels = False  # metrics name users only when the operator says so (--metrics-user-labels)
+
+
+def model_label(name):
+    """An official model id as it is; a local model folder by its last part (the rest of its path is the
+    server's business)."""
+    name = str(name)
+    return os.path.basename(name.rstrip("/" + os.sep)) if os.sep in name or "/" in name else name
 
 
 def make_app(engine, max_sessions=1, idle_timeout=600.0, liveness_timeout=60.0, api_key=None, limits=None,

@@ -87,7 +87,9 @@ def build_parser():
     lim.add_argument("--max-waiting-per-lease", type=int, default=4, metavar="N", help="requests of one session "
                      "that may wait behind the one it runs; more get 429 with Retry-After (default %(default)s)")
     lim.add_argument("--min-upload-rate", type=parse_size, default="32K", metavar="BYTES", help="bytes per second a "
-                     "request body must arrive at on average, after its first 10 s; slower: 408 (default 32K)")
+                     "request body must arrive at on average, after --upload-grace-seconds; slower: 408 (default 32K)")
+    lim.add_argument("--upload-grace-seconds", type=float, default=10.0, metavar="S", help="a request body's first "
+                     "S seconds are not held to --min-upload-rate (default %(default)s)")
     a = p.add_argument_group("automatic models (nnU-Net; the established model server's /infer, /infer_file, "
                              "/model_info, ... and /x/auto_segment on a session's image)")
     a.add_argument("--model-serve-spec", metavar="PATH", help="model registry (model-serve-spec.yaml) to serve "
@@ -160,8 +162,9 @@ def check_args(args):
         raise StartupError("--port must be between 1 and 65535.")
     if args.agent_port is not None and not (0 < args.agent_port < 65536 and args.agent_port != args.port):
         raise StartupError("--agent-port must be between 1 and 65535, and not --port.")
-    if args.header_timeout_seconds <= 0 or args.keep_alive_seconds <= 0:
-        raise StartupError("--header-timeout-seconds and --keep-alive-seconds must be positive.")
+    if args.header_timeout_seconds <= 0 or args.keep_alive_seconds <= 0 or args.upload_grace_seconds < 0:
+        raise StartupError("--header-timeout-seconds and --keep-alive-seconds must be positive, "
+                           "--upload-grace-seconds 0 or more.")
     if (args.max_connections is not None and args.max_connections < 1) or args.max_connections_per_address < 1:
         raise StartupError("--max-connections and --max-connections-per-address must be at least 1.")
     from .connections import parse_networks
@@ -388,7 +391,7 @@ def serve(args):
     limits.max_archive_files, limits.max_jobs, limits.job_ttl_s = (args.max_archive_files, args.max_jobs,
                                                                     args.job_ttl_seconds)
     auto = make_auto(registry, engine, args, limits) if registry is not None else None
-    limits.min_upload_rate = args.min_upload_rate
+    limits.min_upload_rate, limits.upload_grace_s = args.min_upload_rate, args.upload_grace_seconds
     app = make_app(engine, args.max_sessions, args.idle_timeout_seconds, args.liveness_timeout_seconds, limits=limits,
                    identities=identities, max_sessions_per_user=args.max_sessions_per_user, auto=auto,
                    agent_port=args.agent_port, agent_host=args.agent_host,

@@ -145,8 +145,12 @@ async def _read(request, lease_, what, consume):
     srv.limits.check_body(_declared_length(request), what)  # nothing read yet: a body declared too large is refused
     loop = asyncio.get_running_loop()
     received, batch, batch_bytes, pending = 0, [], 0, None
+    pieces = _pieces(request, lease_, srv.registry.liveness_timeout).__aiter__()
     try:
-        async for piece in _pieces(request, lease_, srv.registry.liveness_timeout):
+        while True:
+            piece = await _next_piece(pieces, pending)
+            if piece is None:
+                break
             received += len(piece)
             srv.limits.check_body(received, what)
             batch.append(piece)
@@ -164,6 +168,22 @@ async def _read(request, lease_, what, consume):
     finally:
         if pending is not None:  # never leave a batch decoding behind a refused request
             await asyncio.wait([pending])
+
+
+async def _next_piece(pieces, pending):
+    """The body's next piece (None at its end), or at once what the batch decoding beside it (``pending``) raised:
+    an array refused from its header (too large, over the budget) is answered without waiting for bytes that may
+    never come."""
+    step = asyncio.ensure_future(pieces.__anext__())
+    if pending is not None and not pending.done():
+        await asyncio.wait([step, pending], return_when=asyncio.FIRST_COMPLETED)
+    if pending is not None and pending.done() and pending.exception() is not None:
+        step.cancel()
+        raise pending.exception()
+    try:
+        return await step
+    except StopAsyncIteration:
+        return None
 
 
 async def read_json(request, lease_=None):

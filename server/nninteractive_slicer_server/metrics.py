@@ -152,7 +152,7 @@ class _StateCollector:
             yield refused
         info = GaugeMetricFamily(PREFIX + "server_info", "The server's version, model and device",
                                  labels=["version", "model", "device"])
-        info.add_metric([__version__, str(srv.engine.model_name), str(srv.engine.device)], 1)
+        info.add_metric([__version__, srv.model, str(srv.engine.device)], 1)
         yield info
 
 

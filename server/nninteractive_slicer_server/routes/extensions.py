@@ -1,7 +1,5 @@
 """Our additions under /x/ (official clients never call them)."""
 
-import os
-
 from fastapi import APIRouter, Depends, Request
 
 from SlicerNNInteractiveLib import protocol as P
@@ -22,7 +20,7 @@ async def server_info(request: Request, user=Depends(require_key)):
     srv = server(request)
     engine, caps = srv.engine, srv.caps
     info = {"server": "nninteractive-slicer-server", "server_version": __version__,
-            "version": caps["inference_session_version"], "model": model_label(engine), "license": engine.license,
+            "version": caps["inference_session_version"], "model": srv.model, "license": engine.license,
             "device": str(engine.device), "max_image_voxels": srv.limits.max_image_voxels,
             "max_body_bytes": srv.limits.max_body_bytes, "machine": P.machine_id(), "user": user,
             "role": role(request), "capacity": free_capacity(srv)}
@@ -32,12 +30,6 @@ async def server_info(request: Request, user=Depends(require_key)):
                      "memory_budget": srv.budget.total, "memory_reserved": srv.budget.used,
                      "memory_share_per_user": srv.budget.user_share})
     return info
-
-
-def model_label(engine):
-    """The model's name: an official id, or the last part of a local folder's path (the rest is the server's)."""
-    name = str(engine.model_name)
-    return os.path.basename(name.rstrip("/" + os.sep)) if os.sep in name or "/" in name else name
 
 
 @router.get(P.PATH_QUEUE)
