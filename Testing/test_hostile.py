@@ -538,7 +538,7 @@ def test_another_users_lease_is_refused_and_logged(fortress):
     try:
         r = call(fortress, "POST", P.PATH_HEARTBEAT, "bob", lease)
         assert r.status_code == 403
-        wait_for(lambda: re.search(r"POST /heartbeat by bob -> 403: this session was claimed by another user",
+        wait_for(lambda: re.search(r"POST /heartbeat -> 403: this session was claimed by another user \(user bob\)",
                                    log_text(fortress)), "the 403 was not logged")
     finally:
         call(fortress, "POST", P.PATH_RELEASE, "erin", lease)

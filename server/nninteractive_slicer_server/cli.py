@@ -319,9 +319,11 @@ def check_registry(args):
 
     path = spec_path_from(args.model_serve_spec)
     if path is None:
-        if args.infer_root or args.jobs_dir:
-            raise StartupError("--infer-root and --jobs-dir serve automatic models: give the model registry too "
+        if args.infer_root:
+            raise StartupError("--infer-root serves automatic models: give the model registry too "
                                "(--model-serve-spec PATH or MODEL_SERVE_SPEC).")
+        if args.jobs_dir:  # a deployment names its jobs volume whether or not this node serves automatic models
+            log.info("--jobs-dir %s is unused: no model registry (--model-serve-spec)", args.jobs_dir)
         return None
     try:
         registry = load_registry(path)
