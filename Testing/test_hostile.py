@@ -10,7 +10,6 @@ SIGHUP sent while it starts) and ``open_server`` (no key at all). Attackers conn
 tests' own requests from 127.0.0.1.
 """
 
-import http.client
 import json
 import os
 import re
@@ -18,7 +17,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from types import SimpleNamespace
 
@@ -27,14 +25,15 @@ import pytest
 import requests
 
 from conftest import REPO, SERVER_ENV, TORCH_THREADS, claim, free_port, our_server, running
+from hostile_rig import Flood, first_bytes, image_body, open_idle, raw, read_answer, sigcgt, slow_headers, \
+    stalled_upload, status_of
 
 from SlicerNNInteractiveLib import protocol as P
-from SlicerNNInteractiveLib.wire import LOOPBACK_IMAGE_CODEC, pack_array
+from SlicerNNInteractiveLib.wire import pack_array
 
 SHARED = "hostile-shared-Key-0123456789"
 DESCRIPTORS = 256  # the fortress's open-file limit (soft = hard): its connection cap is 256 - 128
 MiB = 1 << 20
-IMAGE = (112, 112, 112)  # float32: a session holding it reserves ~31 MB: two exceed one user's share (32 MiB)
 HEADER_TIMEOUT = 1.0
 UPLOAD_GRACE = 6.0
 PER_ADDRESS = 8
@@ -45,18 +44,6 @@ def keys_command(keys_file, *args):
                         *args], capture_output=True, text=True, env=SERVER_ENV, timeout=60)
     assert p.returncode == 0, p.stderr
     return p.stdout.strip()
-
-
-def sigcgt(pid):
-    """The signals process ``pid`` catches (a bit mask), or 0 while it is not our Python yet."""
-    try:
-        with open("/proc/%d/status" % pid) as f:
-            status = f.read()
-    except OSError:
-        return 0
-    if not re.search(r"^Name:\s*python", status, re.M):
-        return 0
-    return int(re.search(r"^SigCgt:\s*([0-9a-f]+)", status, re.M).group(1), 16)
 
 
 @pytest.fixture(scope="module")
@@ -86,30 +73,17 @@ def fortress(quiet_model, tmp_path_factory):
     def ready():
         # SIGHUP as soon as the server catches it (the first thing it does), long before it serves: it must neither
         # die nor forget the signal
-        if "pid" not in hup and sigcgt(proc_box[0].pid) & (1 << (signal.SIGHUP - 1)):
-            hup["pid"] = proc_box[0].pid
-            os.kill(hup["pid"], signal.SIGHUP)
-            hup["serving_then"] = _answers(url)
+        if "pid" not in hup:
+            pid = server_pid(port)
+            if pid and sigcgt(pid) & (1 << (signal.SIGHUP - 1)):
+                hup["pid"] = pid
+                os.kill(pid, signal.SIGHUP)
+                hup["serving_then"] = _answers(url)
         return requests.get(url + "/healthz", timeout=1).status_code == 200
 
-    proc_box = []
-    popen = subprocess.Popen
-
-    def remember(*a, **kw):  # running() starts the process: keep it for ready()
-        proc_box.append(popen(*a, **kw))
-        return proc_box[-1]
-
-    subprocess.Popen = remember
-    try:
-        ctx = running(cmd, url, log_path, ready=ready, what="fortress")
-        proc = ctx.__enter__()
-    finally:
-        subprocess.Popen = popen
-    try:
+    with running(cmd, url, log_path, ready=ready, what="fortress") as proc:
         yield SimpleNamespace(url=url, port=port, agent=agent, proc=proc, log=log_path, keys=keys, tokens=tokens,
                               hup=hup, model_dir=str(quiet_model), tmp=str(tmp), answers=[])
-    finally:
-        ctx.__exit__(None, None, None)
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +91,19 @@ def open_server(quiet_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hostile-open")
     with our_server(quiet_model, tmp, "--no-autozoom") as (url, proc):
         yield SimpleNamespace(url=url, proc=proc, log=os.path.join(str(tmp), "server-%s.log" % url.rsplit(":", 1)[1]))
+
+
+def server_pid(port):
+    """The pid of our server process listening on ``port`` (found by its command line), or None."""
+    for pid in os.listdir("/proc"):
+        try:
+            with open("/proc/%s/cmdline" % pid, "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"nninteractive_slicer_server" in args and b"--port" in args and str(port).encode() in args:
+            return int(pid)
+    return None
 
 
 def _answers(url):
@@ -157,74 +144,7 @@ def wait_for(condition, what, timeout=30.0):
         time.sleep(0.05)
 
 
-def raw(source, port, data, read=True, timeout=10.0):
-    """Connect from ``source`` (a loopback address), send ``data``, and read until the server closes: the bytes."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0)) as s:
-        if data:
-            s.sendall(data)
-        out = b""
-        while read:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            out += chunk
-        return out
-
-
-def status_of(answer):
-    return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/") else None
-
-
 # ---------------------------------------------------------------- the key check cannot be turned against users
-
-
-class Flood(threading.Thread):
-    """Requests with guessed tokens (``NAME.<random>``) from ``source``, in ``threads`` threads, until stopped;
-    counts the answers by status."""
-
-    def __init__(self, world, source, name, threads=4):
-        threading.Thread.__init__(self, daemon=True)
-        self.world, self.source, self.name, self.threads = world, source, name, threads
-        self.stop, self.statuses, self.mu = threading.Event(), {}, threading.Lock()
-
-    def count(self):
-        with self.mu:
-            return sum(self.statuses.values())
-
-    def one(self, i):
-        conn = http.client.HTTPConnection("127.0.0.1", self.world.port, timeout=30, source_address=(self.source, 0))
-        n = 0
-        while not self.stop.is_set():
-            n += 1
-            try:
-                conn.request("GET", P.PATH_CAPABILITIES, headers={
-                    "Authorization": "Bearer %s.guess-%d-%d-%s" % (self.name, i, n, os.urandom(8).hex())})
-                r = conn.getresponse()
-                r.read()
-                status = r.status
-            except (OSError, http.client.HTTPException):
-                status = "dropped"
-            conn.close()  # the gate closes a refused connection
-            conn = http.client.HTTPConnection("127.0.0.1", self.world.port, timeout=30,
-                                              source_address=(self.source, 0))
-            with self.mu:
-                self.statuses[status] = self.statuses.get(status, 0) + 1
-
-    def run(self):
-        workers = [threading.Thread(target=self.one, args=(i,), daemon=True) for i in range(self.threads)]
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-
-    def __enter__(self):
-        self.start()
-        wait_for(lambda: self.count() >= 20, "the flood did not start")
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.join(60)
 
 
 def first_request_during(flood, world, who):
@@ -241,7 +161,7 @@ def test_a_flood_of_guessed_tokens_never_locks_out_a_valid_users_first_request(f
     """The attack of the issue: 'Bearer <user>.<random>' as fast as the server answers, after a start (so no valid
     token is remembered). Guesses fail the pre-check (no slow hash), so bob's first request is served, and the
     flood gets 401s, never the 429 that would mean it occupied the slow path."""
-    with Flood(fortress, "127.0.0.5", "bob") as flood:
+    with Flood(fortress.port, "127.0.0.5", "bob") as flood:
         assert first_request_during(flood, fortress, "bob") == 200
     assert set(flood.statuses) == {401}, flood.statuses
 
@@ -250,7 +170,7 @@ def test_guesses_at_a_line_without_precheck_take_turns_with_everyone_else(fortre
     """carl's line has no check= (written before it existed): each guess at it costs a slow hash. An attacker's
     address gets its turns and at most 2 checks waiting (then 429); dave's and carl's own first requests, from
     another address, are served between the attacker's checks."""
-    with Flood(fortress, "127.0.0.6", "carl", threads=6) as flood:
+    with Flood(fortress.port, "127.0.0.6", "carl", threads=6) as flood:
         assert first_request_during(flood, fortress, "dave") == 200
         assert first_request_during(flood, fortress, "carl") == 200
     assert set(flood.statuses) <= {401, 429} and flood.statuses.get(401), flood.statuses
@@ -292,21 +212,6 @@ def test_unknown_and_known_names_cost_the_same_work(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- connections
 
 
-def open_idle(port, source, count):
-    socks = []
-    for _ in range(count):
-        s = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
-        socks.append(s)
-    return socks
-
-
-def first_bytes(s):
-    try:
-        return s.recv(4096)
-    except OSError:
-        return b""
-
-
 def test_idle_connections_from_one_address_are_capped_and_closed_at_the_header_deadline(fortress):
     socks = open_idle(fortress.port, "127.0.0.7", 60)
     try:
@@ -344,23 +249,7 @@ def test_idle_connections_from_many_addresses_never_exhaust_descriptors(fortress
 
 
 def test_headers_trickled_a_byte_at_a_time_get_408_at_the_deadline(fortress):
-    with socket.create_connection(("127.0.0.1", fortress.port), timeout=10, source_address=("127.0.0.8", 0)) as s:
-        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
-        out = b""
-        try:
-            for c in b"X-Slow: " + b"a" * 1000:  # one byte every 50 ms: 50 s if the deadline moved with each byte
-                s.sendall(bytes([c]))
-                time.sleep(0.05)
-        except OSError:
-            pass  # closed by the server
-        try:
-            while True:
-                chunk = s.recv(4096)
-                if not chunk:
-                    break
-                out += chunk
-        except OSError:
-            pass
+    out, _ = slow_headers(fortress.port, "127.0.0.8")  # one byte every 50 ms: 50 s if each byte moved the deadline
     assert status_of(out) == 408 and b"did not arrive in time" in out, out[:200]
 
 
@@ -407,6 +296,40 @@ def test_sighup_without_a_keys_file_only_logs(open_server):
     assert open_server.proc.poll() is None and requests.get(open_server.url + "/healthz").status_code == 200
 
 
+def test_a_reload_that_would_drop_most_users_waits_for_a_second_sighup(tmp_path, caplog, monkeypatch):
+    """An emptied or truncated keys file must not lock everyone out on the next logrotate: a reload removing all, or
+    more than half, of the users is refused with a warning and applied by a second SIGHUP within 5 minutes, the file
+    unchanged; a file changed meanwhile starts over. (SIGHUP runs ``reload_logged`` on the server's event loop.)"""
+    from nninteractive_slicer_server import identities as ids
+
+    path = tmp_path / "k"
+    for name in ("ann", "ben", "cid"):
+        keys_command(path, "add", name)
+    full = path.read_text()
+    gate = ids.Identities(None, str(path))
+    with caplog.at_level("INFO", logger="nninteractive_slicer_server"):
+        path.write_text("")
+        gate.reload_logged()
+        assert gate.users() == ["ann", "ben", "cid"] and "NOT reloaded: it would remove 3 of the 3" in caplog.text
+        path.write_text("\n".join(full.splitlines()[:2]))  # a different file: ann only (removes 2 of 3)
+        gate.reload_logged()
+        assert gate.users() == ["ann", "ben", "cid"] and "it would remove 2 of the 3" in caplog.text
+        gate.reload_logged()  # the same file again: confirmed
+        assert gate.users() == ["ann"] and "removed: ben, cid" in caplog.text
+        path.write_text(full)
+        gate.reload_logged()  # adding is never refused
+        assert gate.users() == ["ann", "ben", "cid"]
+        path.write_text("\n".join(line for line in full.splitlines() if not line.startswith("cid:")))
+        gate.reload_logged()  # one of three: applied at once
+        assert gate.users() == ["ann", "ben"]
+        monkeypatch.setattr(ids, "CONFIRM_SECONDS", 0.0)  # a confirmation that comes too late starts over
+        path.write_text("")
+        gate.reload_logged()
+        gate.reload_logged()
+        assert gate.users() == ["ann", "ben"]
+    gate.close()
+
+
 def test_head_healthz_and_no_key_means_everyone_is_the_operator(open_server):
     r = requests.head(open_server.url + "/healthz")
     assert r.status_code == 200 and r.content == b""
@@ -417,39 +340,8 @@ def test_head_healthz_and_no_key_means_everyone_is_the_operator(open_server):
 # ---------------------------------------------------------------- one user's share
 
 
-def image_body(seed):
-    """A 112^3 float32 image, stored uncompressed (5.4 MiB: more than the 4 MiB the server reads before decoding)."""
-    return pack_array(np.random.RandomState(seed).normal(100, 20, IMAGE).astype(np.float32)[None],
-                      **LOOPBACK_IMAGE_CODEC)
-
-
-def stalled_upload(world, who, lease):
-    """A set_image whose packed header and first 4.5 MiB are sent, the rest never: it holds its reservation until
-    the server gives up on it. Returns the open socket."""
-    body = image_body(3)
-    head = ("POST %s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n%s: %s\r\nX-Meta: {}\r\n"
-            "Content-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n"
-            % (P.PATH_SET_IMAGE, world.tokens[who], P.LEASE_HEADER, lease, len(body))).encode()
-    s = socket.create_connection(("127.0.0.1", world.port), timeout=30)
-    s.sendall(head + body[:4608 << 10])
-    return s
-
-
 def reserved(world):
     return call(world, "GET", P.PATH_SERVER_INFO, "op").json()["memory_reserved"]
-
-
-def read_answer(s):
-    out = b""
-    while True:
-        chunk = s.recv(65536)
-        if not chunk:
-            return out
-        out += chunk
-        head, sep, body = out.partition(b"\r\n\r\n")
-        length = re.search(rb"content-length: (\d+)", head, re.I)
-        if sep and length and len(body) >= int(length.group(1)):
-            return out
 
 
 def test_one_users_stalled_uploads_never_take_another_users_session_memory(fortress):
@@ -458,10 +350,10 @@ def test_one_users_stalled_uploads_never_take_another_users_session_memory(fortr
     while her first still holds its reservation; the stalled upload then gets 408 for its rate."""
     alice = [claim(fortress.url, auth(fortress, "alice")) for _ in range(2)]
     bob = claim(fortress.url, auth(fortress, "bob"))
-    first = stalled_upload(fortress, "alice", alice[0])
+    first = stalled_upload(fortress.port, fortress.tokens["alice"], alice[0])
     try:
         wait_for(lambda: reserved(fortress) > 20 * MiB, "alice's upload reserved nothing")
-        second = stalled_upload(fortress, "alice", alice[1])
+        second = stalled_upload(fortress.port, fortress.tokens["alice"], alice[1])
         answer = read_answer(second)
         second.close()
         assert status_of(answer) == 503 and b"alice already holds" in answer and b"--max-sessions-per-user" in answer
