@@ -163,7 +163,10 @@ def test_a_flood_of_guessed_tokens_never_locks_out_a_valid_users_first_request(f
     flood gets 401s, never the 429 that would mean it occupied the slow path."""
     with Flood(fortress.port, "127.0.0.5", "bob") as flood:
         assert first_request_during(flood, fortress, "bob") == 200
+        wait_for(lambda: flood.count() > 100, "the flood stalled")
     assert set(flood.statuses) == {401}, flood.statuses
+    logged = len(re.findall(r"from 127\.0\.0\.5 -> 401", log_text(fortress)))
+    assert 0 < logged <= 60, logged  # a flood of refusals writes a few log lines, not one each
 
 
 def test_guesses_at_a_line_without_precheck_take_turns_with_everyone_else(fortress):

@@ -142,13 +142,16 @@ async def _read(request, lease_, what, consume):
     batch's transfer; stop at the first problem (over the body limit, or raised by ``consume``). The server's HTTP
     layer reads and discards the rest of a refused body, so the client still receives the answer."""
     srv = server(request)
-    srv.limits.check_body(_declared_length(request), what)  # nothing read yet: a body declared too large is refused
+    declared = _declared_length(request)
+    srv.limits.check_body(declared, what)  # nothing read yet: a body declared too large is refused
     loop = asyncio.get_running_loop()
     received, batch, batch_bytes, pending = 0, [], 0, None
     pieces = _pieces(request, lease_, srv.registry.liveness_timeout).__aiter__()
     try:
         while True:
-            piece = await _next_piece(pieces, pending)
+            # With a declared length (checked above) nothing but the decoder can refuse the body now: its refusal is
+            # answered at once. A chunked body may still turn out too large: that check keeps its place.
+            piece = await _next_piece(pieces, pending if declared is not None else None)
             if piece is None:
                 break
             received += len(piece)

@@ -29,7 +29,8 @@ applies it. A broken file is refused whole, naming the line.
 
 The gate (``KeyGate``, an ASGI middleware) runs before routing: when a key is required, every path but
 ``/healthz`` (unknown paths and websocket requests included) answers 401 from the headers alone, before any byte of
-the body is received, and closes the connection, so an unauthenticated upload is never read. It sets
+the body is received, and closes the connection, so an unauthenticated upload is never read; a refusal is logged
+(at most ``LineBudget.per_window`` lines per client address a minute, then a count). It sets
 ``request.state.user`` (the user's name, ``"shared"`` for the shared key, ``"anonymous"`` when the server requires
 no key: for the logs and metrics; leases are bound to it) and ``request.state.role``. No key or token is ever logged
 or answered.
@@ -52,6 +53,8 @@ import threading
 import time
 
 from SlicerNNInteractiveLib import protocol as P
+
+from .logs import LineBudget
 
 log = logging.getLogger("nninteractive_slicer_server")
 
@@ -436,6 +439,9 @@ class Identities:
         self._slow.close()
 
 
+REFUSALS_LOGGED = LineBudget()  # a flood of refusals writes a few log lines, not one each
+
+
 class KeyGate:
     """ASGI middleware: authenticate every HTTP and websocket request but ``OPEN_PATHS`` from its headers, before
     the app (and before any of the body) sees it; ``scope["state"]["user"]`` and ``["role"]`` say who it is."""
@@ -459,8 +465,11 @@ class KeyGate:
                 if state["role"] == METRICS and (scope["type"] != "http" or scope["path"] not in METRICS_PATHS):
                     raise Refused("this key may only read %s" % ", ".join(sorted(METRICS_PATHS)), status=403)
             except Refused as exc:
-                log.info("[%s] %s %s from %s -> %d: %s", state.get("request_id", "-"),
-                         scope.get("method", "WEBSOCKET"), scope.get("path"), address, exc.status, exc.detail)
+                logged, left_out = REFUSALS_LOGGED.take(address)
+                if logged:
+                    log.info("[%s] %s %s from %s -> %d: %s%s", state.get("request_id", "-"),
+                             scope.get("method", "WEBSOCKET"), scope.get("path"), address, exc.status, exc.detail,
+                             " (%d more refusal(s) of this address not logged)" % left_out if left_out else "")
                 srv = getattr(getattr(scope.get("app"), "state", None), "server", None)
                 if getattr(srv, "metrics", None) is not None:  # refused before the exception handlers count it
                     srv.metrics.rejections.labels({401: "unauthorized", 403: "forbidden"}.get(exc.status, "busy")

@@ -9,6 +9,7 @@ logs) becomes log records of the ``nnInteractive`` logger too (INFO with ``--ver
 log stays one JSON object per line and those lines carry the request id as well.
 """
 
+import collections
 import contextvars
 import io
 import json
@@ -44,6 +45,35 @@ class TextFormatter(logging.Formatter):
     def formatMessage(self, record):
         record.message = escape_controls(record.message)
         return logging.Formatter.formatMessage(self, record)
+
+
+class LineBudget:
+    """At most ``per_window`` log lines per key (a client address) in each ``window`` seconds, so that a flood of
+    refused requests cannot fill the disk through the log; what was left out is counted and said on that key's next
+    line. Remembers at most ``max_keys`` keys (the oldest forgotten first)."""
+
+    def __init__(self, per_window=60, window=60.0, max_keys=1024):
+        self.per_window, self.window, self.max_keys = per_window, window, max_keys
+        self._keys = collections.OrderedDict()  # key -> [window start, lines logged, lines left out]
+        self._mu = threading.Lock()
+
+    def take(self, key):
+        """(whether to log this line, how many lines of ``key`` were left out before it)."""
+        now = time.monotonic()
+        with self._mu:
+            entry = self._keys.get(key)
+            if entry is None or now - entry[0] >= self.window:
+                left_out = entry[2] if entry is not None else 0
+                entry = self._keys[key] = [now, 0, left_out]
+            self._keys.move_to_end(key)
+            while len(self._keys) > self.max_keys:
+                self._keys.popitem(last=False)
+            if entry[1] >= self.per_window:
+                entry[2] += 1
+                return False, 0
+            entry[1] += 1
+            left_out, entry[2] = entry[2], 0
+            return True, left_out
 
 
 class JsonFormatter(logging.Formatter):
