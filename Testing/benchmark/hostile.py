@@ -27,6 +27,7 @@ import datetime
 import os
 import platform
 import re
+import select
 import signal
 import statistics
 import subprocess
@@ -219,10 +220,14 @@ def stalled(srv, op):
     r = requests.post(srv.url + P.PATH_SET_IMAGE, data=image_body(4), headers=dict(srv.auth("bob", bob),
                                                                                     **{"X-Meta": "{}"}))
     answers = []
-    for s in socks:
-        a = read_answer(s)
-        answers.append((status_of(a), round(time.monotonic() - t0, 1)))
-        s.close()
+    pending = list(socks)
+    while pending:  # whichever is answered first
+        ready, _, _ = select.select(pending, [], [], 120)
+        for s in ready:
+            a = read_answer(s)
+            answers.append((status_of(a), round(time.monotonic() - t0, 1)))
+            pending.remove(s)
+            s.close()
     for lease in alice:
         requests.post(srv.url + P.PATH_RELEASE, headers=srv.auth("alice", lease))
     requests.post(srv.url + P.PATH_RELEASE, headers=srv.auth("bob", bob))

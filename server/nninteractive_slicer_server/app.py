@@ -20,11 +20,11 @@ from fastapi import FastAPI
 
 from . import __version__, capacity, errors, metrics
 from .identities import Identities, KeyGate
-from .shutdown import HANGUP
 from .leases import LeaseRegistry
 from .limits import Limits, MemoryBudget
 from .routes import auto as auto_routes
 from .routes import extensions, operations, protocol
+from .shutdown import HANGUP
 
 log = logging.getLogger("nninteractive_slicer_server")
 

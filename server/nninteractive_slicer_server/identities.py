@@ -15,9 +15,10 @@ bytes of ``sha256(b"nninteractive-precheck\\0" + SALT + token)``, a cheap pre-ch
 secret fails it in microseconds (all but one guess in 2**32), so guesses never reach the slow hash that a real
 user's first request needs. It tells an offline attacker 32 bits about a 256-bit random token: nothing usable.
 
-A token of the keys file reads ``NAME.SECRET``: its name says which lines to check. Every token costs the same
-work whether its name exists or not (a name that does not exist is checked against a decoy line of the same kind),
-so the time of a refusal tells no names. A slow hash runs on one thread, taking turns between client addresses, at
+A token of the keys file reads ``NAME.SECRET``: its name says which lines to check. A guess costs the same work
+whether its name exists or not (a name that does not exist is checked against a decoy line), so the time of a
+refusal tells no names; except a line without a pre-check (written before it existed), whose every guess costs a
+slow hash: the start-up log names those users, to be given new tokens. A slow hash runs on one thread, taking turns between client addresses, at
 most ``SLOW_PER_ADDRESS`` waiting per address and ``SLOW_TOTAL`` in all (beyond: 429), so one address (an attacker
 holding lines without a check) cannot keep another's first request waiting. A token that passed is remembered under
 an HMAC of it with a key made at start-up (never the token itself), so later requests cost one fast digest; a reload
@@ -223,12 +224,11 @@ def read_keys_file(path):
     return parse_keys(text, path), hashlib.sha256(data).hexdigest()
 
 
-def _decoy(with_check):
+def _decoy():
     """A line of a name nobody has, checked in place of a missing name's lines: the same work as a real one."""
-    token = secrets.token_bytes(32)
     hashed = hash_token(secrets.token_urlsafe(32))
     salt = _parse_hash(hashed)[2]
-    return Line("", hashed, USER, precheck(token, salt) if with_check else None, salt, None)
+    return Line("", hashed, USER, precheck(secrets.token_bytes(32), salt), salt, None)
 
 
 # ---------------------------------------------------------------- the slow path, shared fairly
@@ -308,8 +308,7 @@ class Identities:
         self._mac_key = secrets.token_bytes(32)
         self._known = {}  # hmac(token) -> (Identity, the line's key), tokens that passed
         self._refused = {}  # hmac(token) -> True, tokens that failed the slow check (bounded)
-        self._decoys = {True: _decoy(True), False: _decoy(False)} if keys_file else {}
-        self._legacy = False  # some line has no pre-check
+        self._decoy = _decoy() if keys_file else None
         self._unconfirmed = None  # (fingerprint, time) of the last refused reload
         self._slow = SlowChecks()
         self._mu = threading.Lock()
@@ -349,7 +348,6 @@ class Identities:
             self._refused = {}
             self._users = users
             self._fingerprint = fingerprint
-            self._legacy = any(line.check is None for lines in users.values() for line in lines)
 
     def reload(self, force=False, confirmed=None):
         """Reread the keys file; returns (added, removed) names. On a KeysFileError nothing changes; ReloadRefused
@@ -405,7 +403,7 @@ class Identities:
         except UnicodeDecodeError:
             name = ""
         with self._mu:
-            lines, legacy = self._users.get(name), self._legacy
+            lines = self._users.get(name)
             digest = self._mac(token)
             known = self._known.get(digest)  # a lookup by a keyed digest: its timing tells nothing about the token
             refused = digest in self._refused
@@ -413,9 +411,10 @@ class Identities:
             return known[0]
         if refused or not self.keys_file:
             raise Refused("wrong API key")
-        # The cheap pre-check, the same work for a name that does not exist (its decoy line has a check unless some
-        # real line lacks one: then a missing name costs a slow check too, like a name whose line has none).
-        candidates = lines if lines is not None else [self._decoys[not legacy]]
+        # The cheap pre-check, the same work for a name that does not exist (checked against a decoy line). Only a
+        # line written without a pre-check costs a slow hash per guess, which tells that its name exists: the
+        # start-up log names those users (give them new tokens).
+        candidates = lines if lines is not None else [self._decoy]
         passed = [line for line in candidates if line.check is None
                   or hmac.compare_digest(precheck(token, line.salt), line.check)]
         if not passed:

@@ -76,6 +76,21 @@ class LineBudget:
             return True, left_out
 
 
+class Budgeted(logging.Filter):
+    """Let each distinct message of a logger through at most ``LineBudget.per_window`` times a minute: uvicorn warns
+    once per request about what any client can send (garbage, websocket upgrades), which must not fill the disk."""
+
+    def __init__(self):
+        logging.Filter.__init__(self)
+        self.budget = LineBudget()
+
+    def filter(self, record):
+        logged, left_out = self.budget.take(record.msg)
+        if logged and left_out:
+            record.msg = "%s (%d more like it not logged)" % (record.msg, left_out)
+        return logged
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time (ISO 8601, UTC), level, logger, message, request_id, user (when known),
     exception (when there is one)."""
@@ -141,6 +156,9 @@ def configure(level="info", json_lines=False, stream=None, verbose=False, captur
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(str(level).upper())
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, Budgeted) for f in uvicorn_log.filters):
+        uvicorn_log.addFilter(Budgeted())
     logging.captureWarnings(True)
     if capture_prints and not isinstance(sys.stdout, PrintsToLog):
         sys.stdout = PrintsToLog(logging.getLogger("nnInteractive"), logging.INFO if verbose else logging.DEBUG,
