@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import REPO, SERVER_ENV, TORCH_THREADS, claim, free_port, our_server, running
+from conftest import REPO, SERVER_ENV, TORCH_THREADS, claim, free_port, running
 from hostile_rig import Flood, first_bytes, image_body, open_idle, raw, read_answer, sigcgt, slow_headers, \
     stalled_upload, status_of
 
@@ -88,9 +88,16 @@ def fortress(quiet_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def open_server(quiet_model, tmp_path_factory):
+    """No key; started with a soft open-file limit of 200 under a higher hard one."""
     tmp = tmp_path_factory.mktemp("hostile-open")
-    with our_server(quiet_model, tmp, "--no-autozoom") as (url, proc):
-        yield SimpleNamespace(url=url, proc=proc, log=os.path.join(str(tmp), "server-%s.log" % url.rsplit(":", 1)[1]))
+    port = free_port()
+    url = "http://127.0.0.1:%d" % port
+    log_path = str(tmp / "open.log")
+    cmd = ["/bin/sh", "-c", 'ulimit -S -n 200 && exec "$@"', "sh", sys.executable, "-m", "nninteractive_slicer_server",
+           "--model-dir", str(quiet_model), "--device", "cpu", "--port", str(port), "--torch-n-threads",
+           TORCH_THREADS, "--no-autozoom"]
+    with running(cmd, url, log_path, what="open server") as proc:
+        yield SimpleNamespace(url=url, proc=proc, log=log_path)
 
 
 def server_pid(port):
@@ -335,6 +342,15 @@ def test_a_reload_that_would_drop_most_users_waits_for_a_second_sighup(tmp_path,
     gate.close()
 
 
+def test_the_open_file_limit_is_raised_to_the_hard_limit(open_server):
+    import resource
+
+    with open("/proc/%d/limits" % open_server.proc.pid) as f:
+        soft, hard = re.search(r"^Max open files\s+(\d+)\s+(\d+)", f.read(), re.M).groups()
+    assert soft == hard == str(resource.getrlimit(resource.RLIMIT_NOFILE)[1]) and int(soft) > 200
+    assert "open-file limit %s" % soft in open(open_server.log).read()
+
+
 def test_head_healthz_and_no_key_means_everyone_is_the_operator(open_server):
     r = requests.head(open_server.url + "/healthz")
     assert r.status_code == 200 and r.content == b""
@@ -492,6 +508,34 @@ def test_the_gate_refuses_websocket_scopes_where_a_server_speaks_websocket():
 
         assert asyncio.run(status({})) == 401
         assert asyncio.run(status({"Authorization": "Bearer " + SHARED})) == 403  # past the gate: no such route
+
+
+def test_the_start_up_log_warns_of_a_shared_key_or_plain_http_beyond_loopback(tmp_path, caplog):
+    from argparse import Namespace
+
+    from nninteractive_slicer_server.cli import warn_exposure
+    from nninteractive_slicer_server.identities import Identities
+
+    keys = tmp_path / "k"
+    keys_command(keys, "add", "alice")
+    cases = [("127.0.0.1", Identities(SHARED), None, []),
+             ("0.0.0.0", Identities(SHARED), None, ["a SHARED key", "each of them is an operator", "plain HTTP"]),
+             ("0.0.0.0", Identities(SHARED, str(keys)), "c.pem", ["a SHARED key"]),
+             ("0.0.0.0", Identities(None, str(keys)), "c.pem", []),
+             ("0.0.0.0", Identities(None), None, ["NO API KEY"])]
+    for host, ids, cert, words in cases:
+        caplog.clear()
+        with caplog.at_level("INFO", logger="nninteractive_slicer_server"):
+            warn_exposure(Namespace(host=host, port=1527, ssl_certfile=cert, agent_port=None, agent_host="127.0.0.1"),
+                          ids)
+        warnings = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+        for w in words:
+            assert w in warnings, (host, cert, w, warnings)
+        if not words:
+            assert not warnings, warnings
+        if cert:
+            assert "plain HTTP" not in warnings
+        ids.close()
 
 
 def test_a_server_failure_is_logged_with_its_cause(caplog):

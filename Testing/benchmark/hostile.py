@@ -24,6 +24,7 @@ it, as written before the pre-check existed; an operator), 4 sessions, 2 per use
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import re
@@ -76,6 +77,7 @@ def fds(pid):
 
 class Server:
     def __init__(self, tree, tmp, model, descriptors, flags, with_keys=True, hup_early=False):
+        self.tree = tree
         self.env, help_text = server_help(tree)
         self.skipped = []
         wanted = []
@@ -163,19 +165,56 @@ def key_flood(srv, seconds, name, victim, source):
             "flood_rate": total / (seconds + took)}
 
 
-def name_timing(srv, n=200):
+def name_timing(srv, n=300):
+    """Over HTTP (a new connection each, the order alternating) and in the server's own code (``authenticate`` in
+    this process, on the same keys file, blocks of 2000 alternating): median ms / mean us of a refusal."""
+    import asyncio
     import http.client
 
     times = {"known": [], "unknown": []}
     for i in range(n):
-        for kind, name in (("known", "alice"), ("unknown", "nobody")):
+        pairs = (("known", "alice"), ("unknown", "nobody"))
+        for kind, name in pairs if i % 2 else pairs[::-1]:
             conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
             t0 = time.perf_counter()
             conn.request("GET", P.PATH_CAPABILITIES, headers={"Authorization": "Bearer %s.guess%d" % (name, i)})
             conn.getresponse().read()
             times[kind].append(time.perf_counter() - t0)
             conn.close()
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    out = {"http_ms_" + k: statistics.median(v) * 1e3 for k, v in times.items()}
+    code = INPROCESS_TIMING % {"keys": srv.keys}  # in the tree's own code: a process with its PYTHONPATH
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=srv.env, timeout=600)
+    if p.returncode != 0:
+        raise RuntimeError(p.stderr)
+    out.update(json.loads(p.stdout.strip().splitlines()[-1]))
+    return out
+
+
+INPROCESS_TIMING = """
+import asyncio, inspect, json, statistics, time
+from nninteractive_slicer_server import identities as ids
+gate = ids.Identities(None, %(keys)r)
+two = len(inspect.signature(gate.authenticate).parameters) > 1
+
+async def block(name, n=2000, budget=1.0):
+    t0 = time.perf_counter()
+    done = 0
+    while done < n and time.perf_counter() - t0 < budget:  # an older tree's slow checks: fewer, same seconds
+        done += 1
+        try:
+            await (gate.authenticate(b"Bearer %%s.guess%%d" %% (name, done), "127.0.0.1") if two else
+                   gate.authenticate(b"Bearer %%s.guess%%d" %% (name, done)))
+        except ids.Refused:
+            pass
+    return (time.perf_counter() - t0) / done * 1e6
+
+times = {"known": [], "unknown": []}
+for i in range(6):
+    for kind, name in (("known", b"alice"), ("unknown", b"nobody"))[::1 if i %% 2 else -1]:
+        times[kind].append(asyncio.run(block(name)))
+gate.close()
+print(json.dumps({"inprocess_us_" + k: statistics.median(v) for k, v in times.items()}))
+"""
 
 
 def idle_flood(srv):
@@ -272,7 +311,7 @@ def main():
         results["key flood (guesses at bob, with pre-check)"] = key_flood(srv, args.seconds, "bob", "bob", "127.0.0.5")
         results["key flood (guesses at carl, no pre-check)"] = key_flood(srv, args.seconds, "carl", "dave",
                                                                          "127.0.0.6")
-        results["name timing (401 ms, median)"] = name_timing(srv)
+        results["name timing (a refusal)"] = name_timing(srv)
         results["idle connections"] = idle_flood(srv)
         out, took = slow_headers(srv.port, "127.0.0.8", interval=0.5, limit=120)
         results["slow headers"] = {"answer": status_of(out), "closed_after_s": round(took, 1)}
