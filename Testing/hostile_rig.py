@@ -94,10 +94,11 @@ def stalled_upload(port, token, lease, sent=4608 << 10):
     return s
 
 
-def slow_headers(port, source, interval=0.05, limit=1000):
-    """Send a request's headers one byte every ``interval`` s: (what the server answered, seconds until it closed)."""
+def slow_headers(port, source, interval=0.05, limit=1000, timeout=120):
+    """Send a request's headers one byte every ``interval`` s (at most ``limit`` bytes), then wait up to ``timeout``
+    s: (what the server answered, seconds until it closed or the wait ended)."""
     started = time.monotonic()
-    with socket.create_connection(("127.0.0.1", port), timeout=120, source_address=(source, 0)) as s:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0)) as s:
         s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
         out = b""
         try:

@@ -44,7 +44,7 @@ def build_parser():
     n.add_argument("--max-connections", type=int, metavar="N", help="open connections at once; one more is answered "
                    "503 and closed (default: the open-file limit, raised to its hard limit at start-up, less %d, at "
                    "most %d)" % (128, 4096))
-    n.add_argument("--max-connections-per-address", type=int, default=32, metavar="N", help="open connections from "
+    n.add_argument("--max-connections-per-address", type=int, default=64, metavar="N", help="open connections from "
                    "one client address (the --forwarded-allow-ips balancers excepted); one more is answered 503 and "
                    "closed (default %(default)s)")
     k = p.add_argument_group("keys (when any is set, every request but /healthz needs 'Authorization: Bearer KEY')")
