@@ -252,10 +252,18 @@ def idle_flood(srv):
             pending.remove(s)
     for s in socks:
         s.close()
+    t1, recovered = time.monotonic(), None
+    while recovered is None and time.monotonic() - t1 < WAIT_S:  # the next attack starts on a server that serves
+        try:
+            if requests.get(srv.url + "/healthz", timeout=2).status_code == 200:
+                recovered = time.monotonic() - t1
+        except requests.RequestException:
+            time.sleep(0.2)
     return {"connections": len(socks), "connect_failed": failed, "held": held, "refused_503": refused,
             "still_open_after_s": "%d after %d" % (len(pending), WAIT_S), "fds_before": before_fds,
             "fds_during": during_fds, "rss_growth_mb": (during_rss - before_rss) / 2 ** 20, "healthz": health,
-            "healthz_ms": took * 1e3, "closed_within_s": max(closed_at) if closed_at else None}
+            "healthz_ms": took * 1e3, "closed_within_s": max(closed_at) if closed_at else None,
+            "serving_again_s_after_the_attacker_left": recovered}
 
 
 def stalled(srv, op):
