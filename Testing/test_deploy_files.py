@@ -623,4 +623,5 @@ def test_compose_config():
         if subprocess.run([docker, "compose", "version"], capture_output=True).returncode != 0:
             pytest.skip("neither docker-compose nor the docker compose plugin is installed")
         cmd = [docker, "compose"]
-    _run(cmd + ["-f", COMPOSE, "config", "-q"], cwd=DEPLOY)
+    # the status page's password is required (no default): give one, as an operator's .env would
+    _run(cmd + ["-f", COMPOSE, "config", "-q"], cwd=DEPLOY, env=dict(os.environ, NNI_STATS_PASSWORD="example"))
