@@ -522,18 +522,20 @@ def test_the_start_up_log_warns_of_a_shared_key_or_plain_http_beyond_loopback(tm
              ("0.0.0.0", Identities(SHARED), None, ["a SHARED key", "each of them is an operator", "plain HTTP"]),
              ("0.0.0.0", Identities(SHARED, str(keys)), "c.pem", ["a SHARED key"]),
              ("0.0.0.0", Identities(None, str(keys)), "c.pem", []),
+             ("0.0.0.0", Identities(None, str(keys)), "balancer", []),  # plain HTTP behind a declared balancer
              ("0.0.0.0", Identities(None), None, ["NO API KEY"])]
     for host, ids, cert, words in cases:
         caplog.clear()
         with caplog.at_level("INFO", logger="nninteractive_slicer_server"):
-            warn_exposure(Namespace(host=host, port=1527, ssl_certfile=cert, agent_port=None, agent_host="127.0.0.1"),
-                          ids)
+            warn_exposure(Namespace(host=host, port=1527, ssl_certfile=None if cert == "balancer" else cert,
+                                    forwarded_allow_ips="10.0.0.2" if cert == "balancer" else None, agent_port=None,
+                                    agent_host="127.0.0.1"), ids)
         warnings = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
         for w in words:
             assert w in warnings, (host, cert, w, warnings)
         if not words:
             assert not warnings, warnings
-        if cert:
+        if cert:  # TLS, or a balancer declared in front
             assert "plain HTTP" not in warnings
         ids.close()
 

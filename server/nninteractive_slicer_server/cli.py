@@ -285,7 +285,7 @@ def warn_exposure(args, identities):
                     "limits, no session or download kept apart%s); give each person a token of their own "
                     "(--keys-file) and drop the shared key.", args.host,
                     "" if identities.keys_file else ", and each of them is an operator")
-    if not args.ssl_certfile:
+    if not args.ssl_certfile and not getattr(args, "forwarded_allow_ips", None):  # no balancer in front either
         log.warning("plain HTTP on %s: keys and images cross the network in the clear unless a TLS-terminating "
                     "balancer in front is the only way in (see README, TLS).", args.host)
     if args.agent_port and not is_loopback_host(args.agent_host):
