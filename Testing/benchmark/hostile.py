@@ -170,7 +170,7 @@ def key_flood(srv, seconds, name, victim, source):
             "flood_rate": total / (seconds + took)}
 
 
-def name_timing(srv, n=300):
+def name_timing(srv, n=1000):
     """Over HTTP (a new connection each, the order alternating) and in the server's own code (``authenticate`` in
     this process, on the same keys file, blocks of 2000 alternating): median ms / mean us of a refusal."""
     import asyncio
