@@ -6,8 +6,9 @@ any file, probes on /healthz, one GPU per server, cookie affinity, grace periods
 the HAProxy configuration shared with the scale-out test; and what makes them safe by default (issue 16): TLS at the
 balancer, named users with per-user limits, memory limits, read-only roots with only /tmp and the jobs volume
 writable, dropped capabilities, pinned images, a status page on loopback behind a password, X-Forwarded-For believed
-from the balancer only, a NetworkPolicy. HAProxy checks its own configuration where it is installed (CI installs it). Linters run too where they are installed (hadolint,
-yamllint, kubernetes-validate, docker-compose / docker compose); each is skipped, saying so, where it is not.
+from the balancer only, a NetworkPolicy. HAProxy checks its own configuration where it is installed (CI installs
+it). Linters run too where they are installed (hadolint, yamllint, kubernetes-validate, docker-compose / docker
+compose); each is skipped, saying so, where it is not.
 """
 
 import os

@@ -173,7 +173,6 @@ def key_flood(srv, seconds, name, victim, source):
 def name_timing(srv, n=1000):
     """Over HTTP (a new connection each, the order alternating) and in the server's own code (``authenticate`` in
     this process, on the same keys file, blocks of 2000 alternating): median ms / mean us of a refusal."""
-    import asyncio
     import http.client
 
     times = {"known": [], "unknown": []}
