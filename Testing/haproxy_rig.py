@@ -131,7 +131,8 @@ def balancer(backends, tmp_dir, config=HAPROXY_CFG):
     if binary is None:
         raise RuntimeError("haproxy is not installed")
     port, stats = free_port(), free_port()
-    env = dict(os.environ, NNI_BIND="127.0.0.1:%d" % port, NNI_STATS_BIND="127.0.0.1:%d" % stats)
+    # On loopback, plain HTTP (the shipped configuration serves TLS unless NNI_PLAIN_HTTP says otherwise)
+    env = dict(os.environ, NNI_BIND="127.0.0.1:%d" % port, NNI_STATS_BIND="127.0.0.1:%d" % stats, NNI_PLAIN_HTTP="1")
     for i, b in enumerate(backends, 1):
         env["NNI_BACKEND%d" % i] = b.address
         env["NNI_AGENT_PORT%d" % i] = str(b.agent_port)

@@ -3,8 +3,12 @@
 No container engine or cluster is needed (none runs on the development and CI machines): the files are parsed and
 their essentials checked against each other and against the server's own command line: a non-root user, no key in
 any file, probes on /healthz, one GPU per server, cookie affinity, grace periods longer than the shutdown deadline,
-the HAProxy configuration shared with the scale-out test. Linters run too where they are installed (hadolint,
-yamllint, kubernetes-validate, docker-compose / docker compose); each is skipped, saying so, where it is not.
+the HAProxy configuration shared with the scale-out test; and what makes them safe by default (issue 16): TLS at the
+balancer, named users with per-user limits, memory limits, read-only roots with only /tmp and the jobs volume
+writable, dropped capabilities, pinned images, a status page on loopback behind a password, X-Forwarded-For believed
+from the balancer only, a NetworkPolicy. HAProxy checks its own configuration where it is installed (CI installs
+it). Linters run too where they are installed (hadolint, yamllint, kubernetes-validate, docker-compose / docker
+compose); each is skipped, saying so, where it is not.
 """
 
 import os
@@ -36,7 +40,7 @@ def _read(path):
 def deploy_files():
     out = []
     for root, dirs, files in os.walk(DEPLOY):
-        dirs[:] = [d for d in dirs if d != "secrets"]  # the git-ignored key files of compose, if an operator made them
+        dirs[:] = [d for d in dirs if d not in ("secrets", "certs")]  # git-ignored keys and certificates of compose
         out += [os.path.join(root, f) for f in files]
     return sorted(out)
 
@@ -167,6 +171,7 @@ def test_dockerfile_models_volume_healthcheck_ports_and_entrypoint():
     cmd = entry[entry.index("nninteractive-slicer-server") + 1:]
     assert cmd[cmd.index("--host") + 1] == "0.0.0.0" and cmd[cmd.index("--port") + 1] == str(API_PORT)
     assert cmd[cmd.index("--agent-port") + 1] == str(AGENT_PORT)
+    assert cmd[cmd.index("--agent-host") + 1] == "0.0.0.0"  # another container's balancer reaches it
     check_server_args(cmd, "the Dockerfile's ENTRYPOINT")
 
 
@@ -245,7 +250,8 @@ def test_no_key_in_any_file(path):
 
 
 def test_no_key_file_is_tracked_and_the_key_folder_is_ignored():
-    assert "secrets/" in _read(os.path.join(DEPLOY, ".gitignore")).split()
+    ignored = _read(os.path.join(DEPLOY, ".gitignore")).split()
+    assert "secrets/" in ignored and "certs/" in ignored and ".env" in ignored
     tracked = subprocess.run(["git", "-C", REPO, "ls-files", "server/deploy"], capture_output=True, text=True)
     if tracked.returncode != 0:
         pytest.skip("not a git checkout")
@@ -278,24 +284,80 @@ def test_compose_one_gpu_per_server():
     assert len(set(ids)) == len(ids), "two servers share a GPU: %s" % ids
 
 
-def test_compose_servers_key_from_a_secret_models_volume_and_grace_period():
+def volume_mounts(svc):
+    """{container path: (source, read_only)} of a compose service's volumes (short syntax)."""
+    out = {}
+    for v in svc.get("volumes") or []:
+        parts = v.split(":")
+        out[parts[1]] = (parts[0], len(parts) > 2 and "ro" in parts[2].split(","))
+    return out
+
+
+def hardened(svc, name):
+    """Read-only root, every capability dropped, no privilege escalation, a memory limit: (limit in bytes)."""
+    assert svc.get("read_only") is True, "%s: the root file system must be read-only" % name
+    assert svc.get("cap_drop") == ["ALL"], "%s: drop every capability" % name
+    assert "no-new-privileges:true" in svc.get("security_opt", []), "%s: no privilege escalation" % name
+    limit = svc.get("mem_limit") or svc.get("deploy", {}).get("resources", {}).get("limits", {}).get("memory")
+    assert limit, "%s: no memory limit" % name
+    return server_parser()._option_string_actions["--memory-budget"].type(str(interpolate(limit)))
+
+
+def test_compose_servers_named_users_limits_and_a_read_only_root():
     doc = compose()
+    balancer_ip = interpolate(doc["services"]["haproxy"]["networks"]["backend"]["ipv4_address"])
+    jobs_volumes = set()
     for name, (svc, _) in gpu_services(doc).items():
         build = svc["build"]
         assert os.path.normpath(os.path.join(DEPLOY, build["context"])) == REPO, "build context must be the root"
         assert os.path.normpath(os.path.join(REPO, build["dockerfile"])) == DOCKERFILE
         args = [str(interpolate(a)) for a in svc["command"]]
         ns = check_server_args(args, "compose service %s" % name)
-        secret = svc["secrets"][0] if isinstance(svc["secrets"][0], str) else svc["secrets"][0]["source"]
-        assert ns.api_key_file == "/run/secrets/%s" % secret and ns.api_key is None
-        assert "file" in doc["secrets"][secret] and "secrets/" in doc["secrets"][secret]["file"]
+        # named users, not one shared key: lease binding, download ownership and per-user limits separate people
+        assert ns.keys_file and ns.api_key is None and ns.api_key_file is None
         assert "NN_INTERACTIVE_API_KEY" not in (svc.get("environment") or {})
-        assert any(v.split(":")[1] == "/models" for v in svc["volumes"])
+        mounts = volume_mounts(svc)
+        (folder,) = [p for p in mounts if ns.keys_file.startswith(p.rstrip("/") + "/")]
+        assert mounts[folder][1] and mounts[folder][0].startswith("./secrets"), "the keys folder: ./secrets, ro"
+        assert ns.max_sessions_per_user and int(ns.max_sessions_per_user) < int(ns.max_sessions)
+        assert mounts["/models"][1], "%s: models read-only" % name
+        assert ns.jobs_dir in mounts and mounts[ns.jobs_dir][0] in doc["volumes"], "--jobs-dir on a named volume"
+        jobs_volumes.add(mounts[ns.jobs_dir][0])
+        assert ns.forwarded_allow_ips == balancer_ip, "%s believes X-Forwarded-For from %s, not the balancer %s" % (
+            name, ns.forwarded_allow_ips, balancer_ip)
+        limit = hardened(svc, name)
+        assert ns.memory_budget is not None and ns.memory_budget < limit, \
+            "%s: each server gets its share of the node's memory, below its container's limit" % name
+        assert any(t.startswith("/tmp:") and "size=" in t for t in svc.get("tmpfs", [])), "%s: a bounded /tmp" % name
+        assert "ports" not in svc and svc["networks"] == ["backend"], "%s: reachable through HAProxy only" % name
         grace = svc["stop_grace_period"]
         seconds = float(grace[:-1]) * {"s": 1, "m": 60}[grace[-1]]
         assert seconds > ns.shutdown_deadline_seconds, "%s: stop_grace_period %s <= --shutdown-deadline-seconds %s" \
             % (name, grace, ns.shutdown_deadline_seconds)
-        assert ns.memory_budget is not None, "%s: each server must get its share of the node's memory" % name
+    assert len(jobs_volumes) == len(gpu_services(doc)), "each server needs its own jobs volume"
+    assert doc["networks"]["backend"].get("internal") is True
+
+
+def test_compose_haproxy_serves_tls_and_hides_its_status_page():
+    doc = compose()
+    haproxy = doc["services"]["haproxy"]
+    env = haproxy["environment"]
+    assert "NNI_PLAIN_HTTP" not in env, "plain HTTP must stay an explicit opt-in"
+    mounts = volume_mounts(haproxy)
+    (certs,) = [p for p in mounts if env["NNI_CERT"].startswith(p.rstrip("/") + "/")]
+    assert mounts[certs][1] and mounts[certs][0].startswith("./certs")
+    assert str(env["NNI_STATS_PASSWORD"]).startswith("${NNI_STATS_PASSWORD:?"), "a required stats password"
+    published = [str(interpolate(p)) for p in haproxy["ports"]]
+    stats_port = env["NNI_STATS_BIND"].rsplit(":", 1)[1]
+    for p in published:
+        if p.endswith(":" + stats_port):
+            assert p.startswith("127.0.0.1:"), "the status page is published beyond this node's loopback: %s" % p
+    hardened(haproxy, "haproxy")
+    assert re.fullmatch(r"haproxy:\d+\.\d+\.\d+(@sha256:[0-9a-f]{64})?", haproxy["image"]), \
+        "HAProxy's image is not pinned to a release: %s" % haproxy["image"]
+    for name in doc["services"]:
+        if name != "haproxy":
+            assert "ports" not in doc["services"][name], "%s publishes a port: only HAProxy may" % name
 
 
 def test_compose_haproxy_mounts_the_shared_configuration():
@@ -328,6 +390,40 @@ def test_compose_backends_match_haproxy_cfg():
         agent = re.search(r"agent-port\s+\"?(?:\$\{\w+-(\d+)\}|(\d+))", rest)
         if agent:
             assert int(agent.group(1) or agent.group(2)) == AGENT_PORT
+
+
+def haproxy_check(tmp_path, **env):
+    binary = shutil.which("haproxy") or next((p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy")
+                                              if os.access(p, os.X_OK)), None)
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("haproxy is not installed (CI installs it: .ci/run)")
+        pytest.skip("haproxy not installed")
+    env = dict(os.environ, NNI_BACKEND1="127.0.0.1:1601", NNI_BACKEND2="127.0.0.1:1602", **env)
+    for name in ("NNI_PLAIN_HTTP", "NNI_CERT", "NNI_STATS_PASSWORD"):
+        if name not in env or env[name] is None:
+            env.pop(name, None)
+    return subprocess.run([binary, "-c", "-f", HAPROXY_CFG], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_haproxy_serves_tls_by_default_and_plain_http_only_when_asked(tmp_path):
+    cfg = _read(HAPROXY_CFG)
+    assert re.search(r"^\s*bind \S+ ssl crt ", cfg, re.M) and "ssl-min-ver TLSv1.2" in cfg
+    missing = haproxy_check(tmp_path, NNI_CERT=str(tmp_path / "absent.pem"))
+    assert missing.returncode != 0, "HAProxy started without its certificate (it would have served plain HTTP?)"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(tmp_path / "k"),
+                    "-out", str(tmp_path / "c"), "-days", "1", "-subj", "/CN=localhost"], check=True,
+                   capture_output=True, timeout=60)
+    (tmp_path / "server.pem").write_bytes((tmp_path / "c").read_bytes() + (tmp_path / "k").read_bytes())
+    tls = haproxy_check(tmp_path, NNI_CERT=str(tmp_path / "server.pem"), NNI_STATS_PASSWORD="x")
+    assert tls.returncode == 0, tls.stderr
+    plain = haproxy_check(tmp_path, NNI_PLAIN_HTTP="1")
+    assert plain.returncode == 0 and "NNI_PLAIN_HTTP is set: serving plain HTTP" in plain.stderr, plain.stderr
+    # without a password, the status page answers loopback only; clients' own X-Forwarded-For never pass
+    assert re.search(r"\.else\s+http-request deny unless \{ src 127\.0\.0\.0/8 ::1 \}", cfg)
+    assert "http-request del-header X-Forwarded-For" in cfg and "option forwardfor" in cfg
+    assert re.search(r"timeout http-request (\d+)s", cfg) and int(re.search(r"timeout http-request (\d+)s",
+                                                                           cfg).group(1)) <= 10
 
 
 # ---- Kubernetes ------------------------------------------------------------------------------------------------
@@ -375,19 +471,22 @@ def test_kubernetes_one_gpu_per_pod_and_resources():
     assert ns.memory_budget < limit, "the pod's memory limit must exceed --memory-budget"
 
 
-def test_kubernetes_non_root_and_key_from_a_secret():
+def test_kubernetes_non_root_named_users_from_a_secret_and_a_read_only_root():
     spec = pod_spec()
     sc = spec["securityContext"]
     assert sc["runAsNonRoot"] is True and sc["runAsUser"] != 0
     csc = server_container()["securityContext"]
-    assert csc["allowPrivilegeEscalation"] is False
+    assert csc["allowPrivilegeEscalation"] is False and csc["readOnlyRootFilesystem"] is True
+    assert csc["capabilities"]["drop"] == ["ALL"]
     ns = check_server_args(expanded_args(), "the Deployment")
-    assert ns.api_key is None and ns.api_key_file
+    assert ns.api_key is None and ns.api_key_file is None and ns.keys_file
+    assert ns.max_sessions_per_user and int(ns.max_sessions_per_user) < int(ns.max_sessions)
+    assert ns.forwarded_allow_ips, "X-Forwarded-For must be believed from the ingress / balancer only"
     mounts = {m["name"]: m["mountPath"] for m in server_container()["volumeMounts"]}
     volumes = {v["name"]: v for v in spec["volumes"]}
-    (name,) = [n for n, p in mounts.items() if ns.api_key_file.startswith(p.rstrip("/") + "/")]
+    (name,) = [n for n, p in mounts.items() if ns.keys_file.startswith(p.rstrip("/") + "/")]
     assert "secret" in volumes[name]
-    key = os.path.basename(ns.api_key_file)
+    key = os.path.basename(ns.keys_file)
     items = volumes[name]["secret"].get("items")
     assert not items or key in [i["path"] for i in items]
     for e in server_container()["env"]:
@@ -395,6 +494,33 @@ def test_kubernetes_non_root_and_key_from_a_secret():
     assert not [d for _, d in kube_docs() if d["kind"] == "Secret"], "no Secret with a key in the repository"
     claim = volumes[[n for n, p in mounts.items() if p == "/models"][0]]["persistentVolumeClaim"]["claimName"]
     kube_one("PersistentVolumeClaim", claim)
+    # what is writable: /tmp (bounded) and the jobs volume (its size the quota)
+    (jobs,) = [n for n, p in mounts.items() if p == ns.jobs_dir]
+    request = volumes[jobs]["ephemeral"]["volumeClaimTemplate"]["spec"]["resources"]["requests"]["storage"]
+    assert re.fullmatch(r"\d+[GT]i", request)
+    (tmp,) = [n for n, p in mounts.items() if p == "/tmp"]
+    assert volumes[tmp]["emptyDir"]["sizeLimit"]
+
+
+def test_kubernetes_network_policy_admits_only_the_ingress_and_the_balancer():
+    policy = kube_one("NetworkPolicy")
+    labels = kube_one("Deployment")["spec"]["template"]["metadata"]["labels"]
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    assert all(labels.get(k) == v for k, v in selector.items()) and selector
+    assert sorted(policy["spec"]["policyTypes"]) == ["Egress", "Ingress"] and policy["spec"]["egress"] == []
+    sources = []
+    for rule in policy["spec"]["ingress"]:
+        assert rule["from"], "a rule without 'from' admits everyone"
+        for peer in rule["from"]:
+            assert "ipBlock" not in peer and peer.get("podSelector", {}).get("matchLabels"), peer
+            sources.append(peer["podSelector"]["matchLabels"].get("app.kubernetes.io/name") + "/" +
+                           peer["podSelector"]["matchLabels"].get("app.kubernetes.io/component", ""))
+        ports = {p["port"] for p in rule["ports"]}
+        assert ports <= {API_PORT, AGENT_PORT}
+        if AGENT_PORT in ports:  # the agent (no key) only for the balancer
+            assert all(p["podSelector"]["matchLabels"].get("app.kubernetes.io/component") == "balancer"
+                       for p in rule["from"])
+    assert sorted(sources) == ["ingress-nginx/", "nninteractive/balancer"]
 
 
 def test_kubernetes_probes_on_healthz():
@@ -424,6 +550,7 @@ def test_kubernetes_service_and_ingress_with_cookie_affinity():
     svc = kube_one("Service", "nninteractive")
     assert all(labels.get(k) == v for k, v in svc["spec"]["selector"].items())
     ing = kube_one("Ingress")
+    assert ing["spec"]["tls"] and ing["spec"]["tls"][0]["secretName"], "the ingress terminates TLS"
     ann = ing["metadata"]["annotations"]
     p = "nginx.ingress.kubernetes.io/"
     assert ann[p + "affinity"] == "cookie"
@@ -497,4 +624,5 @@ def test_compose_config():
         if subprocess.run([docker, "compose", "version"], capture_output=True).returncode != 0:
             pytest.skip("neither docker-compose nor the docker compose plugin is installed")
         cmd = [docker, "compose"]
-    _run(cmd + ["-f", COMPOSE, "config", "-q"], cwd=DEPLOY)
+    # the status page's password is required (no default): give one, as an operator's .env would
+    _run(cmd + ["-f", COMPOSE, "config", "-q"], cwd=DEPLOY, env=dict(os.environ, NNI_STATS_PASSWORD="example"))

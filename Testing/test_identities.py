@@ -93,7 +93,7 @@ def test_keys_file_holds_salted_hashes_only(world):
     rc, _, err = keys_command(world.keys_file, "add", "shared")
     assert rc == 2 and "not shared" in err
     rc, out, _ = keys_command(world.keys_file, "list")
-    assert rc == 0 and out.split() == ["alice", "1", "token(s)", "bob", "1", "token(s)"]
+    assert rc == 0 and out.split() == ["alice", "1", "token(s)", "user", "bob", "1", "token(s)", "user"]
 
 
 def test_hashes_round_trip_in_both_schemes_and_compare_in_constant_time():
@@ -112,8 +112,9 @@ def test_hashes_round_trip_in_both_schemes_and_compare_in_constant_time():
 
 
 def test_one_slow_check_per_new_token_remembered_by_a_keyed_digest(tmp_path, monkeypatch):
-    """A token costs one slow hash the first time (one line's: its name picks the line), nothing after; a token
-    naming no user costs nothing; what is remembered is an HMAC of the token, never the token; a reload forgets."""
+    """A token costs one slow hash the first time (one line's: its name picks the line), nothing after; a guessed
+    secret fails the cheap pre-check and costs no slow hash, whether its name exists or not; what is remembered is
+    an HMAC of the token, never the token; a reload keeps what it remembered for unchanged lines only."""
     import asyncio
 
     from nninteractive_slicer_server import identities as ids
@@ -127,19 +128,25 @@ def test_one_slow_check_per_new_token_remembered_by_a_keyed_digest(tmp_path, mon
 
     def who(token):
         try:
-            return asyncio.run(gate.authenticate(b"Bearer " + token.encode()))
+            return asyncio.run(gate.authenticate(b"Bearer " + token.encode(), "127.0.0.1")).name
         except ids.Refused as exc:
             return exc.status
 
     assert [who(tokens["erin"]), who(tokens["erin"]), who(tokens["frank"])] == ["erin", "erin", "frank"]
     assert len(checks) == 2
     assert [who("erin.guessed"), who("erin.guessed"), who("nobody.x"), who("no-dot")] == [401] * 4
-    assert len(checks) == 3
-    assert who("the-shared-one") == "shared" and len(checks) == 3
+    assert len(checks) == 2  # refused by the pre-check: no slow hash for a guess
+    assert who("the-shared-one") == "shared" and len(checks) == 2
     remembered = list(gate._known) + list(gate._refused)
-    assert len(remembered) == 3 and not any(t.encode() in remembered for t in tokens.values())
+    assert len(remembered) == 2 and not any(t.encode() in remembered for t in tokens.values())
     gate.reload()
-    assert who(tokens["erin"]) == "erin" and len(checks) == 4
+    assert who(tokens["erin"]) == "erin" and who(tokens["frank"]) == "frank" and len(checks) == 2  # kept
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(line + " role=operator" if line.startswith("frank:") else line for line in lines))
+    gate.reload()  # frank's line changed (his role): his token is checked again, erin's is still remembered
+    assert who(tokens["erin"]) == "erin" and len(checks) == 2
+    assert asyncio.run(gate.authenticate(b"Bearer " + tokens["frank"].encode())) == ("frank", "operator")
+    assert len(checks) == 3
     gate.close()
 
 

@@ -64,7 +64,7 @@ def server(quiet_model, pki, tmp_path_factory):
     url = "https://127.0.0.1:%d" % port
     log_path = str(tmp_path_factory.mktemp("tls-server") / "server.log")
     cmd = server_cmd(quiet_model, port, "--ssl-certfile", pki["server.pem"], "--ssl-keyfile", pki["server.key"],
-                     "--liveness-timeout-seconds", str(LIVENESS))
+                     "--liveness-timeout-seconds", str(LIVENESS), "--ssl-min-version", "1.3")
     with running(cmd, url, log_path, ready=lambda: requests.get(url + "/healthz", timeout=1,
                                                              verify=pki["ca.pem"]).status_code == 200):
         yield url, log_path
@@ -93,6 +93,26 @@ def segment_one_point(s):
 def test_startup_log_says_https(server):
     url, log_path = server
     assert "on %s " % url in open(log_path).read()
+
+
+def test_older_tls_than_the_minimum_is_refused(server, pki):
+    """--ssl-min-version 1.3: a client that offers at most TLS 1.2 fails the handshake; TLS 1.3 is served."""
+    import socket
+    import ssl
+    from urllib.parse import urlsplit
+
+    port = urlsplit(server[0]).port
+
+    def handshake(maximum):
+        ctx = ssl.create_default_context(cafile=pki["ca.pem"])
+        ctx.maximum_version = maximum
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                return tls.version()
+
+    assert handshake(ssl.TLSVersion.TLSv1_3) == "TLSv1.3"
+    with pytest.raises(ssl.SSLError):
+        handshake(ssl.TLSVersion.TLSv1_2)
 
 
 def test_our_client_with_the_ca_bundle(server, pki):

@@ -6,7 +6,8 @@ ours); the rules they share (key, lease, body limits, turns) in ``deps.py``; eve
 ``errors.py``; every size limit and the memory budget in ``limits.py``; leases in ``leases.py``, the model and the
 GPU queue in ``engine.py``, input checks in ``validate.py`` and the wire codec in ``SlicerNNInteractiveLib.wire``
 (shared with the client). Operations: ``metrics.py`` (Prometheus), ``logs.py`` (request ids in log lines, JSON
-logs), ``shutdown.py`` (SIGTERM).
+logs), ``shutdown.py`` (the web server and signals: SIGTERM drains, SIGHUP rereads the keys file), ``connections.py``
+(header deadline, connection caps).
 """
 
 import asyncio
@@ -20,10 +21,11 @@ from fastapi import FastAPI
 from . import __version__, capacity, errors, metrics
 from .identities import Identities, KeyGate
 from .leases import LeaseRegistry
-from .limits import Limits, MemoryBudget
+from .limits import Limits, shared_budget
 from .routes import auto as auto_routes
 from .routes import extensions, operations, protocol
 from .routes import orthanc as orthanc_routes
+from .shutdown import HANGUP
 
 log = logging.getLogger("nninteractive_slicer_server")
 
@@ -38,12 +40,15 @@ class Server:
         self.keep_source_images = auto is not None  # sessions keep the image as received, for /x/auto_segment
         self.identities = identities
         self.limits = limits
-        self.budget = budget if budget is not None else MemoryBudget(limits.memory_budget)
+        # Memory is shared per user the way sessions are (--max-sessions-per-user of --max-sessions).
+        self.budget = budget if budget is not None else shared_budget(limits, max_sessions,
+                                                                      max_sessions_per_user)
         if auto is not None and auto.budget is None:
             auto.budget = self.budget  # automatic runs reserve their reading from the same budget as sessions
         self.registry = LeaseRegistry(engine.new_session, engine.close_session, max_sessions, idle_timeout,
                                       liveness_timeout, limits.max_waiting_per_lease, max_sessions_per_user)
         self.caps = engine.capabilities
+        self.model = model_label(getattr(engine, "model_name", None))  # what answers call the model: never a path
         self.supports_3d_box = bool(self.caps["supported_interactions"].get("bbox3d"))
         self.image_channels = len(engine.artifacts["dataset_json"]["channel_names"])
         self.num_interaction_channels = int(self.caps.get("num_interaction_channels") or 7)
@@ -53,17 +58,27 @@ class Server:
         self.sweep_every = max(0.05, min(15.0, idle_timeout / 4, liveness_timeout / 4))
         self.draining = False  # SIGTERM: no new sessions (shutdown.py)
         self.metrics = None  # metrics.Metrics, made by metrics.install
+        self.guard = None  # connections.Guard, when served by shutdown.serve
+        self.metrics_user_labels = False  # metrics name users only when the operator says so (--metrics-user-labels)
+
+
+def model_label(name):
+    """An official model id as it is; a local model folder by its last part (the rest of its path is the
+    server's business)."""
+    name = str(name)
+    return os.path.basename(name.rstrip("/" + os.sep)) if os.sep in name or "/" in name else name
 
 
 def make_app(engine, max_sessions=1, idle_timeout=600.0, liveness_timeout=60.0, api_key=None, limits=None,
              identities=None, max_sessions_per_user=None, auto=None, agent_port=None, agent_host="127.0.0.1",
-             budget=None):
+             budget=None, metrics_user_labels=False):
     """``identities`` (shared key and keys file) replaces ``api_key`` when given; ``auto`` (an
     ``auto.service.AutoService``) serves automatic models; ``agent_port``: answer HAProxy's agent-check there
-    (``capacity.py``; None: off); ``budget``: the ``MemoryBudget`` shared with ``auto``'s runs (default: a new one
-    of ``limits.memory_budget``)."""
+    (``capacity.py``; None: off); ``budget``: the ``MemoryBudget`` shared with ``auto``'s runs (default: a new one,
+    ``limits.shared_budget``); ``metrics_user_labels``: name users in /metrics."""
     srv = Server(engine, max_sessions, idle_timeout, liveness_timeout, identities or Identities(api_key),
                  limits or Limits.defaults(), max_sessions_per_user, auto, budget)
+    srv.metrics_user_labels = bool(metrics_user_labels)
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -82,11 +97,12 @@ def make_app(engine, max_sessions=1, idle_timeout=600.0, liveness_timeout=60.0, 
 
         agent = await capacity.start_agent(srv, agent_host, agent_port) if agent_port else None
         task = asyncio.create_task(reap())
-        unwatch = srv.identities.watch_sighup()  # kill -HUP rereads the keys file
+        HANGUP.attach(asyncio.get_running_loop(), srv.identities.reload_logged if srv.identities.keys_file else
+                      lambda: log.info("SIGHUP: no keys file to reread (--keys-file); nothing to reload"))
         try:
             yield
         finally:
-            unwatch()
+            HANGUP.detach()
             task.cancel()
             if agent is not None:
                 agent.close()

@@ -23,6 +23,10 @@ The agent-check responder is a TCP listener in the server's event loop. For ever
 ``up`` only confirms what the health check (``/healthz``) says; it never overrides a failed health check. ``maint``
 and ``down`` are never sent: a full or draining server still serves its sessions, and the agent's reply must not
 take it out of the farm. What HAProxy may send first (``agent-send``) is read and ignored.
+
+The listener binds to its own address (``--agent-host``, loopback by default: the balancer's network only, never
+the clients'), holds at most ``MAX_AGENT_CONNECTIONS`` connections at once (one more is closed at once, unanswered)
+and each for at most ``READ_TIMEOUT`` after its reply.
 """
 
 import asyncio
@@ -31,6 +35,7 @@ import logging
 log = logging.getLogger("nninteractive_slicer_server")
 
 READ_TIMEOUT = 1.0  # after the reply: how long to wait for the balancer to close (or for what it sent)
+MAX_AGENT_CONNECTIONS = 32  # a balancer opens one per server line and check interval
 
 
 def free_capacity(srv):
@@ -58,10 +63,15 @@ def agent_reply(srv):
     return "up drain\n"
 
 
-async def start_agent(srv, host, port):
+async def start_agent(srv, host, port, max_connections=MAX_AGENT_CONNECTIONS):
     """Listen for HAProxy's agent-check on ``host:port``; returns the ``asyncio.Server`` (close it to stop)."""
+    open_ = [0]
 
     async def answer(reader, writer):
+        if open_[0] >= max_connections:  # a flood: drop it unanswered, never queue it
+            writer.transport.abort()
+            return
+        open_[0] += 1
         try:
             writer.write(agent_reply(srv).encode("ascii"))
             await writer.drain()
@@ -74,6 +84,7 @@ async def start_agent(srv, host, port):
         except Exception:
             log.debug("agent-check connection failed", exc_info=True)
         finally:
+            open_[0] -= 1
             writer.close()
 
     try:

@@ -27,8 +27,26 @@ def build_parser():
     n.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s; 0.0.0.0 for all)")
     n.add_argument("--port", type=int, default=1527, help="port (default %(default)s)")
     n.add_argument("--agent-port", type=int, metavar="PORT", help="answer HAProxy's agent-check on this TCP port "
-                   "(same address as --host): 'up ready N%%' with N proportional to the free session slots (lower "
-                   "while the GPU queue is long), 'up drain' when full or shutting down (default: off)")
+                   "(on --agent-host): 'up ready N%%' with N proportional to the free session slots (lower while the "
+                   "GPU queue is long), 'up drain' when full or shutting down (default: off)")
+    n.add_argument("--agent-host", default="127.0.0.1", help="address the agent-check listens on (default "
+                   "%(default)s; the balancer's network only: it needs no key)")
+    n.add_argument("--forwarded-allow-ips", metavar="ADDRS", default=os.environ.get("FORWARDED_ALLOW_IPS") or None,
+                   help="balancers whose X-Forwarded-For / X-Forwarded-Proto are believed (comma-separated addresses "
+                   "or networks, e.g. 10.0.0.7 or 172.16.0.0/12): logs, limits per address and the key check's turns "
+                   "then see the client's address; their connections are also exempt from "
+                   "--max-connections-per-address (default: $FORWARDED_ALLOW_IPS; none: never believed)")
+    n.add_argument("--header-timeout-seconds", type=float, default=10.0, metavar="S", help="a connection must "
+                   "deliver each request's headers within S seconds of opening (or of its previous answer), else it "
+                   "is closed (default %(default)s)")
+    n.add_argument("--keep-alive-seconds", type=float, default=5.0, metavar="S", help="close a connection idle "
+                   "this long between requests (default %(default)s)")
+    n.add_argument("--max-connections", type=int, metavar="N", help="open connections at once; one more is answered "
+                   "503 and closed (default: the open-file limit, raised to its hard limit at start-up, less %d, at "
+                   "most %d)" % (128, 4096))
+    n.add_argument("--max-connections-per-address", type=int, default=64, metavar="N", help="open connections from "
+                   "one client address (the --forwarded-allow-ips balancers excepted); one more is answered 503 and "
+                   "closed (default %(default)s)")
     k = p.add_argument_group("keys (when any is set, every request but /healthz needs 'Authorization: Bearer KEY')")
     k.add_argument("--api-key", help="the shared key, user 'shared' (default: $NN_INTERACTIVE_API_KEY; prefer the "
                    "variable or --api-key-file: arguments are visible to other users)")
@@ -41,6 +59,8 @@ def build_parser():
     t.add_argument("--ssl-keyfile", metavar="PEM", help="its private key, PEM; needs --ssl-certfile")
     t.add_argument("--ssl-keyfile-password", help="password of an encrypted key file (default: "
                    "$NN_INTERACTIVE_SSL_KEYFILE_PASSWORD; prefer the variable: arguments are visible to other users)")
+    t.add_argument("--ssl-min-version", choices=["1.2", "1.3"], default="1.2", help="oldest TLS version accepted "
+                   "(default %(default)s)")
     c = p.add_argument_group("compute")
     c.add_argument("--device", default="cuda", help="cuda, cuda:N, cpu or mps (default %(default)s)")
     c.add_argument("--torch-n-threads", type=int, default=8, help="CPU threads for torch (default %(default)s)")
@@ -66,6 +86,10 @@ def build_parser():
                      "(default: the largest image as uncompressed float32, plus 16 MiB)")
     lim.add_argument("--max-waiting-per-lease", type=int, default=4, metavar="N", help="requests of one session "
                      "that may wait behind the one it runs; more get 429 with Retry-After (default %(default)s)")
+    lim.add_argument("--min-upload-rate", type=parse_size, default="32K", metavar="BYTES", help="bytes per second a "
+                     "request body must arrive at on average, after --upload-grace-seconds; slower: 408 (default 32K)")
+    lim.add_argument("--upload-grace-seconds", type=float, default=10.0, metavar="S", help="a request body's first "
+                     "S seconds are not held to --min-upload-rate (default %(default)s)")
     a = p.add_argument_group("automatic models (nnU-Net; the established model server's /infer, /infer_file, "
                              "/model_info, ... and /x/auto_segment on a session's image)")
     a.add_argument("--model-serve-spec", metavar="PATH", help="model registry (model-serve-spec.yaml) to serve "
@@ -109,6 +133,8 @@ def build_parser():
                    help="log level (default %(default)s)")
     o.add_argument("--log-json", action="store_true", help="log one JSON object per line (time, level, logger, "
                    "message, request_id) instead of text")
+    o.add_argument("--metrics-user-labels", action="store_true", help="name each user in /metrics' user labels "
+                   "(default: 'named' for every user of the keys file, so a scrape tells no one's activity)")
     o.add_argument("--shutdown-deadline-seconds", type=float, default=30.0, metavar="S", help="on SIGTERM: refuse "
                    "new sessions, finish the requests in progress, release every session and exit within S seconds "
                    "(default %(default)s)")
@@ -148,6 +174,17 @@ def check_args(args):
         raise StartupError("--port must be between 1 and 65535.")
     if args.agent_port is not None and not (0 < args.agent_port < 65536 and args.agent_port != args.port):
         raise StartupError("--agent-port must be between 1 and 65535, and not --port.")
+    if args.header_timeout_seconds <= 0 or args.keep_alive_seconds <= 0 or args.upload_grace_seconds < 0:
+        raise StartupError("--header-timeout-seconds and --keep-alive-seconds must be positive, "
+                           "--upload-grace-seconds 0 or more.")
+    if (args.max_connections is not None and args.max_connections < 1) or args.max_connections_per_address < 1:
+        raise StartupError("--max-connections and --max-connections-per-address must be at least 1.")
+    from .connections import parse_networks
+
+    try:
+        args.trusted_proxies = parse_networks(args.forwarded_allow_ips)
+    except ValueError as exc:
+        raise StartupError("--forwarded-allow-ips: %s (give addresses or networks, comma-separated)." % exc)
     if args.predictor_cache_size < 1:
         raise StartupError("--predictor-cache-size must be at least 1.")
     for flag in ("predictor_ttl_seconds", "job_ttl_seconds"):
@@ -200,6 +237,12 @@ def check_tls(args):
                               ", and the key's password right" if args.ssl_keyfile_password else "", exc))
 
 
+def tls_version(text):
+    import ssl
+
+    return {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}[text]
+
+
 def check_keys(args):
     """The shared key (--api-key, --api-key-file or $NN_INTERACTIVE_API_KEY) and the keys file, as Identities."""
     from .identities import Identities, KeysFileError
@@ -228,9 +271,40 @@ def check_keys(args):
     if keys_file and not identities.users():
         log.warning("the keys file %s names no user yet (nninteractive-slicer-server-keys add NAME, then kill -HUP)",
                     keys_file)
+    elif keys_file and not any("operator" in identities.role_of(name) for name in identities.users()):
+        log.info("no operator in %s: /metrics, /expire and the details of /x/info answer 403 to every key "
+                 "(nninteractive-slicer-server-keys add NAME --role operator, or --role metrics for a scraper)",
+                 keys_file)
+    if identities.without_precheck():
+        log.warning("the keys file's line(s) of %s carry no pre-check (check=): every guess at their tokens costs a "
+                    "slow hash, and tells that the name exists; give them new tokens (add NAME --also, then remove "
+                    "the old line)", ", ".join(identities.without_precheck()))
     if args.max_sessions_per_user and not identities.required:
         log.warning("--max-sessions-per-user without any key: every client is the same user, 'anonymous'.")
     return identities
+
+
+def warn_exposure(args, identities):
+    """Loud start-up warnings for what an operator should not run beyond loopback without knowing it."""
+    if is_loopback_host(args.host):
+        return
+    if not identities.required:
+        log.warning("!" * 78)
+        log.warning("NO API KEY and listening on %s: anyone who reaches port %d can use this GPU and send images.",
+                    args.host, args.port)
+        log.warning("Set NN_INTERACTIVE_API_KEY (or --api-key-file, --keys-file) before exposing the server.")
+        log.warning("!" * 78)
+    elif identities.has_shared_key():
+        log.warning("a SHARED key is served on %s: everyone who has it is the same user 'shared' (no per-user "
+                    "limits, no session or download kept apart%s); give each person a token of their own "
+                    "(--keys-file) and drop the shared key.", args.host,
+                    "" if identities.keys_file else ", and each of them is an operator")
+    if not args.ssl_certfile and not getattr(args, "forwarded_allow_ips", None):  # no balancer in front either
+        log.warning("plain HTTP on %s: keys and images cross the network in the clear unless a TLS-terminating "
+                    "balancer in front is the only way in (see README, TLS).", args.host)
+    if args.agent_port and not is_loopback_host(args.agent_host):
+        log.info("the agent-check (no key) listens on %s:%d: only the balancer should reach it", args.agent_host,
+                 args.agent_port)
 
 
 def check_device(name):
@@ -260,9 +334,11 @@ def check_registry(args):
 
     path, where_from = spec_source(args.model_serve_spec)
     if path is None:
-        if args.infer_root or args.jobs_dir or args.orthanc_url:
-            raise StartupError("--infer-root, --jobs-dir and --orthanc-url serve automatic models: give the model "
-                               "registry too (--model-serve-spec PATH, MODEL_SERVE_SPEC or ./model-serve-spec.yaml).")
+        if args.infer_root or args.orthanc_url:
+            raise StartupError("--infer-root and --orthanc-url serve automatic models: give the model registry too "
+                               "(--model-serve-spec PATH, MODEL_SERVE_SPEC or ./model-serve-spec.yaml).")
+        if args.jobs_dir:  # a deployment names its jobs volume whether or not this node serves automatic models
+            log.info("--jobs-dir %s is unused: no model registry (--model-serve-spec)", args.jobs_dir)
         return None
     try:
         registry = load_registry(path, check_files=False)
@@ -311,6 +387,9 @@ def check_orthanc(args):
 
 
 def main(argv=None):
+    from .shutdown import HANGUP
+
+    HANGUP.install()  # first: a SIGHUP (logrotate, systemctl reload) during start-up must not kill the server
     args = build_parser().parse_args(argv)
     logs.configure(args.log_level, json_lines=args.log_json, verbose=args.verbose)
     try:
@@ -332,12 +411,7 @@ def serve(args):
     else:
         model_name, model_dir = resolve_official(args.model)
         args.fold = check_model_dir(model_dir, args.fold, args.checkpoint)
-    if not identities.required and not is_loopback_host(args.host):
-        log.warning("!" * 78)
-        log.warning("NO API KEY and listening on %s: anyone who reaches port %d can use this GPU and send images.",
-                    args.host, args.port)
-        log.warning("Set NN_INTERACTIVE_API_KEY (or --api-key-file, --keys-file) before exposing the server.")
-        log.warning("!" * 78)
+    warn_exposure(args, identities)
 
     from .engine import Engine
 
@@ -349,7 +423,8 @@ def serve(args):
                            "folder made for nnInteractive 2.6." % (model_dir, type(exc).__name__, exc))
 
     from .app import make_app
-    from .limits import Limits, MemoryBudget
+    from .connections import Guard, default_max_connections, raise_descriptor_limit
+    from .limits import Limits, shared_budget
     from .shutdown import serve as serve_until_stopped
 
     limits = Limits.defaults(args.memory_budget, args.max_image_voxels, args.max_body_bytes)
@@ -361,20 +436,32 @@ def serve(args):
     limits.max_jobs_per_user = args.max_jobs_per_user or max(1, args.max_jobs // 4)
     limits.max_job_bytes_per_user = args.max_job_bytes_per_user or 2 * (args.max_upload_bytes +
                                                                           args.max_unpacked_bytes)
-    budget = MemoryBudget(limits.memory_budget)  # sessions and automatic runs share it
+    limits.min_upload_rate, limits.upload_grace_s = args.min_upload_rate, args.upload_grace_seconds
+    budget = shared_budget(limits, args.max_sessions, args.max_sessions_per_user)  # sessions and automatic runs
     auto = make_auto(registry, engine, args, limits, budget) if registry is not None else None
     app = make_app(engine, args.max_sessions, args.idle_timeout_seconds, args.liveness_timeout_seconds, limits=limits,
                    identities=identities, max_sessions_per_user=args.max_sessions_per_user, auto=auto,
-                   agent_port=args.agent_port, agent_host=args.host, budget=budget)
+                   agent_port=args.agent_port, agent_host=args.agent_host, budget=budget,
+                   metrics_user_labels=args.metrics_user_labels)
+    descriptors = raise_descriptor_limit()
+    guard = Guard(args.header_timeout_seconds, args.max_connections or default_max_connections(descriptors),
+                  args.max_connections_per_address, args.trusted_proxies)
     log.info("serving %s on %s://%s:%d (max %d session(s)%s, %s)", engine.model_name,
              "https" if args.ssl_certfile else "http", args.host, args.port, args.max_sessions,
              ", %d per user" % args.max_sessions_per_user if args.max_sessions_per_user else "", identities.describe())
     log.info("limits: %s; up to %d request(s) waiting per session", limits.describe(), limits.max_waiting_per_lease)
+    log.info("connections: at most %d open (%d per client address), headers within %.0f s, idle ones closed after "
+             "%.0f s, open-file limit %d; X-Forwarded-For believed from %s", guard.max_connections,
+             guard.max_per_address, guard.header_timeout, args.keep_alive_seconds, descriptors,
+             args.forwarded_allow_ips or "nobody")
     log.info("automatic models: %s", auto.describe() if auto is not None else "none (no --model-serve-spec)")
     try:
-        serve_until_stopped(app, args.shutdown_deadline_seconds, host=args.host, port=args.port,
+        serve_until_stopped(app, args.shutdown_deadline_seconds, guard=guard,
+                            ssl_min_version=tls_version(args.ssl_min_version) if args.ssl_certfile else None,
+                            forwarded_allow_ips=args.forwarded_allow_ips, host=args.host, port=args.port,
                             log_level=args.log_level, access_log=args.verbose, ssl_certfile=args.ssl_certfile,
-                            ssl_keyfile=args.ssl_keyfile, ssl_keyfile_password=args.ssl_keyfile_password)
+                            ssl_keyfile=args.ssl_keyfile, ssl_keyfile_password=args.ssl_keyfile_password,
+                            timeout_keep_alive=args.keep_alive_seconds)
     finally:
         engine.shutdown()
     return 0

@@ -2,9 +2,11 @@
 
 The key and the lease are FastAPI dependencies (a route lists them). The key itself is checked earlier, from the
 headers alone, by ``identities.KeyGate`` (before routing and before any body is read); ``require_key`` hands routes
-the caller's name, and a lease answers only to the user who claimed it (403 for anyone else).
+the caller's name, ``require_operator`` refuses (403) every key but an operator's, and a lease answers only to the
+user who claimed it (403 for anyone else).
 Bodies are read by ``read_json`` / ``read_packed``: within ``Limits``, touching the lease as bytes arrive (a slow
-upload is a sign of life), answering 408 when the client stalls longer than the liveness timeout, and decoding
+upload is a sign of life), answering 408 when the client stalls longer than the liveness timeout or sends slower
+than ``Limits.min_upload_rate`` over the whole body (a stalled upload holds memory and a connection), and decoding
 packed arrays off the event loop in bounded batches, after ``accept`` has checked what the array declares.
 """
 
@@ -17,7 +19,8 @@ from starlette.requests import ClientDisconnect
 from SlicerNNInteractiveLib import protocol as P
 from SlicerNNInteractiveLib.wire import ArrayDecoder, WireFormatError
 
-from .errors import Gone, OutOfMemory, Problem, TooLarge, Unauthorized, is_out_of_memory
+from .errors import Forbidden, Gone, OutOfMemory, Problem, TooLarge, Unauthorized, is_out_of_memory
+from .identities import METRICS, OPERATOR
 from .leases import UnknownLease
 from .validate import BadInput
 
@@ -37,6 +40,26 @@ def require_key(request: Request):
     user = getattr(request.state, "user", None)
     if user is None:  # an app without the gate in front: refuse rather than serve anyone
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+    return user
+
+
+def role(request):
+    return getattr(request.state, "role", None)
+
+
+def require_operator(request: Request, user=Depends(require_key)):
+    """The caller's name, when their key is an operator's (role=operator in the keys file; the shared key when it is
+    the only key; everyone when the server needs no key); else 403."""
+    if role(request) != OPERATOR:
+        raise Forbidden("this needs an operator's key (role=operator in the server's keys file)")
+    return user
+
+
+def require_metrics_reader(request: Request, user=Depends(require_key)):
+    """As ``require_operator``, or a key of role ``metrics`` (a scraper's)."""
+    if role(request) not in (OPERATOR, METRICS):
+        raise Forbidden("this needs an operator's key or a metrics key (role=operator or role=metrics in the "
+                        "server's keys file)")
     return user
 
 
@@ -85,18 +108,29 @@ def _declared_length(request):
 
 
 async def _pieces(request, lease_, stall_after):
-    """The body's pieces as they arrive; each touches the lease. 408 after ``stall_after`` s without bytes."""
+    """The body's pieces as they arrive; each touches the lease. 408 after ``stall_after`` s without bytes, or when
+    the body falls behind the minimum rate over its whole length (``Limits.upload_due``)."""
     receive = request.receive
+    limits = server(request).limits
+    loop = asyncio.get_running_loop()
+    started, received = loop.time(), 0
     while True:
-        try:
-            message = await asyncio.wait_for(receive(), stall_after)
+        due = started + limits.upload_due(received) - loop.time()  # when the bytes so far fall behind the rate
+        try:  # (at least a moment: what already arrived but was not read yet is never counted against the client)
+            message = await asyncio.wait_for(receive(), max(0.1, min(stall_after, due)))
         except asyncio.TimeoutError:
+            elapsed = loop.time() - started
+            if due < stall_after:
+                raise Stalled("the request body arrived too slowly: %d bytes in %.0f s; this server needs at least %d "
+                              "bytes per second (after the first %.0f s); send it again over a faster connection"
+                              % (received, elapsed, limits.min_upload_rate, limits.upload_grace_s))
             raise Stalled("no part of the request body arrived for %.0f s; send it again" % stall_after)
         if message["type"] == "http.disconnect":
             raise ClientDisconnect()
         if lease_ is not None:
             lease_.seen()
         body = message.get("body", b"")
+        received += len(body)
         if body:
             yield body
         if not message.get("more_body", False):
@@ -108,11 +142,18 @@ async def _read(request, lease_, what, consume):
     batch's transfer; stop at the first problem (over the body limit, or raised by ``consume``). The server's HTTP
     layer reads and discards the rest of a refused body, so the client still receives the answer."""
     srv = server(request)
-    srv.limits.check_body(_declared_length(request), what)  # nothing read yet: a body declared too large is refused
+    declared = _declared_length(request)
+    srv.limits.check_body(declared, what)  # nothing read yet: a body declared too large is refused
     loop = asyncio.get_running_loop()
     received, batch, batch_bytes, pending = 0, [], 0, None
+    pieces = _pieces(request, lease_, srv.registry.liveness_timeout).__aiter__()
     try:
-        async for piece in _pieces(request, lease_, srv.registry.liveness_timeout):
+        while True:
+            # With a declared length (checked above) nothing but the decoder can refuse the body now: its refusal is
+            # answered at once. A chunked body may still turn out too large: that check keeps its place.
+            piece = await _next_piece(pieces, pending if declared is not None else None)
+            if piece is None:
+                break
             received += len(piece)
             srv.limits.check_body(received, what)
             batch.append(piece)
@@ -130,6 +171,22 @@ async def _read(request, lease_, what, consume):
     finally:
         if pending is not None:  # never leave a batch decoding behind a refused request
             await asyncio.wait([pending])
+
+
+async def _next_piece(pieces, pending):
+    """The body's next piece (None at its end), or at once what the batch decoding beside it (``pending``) raised:
+    an array refused from its header (too large, over the budget) is answered without waiting for bytes that may
+    never come."""
+    step = asyncio.ensure_future(pieces.__anext__())
+    if pending is not None and not pending.done():
+        await asyncio.wait([step, pending], return_when=asyncio.FIRST_COMPLETED)
+    if pending is not None and pending.done() and pending.exception() is not None:
+        step.cancel()
+        raise pending.exception()
+    try:
+        return await step
+    except StopAsyncIteration:
+        return None
 
 
 async def read_json(request, lease_=None):

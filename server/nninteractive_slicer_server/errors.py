@@ -128,9 +128,16 @@ def _answer(request, status, detail, headers=None, extra=None):
 
 
 async def _problem(request, exc):
-    if exc.status >= 500:
-        log.warning("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.detail)
+    if exc.status >= 500 or exc.status == 403:  # server trouble, and a valid key used where it may not go
+        cause = exc.__cause__ if exc.status >= 500 else None  # a failure turned into an answer: its traceback
+        log.warning("%s %s -> %d: %s%s", request.method, request.url.path, exc.status, exc.detail, _by(request),
+                    exc_info=(type(cause), cause, cause.__traceback__) if cause is not None else None)
     return _answer(request, exc.status, exc.detail, exc.headers, exc.extra)
+
+
+def _by(request):
+    user = getattr(request.state, "user", None)
+    return " (user %s)" % user if user else ""
 
 
 async def _http_exception(request, exc):

@@ -53,6 +53,10 @@ class Limits:
     max_job_bytes_per_user: int = 20 * GiB  # the jobs folder's bytes one user's jobs and uploads may take (413 / 429)
     job_ttl_s: float = 86400.0  # a job (its outputs, its index) is deleted this long after it ended
     max_running_jobs: int = 2  # automatic runs on server paths or uploads at once (more wait their turn)
+    # A body must arrive at this many bytes per second on average (a stalled upload holds memory and a slot);
+    # counted from upload_grace_s after its headers (a slow start, a TCP window opening). 408 below it.
+    min_upload_rate: int = 32 * 1024
+    upload_grace_s: float = 10.0
 
     @classmethod
     def defaults(cls, memory_budget=None, max_image_voxels=None, max_body_bytes=None, ram=None):
@@ -73,6 +77,10 @@ class Limits:
         if size is not None and size > self.max_body_bytes:
             raise TooLarge("%s is at least %d bytes; this server accepts at most %d (--max-body-bytes)"
                            % (what, size, self.max_body_bytes))
+
+    def upload_due(self, received):
+        """Seconds after a body's start by which ``received`` bytes of it must have arrived."""
+        return self.upload_grace_s + received / float(self.min_upload_rate)
 
     def check_upload(self, size, what="the uploaded archive"):
         if size is not None and size > self.max_upload_bytes:
@@ -107,15 +115,29 @@ def human(n):
     return "%d B" % n
 
 
+def shared_budget(limits, max_sessions, max_sessions_per_user=None):
+    """The server's one ``MemoryBudget`` (sessions and automatic runs), shared per user the way sessions are: a user
+    may hold ``max_sessions_per_user / max_sessions`` of it (no share when every slot may be one user's)."""
+    per_user = max_sessions_per_user if max_sessions_per_user and max_sessions_per_user < max_sessions else None
+    share = limits.memory_budget * per_user // max_sessions if per_user else None
+    return MemoryBudget(limits.memory_budget, share)
+
+
 class MemoryBudget:
-    """Bytes reserved by all sessions together, against one total. Thread-safe; reservations are held by a
-    ``Reservation`` so that each is given back exactly once."""
+    """Bytes reserved by all sessions together, against one total, and by each user against their share.
+    Thread-safe; reservations are held by a ``Reservation`` so that each is given back exactly once.
+
+    ``user_share``: the most one user may hold at once (``--max-sessions-per-user`` / ``--max-sessions`` of the
+    total, the way sessions are shared: one user can never take what the others need for theirs); None: no share
+    beyond the total. Reservations made without a user (``user=None``) count against the total only."""
 
     RETRY_AFTER = 5
 
-    def __init__(self, total):
+    def __init__(self, total, user_share=None):
         self.total = int(total)
+        self.user_share = int(user_share) if user_share else None
         self._used = 0
+        self._by_user = {}
         self._mu = threading.Lock()
 
     @property
@@ -123,37 +145,59 @@ class MemoryBudget:
         with self._mu:
             return self._used
 
-    def reserve(self, nbytes, what):
+    def used_by(self, user):
+        with self._mu:
+            return self._by_user.get(user, 0)
+
+    def reserve(self, nbytes, what, *, user=None):
         nbytes = int(nbytes)
         if nbytes > self.total:
             raise TooLarge("%s needs %d bytes; this server's memory budget is %d (--memory-budget)"
                            % (what, nbytes, self.total))
+        share = self.user_share if user is not None else None
+        if share is not None and nbytes > share:
+            raise TooLarge("%s needs %d bytes; one user may hold at most %d of this server's memory budget "
+                           "(--memory-budget x --max-sessions-per-user / --max-sessions)" % (what, nbytes, share))
         with self._mu:
+            mine = self._by_user.get(user, 0)
+            if share is not None and mine + nbytes > share:
+                raise BudgetFull("%s needs %d bytes; %s already holds %d of the %d bytes one user may hold "
+                                 "(--max-sessions-per-user of --max-sessions); close a session or wait for a request "
+                                 "to end" % (what, nbytes, user, mine, share), retry_after=self.RETRY_AFTER)
             if self._used + nbytes > self.total:
                 free = self.total - self._used
                 raise BudgetFull("%s needs %d bytes; %d of the server's %d-byte memory budget are free now (other "
                                  "sessions hold the rest); try again later" % (what, nbytes, free, self.total),
                                  retry_after=self.RETRY_AFTER)
             self._used += nbytes
-        return Reservation(self, nbytes)
+            if user is not None:
+                self._by_user[user] = mine + nbytes
+        return Reservation(self, nbytes, user)
 
-    def _give_back(self, nbytes):
+    def _give_back(self, nbytes, user=None):
         with self._mu:
             self._used -= nbytes
+            if user is not None:
+                left = self._by_user.get(user, 0) - nbytes
+                if left > 0:
+                    self._by_user[user] = left
+                else:
+                    self._by_user.pop(user, None)
 
 
 class Reservation:
-    def __init__(self, budget, nbytes):
+    def __init__(self, budget, nbytes, user=None):
         self._budget = budget
         self.nbytes = nbytes
+        self.user = user
 
     def split(self, nbytes):
         """Move ``nbytes`` of this reservation into a new one (given back separately)."""
         nbytes = min(int(nbytes), self.nbytes)
         self.nbytes -= nbytes
-        return Reservation(self._budget, nbytes)
+        return Reservation(self._budget, nbytes, self.user)
 
     def release(self):
         nbytes, self.nbytes = self.nbytes, 0
         if nbytes:
-            self._budget._give_back(nbytes)
+            self._budget._give_back(nbytes, self.user)

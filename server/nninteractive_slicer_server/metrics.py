@@ -1,8 +1,10 @@
 """Prometheus metrics (``GET /metrics``, behind the key when one is set), one registry per app.
 
-Labels stay bounded: ``endpoint`` is the route template (``/add_point_interaction``; ``unmatched`` for paths the
-app does not serve), ``user`` is the name the key gave (``request.state.user``, see item 6 of the design) or
-``shared`` (the server's one key) / ``anonymous`` (no key), ``reason`` is the kind of refusal.
+Only an operator's key or a metrics key reads it. Labels stay bounded: ``endpoint`` is the route template
+(``/add_point_interaction``; ``unmatched`` for paths the app does not serve), ``user`` is ``named`` for every user
+of the keys file (their names only with ``--metrics-user-labels``: a scrape must not tell who works when), ``shared``
+(the server's one key), ``anonymous`` (no key) or ``unauthenticated`` (no valid key: never counted as anyone's),
+``reason`` is the kind of refusal.
 
 * ``nninteractive_http_requests_total{endpoint,method,status,user}``
 * ``nninteractive_http_request_duration_seconds{endpoint,method,status}`` (histogram)
@@ -16,8 +18,10 @@ app does not serve), ``user`` is the name the key gave (``request.state.user``, 
   (automatic runs in progress on the prediction thread, and the pieces they have left), ``nninteractive_sessions{user}``,
   ``nninteractive_max_sessions``, ``nninteractive_memory_budget_bytes``, ``nninteractive_memory_reserved_bytes``,
   ``nninteractive_draining``, ``nninteractive_free_sessions`` and ``nninteractive_capacity_weight`` (the free
-  capacity HAProxy's agent-check reads, see capacity.py), ``nninteractive_server_info{version,model,device}``; and the
-  ``process_*`` metrics (``process_resident_memory_bytes``...).
+  capacity HAProxy's agent-check reads, see capacity.py), ``nninteractive_server_info{version,model,device}``;
+  ``nninteractive_open_connections`` and ``nninteractive_refused_connections_total{reason}`` (connections.py:
+  ``max_connections``, ``max_connections_per_address``, ``header_timeout``, ``header_bytes``); and the
+  ``process_*`` metrics (``process_resident_memory_bytes``, ``process_open_fds``...).
 """
 
 import re
@@ -29,13 +33,14 @@ from fastapi.exceptions import RequestValidationError
 import prometheus_client
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, ProcessCollector, \
     generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.exceptions import HTTPException  # FastAPI's is a subclass; the router's 404 and 405 are this one
 
 from SlicerNNInteractiveLib.wire import WireFormatError
 
 from . import __version__
 from .capacity import free_capacity
+from .identities import ANONYMOUS, SHARED_USER
 from .validate import BadInput
 
 PREFIX = "nninteractive_"
@@ -43,6 +48,8 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 PREDICTION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 UNMATCHED = "unmatched"
+NAMED = "named"  # the user label of every keys-file user, unless --metrics-user-labels
+REFUSED_REASONS = ("max_connections", "max_connections_per_address", "header_timeout", "header_bytes")
 
 
 def reason_of(exc):
@@ -84,16 +91,19 @@ class Metrics:
         self.queue_wait.observe(waited)
         self.prediction.observe(ran)
 
-    def user_of(self, state, status):
+    def user_of(self, state):
         user = state.get("user") if isinstance(state, dict) else None
-        if user:
-            return str(user)
-        if not self.srv.identities.required:
-            return "anonymous"
-        return "unauthenticated" if status == 401 else "shared"
+        return user_label(self.srv, user) if user else "unauthenticated"
 
     def exposition(self):
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def user_label(srv, user):
+    """The ``user`` label of ``user`` (a name the key gave)."""
+    if user in (SHARED_USER, ANONYMOUS) or srv.metrics_user_labels:
+        return str(user)
+    return NAMED
 
 
 class _StateCollector:
@@ -108,10 +118,10 @@ class _StateCollector:
     def collect(self):
         srv = self.srv
         sessions = GaugeMetricFamily(PREFIX + "sessions", "Sessions (leases) held, by user", labels=["user"])
-        default = "shared" if srv.identities.required else "anonymous"
+        default = SHARED_USER if srv.identities.required else ANONYMOUS
         counts = {}
         for lease in srv.registry.snapshot():
-            user = getattr(lease, "user", None) or default
+            user = user_label(srv, getattr(lease, "user", None) or default)
             counts[user] = counts.get(user, 0) + 1
         for user, n in sorted(counts.items()):
             sessions.add_metric([str(user)], n)
@@ -139,9 +149,18 @@ class _StateCollector:
                                 value=cap["free_sessions"])
         yield GaugeMetricFamily(PREFIX + "capacity_weight", "The weight (0-100) the agent-check gives HAProxy: free "
                                 "slots, less while the GPU queue is long; 0 when full or draining", value=cap["weight"])
+        guard = getattr(srv, "guard", None)
+        if guard is not None:
+            yield GaugeMetricFamily(PREFIX + "open_connections", "Client connections open now (--max-connections)",
+                                    value=guard.open)
+            refused = CounterMetricFamily(PREFIX + "refused_connections", "Connections closed by the connection "
+                                          "limits, by reason", labels=["reason"])
+            for reason in REFUSED_REASONS:
+                refused.add_metric([reason], guard.refused[reason])
+            yield refused
         info = GaugeMetricFamily(PREFIX + "server_info", "The server's version, model and device",
                                  labels=["version", "model", "device"])
-        info.add_metric([__version__, str(srv.engine.model_name), str(srv.engine.device)], 1)
+        info.add_metric([__version__, srv.model, str(srv.engine.device)], 1)
         yield info
 
 
@@ -179,8 +198,7 @@ class MetricsMiddleware:
                 endpoint = _route_template(scope)
                 status = str(seen["status"])
                 method = scope.get("method", "")
-                metrics.requests.labels(endpoint, method, status, metrics.user_of(scope.get("state"), seen["status"])
-                                        ).inc()
+                metrics.requests.labels(endpoint, method, status, metrics.user_of(scope.get("state"))).inc()
                 metrics.latency.labels(endpoint, method, status).observe(time.perf_counter() - started)
                 if seen["in"]:
                     metrics.bytes_in.labels(endpoint).inc(seen["in"])

@@ -1,4 +1,5 @@
-"""Graceful shutdown on SIGTERM, within a deadline (``--shutdown-deadline-seconds``).
+"""Signals, and the web server that runs the app: graceful shutdown on SIGTERM within a deadline
+(``--shutdown-deadline-seconds``), SIGHUP handled from the first moment of start-up.
 
 On the first SIGTERM the server, at once:
 
@@ -13,6 +14,11 @@ On the first SIGTERM the server, at once:
 
 A watchdog ends the process (exit status 1) at the deadline whatever is still running. A second SIGTERM, or
 SIGINT (Ctrl+C), stops at once the way uvicorn does.
+
+SIGHUP (what logrotate and ``systemctl reload`` send) never stops the server: ``HANGUP.install()`` is the first
+thing ``main`` does; until the app runs, a SIGHUP is remembered, then handled once it does (on the event loop, never
+inside whatever the signal interrupted): the keys file is reread, or, without one, a log line says there is nothing
+to reload.
 """
 
 import asyncio
@@ -26,6 +32,42 @@ import time
 import uvicorn
 
 log = logging.getLogger("nninteractive_slicer_server")
+
+
+class Hangup:
+    """SIGHUP's one handler. ``attach(loop, action)`` while the app runs: each SIGHUP schedules ``action`` on
+    ``loop``; before that (start-up) and after (shutdown) SIGHUPs are counted and the next ``attach`` runs the action
+    once for them."""
+
+    def __init__(self):
+        self.loop = self.action = None
+        self.pending = 0
+        self.installed = False
+
+    def install(self):
+        if hasattr(signal, "SIGHUP") and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGHUP, self._handle)
+            self.installed = True
+
+    def _handle(self, sig, frame):
+        loop, action = self.loop, self.action  # no logging and no locks here: it runs inside interrupted code
+        if loop is not None and action is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(action)
+        else:
+            self.pending += 1
+
+    def attach(self, loop, action):
+        self.loop, self.action = loop, action
+        if self.pending:
+            log.info("SIGHUP received %d time(s) during start-up: handled now", self.pending)
+            self.pending = 0
+            loop.call_soon(action)
+
+    def detach(self):
+        self.loop = self.action = None
+
+
+HANGUP = Hangup()
 
 
 class GracefulServer(uvicorn.Server):
@@ -104,9 +146,25 @@ class GracefulServer(uvicorn.Server):
         os._exit(1)
 
 
-def serve(app, deadline, **config):
-    """``uvicorn.run(app, **config)`` with SIGTERM draining (see the module's docstring). Our own logging handler
-    stays in charge (``log_config=None``)."""
+def serve(app, deadline, guard=None, ssl_min_version=None, forwarded_allow_ips=None, **config):
+    """``uvicorn.run(app, **config)`` with SIGTERM draining (see the module's docstring), the connection limits of
+    ``guard`` (``connections.Guard``), TLS from ``ssl_min_version`` (an ``ssl.TLSVersion``) up, and proxy headers
+    (the client's address in X-Forwarded-For) believed only from ``forwarded_allow_ips`` (a comma-separated list;
+    none: never). Our own logging handler stays in charge (``log_config=None``); no websocket protocol (no route
+    uses one: an upgrade request is an ordinary request, behind the key)."""
+    if guard is not None:
+        from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+        config["http"] = guard.protocol(AutoHTTPProtocol)
+        app.state.server.guard = guard
+    if ssl_min_version is not None:
+        def tls_context(_config, default_factory):
+            context = default_factory()
+            context.minimum_version = ssl_min_version
+            return context
+
+        config["ssl_context_factory"] = tls_context
+    config.update(ws="none", proxy_headers=bool(forwarded_allow_ips), forwarded_allow_ips=forwarded_allow_ips or "")
     server = GracefulServer(uvicorn.Config(app, log_config=None, **config), app.state.server, deadline)
     try:
         server.run()

@@ -43,7 +43,7 @@ from SlicerNNInteractiveLib import protocol as P
 from SlicerNNInteractiveLib.wire import MASK_CODEC, pack_array
 
 from ..cancel import CancelToken
-from ..deps import act, lease, read_json, require_key, server
+from ..deps import act, lease, read_json, require_key, require_operator, server
 from ..errors import Draining, Invalid, NotFound, OutOfMemory, Problem, is_out_of_memory
 from ..validate import BadInput, require
 from ..auto.jobs import CANCELLED
@@ -132,8 +132,8 @@ async def readyz(request: Request):
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
-@router.post(P.PATH_EXPIRE)
-@router.get(P.PATH_EXPIRE)
+@router.post(P.PATH_EXPIRE, dependencies=[Depends(require_operator)])
+@router.get(P.PATH_EXPIRE, dependencies=[Depends(require_operator)])
 async def expire(request: Request):
     svc = auto_service(request)
     n = await run_in_threadpool(svc.segmenter.cache.expire)

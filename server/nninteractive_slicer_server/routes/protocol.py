@@ -110,7 +110,8 @@ def mask_accept(request, lease_, scoped, kind):
         spatial = list(image_shape[1:])
         validate.require(len(shape) == 3 and all(d <= s for d, s in zip(shape, spatial)),
                          "the %s shape %s does not match the image's spatial shape %s" % (kind, list(shape), spatial))
-        scoped.add(srv.budget.reserve(math.prod(shape) * dtype.itemsize, "the %s %s" % (kind, list(shape))))
+        scoped.add(srv.budget.reserve(math.prod(shape) * dtype.itemsize, "the %s %s" % (kind, list(shape)),
+                                      user=lease_.user))
 
     return accept
 
@@ -177,7 +178,8 @@ async def set_image(request: Request, lease_=Depends(lease), meta_=Depends(meta)
             srv.limits.check_image_voxels(voxels, shape)
             held = session_bytes(voxels, shape[0], srv.num_interaction_channels)
             received = math.prod(shape) * dtype.itemsize
-            whole = scoped.add(srv.budget.reserve(held + received, "the image %s %s" % (list(shape), dtype)))
+            whole = scoped.add(srv.budget.reserve(held + received, "the image %s %s" % (list(shape), dtype),
+                                                  user=lease_.user))
             # Kept by the session (with the received array itself on servers with automatic models); the rest ends
             # with the request.
             kept.append(whole.split(held + (received if srv.keep_source_images else 0)))
@@ -217,7 +219,8 @@ async def set_target_buffer(request: Request, lease_=Depends(lease)):
 
     def work(session):
         shape, dtype = validate.target_buffer_request(payload, session.original_image_shape)
-        reserved = budget.reserve(math.prod(shape) * dtype.itemsize, "the target buffer %s %s" % (list(shape), dtype))
+        reserved = budget.reserve(math.prod(shape) * dtype.itemsize, "the target buffer %s %s" % (list(shape), dtype),
+                                  user=lease_.user)
         try:
             session.set_target_buffer(np.zeros(shape, dtype=dtype))
         except BaseException:
