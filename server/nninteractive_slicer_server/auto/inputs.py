@@ -85,14 +85,15 @@ def prepare(plan, files, registry=None, limits=None, budget=None):
     out.nbytes = read_bytes(plan, out, registry)
     if budget is not None and out.nbytes:
         largest = max(out.infos.values(), key=lambda i: i.voxels)
-        out.reservation = reserve(budget, out.nbytes, "reading the study (%d input(s), the largest %s)"
-                                  % (len(out.infos) + len(out.masks), "x".join(str(s) for s in largest.size)))
+        what = "reading the study (%d input(s), the largest %s)" % (len(out.infos) + len(out.masks),
+                                                                   "x".join(str(s) for s in largest.size))
+        out.reservation = reserve(budget, out.nbytes, what, user=files.user)
     return out
 
 
-def reserve(budget, nbytes, what):
-    """The one place a run's reading takes memory from the budget (per-user shares go here)."""
-    return budget.reserve(nbytes, what)
+def reserve(budget, nbytes, what, user=None):
+    """The one place a run's reading takes memory from the budget, against ``user``'s share of it."""
+    return budget.reserve(nbytes, what, user=user)
 
 
 def _probability_channels(registry, stage):

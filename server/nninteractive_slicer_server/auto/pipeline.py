@@ -499,7 +499,7 @@ def _run_plan(registry, segmenter, plan, reading, started, files, progress, copy
             say("%s: predicting on %s voxels" % (tag, "x".join(str(d) for d in image.shape[1:])))
             result = segmenter.predict(spec, np.ascontiguousarray(image), spacing,
                                        probabilities=opts["save_proba_map"] or stage["probabilities"],
-                                       cancel=cancel, **stage["given"])
+                                       cancel=cancel, user=files.user, **stage["given"])
             timings.update(result.timings)
             lab, pr = result.labels, result.probabilities
             if stage["flip_xy"]:

@@ -471,13 +471,14 @@ class AutoSegmenter:
         folder = self.registry.result_folder(spec)
         return self.cache.get(folder, args["use_folds"], args["checkpoint_name"], model=spec.id), args
 
-    def predict(self, model, image, spacing, probabilities=None, cancel=None, owner=None, **given):
+    def predict(self, model, image, spacing, probabilities=None, cancel=None, owner=None, user=None, **given):
         """Segment ``image`` (``[channels, *spatial]``) of voxel ``spacing`` with ``model`` (id, alias or name).
         ``given``: request fields overriding the model's defaults (``use_folds``, ``tta``, ``checkpoint_name``,
         ``class_idx``, ``proba_threshold``, ``min_confidence``, ``save_proba_map``). ``probabilities``: return
         the probability map (default: when ``save_proba_map`` or a threshold asks for it). ``cancel``: a
         ``CancelToken`` that stops it between pieces (``RunCancelled``); ``owner``: who it runs for, in the queue's
-        positions (the lease of /x/auto_segment)."""
+        positions (the lease of /x/auto_segment); ``user``: whose share of the memory budget its working memory
+        takes."""
         cancel = cancel or NEVER
         spec = self.registry.get(model)
         timings = {}
@@ -508,7 +509,7 @@ class AutoSegmenter:
         need_probs = want_probs or threshold is not None
         reserved = self.reserve(loaded.working_bytes(image.shape, spacing, need_probs),
                                 "the automatic segmentation of the image %s with model %r"
-                                % (list(image.shape), spec.id))
+                                % (list(image.shape), spec.id), user=user)
         data = props = steps = None
         try:
             cancel.check()
@@ -553,11 +554,12 @@ class AutoSegmenter:
         return AutoResult(model_id=spec.id, labels=seg, segments=segments, probabilities=probs, args=args,
                           timings=timings, empty=not bool(seg.any()))
 
-    def reserve(self, nbytes, what):
-        """The one place a prediction takes its working memory from the server's budget (None without one)."""
+    def reserve(self, nbytes, what, user=None):
+        """The one place a prediction takes its working memory from the server's budget (None without one), against
+        ``user``'s share of it."""
         if self.budget is None:
             return None
-        return self.budget.reserve(nbytes, what)
+        return self.budget.reserve(nbytes, what, user=user)
 
 
 def threshold_components(p, threshold, min_confidence=None, min_voxels=MIN_COMPONENT_VOXELS):

@@ -343,7 +343,7 @@ async def auto_segment(request: Request, lease_=Depends(lease)):
         spacing = session_spacing(given_spacing, lease_.image_properties, image.ndim - 1)
         try:  # its working memory is reserved from the budget by predict, for as long as it runs
             result = svc.segmenter.predict(model, image, spacing, probabilities=False, cancel=cancel, owner=lease_,
-                                           **fields)
+                                           user=lease_.user, **fields)
         except (Problem, BadInput):
             raise
         except Exception as exc:
