@@ -125,8 +125,9 @@ def main(argv=None) -> int:
         print("\n%s: interrupted; run the same command again to resume." % PROG, file=sys.stderr)
         return 130
     finally:
-        if session is not None and hasattr(session, "close"):
-            session.close()
+        close = getattr(session, "close", None)  # a server's session: free its slot before this process ends
+        if close is not None:
+            close(wait=True)
     done = [p for p in PROTOCOLS if any(r["protocol"] == p for r in steps.rows)]
     summary = report.summarize(steps.rows, done)
     text = report.table(summary, settings.tolerance_mm)
