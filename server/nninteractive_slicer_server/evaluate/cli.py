@@ -133,10 +133,16 @@ def main(argv=None) -> int:
     text = report.table(summary, settings.tolerance_mm)
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(text)
+    written = [STEPS_FILE, "summary.md"]
     if summary:
-        report.plot(summary, steps.rows, os.path.join(args.out, "dice.png"))
+        try:
+            report.plot(summary, steps.rows, os.path.join(args.out, "dice.png"))
+            written.append("dice.png")
+        except ImportError:
+            print("%s: no dice.png: matplotlib is not installed (pip install 'nninteractive-slicer-server[eval]')"
+                  % PROG, file=sys.stderr)
     print(text, end="")
-    print("%s: wrote %s, summary.md, dice.png in %s" % (PROG, STEPS_FILE, args.out), file=sys.stderr)
+    print("%s: wrote %s in %s" % (PROG, ", ".join(written), args.out), file=sys.stderr)
     return 0
 
 
