@@ -218,6 +218,7 @@ def test_the_cli_says_what_is_wrong_with_the_folders(tmp_path, capsys):
     images, labels = bad(tmp_path / "a", {"c1.nii.gz": m, "c2.nii.gz": m}, {"c1.nii.gz": m})
     err = cli_error(capsys, [images, labels] + out)
     assert "no label in" in err and "c2.nii.gz" in err
+    assert "the same folder" in cli_error(capsys, [images, images] + out)
     images, labels = bad(tmp_path / "b", {"c1.nii.gz": m}, {"c1.nii.gz": m, "c3.nii.gz": m})
     assert "no image in" in cli_error(capsys, [images, labels] + out)
     images, labels = bad(tmp_path / "c", {"c1_0000.nii.gz": m, "c1_0002.nii.gz": m}, {"c1.nii.gz": m})

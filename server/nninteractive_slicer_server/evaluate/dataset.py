@@ -100,6 +100,8 @@ def find_cases(images: str, labels: Optional[str] = None, subset: Optional[str] 
         images, labels = raw_dataset_folders(images, subset)
     image_files = _listing(images, "IMAGES")
     label_files = _listing(labels, "LABELS")
+    if os.path.samefile(images, labels):
+        raise DatasetError("IMAGES and LABELS are the same folder (%s); give the folder of label maps as LABELS" % images)
     single: Dict[str, str] = {}  # CASE.ext beside label CASE.ext
     channels: Dict[str, Dict[int, str]] = {}  # CASE_0000.ext, CASE_0001.ext, ... beside label CASE.ext
     unmatched = []
