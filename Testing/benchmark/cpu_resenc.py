@@ -19,8 +19,9 @@ has them; never exact, shown for what it would give). ``THREADS``: ``torch.set_n
 Rounds (``--reps``), configurations in a rotating order (load on a shared machine hits them alike): the first
 prompts every kind, the others points. A configuration is exact when its masks equal the reference configuration's
 (the first one) voxel for voxel; one that is not leaves the run after that mask. The fastest exact configuration has
-the lowest median over all its prompts (every prompt is one forward pass of the same size). Compiled configurations get one untimed warm-up prompt (the compilation). Prints a Markdown table and writes it with
-the raw timings to ``--out`` (default Testing/benchmark/out/cpu_resenc.{md,json}). Timings are printed, never asserted.
+the lowest median over all its prompts (every prompt is one forward pass of the same size). Compiled configurations
+get one untimed warm-up prompt (the compilation). Prints a Markdown table and writes it with the raw timings to
+``--out`` (default Testing/benchmark/out/cpu_resenc.{md,json}). Timings are printed, never asserted.
 """
 
 import argparse

@@ -98,7 +98,7 @@ def main(argv=None) -> int:
         unknown = sorted(set(args.cases) - {c.name for c in cases})
         if unknown:
             parser.error("--cases: no case %s in the dataset (it has %s)" % (", ".join(unknown),
-                                                                             D._names([c.name for c in cases])))
+                                                                             D.name_list([c.name for c in cases])))
         cases = [c for c in cases if c.name in set(args.cases)]
     settings = Settings(clicks=args.clicks, tolerance_mm=args.tolerance_mm, box=args.box)
     target = args.server or args.model_dir or "official model %s" % (args.model or "(default)")

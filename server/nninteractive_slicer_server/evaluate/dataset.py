@@ -69,7 +69,7 @@ def _kinds() -> str:
     return "/".join(IMAGE_SUFFIXES)
 
 
-def _names(names: Sequence[str]) -> str:
+def name_list(names: Sequence[str]) -> str:
     names = sorted(names)
     return ", ".join(names[:SHOWN]) + (", ... (%d in all)" % len(names) if len(names) > SHOWN else "")
 
@@ -101,7 +101,8 @@ def find_cases(images: str, labels: Optional[str] = None, subset: Optional[str] 
     image_files = _listing(images, "IMAGES")
     label_files = _listing(labels, "LABELS")
     if os.path.samefile(images, labels):
-        raise DatasetError("IMAGES and LABELS are the same folder (%s); give the folder of label maps as LABELS" % images)
+        raise DatasetError("IMAGES and LABELS are the same folder (%s); give the folder of label maps as LABELS"
+                           % images)
     single: Dict[str, str] = {}  # CASE.ext beside label CASE.ext
     channels: Dict[str, Dict[int, str]] = {}  # CASE_0000.ext, CASE_0001.ext, ... beside label CASE.ext
     unmatched = []
@@ -124,17 +125,18 @@ def find_cases(images: str, labels: Optional[str] = None, subset: Optional[str] 
     channels.update({stem: {0: path} for stem, path in single.items()})
     if unmatched:
         raise DatasetError("no label in %s for the images %s; each image needs a label file of the same name (for "
-                           "channel files CASE_0000: a label CASE), or move those images out" % (labels, _names(unmatched)))
+                           "channel files CASE_0000: a label CASE), or move those images out"
+                           % (labels, name_list(unmatched)))
     missing = [os.path.basename(p) for s, p in label_files.items() if s not in channels]
     if missing:
         raise DatasetError("no image in %s for the labels %s; each label needs an image of the same name (or CASE_0000 "
-                           "for channel files)" % (images, _names(missing)))
+                           "for channel files)" % (images, name_list(missing)))
     cases = []
     for name in sorted(channels):
         found = channels[name]
         if sorted(found) != list(range(len(found))):
-            raise DatasetError("case %s has the channels %s; channel files must be numbered _0000, _0001, ... without a "
-                               "gap" % (name, ", ".join("_%04d" % c for c in sorted(found))))
+            raise DatasetError("case %s has the channels %s; channel files must be numbered _0000, _0001, ... "
+                               "without a gap" % (name, ", ".join("_%04d" % c for c in sorted(found))))
         cases.append(Case(name, tuple(found[c] for c in sorted(found)), label_files[name]))
     counts = {len(c.images) for c in cases}
     if len(counts) > 1:
@@ -173,7 +175,8 @@ def load_labels(case: Case) -> Tuple[np.ndarray, List[float]]:
                                "(0 background, 1, 2, ... one object each)" % case.label)
         labels = labels.astype(np.int64)
     elif labels.dtype.kind not in "biu":
-        raise DatasetError("the label map %s has voxels of type %s; labels must be integers" % (case.label, labels.dtype))
+        raise DatasetError("the label map %s has voxels of type %s; labels must be integers"
+                           % (case.label, labels.dtype))
     return labels, spacing
 
 

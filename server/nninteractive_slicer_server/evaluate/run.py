@@ -140,8 +140,9 @@ def open_output(out: str, settings: Settings, target: str) -> StepsFile:
             raise EvaluationError("%s cannot be read (%s); give another --out" % (path, exc))
         differ = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
         if differ:
+            said = ", ".join("%s %s, not %s" % (k, a, b) for k, (a, b) in sorted(differ.items()))
             raise EvaluationError("%s holds a run with other settings (%s); resume with those, or give another --out"
-                                  % (out, ", ".join("%s %s, not %s" % (k, a, b) for k, (a, b) in sorted(differ.items()))))
+                                  % (out, said))
     else:
         with open(path, "w") as f:
             json.dump({"settings": mine, "target": target}, f, indent=1)
