@@ -484,6 +484,10 @@ def test_automatic_segmentation_then_refinement(blob_model, tmp_path):
             segmentation = scene.segmentationNode().GetSegmentation()
             named = {segmentation.GetSegment(k).GetName(): k for k in scene.segment_keys()}
             assert set(named) == {"bright_blob", "dark_blob"} and m.errors() == []
+            w.editor.undo()  # the whole run is one step of the Segment Editor's undo
+            assert scene.segment_keys() == []
+            w.editor.redo()
+            assert sorted(scene.segment_keys()) == sorted(named.values())
             dark = scene.read_segment(named["dark_blob"]).astype(bool)
             assert dice(dark, m.blob(2)) > 0.9 and "2 segment(s)" in w.ui.statusLabel.text
             w.editor.setCurrentSegmentID(named["dark_blob"])

@@ -585,6 +585,28 @@ class RemoteSession:
             bbox = None
         return bbox, region, list(meta.get("labels") or []), timings
 
+    def cancel_auto_segment(self, timeout=10.0):
+        """Ask the server to stop this session's automatic run in progress (``POST /x/auto_segment/cancel``); the
+        thread waiting in ``auto_segment`` then gets a BadRequestError with status 409. Sent on a connection of its
+        own (that thread's connection is busy with the run). Returns True when a run was stopped, False when none was
+        running, None when the server cannot (an official server, or ours before it could) or the session is closed;
+        raises the typed errors otherwise."""
+        if self._lease_token is None:
+            return None
+        http = self._http.companion()
+        try:
+            resp = http.call("POST", P.PATH_AUTO_CANCEL, data=b"{}", json_type=True,
+                             timeout=(self._http._timeout[0], timeout))
+        except BadRequestError as exc:
+            if exc.status_code in (404, 405):
+                return None
+            raise
+        except NotAServerError:  # a 404 that is not JSON
+            return None
+        finally:
+            http.close()
+        return bool(resp.json().get("cancelled"))
+
     # ------------------------------------------------------------------ lifecycle
 
     def ping(self, timeout=5.0):

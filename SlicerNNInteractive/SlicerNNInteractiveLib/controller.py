@@ -7,7 +7,9 @@ under the editor's masking rules, keeps an undo stack in step with the server's,
 segments. Every scene access happens on the caller's thread (Slicer's GUI thread), inside ``poll()``;
 the worker thread only talks to the server, through ``sync.SyncedSession``.
 
-The host calls ``tick()`` every ``tick_interval_ms()`` (Slicer: a qt.QTimer); scripts call ``wait()``. In Slicer
+The host calls ``tick()`` every ``tick_interval_ms()`` (Slicer: a qt.QTimer); scripts call ``wait()``. An automatic
+run's result is written a step of bounded time per tick (``labelmerge.py``: one new layer, one undo step), so that
+the GUI keeps drawing frames while a 100-label result goes in. In Slicer
 the GUI thread holds the GIL while it waits in Qt's event loop (PythonQt runs without thread support), so the
 worker and the session's heartbeat thread advance only while GUI-thread Python runs: ``tick`` polls, then sleeps
 a moment to hand them the GIL, often while prompts run and seldom while a session is only kept alive.
@@ -24,16 +26,16 @@ import threading
 import time
 import traceback
 
-import numpy as np
-
 from .background import YIELD_SECONDS
 from .errors import NNInteractiveError
+from .labelmerge import STEP_SECONDS, LabelsMerge
 from .scene import UndoRecord
 from .sync import SyncedSession
 
 PROMPT_KINDS = ("point", "bbox", "scribble", "lasso")
 BUSY_TICK_MS = 5  # while prompts run: each hand-off to the worker waits for a tick
 IDLE_TICK_MS = 200  # while a session exists: the heartbeat (every liveness timeout / 3) needs the GIL now and then
+CANCEL_RETRY_SECONDS = 0.25  # Cancel asks the server again this often while the run's request is on its way
 
 
 class Job(object):
@@ -167,6 +169,8 @@ class Controller(object):
         self.timings = []  # one dict per finished interaction
         self._pending = collections.deque()
         self._inflight = None  # (job, future)
+        self._applying = None  # (job, labelmerge.LabelsMerge, timings): an automatic run's result being written
+        self.apply_step_seconds = STEP_SECONDS  # the longest a poll() writes an automatic result before returning
         self._worker = None
         self._generation = 0
         self._undo = []
@@ -196,13 +200,14 @@ class Controller(object):
 
     @property
     def busy(self):
-        return self._inflight is not None or bool(self._pending)
+        return self._inflight is not None or bool(self._pending) or self._applying is not None
 
     @property
     def pending(self):
-        """Jobs queued or running, not counting a cancelled one that is still finishing on the server."""
+        """Jobs queued, running or being written, not counting a cancelled one that is still finishing on the
+        server."""
         running = self._inflight is not None and not self._inflight[0].cancelled
-        return len(self._pending) + (1 if running else 0)
+        return len(self._pending) + (1 if running else 0) + (1 if self._applying is not None else 0)
 
     # ------------------------------------------------------------------ actions (caller's thread)
 
@@ -251,15 +256,39 @@ class Controller(object):
         return job
 
     def cancel_auto(self):
-        """Drop automatic segmentations queued or running (a running one's result is discarded when it arrives).
-        Returns how many were cancelled."""
+        """Drop automatic segmentations queued, running or not yet written. A running one is stopped on the server
+        (``POST /x/auto_segment/cancel``, asked from a thread of its own: the worker waits for the run's answer), and
+        its result is discarded should it arrive anyway (a server without that endpoint finishes the run). A result
+        that has started to be written is finished (a few frames), not cancelled. Returns how many were
+        cancelled."""
         cancelled = [j for j in self._pending if j.kind == "auto"]
         self._pending = collections.deque(j for j in self._pending if j.kind != "auto")
         if self._inflight is not None and self._inflight[0].kind == "auto" and not self._inflight[0].cancelled:
             self._inflight[0].cancelled = True
             cancelled.append(self._inflight[0])
+            threading.Thread(target=self._cancel_on_server, args=(self._inflight[0], self.sync),
+                             name="nninteractive-cancel", daemon=True).start()
+        if self._applying is not None and not self._applying[1].writing:
+            cancelled.append(self._applying[0])
+            self._applying = None
         self._report_busy()
         return len(cancelled)
+
+    def _cancel_on_server(self, job, sync):
+        """Ask until the server stops the run, says it cannot, or the run's answer came back: the request may still
+        be on its way (a claim, the image upload) when Cancel is pressed."""
+        while True:
+            try:
+                answer = sync.cancel_auto()
+            except Exception as exc:  # the run's own answer reports what matters; this only saves the server's time
+                self.log("Could not ask the server to stop the automatic run: %s" % exc)
+                return
+            inflight = self._inflight
+            if answer is not False or inflight is None or inflight[0] is not job:
+                break
+            time.sleep(CANCEL_RETRY_SECONDS)
+        self.log({True: "The server stopped the automatic run", False: "The server had no automatic run to stop",
+                  None: "The server cannot stop automatic runs: it finishes this one, its result is discarded"}[answer])
 
     def can_undo(self):
         """Whether Ctrl+Z is ours (a prompt to undo, or prompts in the queue); otherwise leave it to the editor."""
@@ -292,7 +321,11 @@ class Controller(object):
     # ------------------------------------------------------------------ the pump (caller's thread)
 
     def poll(self):
-        """Apply a finished job and start the next. Cheap; call it from a timer while ``busy``."""
+        """Apply a finished job and start the next. Cheap (an automatic run's result is written in steps of
+        ``apply_step_seconds``); call it from a timer while ``busy``."""
+        if self._applying is not None and not self._apply_step():
+            self._report_busy()
+            return
         if self._inflight is not None:
             job, fut = self._inflight
             if not fut.done.is_set():
@@ -300,7 +333,7 @@ class Controller(object):
                 return
             self._inflight = None
             self._finish(job, fut)
-        while self._inflight is None and self._pending:
+        while self._inflight is None and self._applying is None and self._pending:
             job = self._pending.popleft()
             try:
                 self._start(job)
@@ -413,27 +446,41 @@ class Controller(object):
 
     def _start_auto(self, job, t0):
         image, image_key, image_version = self._image_for_worker()
+        job.args["image_key"] = image_key
         spacing, sync = self.scene.spacing(), self.sync
         model, fields = job.args["model"], job.args["fields"]
         job.timings["prepare_ms"] += (time.perf_counter() - t0) * 1e3
         self._run(job, lambda: sync.auto_segment(model, image, spacing, fields, image_key, image_version))
 
-    def _finish_auto(self, job, result):
-        """One new segment per label found, written through the scene's masking rules."""
+    def _start_apply(self, job, result):
+        """One new segment per label found, all in one new layer, written under the editor's masking rules as one
+        undo step, in steps of bounded time (labelmerge.py)."""
         bbox, region, labels, timings = result
-        t0 = time.perf_counter()
-        keys = []
-        if region is not None:
-            for label in sorted(labels, key=lambda item: item["value"]):
-                color = label.get("color")
-                key = self.scene.add_segment(label.get("name"), [c / 255.0 for c in color] if color else None,
-                                             label.get("terminology"))
-                self.before_write(key)
-                self.scene.merge(key, bbox, (region == label["value"]).astype(np.uint8))
-                keys.append(key)
-        timings["apply_ms"] = (time.perf_counter() - t0) * 1e3
-        timings["segments"] = keys
-        return timings
+        if self.scene.image_key() != job.args.get("image_key"):
+            raise NNInteractiveError("The source volume changed while the automatic segmentation ran, so its result "
+                                     "was not written. Run it again on the volume shown now.")
+        if region is None:
+            self._record_timing(job, None, dict(timings, apply_ms=0.0, segments=[]))
+            return
+        merge = LabelsMerge(self.scene, bbox, region, labels, before_write=lambda: self.before_write(None))
+        self._applying = (job, merge, timings)
+        self._apply_step()
+
+    def _apply_step(self):
+        """One bounded step of the result being written; True when it is written (or failed)."""
+        job, merge, timings = self._applying
+        try:
+            done = merge.step(self.apply_step_seconds)
+        except Exception as exc:
+            self._applying = None
+            self._fail(job, exc, traceback.format_exc())
+            return True
+        if not done:
+            return False
+        self._applying = None
+        self._record_timing(job, None, dict(timings, apply_ms=merge.total_seconds * 1e3, apply_steps=merge.steps,
+                                            apply_max_step_ms=merge.max_step_seconds * 1e3, segments=merge.keys))
+        return True
 
     def _start_undo(self, job, t0):
         record = self._undoable()
@@ -471,7 +518,10 @@ class Controller(object):
             return
         if job.kind == "auto":
             if not job.cancelled:
-                self._record_timing(job, None, self._finish_auto(job, fut.result))
+                try:
+                    self._start_apply(job, fut.result)
+                except Exception as exc:
+                    self._fail(job, exc, traceback.format_exc())
             return
         key = job.segment_key
         if job.kind == "undo":
@@ -552,6 +602,7 @@ class Controller(object):
         self._queue_watch.stop()
         self._pending.clear()
         self._inflight = None
+        self._applying = None
         worker, self._worker = self._worker, None
         if worker is not None:
             worker.stop()

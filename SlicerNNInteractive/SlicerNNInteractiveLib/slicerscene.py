@@ -189,10 +189,41 @@ class SlicerScene(Scene):
         if terminology:
             segmentation.GetSegment(segmentId).SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(),
                                                       terminologyEntry(terminology))
-        displayNode = segmentationNode.GetDisplayNode()
+        self._show(segmentId)
+        self.editorNode.SetSelectedSegmentID(segmentId)
+        return segmentId
+
+    def _show(self, segmentId):
+        displayNode = self.segmentationNode().GetDisplayNode()
         if displayNode is not None:
             displayNode.SetSegmentVisibility(segmentId, True)
-        self.editorNode.SetSelectedSegmentID(segmentId)
+
+    def add_labelmap_layer(self, offset, shape, dtype):
+        image = slicer.vtkOrientedImageData()
+        self._placeOnVolumeGrid(image, offset, shape, vtk.util.numpy_support.get_vtk_array_type(np.dtype(dtype)))
+        image.GetPointData().GetScalars().Fill(0)
+        return image, _arrayView(image)
+
+    def add_layer_segment(self, layer, value, name=None, color=None, terminology=None):
+        """As vtkSlicerSegmentationsModuleLogic::ImportLabelmapToSegmentationNode (Slicer 5.6 - 5.10) adds the
+        segments of a labelmap: a vtkSegment with its label value and the shared oriented image as its binary
+        labelmap, added with vtkSegmentation::AddSegment; name, colour, terminology and status are set before it
+        is added, so that adding it is its only event."""
+        segmentation = self.segmentation()
+        segmentId = segmentation.GenerateUniqueSegmentID("")
+        segment = slicer.vtkSegment()
+        segment.SetName(name or segmentId)
+        if color is not None:
+            segment.SetColor(*[float(c) for c in color])
+        if terminology:
+            segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), terminologyEntry(terminology))
+        segment.SetLabelValue(int(value))
+        logic = slicer.vtkSlicerSegmentationsModuleLogic
+        logic.SetSegmentStatus(segment, logic.InProgress)
+        segment.AddRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(), layer)
+        if not segmentation.AddSegment(segment, segmentId):
+            raise geometry.GeometryError("Slicer could not add the segment %s to the segmentation." % (name or ""))
+        self._show(segmentId)
         return segmentId
 
     def segment_visible(self, key):
@@ -247,14 +278,7 @@ class SlicerScene(Scene):
         labelmap = self._labelmap(key)
         if _isEmpty(labelmap):
             # An empty layer takes the volume's voxel grid (in the segmentation's coordinates).
-            segToVol = self.segmentationToVolume()
-            if segToVol is None:
-                raise geometry.GeometryError("The segmentation is under a non-linear transform relative to "
-                                             "the volume; harden or remove the transform first.")
-            labelmap.SetImageToWorldMatrix(arrayToVtkMatrix(np.linalg.inv(segToVol) @ self.volumeIJKToLocal()))
-            labelmap.SetExtent(offset[2], offset[2] + shape[2] - 1, offset[1], offset[1] + shape[1] - 1,
-                               offset[0], offset[0] + shape[0] - 1)
-            labelmap.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+            self._placeOnVolumeGrid(labelmap, offset, shape, vtk.VTK_UNSIGNED_CHAR)
             labelmap.GetPointData().GetScalars().Fill(0)
             return
         lattice = self.latticeOffset(labelmap, self.segmentationToVolume())
@@ -266,6 +290,18 @@ class SlicerScene(Scene):
                             offset[1] + lattice[1], offset[1] + shape[1] - 1 + lattice[1],
                             offset[0] + lattice[2], offset[0] + shape[0] - 1 + lattice[2])
         slicer.vtkOrientedImageDataResample.PadImageToContainImage(labelmap, contained, labelmap)
+
+    def _placeOnVolumeGrid(self, image, offset, shape, scalarType):
+        """Put an oriented image on the volume's voxel grid (in the segmentation's coordinates), covering the volume
+        indices ``offset`` .. ``offset + shape`` (array order), its scalars allocated, not filled."""
+        segToVol = self.segmentationToVolume()
+        if segToVol is None:
+            raise geometry.GeometryError("The segmentation is under a non-linear transform relative to "
+                                         "the volume; harden or remove the transform first.")
+        image.SetImageToWorldMatrix(arrayToVtkMatrix(np.linalg.inv(segToVol) @ self.volumeIJKToLocal()))
+        image.SetExtent(offset[2], offset[2] + shape[2] - 1, offset[1], offset[1] + shape[1] - 1,
+                        offset[0], offset[0] + shape[0] - 1)
+        image.AllocateScalars(scalarType, 1)
 
     def separate_segment(self, key):
         self.segmentation().SeparateSegmentLabelmap(key)

@@ -118,6 +118,16 @@ class SyncedSession:
         ask = getattr(session, "queue_position", None)
         return ask() if ask is not None else None
 
+    def cancel_auto(self):
+        """Ask the server to stop this session's automatic run in progress (``RemoteSession.cancel_auto_segment``):
+        True, False (none is running: not yet, or no session yet), or None (a server that cannot). Claims nothing;
+        safe beside the run in progress."""
+        session = self._session
+        if session is None:
+            return False
+        cancel = getattr(session, "cancel_auto_segment", None)
+        return cancel() if cancel is not None else None
+
     def has_image(self, key, version):
         """Whether the server holds the image ``key`` at ``version`` (then a prompt sends no image)."""
         return version is not None and (key, version) == self._image_state
