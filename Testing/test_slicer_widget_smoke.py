@@ -122,6 +122,54 @@ def test_signals_by_signature(app):
     assert "single" in fired and "tick" in fired
 
 
+def test_threads_advance_only_while_gui_thread_python_gives_the_gil_up(app):
+    """Slicer's GUI thread keeps the GIL while it waits in Qt's event loop (PythonQt without thread support), so a
+    thread makes progress only while a callback on the GUI thread releases it (DESIGN.md section 8)."""
+    import threading
+    import time
+
+    qt = app.qt
+    steps = []
+    stop = threading.Event()
+
+    def worker():  # a thread that needs the GIL 40 times, as a network request does between its reads
+        while len(steps) < 40 and not stop.is_set():
+            time.sleep(0.001)
+            steps.append(1)
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    try:
+        app.pump(0.3)  # no Python of ours runs: the thread starves
+        assert len(steps) < 5, "the harness lets threads run freely (%d steps)" % len(steps)
+        timer = qt.QTimer()
+        timer.setInterval(5)
+        timer.connect("timeout()", lambda: time.sleep(0.001))  # what Controller.tick does
+        timer.start()
+        app.pump(10, until=lambda: len(steps) >= 40)
+        timer.stop()
+    finally:
+        stop.set()
+
+
+def test_a_modal_dialog_runs_the_event_loop_and_dialogs_can_stack(app):
+    import slicer
+
+    qt = app.qt
+    ticks = []
+    timer = qt.QTimer()
+    timer.setInterval(5)
+    timer.connect("timeout()", lambda: ticks.append(1))
+    timer.start()
+    slicer.util.infoDisplay("first")
+    assert ticks, "timers fire while a modal dialog is open (QDialog::exec runs a nested event loop)"
+    timer.stop()
+    qt.QTimer.singleShot(0, lambda: slicer.util.errorDisplay("second, shown over the first"))
+    slicer.util.infoDisplay("first again")
+    assert [(s.text, s.depth) for s in app.shown()][-2:] == [("first again", 1), ("second, shown over the first", 2)]
+    assert app.dialogs.max_depth == 2
+
+
 def test_exceptions_in_callbacks_fail_the_test(app):
     qt = app.qt
     button = qt.QPushButton()

@@ -5,8 +5,8 @@
         app.enter()                         # isEntered = True, widget.enter()
         app.click(widget.ui.pointButton)    # real QPushButton.click()
         app.press("P")                      # a real key press on the main window: QShortcut fires
-        app.pump(0.2)                       # Qt events and timers for 0.2 s (worker threads run meanwhile)
-        app.dialogs.answers.append(True)    # the next question is answered OK / Yes
+        app.pump(0.2)                       # Qt's event loop for 0.2 s, holding the GIL as Slicer does
+        app.dialogs.answers.append(True)    # the next question is answered OK / Yes (a dialog's loop runs meanwhile)
         errors = app.shown("error")         # dialogs shown by slicer.util.errorDisplay and friends
         app.reload()                        # developer-mode Reload: cleanup() old, setup() new, no enter()
         app.exit(); app.cleanup()
@@ -29,11 +29,11 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 import types
 
 from PySide6 import QtCore, QtGui, QtTest, QtWidgets
 
+import pythonqt_gil
 import slicer
 import slicer.util
 
@@ -432,20 +432,14 @@ class SlicerApp(object):
         self.application_logic.GetInteractionNode().SwitchToViewTransformMode()
 
     def pump(self, seconds=0.0, until=None, check=True):
-        """Run Qt events and timers for ``seconds`` (or until ``until()`` is true, at most ``seconds``, then raise
-        if it is still false). Python threads run in between (short sleeps release the GIL). Raises
-        ``CallbackError`` for exceptions in callbacks unless check=False."""
-        deadline = time.monotonic() + seconds
-        while True:
-            QtWidgets.QApplication.processEvents(QtCore.QEventLoop.AllEvents, 10)
-            QtCore.QCoreApplication.sendPostedEvents(None, QtCore.QEvent.DeferredDelete)
-            if until is not None and until():
-                break
-            if time.monotonic() >= deadline:
-                if until is not None:
-                    raise AssertionError("pump: condition not reached in %.1f s" % seconds)
-                break
-            time.sleep(0.002)
+        """Run Qt's event loop for ``seconds`` (or until ``until()`` is true, at most ``seconds``, then raise if it is
+        still false), holding the GIL as Slicer's GUI thread does (Testing/pythonqt_gil.run_qt): other Python threads
+        advance only while the module's own callbacks give the GIL up. Raises ``CallbackError`` for exceptions in
+        callbacks unless check=False."""
+        reached = pythonqt_gil.run_qt(seconds, until)
+        QtCore.QCoreApplication.sendPostedEvents(None, QtCore.QEvent.DeferredDelete)
+        if not reached:
+            raise AssertionError("pump: condition not reached in %.1f s" % seconds)
         if check:
             self.check_errors()
 
