@@ -159,8 +159,7 @@ def test_box_drawn_on_a_slice_view(module):
 def close_lasso(m, node):
     """A double-click or right-click while placing the curve: vtkSlicerMarkupsWidget leaves place mode, then
     modifies the curve node (WidgetEventStopPlace)."""
-    m.app.end_placement()
-    node.Modified()
+    m.app.end_placement(node)
 
 
 def lasso_points(m, k, slice_index):
@@ -186,7 +185,7 @@ def test_lasso_is_sent_on_its_close_gesture_and_never_on_a_mode_change(module):
     # Half-drawn, then the toolbar's view-transform button: nothing is sent, the tool is disarmed visibly.
     for p in lasso_points(m, 2, center[0])[:5]:
         m.app.place_point(lasso, p)
-    m.app.end_placement()
+    slicer.app.applicationLogic().GetInteractionNode().SwitchToViewTransformMode()  # the toolbar's arrow
     m.app.pump(0.1)
     assert m.kinds() == [("lasso", True)] and not w.ui.lassoButton.checked and w.tools.active is None
     assert "not sent" in w.ui.statusLabel.text
@@ -202,13 +201,11 @@ def test_scribble_painted_with_the_segment_editor_brush(module):
     assert w.scratchEditorNode.GetSourceVolumeNode() is m.volume  # set on the node (5.6 / 5.8)
     assert w.scratchEditor.criticalMessages == []
     center = interior_voxel(m.phantom.labels, 1)
-    stroke = np.zeros(m.phantom.image.shape, np.uint8)
-    ys, xs = np.nonzero(m.blob(1)[center[0]])
-    stroke[center[0], center[1], xs.min() + 1:xs.max()] = 1
-    stroke &= m.blob(1).astype(np.uint8)
-    from SlicerNNInteractiveLib.slicerscene import SCRIBBLE_SEGMENT
-
-    slicer.util.updateSegmentBinaryLabelmapFromArray(stroke, w.getScratch(), SCRIBBLE_SEGMENT, m.volume)
+    m.show_slice("Red", center)
+    xs = np.nonzero(m.blob(1)[center[0], center[1]])[0]
+    # A stroke across the blob, painted with the mouse in the Red view (the Paint effect gets the view's events)
+    m.app.drag("Red", m.app.view_pixel("Red", world((center[0], center[1], xs.min() + 1))),
+               m.app.view_pixel("Red", world((center[0], center[1], xs.max() - 1))), steps=8)
     m.idle()
     assert m.kinds() == [("scribble", True)] and m.segment()[center]
 
