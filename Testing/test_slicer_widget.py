@@ -235,6 +235,25 @@ def test_a_segment_editor_effect_or_the_toolbar_disarms_our_tools(module, tool):
     assert m.controller is None or m.kinds() == []  # nothing was sent by any of this
 
 
+@pytest.mark.parametrize("tool", ["box", "scribble"])
+def test_the_toolbars_window_level_mode_disarms_box_and_scribble(module, tool):
+    """Window/level from Slicer's mouse-mode toolbar: the scribble's hidden Paint deselects itself and the box's
+    filter lets the left drags through to the view again."""
+    m, w = module, module.widget
+    m.app.press(tool[0].upper())
+    interactor = m.app.layout_manager.sliceWidget("Red").sliceView().interactor()
+    presses = []
+    interactor.AddObserver("LeftButtonPressEvent", lambda caller, event: presses.append(event), 0.5)
+    interaction = slicer.app.applicationLogic().GetInteractionNode()
+    interaction.SetCurrentInteractionMode(interaction.AdjustWindowLevel)
+    m.app.pump(0.05)
+    assert w.tools.active is None and not w.toolButton(tool).checked and "window/level" in w.ui.statusLabel.text
+    assert w.scratchEditor is None or w.scratchEditor.activeEffect() is None
+    m.app.drag("Red", (100, 100), (200, 150))
+    assert presses == ["LeftButtonPressEvent"]  # the view gets the drag: window/level works
+    assert m.controller is None or m.kinds() == []
+
+
 def test_next_reset_undo_redo_with_the_segment_editor(module):
     m, w = module, module.widget
     m.app.press("P")
