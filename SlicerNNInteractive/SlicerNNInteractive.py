@@ -197,6 +197,7 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                                  onLassoClosed=self.onLassoClosed)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndBatchProcessEvent, self.onSceneEndBatch)
         slicer.app.connect("aboutToQuit()", self.onAboutToQuit)
         if self.parent.isEntered:  # Developer mode > Reload calls setup() on a module that is shown, not enter()
             self.enter()
@@ -285,6 +286,16 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.controller = None
         self.editor.setSegmentationNode(None)
         self.editor.removeViewObservations()
+
+    def onSceneEndBatch(self, caller, event):
+        # After a batch (loading a scene, restoring a scene view) the scribble's editor resets its segmentation to
+        # what its combo box shows, which never holds our hidden one, and that deactivates Paint
+        # (qMRMLSegmentEditorWidget::onMRMLSceneEndBatchProcessEvent): arm it again once that has happened.
+        qt.QTimer.singleShot(0, self.rearmScribble)
+
+    def rearmScribble(self):
+        if self.tools is not None and self.tools.active == "scribble" and self.sourceVolumeNode() is not None:
+            self.armScribble()
 
     def onSceneEndClose(self, caller, event):
         self.editorNode = None

@@ -210,6 +210,25 @@ def test_scribble_painted_with_the_segment_editor_brush(module):
     assert m.kinds() == [("scribble", True)] and m.segment()[center]
 
 
+def test_scribble_still_paints_after_a_scene_batch(module):
+    """Loading a scene or restoring a scene view is a batch: the scribble's editor then resets its segmentation to
+    its combo box's (qMRMLSegmentEditorWidget::onMRMLSceneEndBatchProcessEvent), which never holds our hidden one."""
+    m, w = module, module.widget
+    w.logic.scribbleThickness = (1, 1, 1)
+    m.app.press("S")
+    slicer.mrmlScene.StartState(slicer.mrmlScene.BatchProcessState)
+    slicer.mrmlScene.EndState(slicer.mrmlScene.BatchProcessState)
+    m.app.pump(0.05)
+    assert w.ui.scribbleButton.checked and w.scratchEditor.activeEffect() is not None
+    center = interior_voxel(m.phantom.labels, 1)
+    m.show_slice("Red", center)
+    xs = np.nonzero(m.blob(1)[center[0], center[1]])[0]
+    m.app.drag("Red", m.app.view_pixel("Red", world((center[0], center[1], xs.min() + 1))),
+               m.app.view_pixel("Red", world((center[0], center[1], xs.max() - 1))), steps=8)
+    m.idle()
+    assert m.kinds() == [("scribble", True)]
+
+
 @pytest.mark.parametrize("tool", ["point", "box", "scribble", "lasso"])
 def test_a_segment_editor_effect_or_the_toolbar_disarms_our_tools(module, tool):
     m, w = module, module.widget
