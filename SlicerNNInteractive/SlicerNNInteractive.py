@@ -128,14 +128,22 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.connectionCheck = None
         self.connectionTimer = None
         self.autoModels = []  # the server's automatic models (dicts from /model_info), as the combo box lists them
-        self.quietErrors = None  # a list in self-tests: errors are collected instead of shown in dialogs
-        self.lastMessage = ""
+        self.messages = None
+        self.dispatch = None
 
     # ------------------------------------------------------------------ setup
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
         self.logic = SlicerNNInteractiveLogic()
+        from SlicerNNInteractiveLib.dispatch import Messages, PromptDispatch
+
+        self.messages = Messages(
+            lambda message, details: slicer.util.errorDisplay(message, windowTitle="nnInteractive",
+                                                              detailedText=details),
+            self.showStatus, logging.error)
+        self.dispatch = PromptDispatch(self.getController, self.permission, self.messages,
+                                       prepare=self.ensureSegmentationNode)
 
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/SlicerNNInteractive.ui"))
         self.layout.addWidget(uiWidget)
@@ -373,16 +381,12 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         return self.ui.apiKeyLineEdit.text.strip() or None
 
     def reportError(self, message, details=None):
-        self.lastMessage = message
-        logging.error("nnInteractive: %s%s" % (message, ("\n" + details) if details else ""))
-        self.ui.statusLabel.text = message.split("\n")[0]
-        if self.quietErrors is not None:
-            self.quietErrors.append(message)
-            return
-        slicer.util.errorDisplay(message, windowTitle="nnInteractive", detailedText=details)
+        self.messages.error(message, details)
 
     def setStatus(self, text):
-        self.lastMessage = text
+        self.messages.info(text)
+
+    def showStatus(self, text):
         self.ui.statusLabel.text = text
 
     # ------------------------------------------------------------------ shortcuts
@@ -428,29 +432,22 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                 before_write=lambda key: self.editor.saveStateForUndo())
         return self.controller
 
-    def mayConnect(self, interactive=True):
-        """Whether prompts may go to the configured server: blosc2 installed, consent given for a remote one."""
-        try:
-            self.logic.ensureDependencies(ask=interactive)
-            url = self.serverUrl()
-        except Exception as exc:
-            self.reportError(str(exc))
-            return False
-        if not self.ensureConsent(url, interactive):
-            self.setStatus("Not sent: sending images to %s needs your consent (Configuration tab)." % url)
-            return False
-        return True
+    def permission(self):
+        """None when prompts may go to the configured server (blosc2 installed, consent given for a remote one),
+        else why not; raises when blosc2 could not be installed."""
+        self.logic.ensureDependencies(ask=True)
+        url = self.serverUrl()
+        if not self.ensureConsent(url, True):
+            return "Not sent: sending images to %s needs your consent (Configuration tab)." % url
+        return None
 
-    def submit(self, kind, args, prepareStart, positive=None):
-        """Queue a prompt (``positive``: None for the current polarity). Returns the job, or None."""
-        if not self.mayConnect():
-            return None
-        self.ensureSegmentationNode()
-        controller = self.getController()
-        if not controller.sync.connected and not controller.busy:
-            controller.connect()  # reports the server's capabilities (scribble thickness) before the prompt runs
-        prepareMs = (time.perf_counter() - prepareStart) * 1e3
-        job = controller.submit(kind, args, positive=positive, prepare_ms=prepareMs)
+    def mayConnect(self):
+        return self.dispatch.allowed()
+
+    def submit(self, kind, args, prepareStart, positive=None, unsent=None):
+        """Queue a prompt (``positive``: None for the current polarity). Returns the job, or None (never sent:
+        ``unsent()`` was called)."""
+        job = self.dispatch.send(kind, args, (time.perf_counter() - prepareStart) * 1e3, positive, unsent)
         self.startTicking()
         return job
 
@@ -502,14 +499,9 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                 timings.get("server_total_ms", 0) / 1e3))
 
     def onError(self, exc, job, dropped):
-        from SlicerNNInteractiveLib.errors import NNInteractiveError
+        from SlicerNNInteractiveLib.dispatch import failure_message
 
-        message = str(exc) if isinstance(exc, (NNInteractiveError, ValueError)) else \
-            "Unexpected error (%s: %s)." % (exc.__class__.__name__, exc)
-        if dropped:
-            message += "\n%d queued prompt(s) were not sent." % dropped
-        message += "\nThe segment was not changed."
-        self.reportError(message)
+        self.reportError(failure_message(exc, dropped))
 
     def onConnected(self, capabilities):
         capabilities = capabilities or {}
@@ -621,21 +613,21 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def processPoints(self, node):
         from SlicerNNInteractiveLib.geometry import GeometryError
-        from SlicerNNInteractiveLib.tools import takeNewPoints
+        from SlicerNNInteractiveLib.tools import removePoint, takeNewPoints
 
         positive = node is self.pointNodes.get("positive")
-        for n, _, world in takeNewPoints(node):
+        for _, pointId, world in takeNewPoints(node):
+            unsent = lambda pointId=pointId: removePoint(node, pointId)  # noqa: E731
             try:
-                self.placePoint(world, positive)
+                self.placePoint(world, positive, unsent)
             except GeometryError as exc:
-                node.RemoveNthControlPoint(n)
+                unsent()
                 self.reportError(str(exc))
-                return
 
-    def placePoint(self, world, positive=None):
+    def placePoint(self, world, positive=None, unsent=None):
         """A point prompt at a world RAS position (also used by the self-test)."""
         start = time.perf_counter()
-        return self.submit("point", self.getScene().pointPrompt(world), start, positive)
+        return self.submit("point", self.getScene().pointPrompt(world), start, positive, unsent)
 
     # --- box
 
@@ -1317,7 +1309,7 @@ class SlicerNNInteractiveTest(ScriptedLoadableModuleTest):
         slicer.util.setSliceViewerLayers(background=volumeNode, fit=True)
         slicer.util.selectModule("SlicerNNInteractive")
         widget = slicer.modules.SlicerNNInteractiveWidget
-        widget.quietErrors = []
+        widget.messages.dialog = None  # errors collected in widget.messages.collected, not shown
         widget.ui.serverUrlLineEdit.text = url
         widget.ui.apiKeyLineEdit.text = apiKey or ""
         widget.onServerSettingsChanged()
@@ -1360,7 +1352,7 @@ class SlicerNNInteractiveTest(ScriptedLoadableModuleTest):
         widget.pointNode(True).AddControlPointWorld(vtk.vtkVector3d(*center))
         slicer.app.processEvents()
         self.waitIdle(widget)
-        self.assertEqual(widget.quietErrors, [])
+        self.assertEqual(widget.messages.collected, [])
         self.assertIsNotNone(scene.selected_segment(), "a segment was created for the prompt")
         afterPoint = segment()
         if strict:
@@ -1372,7 +1364,7 @@ class SlicerNNInteractiveTest(ScriptedLoadableModuleTest):
         widget.activateTool("box")
         widget.placeBox(redNode, world(i - 20, j - 22, k), world(i + 20, j + 22, k))
         self.waitIdle(widget)
-        self.assertEqual(widget.quietErrors, [])
+        self.assertEqual(widget.messages.collected, [])
         self.delayDisplay("Box: Dice %.2f" % dice(segment()))
 
         # negative point outside the object, then undo restores the segment
@@ -1396,7 +1388,7 @@ class SlicerNNInteractiveTest(ScriptedLoadableModuleTest):
         slicer.util.updateSegmentBinaryLabelmapFromArray(stroke, widget.getScratch(), SCRIBBLE_SEGMENT, volumeNode)
         slicer.app.processEvents()
         self.waitIdle(widget)
-        self.assertEqual(widget.quietErrors, [])
+        self.assertEqual(widget.messages.collected, [])
         if strict:
             self.assertTrue(segment()[k, j, i])
         self.delayDisplay("Scribble: Dice %.2f" % dice(segment()))
@@ -1413,7 +1405,7 @@ class SlicerNNInteractiveTest(ScriptedLoadableModuleTest):
         lasso.Modified()
         slicer.app.processEvents()
         self.waitIdle(widget)
-        self.assertEqual(widget.quietErrors, [])
+        self.assertEqual(widget.messages.collected, [])
         if strict:
             self.assertTrue(segment()[k, j, i])
         self.delayDisplay("Lasso: Dice %.2f" % dice(segment()))
@@ -1430,7 +1422,7 @@ class SlicerNNInteractiveTest(ScriptedLoadableModuleTest):
         before = segment()
         widget.onBox(layoutManager.sliceWidget("Red"), world(i - 5, j - 5, k), world(i + 5, j + 5, k))
         self.waitIdle(widget)
-        self.assertTrue(widget.quietErrors and "not aligned" in widget.quietErrors[-1])
+        self.assertTrue(widget.messages.collected and "not aligned" in widget.messages.collected[-1])
         self.assertTrue(np.array_equal(segment(), before))
-        widget.quietErrors = None
+        widget.messages.dialog = lambda message, details: slicer.util.errorDisplay(message)
         self.delayDisplay("nnInteractive self-test passed")

@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 import slicer
+import vtk
 
 from conftest import free_port, our_server
 from phantoms import blob_mask, dice, interior_voxel, make_phantom
@@ -329,6 +330,48 @@ def test_without_a_server_segments_still_work_and_prompts_say_why(phantom):
         m.app.pump(0.05)
         app.exit()
         app.cleanup()
+
+
+def defined_points(node):
+    return [n for n in range(node.GetNumberOfControlPoints())
+            if node.GetNthControlPointPositionStatus(n) == node.PositionDefined]
+
+
+def test_an_unreachable_server_gives_one_message_per_click_and_unsent_points_go(phantom):
+    """Each click against a server that is not there: one error dialog (never two stacked: the prompt queued behind
+    the failed connection is not tried again while the first dialog's event loop runs), and the point, never sent,
+    does not stay on the view as if it had been a prompt."""
+    with SlicerApp() as app:
+        m = Module(app, phantom, "http://127.0.0.1:%d" % free_port())
+        w = m.widget
+        m.app.press("P")
+        for clicks in (1, 2):
+            m.app.place_point(w.pointNode(True), world(interior_voxel(phantom.labels, 1)))
+            m.idle()
+            assert len(m.errors()) == clicks and app.dialogs.max_depth == 1, [(s.text, s.depth) for s in app.shown()]
+            assert "Cannot reach" in m.errors()[-1] and defined_points(w.pointNode(True)) == []
+        app.exit()
+        app.cleanup()
+
+
+def test_points_declined_or_rejected_are_removed_and_the_rest_are_sent(module):
+    m, w = module, module.widget
+    m.app.press("P")
+    node = w.pointNode(True)
+    # two points that arrive together, the first outside the volume: it is refused (one message), the second sent
+    w.tools.ourChange(lambda: None)
+    node.AddControlPointWorld(vtk.vtkVector3d(500.0, 500.0, 500.0))
+    node.AddControlPointWorld(vtk.vtkVector3d(*world(interior_voxel(m.phantom.labels, 1))))
+    m.idle()
+    assert len(m.errors()) == 1 and "outside" in m.errors()[0].lower()
+    assert m.kinds() == [("point", True)] and len(defined_points(node)) == 1 and node.GetNthControlPointLocked(0)
+    # a remote server whose consent is declined: nothing is sent and the point goes
+    w.ui.serverUrlLineEdit.text = "http://gpu-node.invalid:1527"
+    w.onServerSettingsChanged()
+    m.app.dialogs.answers.append(False)
+    m.app.place_point(node, world(interior_voxel(m.phantom.labels, 2)))
+    m.app.pump(0.1)
+    assert "consent" in w.ui.statusLabel.text and len(defined_points(node)) == 1 and len(m.kinds()) == 1
 
 
 def test_configuration_consent_and_test_connection(module, server):

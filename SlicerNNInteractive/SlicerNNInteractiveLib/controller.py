@@ -43,9 +43,10 @@ class Job(object):
     "connect"."""
 
     __slots__ = ("kind", "args", "positive", "segment_key", "generation", "submitted", "timings", "label",
-                 "cancelled")
+                 "cancelled", "unsent")
 
-    def __init__(self, kind, args=None, positive=True, segment_key=None, generation=0, prepare_ms=0.0, label=None):
+    def __init__(self, kind, args=None, positive=True, segment_key=None, generation=0, prepare_ms=0.0, label=None,
+                 unsent=None):
         self.kind = kind
         self.args = args or {}
         self.positive = bool(positive)
@@ -55,6 +56,13 @@ class Job(object):
         self.timings = {"prepare_ms": float(prepare_ms)}
         self.label = label
         self.cancelled = False
+        self.unsent = unsent  # called (on the caller's thread) when the job is dropped or fails: never applied
+
+    def drop(self):
+        """The job will never be applied: tell its owner (once)."""
+        unsent, self.unsent = self.unsent, None
+        if unsent is not None:
+            unsent()
 
     def __repr__(self):
         return "Job(%s, %s, %s)" % (self.kind, "positive" if self.positive else "negative", self.segment_key)
@@ -211,14 +219,15 @@ class Controller(object):
 
     # ------------------------------------------------------------------ actions (caller's thread)
 
-    def submit(self, kind, args, positive=None, prepare_ms=0.0, label=None):
+    def submit(self, kind, args, positive=None, prepare_ms=0.0, label=None, unsent=None):
         """Queue a prompt for the current segment (created if needed). ``args`` as ``SyncedSession.prompt`` takes
-        them, in array order. Returns the Job."""
+        them, in array order. ``unsent()`` is called should the prompt never be applied (it failed, or was dropped
+        behind a failure, a reset or a disconnection). Returns the Job."""
         if kind not in PROMPT_KINDS:
             raise ValueError("unknown prompt kind %r" % (kind,))
         key = self.current_segment()
         job = Job(kind, args, self.positive if positive is None else positive, key, self._generation, prepare_ms,
-                  label)
+                  label, unsent)
         self._enqueue(job)
         return job
 
@@ -240,6 +249,9 @@ class Controller(object):
         if key is None:
             return None
         self._generation += 1
+        for job in self._pending:
+            if job.segment_key == key and job.kind != "connect":
+                job.drop()
         self._pending = collections.deque(j for j in self._pending if j.segment_key != key or j.kind == "connect")
         self._undo = [r for r in self._undo if r.segment_key != key]
         self.before_write(key)
@@ -416,6 +428,7 @@ class Controller(object):
             return
         if job.segment_key not in self.scene.segment_keys():
             self.log("Segment %s was removed; its queued %s is dropped" % (job.segment_key, job.kind))
+            job.drop()
             return
         if job.kind == "reset":
             sync = self.sync
@@ -535,6 +548,7 @@ class Controller(object):
         if job.generation != self._generation or key not in self.scene.segment_keys():
             # The segment was reset (or removed) while this prompt ran: drop its result; the server forgets it
             # with the reset queued behind.
+            job.drop()
             return
         t0 = time.perf_counter()
         record = None
@@ -576,11 +590,16 @@ class Controller(object):
             self.on_result(job, result, timings)
 
     def _fail(self, job, exc, trace=None):
-        # Nothing was written to the segment; prompts queued behind a failed prompt would fail the same way.
+        # Nothing was written to the segment. Prompts queued behind a failed prompt or a failed connection would fail
+        # the same way (and report again): they are dropped, counted in this one report.
         dropped = 0
-        if job.kind in PROMPT_KINDS:
-            dropped = sum(1 for j in self._pending if j.kind in PROMPT_KINDS)
-            self._pending = collections.deque(j for j in self._pending if j.kind not in PROMPT_KINDS)
+        job.drop()
+        if job.kind in PROMPT_KINDS or job.kind == "connect":
+            behind = [j for j in self._pending if j.kind in PROMPT_KINDS or (job.kind == "connect" and j.kind == "auto")]
+            for j in behind:
+                j.drop()
+            dropped = sum(1 for j in behind if j.kind in PROMPT_KINDS)
+            self._pending = collections.deque(j for j in self._pending if j not in behind)
         if job.cancelled:
             return
         if not isinstance(exc, NNInteractiveError):
@@ -600,6 +619,8 @@ class Controller(object):
 
     def _stop(self):
         self._queue_watch.stop()
+        for job in list(self._pending) + ([self._inflight[0]] if self._inflight is not None else []):
+            job.drop()
         self._pending.clear()
         self._inflight = None
         self._applying = None

@@ -171,6 +171,15 @@ def modeName(interactionNode):
     return names.get(mode, "mouse (%d)" % mode)
 
 
+def removePoint(node, pointId):
+    """Remove the control point ``pointId`` of ``node`` if both are still there (its prompt was never sent)."""
+    if node.GetScene() is None:
+        return
+    index = node.GetControlPointIndexByID(pointId)
+    if index >= 0:
+        node.RemoveNthControlPoint(index)
+
+
 def takeNewPoints(node):
     """``[(index, id, (x, y, z) world)]`` of the node's placed control points not taken before, which are locked
     as they are taken (a sent prompt cannot be dragged away from what it did).

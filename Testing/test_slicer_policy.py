@@ -1,0 +1,93 @@
+"""The module's decisions, without Qt or Slicer: prompt dispatch and failure policy (one failure, one message; points
+never sent are removed), against a server port nothing listens on and a real server."""
+
+import numpy as np
+import pytest
+
+from conftest import free_port, our_server
+
+from SlicerNNInteractiveLib.client import RemoteSession
+from SlicerNNInteractiveLib.controller import Controller
+from SlicerNNInteractiveLib.dispatch import Messages, PromptDispatch, failure_message
+from SlicerNNInteractiveLib.errors import ServerUnreachableError
+from SlicerNNInteractiveLib.scene import ArrayScene
+
+
+@pytest.fixture(scope="module")
+def server(quiet_model, tmp_path_factory):
+    with our_server(quiet_model, tmp_path_factory.mktemp("policy"), "--no-autozoom", "--max-sessions", "2") as (url, _):
+        yield url
+
+
+def image():
+    return np.random.default_rng(0).integers(0, 300, (24, 32, 32)).astype(np.int16)
+
+
+def test_a_dialog_at_a_time_the_rest_to_the_status_line():
+    shown, status = [], []
+
+    def dialog(message, details):  # a modal dialog: the module's timer fires inside and another error comes
+        shown.append(message)
+        messages.error("second failure, while the first dialog is open")
+
+    messages = Messages(dialog, status.append)
+    messages.error("first failure\nmore")
+    assert shown == ["first failure\nmore"] and messages.suppressed == 1
+    assert status == ["first failure", "second failure, while the first dialog is open"]
+    messages.error("later")
+    assert shown[-1] == "later"  # the first dialog is closed: the next failure gets its own
+    messages.dialog = None  # the self-test collects them instead
+    messages.error("collected")
+    assert messages.collected == ["collected"] and len(shown) == 2
+
+
+def test_an_unreachable_server_is_one_message_and_every_prompt_behind_it_is_unsent():
+    errors, unsent = [], []
+    url = "http://127.0.0.1:%d" % free_port()
+    controller = Controller(ArrayScene(image()), lambda: RemoteSession(url, connect_timeout=2),
+                            on_error=lambda exc, job, dropped: errors.append((job.kind, dropped, exc)))
+    dispatch = PromptDispatch(lambda: controller, lambda: None, Messages())
+    try:
+        for n in range(3):
+            assert dispatch.send("point", {"coordinates": (5 + n, 5, 5)}, unsent=lambda n=n: unsent.append(n))
+        controller.wait(30)
+        [(kind, dropped, exc)] = errors
+        assert kind == "connect" and dropped == 3 and isinstance(exc, ServerUnreachableError)
+        assert sorted(unsent) == [0, 1, 2]
+        assert "3 queued prompt(s) were not sent" in failure_message(exc, dropped)
+    finally:
+        controller.close()
+
+
+def test_refused_prompts_are_unsent_and_the_user_is_told_once():
+    messages, unsent = Messages(), []
+    dispatch = PromptDispatch(lambda: pytest.fail("no controller for a refused prompt"),
+                              lambda: "Not sent: sending images to X needs your consent.", messages)
+    assert dispatch.send("point", {"coordinates": (1, 1, 1)}, unsent=lambda: unsent.append(1)) is None
+    assert unsent == [1] and messages.last.startswith("Not sent") and messages.collected == []
+
+    def broken():
+        raise RuntimeError("The Python package blosc2 is needed; it was not installed.")
+
+    dispatch.permission = broken
+    assert dispatch.send("point", {"coordinates": (1, 1, 1)}, unsent=lambda: unsent.append(2)) is None
+    assert unsent == [1, 2] and messages.collected == ["The Python package blosc2 is needed; it was not installed."]
+
+
+def test_prompts_dropped_by_a_reset_or_a_disconnection_are_unsent_applied_ones_are_not(server):
+    unsent, errors = [], []
+    scene = ArrayScene(image())
+    controller = Controller(scene, lambda: RemoteSession(server), on_error=lambda exc, job, dropped: errors.append(exc))
+    try:
+        controller.submit("point", {"coordinates": (5, 5, 5)}, unsent=lambda: unsent.append("applied"))
+        controller.wait(60)
+        controller.submit("point", {"coordinates": (6, 5, 5)}, unsent=lambda: unsent.append("in flight"))
+        controller.submit("point", {"coordinates": (7, 5, 5)}, unsent=lambda: unsent.append("queued"))
+        controller.reset_segment()  # the queued one is dropped at once, the one in flight when its result comes
+        controller.wait(60)
+        assert sorted(unsent) == ["in flight", "queued"] and errors == []
+        controller.submit("point", {"coordinates": (8, 5, 5)}, unsent=lambda: unsent.append("disconnected"))
+        controller.disconnect()
+        assert unsent[-1] == "disconnected"
+    finally:
+        controller.close()
