@@ -127,7 +127,7 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.localServerTimer = None
         self.connectionCheck = None
         self.connectionTimer = None
-        self.autoModels = []  # the server's automatic models (dicts from /model_info), as the combo box lists them
+        self.auto = None  # the automatic-segmentation section (SlicerNNInteractiveLib.presenter.AutoPresenter)
         self.messages = None
         self.dispatch = None
 
@@ -137,6 +137,7 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         ScriptedLoadableModuleWidget.setup(self)
         self.logic = SlicerNNInteractiveLogic()
         from SlicerNNInteractiveLib.dispatch import Messages, PromptDispatch
+        from SlicerNNInteractiveLib.presenter import AutoPresenter
 
         self.messages = Messages(
             lambda message, details: slicer.util.errorDisplay(message, windowTitle="nnInteractive",
@@ -144,6 +145,7 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.showStatus, logging.error)
         self.dispatch = PromptDispatch(self.getController, self.permission, self.messages,
                                        prepare=self.ensureSegmentationNode)
+        self.auto = AutoPresenter()
 
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/SlicerNNInteractive.ui"))
         self.layout.addWidget(uiWidget)
@@ -470,33 +472,23 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def showQueuePosition(self, position):
         """On the busy bar, while our server says the prompt waits for the GPU: "Waiting for the GPU: N ahead
         (~S s)"."""
-        waiting = bool(position and position.get("waiting"))
-        self.ui.busyBar.textVisible = waiting
-        if waiting:
-            text = "Waiting for the GPU: %d ahead" % position.get("ahead", 0)
-            if position.get("expected_wait_seconds") is not None:
-                text += " (~%.0f s)" % position["expected_wait_seconds"]
-            self.ui.busyBar.format = text
-            self.ui.busyBar.toolTip = text
+        from SlicerNNInteractiveLib.presenter import queue_text
+
+        text = queue_text(position)
+        self.ui.busyBar.textVisible = text is not None
+        self.ui.busyBar.format = self.ui.busyBar.toolTip = text or ""
 
     def onBusy(self, busy, pending):
+        from SlicerNNInteractiveLib.presenter import busy_text
+
         self.ui.busyBar.setVisible(bool(busy))
-        if not busy:
-            self.ui.cancelAutoButton.enabled = False
-        if busy and pending:
-            self.setStatus("Segmenting..." if pending <= 1 else "Segmenting... (%d prompts queued)" % (pending - 1))
+        self.setStatus(busy_text(self.controller.current if busy else None, pending))
+        self.updateAutoButtons()
 
     def onResult(self, job, result, timings):
-        if job.kind in ("point", "bbox", "scribble", "lasso"):
-            self.setStatus("%s %s: %.0f ms (server %.0f ms)" % (
-                "Positive" if job.positive else "Negative", job.kind, timings.get("total_ms", 0),
-                timings.get("server_total_ms", timings.get("exchange_ms", 0))))
-        elif job.kind == "undo":
-            self.setStatus("Undone.")
-        elif job.kind == "auto":
-            self.setStatus("%s: %d segment(s) in %.1f s (server %.1f s). Select one and prompt to refine it." % (
-                job.label, len(timings.get("segments", ())), timings.get("total_ms", 0) / 1e3,
-                timings.get("server_total_ms", 0) / 1e3))
+        from SlicerNNInteractiveLib.presenter import result_text
+
+        self.setStatus(result_text(job, timings))
 
     def onError(self, exc, job, dropped):
         from SlicerNNInteractiveLib.dispatch import failure_message
@@ -521,11 +513,17 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         else:
             self.disarmTool()
 
+    def volumeChosen(self):
+        """Whether a source volume is chosen; tells the user to choose one when not."""
+        chosen = self.sourceVolumeNode() is not None
+        if not chosen:
+            self.reportError(NO_VOLUME)
+        return chosen
+
     def activateTool(self, tool):
         """Arm a prompt tool; it stays armed after each prompt until another tool or mode is chosen."""
-        if self.sourceVolumeNode() is None:
+        if not self.volumeChosen():
             self.toolButton(tool).checked = False
-            self.reportError(NO_VOLUME)
             return
         self.releaseTool()
         self.editor.setActiveEffect(None)
@@ -821,53 +819,39 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def updateAutoModels(self, models):
         """List the server's automatic models (None: a server without them, or not asked yet)."""
-        self.autoModels = list(models or [])
+        self.auto.listed(models)
         combo = self.ui.autoModelComboBox
         combo.blockSignals(True)
         combo.clear()
-        for model in self.autoModels:
-            combo.addItem(model.get("name") or model["id"], model["id"])
+        for label, modelId in self.auto.items():
+            combo.addItem(label, modelId)
         combo.blockSignals(False)
-        self.ui.runAutoButton.enabled = bool(self.autoModels)
-        self.ui.cancelAutoButton.enabled = False
-        if models is None:
-            self.ui.autoInfoLabel.text = "Test connection (Configuration tab) lists the server's automatic models."
-        elif not self.autoModels:
-            self.ui.autoInfoLabel.text = "This server runs no automatic models."
-        else:
-            self.onAutoModelChanged(combo.currentIndex)
+        self.onAutoModelChanged(combo.currentIndex)
 
     def onAutoModelChanged(self, index):
-        if not 0 <= index < len(self.autoModels):
-            return
-        model = self.autoModels[index]
-        labels = ", ".join(label.get("name", "") for label in model.get("labels") or [])
-        text = "Segments: %s." % labels if labels else ""
-        if model.get("license"):
-            text += " License: %s" % model["license"]
-        self.ui.autoInfoLabel.text = text.strip()
+        self.ui.autoInfoLabel.text = self.auto.info(index)
+        self.updateAutoButtons()
+
+    def updateAutoButtons(self):
+        running = self.controller.auto_pending() if self.controller is not None else 0
+        run, cancel = self.auto.buttons(self.ui.autoModelComboBox.currentIndex, running)
+        self.ui.runAutoButton.enabled, self.ui.cancelAutoButton.enabled = run, cancel
 
     def onRunAuto(self):
         """Run the chosen model on the source volume through the session (no second upload)."""
-        index = self.ui.autoModelComboBox.currentIndex
-        if not 0 <= index < len(self.autoModels):
-            return
-        if self.sourceVolumeNode() is None:
-            self.reportError(NO_VOLUME)
-            return
-        if not self.mayConnect():
+        model = self.auto.model(self.ui.autoModelComboBox.currentIndex)
+        if model is None or not self.volumeChosen() or not self.mayConnect():
             return
         self.ensureSegmentationNode()
-        model = self.autoModels[index]
-        self.getController().auto_segment(model["id"])
-        self.ui.cancelAutoButton.enabled = True
-        self.setStatus("Automatic segmentation with %s..." % (model.get("name") or model["id"]))
+        self.getController().auto_segment(model["id"], label=model.get("name") or model["id"])
+        self.setStatus(self.auto.started(model))
+        self.updateAutoButtons()
         self.startTicking()
 
     def onCancelAuto(self):
         if self.controller is not None and self.controller.cancel_auto():
             self.setStatus("Automatic segmentation cancelled.")
-        self.ui.cancelAutoButton.enabled = False
+        self.updateAutoButtons()
 
     # ------------------------------------------------------------------ timings
 
@@ -932,10 +916,11 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         setSettingValue("ServerURL", url)
         setSettingValue("APIKey", apiKey)
         setSettingValue("CABundle", bundle)
-        if changed:
+        if changed:  # another server: its session, and the old one's models, are no longer ours
             if self.controller is not None:
                 self.controller.disconnect()
             self.ui.connectionInfoLabel.text = ""
+            self.updateAutoModels(None)
         self.updateConsentCheckBox()
         self.updateServerSummary()
 

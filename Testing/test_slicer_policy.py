@@ -91,3 +91,25 @@ def test_prompts_dropped_by_a_reset_or_a_disconnection_are_unsent_applied_ones_a
         assert unsent[-1] == "disconnected"
     finally:
         controller.close()
+
+
+def test_the_automatic_section():
+    from SlicerNNInteractiveLib.controller import Job
+    from SlicerNNInteractiveLib.presenter import AutoPresenter, busy_text, queue_text, result_text
+
+    auto = AutoPresenter()
+    assert auto.items() == [] and auto.buttons(0, 0) == (False, False) and "Test connection" in auto.info(0)
+    auto.listed([{"id": "a", "name": "Organs", "labels": [{"name": "liver"}], "license": "CC-BY"}, {"id": "b"}])
+    assert auto.items() == [("Organs", "a"), ("b", "b")] and auto.info(0) == "Segments: liver. License: CC-BY"
+    assert auto.buttons(0, 0) == (True, False) and auto.buttons(0, 1) == (False, True)  # one run at a time
+    assert auto.buttons(5, 0) == (False, False)
+    auto.forget()  # the server changed: its models are not the new server's
+    assert auto.model(0) is None and auto.buttons(0, 0) == (False, False)
+    auto.listed([])
+    assert auto.info(0) == "This server runs no automatic models."
+    run = Job("auto", label="Organs")
+    assert busy_text(run, 3) == "Automatic segmentation with Organs..."  # what runs now, not "Segmenting..."
+    assert busy_text(Job("point"), 3) == "Segmenting... (2 prompts queued)" and busy_text(None, 0) is None
+    assert result_text(run, {"segments": ["s1", "s2"], "total_ms": 2500}).startswith("Organs: 2 segment(s) in 2.5 s")
+    assert queue_text({"waiting": True, "ahead": 2, "expected_wait_seconds": 3.2}) == "Waiting for the GPU: 2 ahead (~3 s)"
+    assert queue_text({"waiting": False}) is None

@@ -538,46 +538,80 @@ def test_the_self_test_skips_offline_before_installing_anything(monkeypatch):
         app.cleanup()
 
 
-def test_automatic_segmentation_then_refinement(blob_model, tmp_path):
-    """Test connection lists the server's automatic models; Run adds one segment per label (names from the model),
-    through the session (the volume is uploaded once); a prompt refines one; Cancel discards a run."""
+@pytest.fixture(scope="module")
+def auto_server(blob_model, tmp_path_factory):
+    """Our server with the tiny trained automatic model (auto_blobs) too."""
+    tmp = tmp_path_factory.mktemp("widget-auto")
     models = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
-    spec = tmp_path / "model-serve-spec.yaml"
+    spec = tmp / "model-serve-spec.yaml"
     spec.write_text("model_folder: %s\nmodels:\n  - id: auto_blobs\n    rel_path: auto_blobs\n"
                     "    name: Blobs (tiny trained model)\n    default_args: {use_folds: [0], tta: false}\n" % models)
+    with our_server(blob_model, tmp, "--max-sessions", "4", "--model-serve-spec", str(spec)) as (url, _):
+        yield url
+
+
+def test_automatic_segmentation_then_refinement(auto_server):
+    """Test connection lists the server's automatic models; Run adds one segment per label (names from the model),
+    through the session (the volume is uploaded once); a prompt refines one; Cancel discards a run."""
     phantom = make_phantom(seed=103, dark=(2,))
-    with our_server(blob_model, tmp_path, "--max-sessions", "2", "--model-serve-spec", str(spec)) as (url, _):
-        with SlicerApp() as app:
-            m = Module(app, phantom, url)
-            w = m.widget
-            assert not w.ui.runAutoButton.enabled  # no models listed yet
-            m.app.click(w.ui.testConnectionButton)
-            m.app.pump(30, until=lambda: w.ui.testConnectionButton.enabled)
-            assert w.ui.autoModelComboBox.count == 1 and w.ui.runAutoButton.enabled
-            assert "bright_blob" in w.ui.autoInfoLabel.text and "Automatic models" in w.ui.connectionInfoLabel.text
-            m.app.click(w.ui.runAutoButton)
-            assert w.ui.cancelAutoButton.enabled
-            m.idle()
-            scene = w.getScene()
-            segmentation = scene.segmentationNode().GetSegmentation()
-            named = {segmentation.GetSegment(k).GetName(): k for k in scene.segment_keys()}
-            assert set(named) == {"bright_blob", "dark_blob"} and m.errors() == []
-            w.editor.undo()  # the whole run is one step of the Segment Editor's undo
-            assert scene.segment_keys() == []
-            w.editor.redo()
-            assert sorted(scene.segment_keys()) == sorted(named.values())
-            dark = scene.read_segment(named["dark_blob"]).astype(bool)
-            assert dice(dark, m.blob(2)) > 0.9 and "2 segment(s)" in w.ui.statusLabel.text
-            w.editor.setCurrentSegmentID(named["dark_blob"])
-            m.app.press("P")
-            m.app.press("T")
-            m.app.place_point(w.pointNode(False), world(interior_voxel(phantom.labels, 2)))
-            m.idle()
-            assert scene.read_segment(named["dark_blob"]).astype(bool)[m.blob(2)].mean() < 0.2
-            assert w.controller.sync.uploads["image"] == 1  # the automatic run and the prompt shared the upload
-            m.app.click(w.ui.runAutoButton)
-            m.app.click(w.ui.cancelAutoButton)
-            m.idle()
-            assert "cancelled" in w.ui.statusLabel.text and len(scene.segment_keys()) == 2
-            app.exit()
-            app.cleanup()
+    with SlicerApp() as app:
+        m = Module(app, phantom, auto_server)
+        w = m.widget
+        assert not w.ui.runAutoButton.enabled  # no models listed yet
+        m.app.click(w.ui.testConnectionButton)
+        m.app.pump(30, until=lambda: w.ui.testConnectionButton.enabled)
+        assert w.ui.autoModelComboBox.count == 1 and w.ui.runAutoButton.enabled
+        assert "bright_blob" in w.ui.autoInfoLabel.text and "Automatic models" in w.ui.connectionInfoLabel.text
+        m.app.click(w.ui.runAutoButton)
+        assert w.ui.cancelAutoButton.enabled
+        m.idle()
+        scene = w.getScene()
+        segmentation = scene.segmentationNode().GetSegmentation()
+        named = {segmentation.GetSegment(k).GetName(): k for k in scene.segment_keys()}
+        assert set(named) == {"bright_blob", "dark_blob"} and m.errors() == []
+        w.editor.undo()  # the whole run is one step of the Segment Editor's undo
+        assert scene.segment_keys() == []
+        w.editor.redo()
+        assert sorted(scene.segment_keys()) == sorted(named.values())
+        dark = scene.read_segment(named["dark_blob"]).astype(bool)
+        assert dice(dark, m.blob(2)) > 0.9 and "2 segment(s)" in w.ui.statusLabel.text
+        w.editor.setCurrentSegmentID(named["dark_blob"])
+        m.app.press("P")
+        m.app.press("T")
+        m.app.place_point(w.pointNode(False), world(interior_voxel(phantom.labels, 2)))
+        m.idle()
+        assert scene.read_segment(named["dark_blob"]).astype(bool)[m.blob(2)].mean() < 0.2
+        assert w.controller.sync.uploads["image"] == 1  # the automatic run and the prompt shared the upload
+        m.app.click(w.ui.runAutoButton)
+        m.app.click(w.ui.cancelAutoButton)
+        m.idle()
+        assert "cancelled" in w.ui.statusLabel.text and len(scene.segment_keys()) == 2
+        app.exit()
+        app.cleanup()
+
+
+def test_one_automatic_run_at_a_time_its_status_kept_and_another_server_forgets_the_models(auto_server):
+    phantom = make_phantom(seed=103, dark=(2,))
+    with SlicerApp() as app:
+        m = Module(app, phantom, auto_server)
+        w = m.widget
+        m.app.click(w.ui.testConnectionButton)
+        m.app.pump(30, until=lambda: w.ui.testConnectionButton.enabled)
+        statuses = []
+        shown = w.messages.status
+        w.messages.status = lambda text: (statuses.append(text), shown(text))
+        m.app.click(w.ui.runAutoButton)
+        assert not w.ui.runAutoButton.enabled and w.ui.cancelAutoButton.enabled
+        m.app.click(w.ui.runAutoButton)  # disabled: a second run would add every segment twice
+        m.idle()
+        assert len(w.getScene().segment_keys()) == 2 and m.errors() == []
+        assert statuses[0].startswith("Automatic segmentation with Blobs")
+        assert all(t.startswith("Automatic segmentation") for t in statuses[:-1]), statuses  # not "Segmenting..."
+        assert "2 segment(s)" in statuses[-1]
+        assert w.ui.runAutoButton.enabled and not w.ui.cancelAutoButton.enabled
+        w.ui.serverUrlLineEdit.text = "http://127.0.0.1:%d" % free_port()
+        w.onServerSettingsChanged()  # another server: the old one's model ids mean nothing there
+        assert w.ui.autoModelComboBox.count == 0 and not w.ui.runAutoButton.enabled
+        assert "Test connection" in w.ui.autoInfoLabel.text
+        app.exit()
+        app.cleanup()

@@ -217,6 +217,21 @@ class Controller(object):
         running = self._inflight is not None and not self._inflight[0].cancelled
         return len(self._pending) + (1 if running else 0) + (1 if self._applying is not None else 0)
 
+    @property
+    def current(self):
+        """The job running on the server or being written (None: none, or a cancelled one finishing)."""
+        if self._applying is not None:
+            return self._applying[0]
+        if self._inflight is not None and not self._inflight[0].cancelled:
+            return self._inflight[0]
+        return None
+
+    def auto_pending(self):
+        """Automatic runs queued, running or being written (not cancelled ones)."""
+        current = self.current
+        return sum(1 for j in self._pending if j.kind == "auto") + (1 if current is not None and current.kind == "auto"
+                                                                    else 0)
+
     # ------------------------------------------------------------------ actions (caller's thread)
 
     def submit(self, kind, args, positive=None, prepare_ms=0.0, label=None, unsent=None):
@@ -259,11 +274,12 @@ class Controller(object):
         self._enqueue(Job("reset", segment_key=key, generation=self._generation))
         return key
 
-    def auto_segment(self, model, **fields):
+    def auto_segment(self, model, label=None, **fields):
         """Queue the server's automatic model ``model`` on the image: each label it finds becomes a new segment
         (the model's name, colour and terminology), written under the editor's masking rules; refine any of them
-        with prompts (selecting it makes it the starting mask). Returns the Job."""
-        job = Job("auto", {"model": model, "fields": fields}, generation=self._generation, label=model)
+        with prompts (selecting it makes it the starting mask). ``label``: the model's name for messages. Returns
+        the Job."""
+        job = Job("auto", {"model": model, "fields": fields}, generation=self._generation, label=label or model)
         self._enqueue(job)
         return job
 

@@ -31,8 +31,10 @@ class Messages(object):
         self._open = False
 
     def info(self, text):
-        self.last = text
-        self.status(text)
+        """A status line (None: leave it as it is)."""
+        if text is not None:
+            self.last = text
+            self.status(text)
 
     def error(self, message, details=None):
         self.last = message
