@@ -130,6 +130,7 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.auto = None  # the automatic-segmentation section (SlicerNNInteractiveLib.presenter.AutoPresenter)
         self.messages = None
         self.dispatch = None
+        self.timingStop = False  # set when the scene closes: a timing experiment in progress stops
 
     # ------------------------------------------------------------------ setup
 
@@ -283,6 +284,7 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         ScriptedLoadableModuleWidget.onReload(self)
 
     def onSceneStartClose(self, caller, event):
+        self.timingStop = True  # a timing experiment in progress stops (its nodes are going)
         self.disarmTool()
         self.pointNodes = {}
         self.lassoNode = None
@@ -890,12 +892,21 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.disarmTool()
         if self.controller is not None:
             self.controller.disconnect()
-        with slicer.util.tryWithErrorDisplay("The timing experiment failed.", waitCursor=True):
-            reps = self.ui.repetitionsSpinBox.value
-            text = self.logic.runTimingExperiment(self.serverUrl(), self.apiKey(), reps=reps,
-                                                  sizes=self.logic.timingSizes)
+        # It pumps events for minutes: no second experiment, no prompts, and a scene close stops it.
+        self.dispatch.paused = "Not sent: the timing experiment is running (Configuration tab)."
+        self.ui.runTimingButton.enabled = self.timingStop = False
+        try:
+            text = self.logic.runTimingExperiment(self.serverUrl(), self.apiKey(), reps=self.ui.repetitionsSpinBox.value,
+                                                  sizes=self.logic.timingSizes, stop=lambda: self.timingStop)
             slicer.util.infoDisplay("Timing experiment (milliseconds, mean +- std):", windowTitle="nnInteractive",
                                     detailedText=text)
+        except Exception as exc:
+            import traceback
+
+            self.reportError("The timing experiment failed: %s" % exc, traceback.format_exc())
+        finally:
+            self.dispatch.paused = None
+            self.ui.runTimingButton.enabled = True
 
     # ------------------------------------------------------------------ configuration
 
@@ -1160,8 +1171,10 @@ class SlicerNNInteractiveLogic(ScriptedLoadableModuleLogic):
         volumeNode.SetIJKToRASDirectionMatrix(m)
         return volumeNode
 
-    def runTimingExperiment(self, url=None, apiKey=None, reps=10, sizes=("S", "M", "L"), kinds=None, log=None):
-        """The paper's timing experiment inside Slicer, on real volume and segmentation nodes.
+    def runTimingExperiment(self, url=None, apiKey=None, reps=10, sizes=("S", "M", "L"), kinds=None, log=None,
+                            stop=None):
+        """The paper's timing experiment inside Slicer, on real volume and segmentation nodes. ``stop()``: checked
+        while it waits; true stops it (the scene is closing).
 
         From the Python console::
 
@@ -1203,7 +1216,7 @@ class SlicerNNInteractiveLogic(ScriptedLoadableModuleLogic):
 
         try:
             records = timing.run(makeScene, makeController, sizes=sizes, kinds=kinds or timing.KINDS, reps=reps,
-                                 pump=slicer.app.processEvents, log=log,
+                                 pump=lambda: timing.pump_until(slicer.app.processEvents, stop), log=log,
                                  thickness=self.scribbleThickness or (2, 2, 2))
         finally:
             for node in created:

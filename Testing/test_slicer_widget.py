@@ -480,9 +480,33 @@ def test_timing_experiment_on_a_single_session_server(phantom, quiet_model, tmp_
             w.ui.repetitionsSpinBox.value = 1
             w.logic.timingSizes = ("S",)
             app.dialogs.answers.append(True)
+            during = []
+
+            def meanwhile():  # the experiment pumps events for minutes: what the user can do meanwhile
+                if w.dispatch.paused is not None and not during:
+                    during.append(w.ui.runTimingButton.enabled)
+                    m.app.click(w.ui.runTimingButton)  # a second experiment: the button is disabled
+                    during.append(w.submit("point", {"coordinates": (4, 4, 4)}, 0.0))  # a prompt: refused
+                    during.append(w.ui.statusLabel.text)
+
+            watcher = app.qt.QTimer()
+            watcher.setInterval(20)
+            watcher.connect("timeout()", meanwhile)
+            watcher.start()
             m.app.click(w.ui.runTimingButton)
             info = [s for s in app.shown("info") if "Timing experiment" in s.text]
             assert info and "point" in info[-1].detailedText and m.errors() == []
+            assert during[:2] == [False, None] and "timing experiment is running" in during[2]
+            assert len(info) == 1 and len(app.shown("question")) == 1
+            assert w.ui.runTimingButton.enabled and w.dispatch.paused is None
+            # Closing the scene stops an experiment in progress (its volumes are going), with a message.
+            app.dialogs.answers.append(True)
+            watcher.disconnect("timeout()", meanwhile)
+            watcher.connect("timeout()", lambda: w.dispatch.paused is not None and slicer.mrmlScene.Clear(0))
+            m.app.click(w.ui.runTimingButton)
+            watcher.stop()
+            assert "failed" in m.errors()[-1] and "scene was closed" in m.errors()[-1]
+            assert w.ui.runTimingButton.enabled
             app.exit()
             app.cleanup()
 

@@ -73,9 +73,13 @@ class PromptDispatch(object):
         self.permission = permission
         self.messages = messages
         self.prepare = prepare or (lambda: None)
+        self.paused = None  # why prompts are not sent now (the timing experiment runs), or None
 
     def allowed(self):
         """Whether the server may be used now; tells the user why not."""
+        if self.paused is not None:
+            self.messages.info(self.paused)
+            return False
         try:
             refusal = self.permission()
         except Exception as exc:

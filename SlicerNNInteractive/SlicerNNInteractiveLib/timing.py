@@ -139,6 +139,17 @@ def run(make_scene, make_controller, sizes=("S", "M", "L"), kinds=KINDS, reps=10
     return records
 
 
+class Stopped(RuntimeError):
+    """The experiment was stopped (the scene it works in is closing)."""
+
+
+def pump_until(pump, stop=None):
+    """``pump()``, then raise Stopped when ``stop()`` is true (the host's scene is closing)."""
+    pump()
+    if stop is not None and stop():
+        raise Stopped("The timing experiment was stopped: the scene was closed.")
+
+
 def _wait(controller, pump, timeout=600.0):
     deadline = time.monotonic() + timeout
     while controller.busy:
