@@ -130,6 +130,7 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.auto = None  # the automatic-segmentation section (SlicerNNInteractiveLib.presenter.AutoPresenter)
         self.messages = None
         self.dispatch = None
+        self.polarity = None  # SlicerNNInteractiveLib.polarity.Polarity: shared with the controller
         self.timingStop = False  # set when the scene closes: a timing experiment in progress stops
 
     # ------------------------------------------------------------------ setup
@@ -138,6 +139,7 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         ScriptedLoadableModuleWidget.setup(self)
         self.logic = SlicerNNInteractiveLogic()
         from SlicerNNInteractiveLib.dispatch import Messages, PromptDispatch
+        from SlicerNNInteractiveLib.polarity import Polarity
         from SlicerNNInteractiveLib.presenter import AutoPresenter
 
         self.messages = Messages(
@@ -147,6 +149,7 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.dispatch = PromptDispatch(self.getController, self.permission, self.messages,
                                        prepare=self.ensureSegmentationNode)
         self.auto = AutoPresenter()
+        self.polarity = Polarity(on_change=self.onPolarityChanged)
 
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/SlicerNNInteractive.ui"))
         self.layout.addWidget(uiWidget)
@@ -433,7 +436,7 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                 self.getScene(), lambda: self.logic.connect(self.serverUrl(), self.apiKey()), on_busy=self.onBusy,
                 on_error=self.onError, on_result=self.onResult, on_connected=self.onConnected,
                 log=lambda msg: logging.info("nnInteractive: " + msg),
-                before_write=lambda key: self.editor.saveStateForUndo())
+                before_write=lambda key: self.editor.saveStateForUndo(), polarity=self.polarity)
         return self.controller
 
     def permission(self):
@@ -541,8 +544,9 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                 self.armScribble()
         for name in TOOLS:
             self.toolButton(name).checked = (name == tool)
-        self.setStatus("%s tool armed (%s prompts)." % (tool.capitalize(), "positive" if self.isPositive() else
-                                                          "negative"))
+        from SlicerNNInteractiveLib.presenter import tool_text
+
+        self.setStatus(tool_text(tool, self.isPositive()))
 
     def disarmTool(self):
         """The user disarms the armed tool (its button, Esc on the module, leaving the module)."""
@@ -756,7 +760,7 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     # ------------------------------------------------------------------ polarity, segments, undo
 
     def isPositive(self):
-        return self.controller.positive if self.controller is not None else not self.ui.negativeButton.checked
+        return self.polarity.positive
 
     def polarityColor(self):
         return POSITIVE_COLOR if self.isPositive() else NEGATIVE_COLOR
@@ -770,32 +774,32 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             button.setStyleSheet(style)
 
     def onTogglePolarity(self):
-        self.setPolarity(not self.isPositive())
+        self.polarity.toggle()
 
     def setPolarity(self, positive):
-        self.getController().set_positive(positive)
+        self.polarity.set(positive)
+
+    def onPolarityChanged(self, positive):
+        """Whoever changed it (T, the buttons, a new or reset segment): the buttons, the armed tool and the status
+        follow."""
+        from SlicerNNInteractiveLib.presenter import tool_text
+
         self.updatePolarityUI()
         self.followPolarity()
+        self.setStatus(tool_text(self.tools.active, positive))
 
     def followPolarity(self):
         """The armed tool follows the polarity: points go to the other node, the box and strokes change color."""
-        tool = self.tools.active
-        if tool == "point":
-            self.tools.arm("point", self.pointNode(self.isPositive()))
-        elif tool == "box" and self.boxTool is not None:
-            self.boxTool.color = self.polarityColor()
-        elif tool == "scribble":
-            self.getScratch()
-        elif tool == "lasso":
-            self.getLassoNode()
+        follow = {"point": lambda: self.tools.arm("point", self.pointNode(self.isPositive())),
+                  "box": lambda: setattr(self.boxTool, "color", self.polarityColor()),
+                  "scribble": self.getScratch, "lasso": self.getLassoNode}
+        follow.get(self.tools.active, lambda: None)()
 
     def onNextSegment(self):
         """A new empty segment (no server needed); prompts positive again."""
         self.ensureSegmentationNode()
         key = self.getController().next_segment()
         self.clearPromptMarkups()
-        self.updatePolarityUI()
-        self.followPolarity()
         self.setStatus("New segment: prompts go to %s." % key)
 
     def onResetSegment(self):
@@ -805,8 +809,6 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.getController().reset_segment()
         self.startTicking()
         self.clearPromptMarkups()
-        self.updatePolarityUI()
-        self.followPolarity()
         self.setStatus("Segment reset (Ctrl+Z brings it back).")
 
     def onUndo(self):

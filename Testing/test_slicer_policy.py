@@ -113,3 +113,21 @@ def test_the_automatic_section():
     assert result_text(run, {"segments": ["s1", "s2"], "total_ms": 2500}).startswith("Organs: 2 segment(s) in 2.5 s")
     assert queue_text({"waiting": True, "ahead": 2, "expected_wait_seconds": 3.2}) == "Waiting for the GPU: 2 ahead (~3 s)"
     assert queue_text({"waiting": False}) is None
+
+
+def test_one_polarity_for_the_controller_and_what_shows_it():
+    from SlicerNNInteractiveLib.polarity import Polarity
+    from SlicerNNInteractiveLib.presenter import tool_text
+
+    shown = []
+    polarity = Polarity(on_change=shown.append)
+    controller = Controller(ArrayScene(image()), lambda: None, polarity=polarity)
+    controller.toggle_positive()
+    assert controller.positive is False and polarity.positive is False and shown == [False]
+    controller.next_segment()  # a new segment: positive again, and whatever shows it hears so
+    assert polarity.positive is True and shown == [False, True]
+    polarity.set(False)
+    assert controller.submit("point", {"coordinates": (1, 1, 1)}).positive is False
+    controller.close()
+    assert tool_text("point", False) == "Point tool armed (negative prompts)." and tool_text(None, True).startswith(
+        "Prompts are positive")

@@ -131,6 +131,7 @@ def test_polarity_buttons_and_key(module):
     assert w.isPositive() and w.ui.positiveButton.checked
     m.app.press("P")
     m.app.press("T")  # creates the negative points node: Slicer's markups logic makes it the active place node
+    assert w.ui.statusLabel.text == "Point tool armed (negative prompts)."  # the status follows the polarity
     sel = slicer.app.applicationLogic().GetSelectionNode()
     assert w.tools.active == "point" and w.ui.pointButton.checked  # still armed: that change was ours
     assert sel.GetActivePlaceNodeID() == w.pointNode(False).GetID()  # the point tool follows the polarity

@@ -29,6 +29,7 @@ import traceback
 from .background import YIELD_SECONDS
 from .errors import NNInteractiveError
 from .labelmerge import STEP_SECONDS, LabelsMerge
+from .polarity import Polarity
 from .scene import UndoRecord
 from .sync import SyncedSession
 
@@ -162,7 +163,7 @@ class Controller(object):
     """
 
     def __init__(self, scene, connect, on_busy=None, on_error=None, on_result=None, on_connected=None,
-                 log=None, before_write=None):
+                 log=None, before_write=None, polarity=None):
         self.scene = scene
         self._connect = connect
         self.sync = SyncedSession(connect)
@@ -172,7 +173,7 @@ class Controller(object):
         self.on_connected = on_connected
         self.before_write = before_write or (lambda key: None)
         self.log = log or (lambda msg: None)
-        self.positive = True
+        self.polarity = polarity or Polarity()  # the host's, when it shows it
         self.capabilities = None
         self.timings = []  # one dict per finished interaction
         self._pending = collections.deque()
@@ -191,12 +192,15 @@ class Controller(object):
 
     # ------------------------------------------------------------------ prompt state
 
+    @property
+    def positive(self):
+        return self.polarity.positive
+
     def set_positive(self, positive=True):
-        self.positive = bool(positive)
+        self.polarity.set(positive)
 
     def toggle_positive(self):
-        self.positive = not self.positive
-        return self.positive
+        return self.polarity.toggle()
 
     def current_segment(self, create=True):
         """The segment prompts go to: the selected one, or a new one (selected) when none is."""
@@ -253,14 +257,14 @@ class Controller(object):
     def next_segment(self):
         """Add an empty segment, select it, prompts positive again. Returns its key."""
         key = self.scene.add_segment()
-        self.positive = True
+        self.polarity.set(True)
         return key
 
     def reset_segment(self):
         """Clear the current segment and its prompts (here at once, on the server in queue order). Prompts of
         this segment still queued are dropped; a result already on its way is discarded."""
         key = self.scene.selected_segment()
-        self.positive = True
+        self.polarity.set(True)
         if key is None:
             return None
         self._generation += 1

@@ -48,6 +48,14 @@ class AutoPresenter(object):
         return "Automatic segmentation with %s..." % (model.get("name") or model["id"])
 
 
+def tool_text(tool, positive):
+    """The status line when a tool is armed or the polarity changes."""
+    word = "positive" if positive else "negative"
+    if tool is None:
+        return "Prompts are %s now." % word
+    return "%s tool armed (%s prompts)." % (tool.capitalize(), word)
+
+
 def busy_text(job, pending):
     """The status line while the controller works: what runs now (None: leave the status as it is)."""
     if job is None:
