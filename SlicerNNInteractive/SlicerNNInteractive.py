@@ -116,6 +116,7 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.scene = None
         self.tools = None
         self.shortcuts = []
+        self.shadowed = []  # other shortcuts on our keys, disabled while we are shown
         self.boxTool = None
         self.pointNodes = {}
         self.lassoNode = None
@@ -399,7 +400,13 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     # ------------------------------------------------------------------ shortcuts
 
     def installShortcuts(self):
+        """The Segment Editor's own keys, as its module installs them while it is shown (SegmentEditor.py enter()),
+        then ours. An editor key that is also ours (Ctrl+Z) is disabled meanwhile: two shortcuts on one key would
+        take turns (Qt's activatedAmbiguously), and ours falls back to the editor's undo anyway."""
+        from SlicerNNInteractiveLib.tools import shadowedBy
+
         self.removeShortcuts()
+        self.editor.installKeyboardShortcuts()
         bindings = [
             ("P", lambda: self.activateTool("point")),
             ("B", lambda: self.activateTool("box")),
@@ -411,6 +418,9 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             ("Ctrl+Z", self.onUndo),
         ]
         mainWindow = slicer.util.mainWindow()
+        self.shadowed = shadowedBy([key for key, _ in bindings], mainWindow.findChildren(qt.QShortcut))
+        for shortcut in self.shadowed:
+            shortcut.setEnabled(False)
         for key, callback in bindings:
             shortcut = qt.QShortcut(qt.QKeySequence(key), mainWindow)
             shortcut.connect("activated()", callback)
@@ -423,7 +433,10 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             shortcut.setEnabled(False)
             shortcut.setParent(None)
             shortcut.deleteLater()
-        self.shortcuts = []
+        for shortcut in self.shadowed:
+            shortcut.setEnabled(True)
+        self.shortcuts, self.shadowed = [], []
+        self.editor.uninstallKeyboardShortcuts()
 
     # ------------------------------------------------------------------ controller and server session
 

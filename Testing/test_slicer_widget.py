@@ -141,6 +141,24 @@ def test_polarity_buttons_and_key(module):
         assert button.shortcut.isEmpty()  # no Alt+letter mnemonic (Alt+E is the Edit menu)
 
 
+def test_the_segment_editors_own_keys_work_while_the_module_is_shown(module):
+    """As in Slicer's Segment Editor module (enter(): installKeyboardShortcuts): 1 selects its first effect (Paint),
+    Escape deselects it; its Ctrl+Z gives way to ours (which undoes the editor's steps when there is no prompt)."""
+    m, w = module, module.widget
+    m.app.press("B")
+    assert m.app.press("1")
+    assert w.editor.activeEffect() is not None and w.editor.activeEffect().name() == "Paint"
+    assert w.tools.active is None and not w.ui.boxButton.checked  # choosing an effect disarms our tool
+    m.app.press("Escape")
+    assert w.editor.activeEffect() is None
+    window = slicer.util.mainWindow()
+    undo = [s for s in window.findChildren(m.app.qt.QShortcut) if s.key.toString() == "Ctrl+Z" and s.enabled]
+    assert undo == [s for s in w.shortcuts if s.key.toString() == "Ctrl+Z"]
+    m.app.exit()
+    assert m.app.press("1") and w.editor.activeEffect() is None  # not shown: the keys are gone
+    m.app.enter()
+
+
 def test_box_drawn_on_a_slice_view(module):
     m, w = module, module.widget
     center = interior_voxel(m.phantom.labels, 3)

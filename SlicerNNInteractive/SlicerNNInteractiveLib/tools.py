@@ -163,6 +163,13 @@ class PromptTools(object):
             self.disarm("another mouse mode was chosen before the lasso was closed; it was not sent")
 
 
+def shadowedBy(keys, shortcuts):
+    """The enabled ``shortcuts`` (QShortcuts: ``key`` a QKeySequence property, ``enabled``) on one of ``keys``
+    (key sequences as text, "Ctrl+Z")."""
+    keys = set(keys)
+    return [s for s in shortcuts if s.enabled and s.key.toString() in keys]
+
+
 def modeName(interactionNode):
     """The interaction mode in the words of Slicer's mouse-mode toolbar."""
     mode = interactionNode.GetCurrentInteractionMode()
