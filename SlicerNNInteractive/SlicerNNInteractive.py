@@ -214,6 +214,7 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndBatchProcessEvent, self.onSceneEndBatch)
         slicer.app.connect("aboutToQuit()", self.onAboutToQuit)
+        slicer.app.layoutManager().connect("layoutChanged(int)", self.onLayoutChanged)
         if self.parent.isEntered:  # Developer mode > Reload calls setup() on a module that is shown, not enter()
             self.enter()
 
@@ -266,6 +267,7 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.onStopLocalServer()
         try:
             slicer.app.disconnect("aboutToQuit()", self.onAboutToQuit)
+            slicer.app.layoutManager().disconnect("layoutChanged(int)", self.onLayoutChanged)
         except Exception:
             pass
 
@@ -302,6 +304,10 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.controller = None
         self.editor.setSegmentationNode(None)
         self.editor.removeViewObservations()
+
+    def onLayoutChanged(self, layout):
+        # A layout may bring new slice views: the armed box filters them too.
+        {"box": self.armBox}.get(self.tools.active, lambda: None)()
 
     def onSceneEndBatch(self, caller, event):
         # After a batch (loading a scene, restoring a scene view) the scribble's editor resets its segmentation to

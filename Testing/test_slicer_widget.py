@@ -176,6 +176,22 @@ def test_box_drawn_on_a_slice_view(module):
     assert w.tools.active == "box"
 
 
+def test_a_box_in_a_slice_view_of_a_new_layout(module):
+    m, w = module, module.widget
+    m.app.press("B")
+    m.app.layout_manager.setLayout(21)  # three over three: Red+ is a new slice view
+    try:
+        center = interior_voxel(m.phantom.labels, 3)
+        m.show_slice("Red+", center)
+        ys, xs = np.nonzero(m.blob(3)[center[0]])
+        m.app.drag("Red+", m.app.view_pixel("Red+", world((center[0], ys.min() - 2, xs.min() - 2))),
+                   m.app.view_pixel("Red+", world((center[0], ys.max() + 2, xs.max() + 2))))
+        m.idle()
+        assert m.kinds() == [("bbox", True)] and dice(m.segment(), m.blob(3)) > 0.5
+    finally:
+        m.app.layout_manager.setLayout(2)
+
+
 def close_lasso(m, node):
     """A double-click or right-click while placing the curve: vtkSlicerMarkupsWidget leaves place mode, then
     modifies the curve node (WidgetEventStopPlace)."""
