@@ -201,6 +201,9 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.updateConsentCheckBox()
         self.updateServerSummary()
         self.updatePolarityUI()
+        from SlicerNNInteractiveLib import handover
+
+        self.adoptLocalServer(handover.take("localServer"))  # after a Reload
 
         self.tickTimer = qt.QTimer()
         self.tickTimer.connect("timeout()", self.onTick)
@@ -281,11 +284,16 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         """Reload also the library package (Slicer's Reload re-imports only this file)."""
         import sys
 
+        from SlicerNNInteractiveLib import handover
+
         if self.controller is not None:
             self.controller.close()
             self.controller = None
+        handover.keep("localServer", self.localServer)  # the user's local server keeps running
+        self.localServer = None
         for name in list(sys.modules):
-            if name == "SlicerNNInteractiveLib" or name.startswith("SlicerNNInteractiveLib."):
+            if (name == "SlicerNNInteractiveLib" or name.startswith("SlicerNNInteractiveLib.")) and \
+                    name != handover.__name__:
                 del sys.modules[name]
         ScriptedLoadableModuleWidget.onReload(self)
 
@@ -599,10 +607,10 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         key = "positive" if positive else "negative"
         node = self.pointNodes.get(key)
         if node is None or not slicer.mrmlScene.IsNodePresent(node):
-            from SlicerNNInteractiveLib.slicerscene import newPromptNode
+            from SlicerNNInteractiveLib.slicerscene import promptNode
 
-            node = self.tools.ourChange(lambda: newPromptNode(
-                slicer.mrmlScene, "vtkMRMLMarkupsFiducialNode", "nnInteractive %s points" % key,
+            node = self.tools.ourChange(lambda: promptNode(
+                slicer.mrmlScene, key + " points", "vtkMRMLMarkupsFiducialNode", "nnInteractive %s points" % key,
                 POSITIVE_COLOR if positive else NEGATIVE_COLOR))
             self.addObserver(node, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onPointDefined)
             self.pointNodes[key] = node
@@ -611,10 +619,10 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def getLassoNode(self):
         node = self.lassoNode
         if node is None or not slicer.mrmlScene.IsNodePresent(node):
-            from SlicerNNInteractiveLib.slicerscene import newPromptNode
+            from SlicerNNInteractiveLib.slicerscene import promptNode
 
-            node = self.tools.ourChange(lambda: newPromptNode(
-                slicer.mrmlScene, "vtkMRMLMarkupsClosedCurveNode", "nnInteractive lasso", POSITIVE_COLOR))
+            node = self.tools.ourChange(lambda: promptNode(
+                slicer.mrmlScene, "lasso", "vtkMRMLMarkupsClosedCurveNode", "nnInteractive lasso", POSITIVE_COLOR))
             node.GetDisplayNode().SetLineThickness(0.3)
             self.lassoNode = node
             self.tools.watchLasso(node)
@@ -725,10 +733,10 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.scratchEditor.setUndoEnabled(False)
         node = self.scratchEditorNode
         if node is None or not slicer.mrmlScene.IsNodePresent(node):
-            node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentEditorNode", "nnInteractive scribble editor")
-            node.SetSaveWithScene(False)
-            node.SetHideFromEditors(True)
-            self.scratchEditorNode = node
+            from SlicerNNInteractiveLib.slicerscene import helperNode
+
+            node = self.scratchEditorNode = helperNode(slicer.mrmlScene, "scribble editor", "vtkMRMLSegmentEditorNode",
+                                                       "nnInteractive scribble editor")
         node.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedEverywhere)
         node.SetOverwriteMode(slicer.vtkMRMLSegmentEditorNode.OverwriteNone)
         setEditorNodeInputs(node, scratch, self.sourceVolumeNode())
@@ -1074,6 +1082,13 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.serverUrlLineEdit.text = self.localServer.url
         self.ui.apiKeyLineEdit.text = self.localServer.api_key
         self.onServerSettingsChanged()
+        self.adoptLocalServer(self.localServer)
+
+    def adoptLocalServer(self, server):
+        """Follow ``server`` (a LocalServer, or None) until it is ready."""
+        self.localServer = server
+        if server is None:
+            return
         self.localServerTimer = qt.QTimer()
         self.localServerTimer.setInterval(500)
         self.localServerTimer.connect("timeout()", self.onLocalServerPoll)

@@ -497,8 +497,13 @@ def test_local_server_starts_without_slicers_python_variables(module, tmp_path):
     m.app.pump(120, until=lambda: w.ui.testConnectionButton.enabled and "Running" in
                w.ui.localServerStatusLabel.text and w.ui.connectionInfoLabel.text.startswith("Connected"))
     assert w.ui.serverUrlLineEdit.text == server.url
+    process = server.process
+    w = m.app.reload()  # developer Reload: the user's local server keeps running, the new widget follows it
+    assert w.localServer is server and process.poll() is None
+    m.app.pump(30, until=lambda: "Running" in w.ui.localServerStatusLabel.text)
     m.app.click(w.ui.stopLocalServerButton)
     assert w.localServer is None and w.ui.localServerStatusLabel.text == "Not running."
+    assert process.poll() is not None
     w.ui.executablePathLineEdit.currentPath = "/no/such/server"
     m.app.click(w.ui.startLocalServerButton)
     assert "does not exist" in w.ui.localServerStatusLabel.text
@@ -546,6 +551,12 @@ def test_timing_experiment_on_a_single_session_server(phantom, quiet_model, tmp_
             app.cleanup()
 
 
+def hidden_helper_nodes():
+    """IDs of the module's helper nodes in the scene (not saved with it)."""
+    return sorted(n.GetID() for n in slicer.util.getNodes("*").values()
+                  if not n.GetSaveWithScene() and n.GetName().startswith("nnInteractive"))
+
+
 def test_enter_exit_reload_and_cleanup(module):
     m, w = module, module.widget
     m.app.press("S")  # creates the hidden scratch segmentation
@@ -558,9 +569,14 @@ def test_enter_exit_reload_and_cleanup(module):
     slicer.mrmlScene.RemoveNode(segmentation)
     m.app.enter()
     assert not w.editor.segmentationNode().GetHideFromEditors()  # never the hidden scratch segmentation
+    for key in ("P", "L", "S"):
+        m.app.press(key)  # every helper node exists: points, lasso, scribble segmentation and its editor node
+    helpers = hidden_helper_nodes()
     new = m.app.reload()
     assert new is not w
-    m.app.press("P")
+    for key in ("L", "S", "P"):
+        m.app.press(key)
+    assert hidden_helper_nodes() == helpers  # the new widget uses the nodes the old one made: none twice
     assert new.tools.active == "point"  # shortcuts work at once after Reload
     m.app.place_point(new.pointNode(True), world(interior_voxel(m.phantom.labels, 1)))
     m.app.pump(60, until=lambda: new.controller is not None and new.controller.timings)

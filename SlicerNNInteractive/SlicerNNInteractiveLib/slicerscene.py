@@ -400,6 +400,37 @@ class SlicerScene(Scene):
 # --- the nodes the prompt tools work with (not saved with the scene)
 
 SCRIBBLE_SEGMENT = "scribble"
+ROLE_ATTRIBUTE = "SlicerNNInteractive.Role"  # marks our helper nodes, so that a widget after a Reload finds them
+
+
+def roleNode(mrmlScene, role, className):
+    """Our helper node of ``className`` that plays ``role`` in the scene (made by this widget or by the one before a
+    developer Reload), or None."""
+    for n in range(mrmlScene.GetNumberOfNodesByClass(className)):
+        node = mrmlScene.GetNthNodeByClass(n, className)
+        if node.GetAttribute(ROLE_ATTRIBUTE) == role:
+            return node
+    return None
+
+
+def promptNode(mrmlScene, role, className, name, color):
+    """The markups node for prompts that plays ``role``: the one in the scene, else a new one (``newPromptNode``)."""
+    node = roleNode(mrmlScene, role, className)
+    if node is None:
+        node = newPromptNode(mrmlScene, className, name, color)
+        node.SetAttribute(ROLE_ATTRIBUTE, role)
+    return node
+
+
+def helperNode(mrmlScene, role, className, name):
+    """A hidden node, not saved with the scene, that plays ``role``: the one in the scene, else a new one."""
+    node = roleNode(mrmlScene, role, className)
+    if node is None:
+        node = mrmlScene.AddNewNodeByClass(className, name)
+        node.SetSaveWithScene(False)
+        node.SetHideFromEditors(True)
+        node.SetAttribute(ROLE_ATTRIBUTE, role)
+    return node
 
 
 def newPromptNode(mrmlScene, className, name, color):
@@ -423,9 +454,9 @@ def scratchSegmentation(mrmlScene, volumeNode, node=None, color=(1.0, 1.0, 0.0))
     on the volume's voxel grid and under the volume's transform, so that a stroke maps to voxels exactly.
     Pass the existing node to re-use it (after the volume changed, say)."""
     if node is None or mrmlScene.GetNodeByID(node.GetID()) is None:
-        node = mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "nnInteractive scribbles")
-        node.SetSaveWithScene(False)
-        node.SetHideFromEditors(True)
+        node = roleNode(mrmlScene, "scribbles", "vtkMRMLSegmentationNode")
+    if node is None:
+        node = helperNode(mrmlScene, "scribbles", "vtkMRMLSegmentationNode", "nnInteractive scribbles")
         node.CreateDefaultDisplayNodes()
         node.GetSegmentation().AddEmptySegment(SCRIBBLE_SEGMENT, SCRIBBLE_SEGMENT)
         node.GetDisplayNode().SetSegmentOpacity2DFill(SCRIBBLE_SEGMENT, 0.6)
