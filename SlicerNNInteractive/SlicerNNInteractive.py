@@ -41,10 +41,23 @@ def setSettingValue(name, value):
     qt.QSettings().setValue(SETTINGS + name, value)
 
 
+def serverSettings():
+    """The server settings and consent, on Slicer's settings (SlicerNNInteractiveLib.settings)."""
+    from SlicerNNInteractiveLib.settings import ServerSettings
+
+    return ServerSettings(settingValue, setSettingValue)
+
+
 def caBundle():
-    """PEM file of a private certificate authority for an https server (None: the system's authorities, or
-    $NN_INTERACTIVE_CA_BUNDLE)."""
-    return settingValue("CABundle", "").strip() or None
+    """PEM file of a private certificate authority for an https server (None: the system's authorities)."""
+    return serverSettings().ca_bundle
+
+
+def handover():
+    """SlicerNNInteractiveLib.handover, the module a Reload keeps (looked up by name: the package is re-imported)."""
+    import importlib
+
+    return importlib.import_module("SlicerNNInteractiveLib.handover")
 
 
 def slicerScene(segmentEditorNode):
@@ -131,6 +144,7 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.auto = None  # the automatic-segmentation section (SlicerNNInteractiveLib.presenter.AutoPresenter)
         self.messages = None
         self.dispatch = None
+        self.settings = None  # SlicerNNInteractiveLib.settings.ServerSettings: server, key, consent
         self.polarity = None  # SlicerNNInteractiveLib.polarity.Polarity: shared with the controller
         self.timingStop = False  # set when the scene closes: a timing experiment in progress stops
 
@@ -143,6 +157,9 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         from SlicerNNInteractiveLib.polarity import Polarity
         from SlicerNNInteractiveLib.presenter import AutoPresenter
 
+        from SlicerNNInteractiveLib.settings import summary
+
+        self.settings = serverSettings()
         self.messages = Messages(
             lambda message, details: slicer.util.errorDisplay(message, windowTitle="nnInteractive",
                                                               detailedText=details),
@@ -184,8 +201,8 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             # The underlined letter shows the module's own key; no Alt+letter mnemonic (Alt+E is the Edit menu).
             button.setShortcut(qt.QKeySequence())
 
-        self.ui.serverUrlLineEdit.text = settingValue("ServerURL", DEFAULT_URL)
-        self.ui.apiKeyLineEdit.text = settingValue("APIKey", "")
+        self.ui.serverUrlLineEdit.text = self.serverUrl()
+        self.ui.apiKeyLineEdit.text = self.apiKey() or ""
         self.ui.serverUrlLineEdit.connect("editingFinished()", self.onServerSettingsChanged)
         self.ui.apiKeyLineEdit.connect("editingFinished()", self.onServerSettingsChanged)
         self.ui.caBundlePathLineEdit.currentPath = settingValue("CABundle", "")
@@ -198,12 +215,13 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.startLocalServerButton.connect("clicked()", self.onStartLocalServer)
         self.ui.stopLocalServerButton.connect("clicked()", self.onStopLocalServer)
         self.ui.runTimingButton.connect("clicked()", self.onRunTiming)
+        self.connectionTimer = qt.QTimer()
+        self.connectionTimer.setInterval(20)
+        self.connectionTimer.connect("timeout()", self.onTestConnectionPoll)
         self.updateConsentCheckBox()
-        self.updateServerSummary()
+        self.ui.serverSummaryLabel.text = summary(self.serverUrl())
         self.updatePolarityUI()
-        from SlicerNNInteractiveLib import handover
-
-        self.adoptLocalServer(handover.take("localServer"))  # after a Reload
+        self.adoptLocalServer(handover().take("localServer"))  # after a Reload
 
         self.tickTimer = qt.QTimer()
         self.tickTimer.connect("timeout()", self.onTick)
@@ -284,16 +302,14 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         """Reload also the library package (Slicer's Reload re-imports only this file)."""
         import sys
 
-        from SlicerNNInteractiveLib import handover
-
         if self.controller is not None:
             self.controller.close()
             self.controller = None
-        handover.keep("localServer", self.localServer)  # the user's local server keeps running
+        handover().keep("localServer", self.localServer)  # the user's local server keeps running
         self.localServer = None
         for name in list(sys.modules):
             if (name == "SlicerNNInteractiveLib" or name.startswith("SlicerNNInteractiveLib.")) and \
-                    name != handover.__name__:
+                    name != handover().__name__:
                 del sys.modules[name]
         ScriptedLoadableModuleWidget.onReload(self)
 
@@ -395,12 +411,10 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         return self.scene
 
     def serverUrl(self):
-        from SlicerNNInteractiveLib.urls import normalize_url
-
-        return normalize_url(self.ui.serverUrlLineEdit.text or DEFAULT_URL)
+        return self.settings.url
 
     def apiKey(self):
-        return self.ui.apiKeyLineEdit.text.strip() or None
+        return self.settings.api_key
 
     def reportError(self, message, details=None):
         self.messages.error(message, details)
@@ -470,10 +484,10 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         """None when prompts may go to the configured server (blosc2 installed, consent given for a remote one),
         else why not; raises when blosc2 could not be installed."""
         self.logic.ensureDependencies(ask=True)
-        url = self.serverUrl()
-        if not self.ensureConsent(url, True):
-            return "Not sent: sending images to %s needs your consent (Configuration tab)." % url
-        return None
+        refusal = self.settings.refusal(self.serverUrl(), lambda question: slicer.util.confirmYesNoDisplay(
+            question, windowTitle="nnInteractive: send images to a server?"))
+        self.updateConsentCheckBox()
+        return refusal
 
     def mayConnect(self):
         return self.dispatch.allowed()
@@ -528,13 +542,12 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.reportError(failure_message(exc, dropped))
 
     def onConnected(self, capabilities):
+        from SlicerNNInteractiveLib.settings import summary
+
         capabilities = capabilities or {}
-        thickness = capabilities.get("preferred_scribble_thickness")
-        if thickness is not None:
-            self.logic.scribbleThickness = thickness
-            if self.tools.active == "scribble":
-                self.configureBrush()
-        self.updateServerSummary(capabilities)
+        self.logic.scribbleThickness = capabilities.get("preferred_scribble_thickness") or self.logic.scribbleThickness
+        {"scribble": self.configureBrush}.get(self.tools.active, lambda: None)()
+        self.ui.serverSummaryLabel.text = summary(self.serverUrl(), capabilities)
 
     # ------------------------------------------------------------------ tools
 
@@ -940,55 +953,46 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     # ------------------------------------------------------------------ configuration
 
     def onServerSettingsChanged(self):
-        from SlicerNNInteractiveLib.urls import normalize_url
+        from SlicerNNInteractiveLib.settings import summary
 
-        text = self.ui.serverUrlLineEdit.text.strip()
         try:
-            url = normalize_url(text or DEFAULT_URL)
+            url, changed = self.settings.update(self.ui.serverUrlLineEdit.text, self.ui.apiKeyLineEdit.text,
+                                                self.ui.caBundlePathLineEdit.currentPath)
         except ValueError as exc:
             self.ui.connectionInfoLabel.text = str(exc)
             return
-        if url != text:
-            self.ui.serverUrlLineEdit.text = url
-        apiKey, bundle = self.ui.apiKeyLineEdit.text.strip(), self.ui.caBundlePathLineEdit.currentPath.strip()
-        changed = (url != settingValue("ServerURL", DEFAULT_URL) or apiKey != settingValue("APIKey", "")
-                   or bundle != settingValue("CABundle", ""))
-        setSettingValue("ServerURL", url)
-        setSettingValue("APIKey", apiKey)
-        setSettingValue("CABundle", bundle)
+        self.ui.serverUrlLineEdit.text = url
         if changed:  # another server: its session, and the old one's models, are no longer ours
             if self.controller is not None:
                 self.controller.disconnect()
             self.ui.connectionInfoLabel.text = ""
             self.updateAutoModels(None)
         self.updateConsentCheckBox()
-        self.updateServerSummary()
+        self.ui.serverSummaryLabel.text = summary(url)
 
     def onShowApiKey(self, show):
         self.ui.apiKeyLineEdit.echoMode = qt.QLineEdit.Normal if show else qt.QLineEdit.Password
 
     def onTestConnection(self):
+        from SlicerNNInteractiveLib.background import BackgroundCall
+
         self.onServerSettingsChanged()
         try:
             self.logic.ensureDependencies(ask=True)
-            url, apiKey = self.serverUrl(), self.apiKey()
         except Exception as exc:
             self.ui.connectionInfoLabel.text = "Failed: %s" % exc
             return
-        self.ui.connectionInfoLabel.text = "Connecting to %s..." % url
-        self.ui.testConnectionButton.enabled = False
-        from SlicerNNInteractiveLib.background import BackgroundCall
         from SlicerNNInteractiveLib.client import check_server
 
-        bundle = caBundle()
+        url, apiKey, bundle = self.serverUrl(), self.apiKey(), self.settings.ca_bundle
+        self.ui.connectionInfoLabel.text = "Connecting to %s..." % url
+        self.ui.testConnectionButton.enabled = False
         self.connectionCheck = BackgroundCall(lambda: check_server(url, api_key=apiKey, ca_bundle=bundle))
-        if self.connectionTimer is None:
-            self.connectionTimer = qt.QTimer()
-            self.connectionTimer.setInterval(20)
-            self.connectionTimer.connect("timeout()", self.onTestConnectionPoll)
         self.connectionTimer.start()
 
     def onTestConnectionPoll(self):
+        from SlicerNNInteractiveLib.settings import describe, summary
+
         call = self.connectionCheck
         if call is None or not call.poll():
             return
@@ -999,72 +1003,19 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.ui.connectionInfoLabel.text = "Failed: %s" % call.error
             return
         info = call.result
-        self.ui.connectionInfoLabel.text = self.logic.describeServer(info)
+        self.ui.connectionInfoLabel.text = describe(info)
         self.updateAutoModels(info.get("models"))
-        if info.get("preferred_scribble_thickness") is not None:
-            self.logic.scribbleThickness = info["preferred_scribble_thickness"]
-        self.updateServerSummary(info)
-
-    def updateServerSummary(self, info=None):
-        try:
-            url = self.serverUrl()
-        except ValueError:
-            url = self.ui.serverUrlLineEdit.text
-        text = "Server: %s" % url
-        if info:
-            model = info.get("model") or info.get("server") or ""
-            if model:
-                text += " (%s)" % model
-        self.ui.serverSummaryLabel.text = text
-
-    def consentedServers(self):
-        value = settingValue("ConsentedServers", [])
-        if isinstance(value, str):
-            value = [value] if value else []
-        return list(value or [])
+        self.logic.scribbleThickness = info.get("preferred_scribble_thickness") or self.logic.scribbleThickness
+        self.ui.serverSummaryLabel.text = summary(self.serverUrl(), info)
 
     def updateConsentCheckBox(self):
-        from SlicerNNInteractiveLib.urls import is_local_url
-
-        try:
-            url = self.serverUrl()
-            local = is_local_url(url)
-        except ValueError:
-            url, local = None, False
-        self.ui.consentCheckBox.blockSignals(True)
-        self.ui.consentCheckBox.checked = local or (url in self.consentedServers())
-        self.ui.consentCheckBox.enabled = url is not None and not local
-        self.ui.consentCheckBox.toolTip = ("The server is on this computer: nothing leaves it." if local else
-                                           "Images and segments are sent to %s for processing." % url)
-        self.ui.consentCheckBox.blockSignals(False)
+        box = self.ui.consentCheckBox
+        box.blockSignals(True)
+        box.checked, box.enabled, box.toolTip = self.settings.consent_box(self.ui.serverUrlLineEdit.text)
+        box.blockSignals(False)
 
     def onConsentToggled(self, checked):
-        try:
-            url = self.serverUrl()
-        except ValueError:
-            return
-        servers = [s for s in self.consentedServers() if s != url]
-        if checked:
-            servers.append(url)
-        setSettingValue("ConsentedServers", servers)
-
-    def ensureConsent(self, url, interactive=True):
-        """Slicer's catalog requires explicit consent before data leaves the computer: ask once per server."""
-        from SlicerNNInteractiveLib.urls import is_local_url
-
-        if is_local_url(url) or url in self.consentedServers():
-            return True
-        if not interactive:
-            return False
-        answer = slicer.util.confirmYesNoDisplay(
-            "nnInteractive sends the volume you segment (and your segment) to the server at\n\n    %s\n\n"
-            "for processing. This server is not on this computer. Only send data you may share with it.\n\n"
-            "Allow sending images to this server? (You can change this in the Configuration tab.)" % url,
-            windowTitle="nnInteractive: send images to a server?")
-        if answer:
-            setSettingValue("ConsentedServers", self.consentedServers() + [url])
-            self.updateConsentCheckBox()
-        return bool(answer)
+        self.settings.set_consent(self.ui.serverUrlLineEdit.text, checked)
 
     # --- local server
 
@@ -1162,24 +1113,6 @@ class SlicerNNInteractiveLogic(ScriptedLoadableModuleLogic):
         from SlicerNNInteractiveLib.client import RemoteSession
 
         return RemoteSession(url, api_key=apiKey, ca_bundle=caBundle())
-
-    @staticmethod
-    def describeServer(info):
-        lines = ["Connected."]
-        for key, label in (("server", "Server"), ("version", "Version"), ("model", "Model"),
-                           ("license", "License")):
-            value = info.get(key)
-            if value:
-                lines.append("%s: %s" % (label, value))
-        prompts = info.get("supported_interactions") or []
-        if prompts:
-            lines.append("Prompts: %s" % ", ".join(prompts))
-        if info.get("preferred_scribble_thickness") is not None:
-            lines.append("Scribble thickness: %s voxels" % (info["preferred_scribble_thickness"],))
-        lines.append("Undo on the server: %s" % ("yes" if info.get("supports_undo") else "no"))
-        if info.get("models"):
-            lines.append("Automatic models: %s" % ", ".join(m.get("name") or m["id"] for m in info["models"]))
-        return "\n".join(lines)
 
     @staticmethod
     def startLocalServer(executable, arguments=""):
@@ -1326,7 +1259,9 @@ class SlicerNNInteractiveTest(ScriptedLoadableModuleTest):
             from SlicerNNInteractiveLib.client import check_server
 
             info = check_server(url, api_key=apiKey, ca_bundle=caBundle())
-            self.delayDisplay("Server: %s" % SlicerNNInteractiveLogic.describeServer(info).replace("\n", "; "))
+            from SlicerNNInteractiveLib.settings import describe
+
+            self.delayDisplay("Server: %s" % describe(info).replace("\n", "; "))
             self.runPrompts(url, apiKey, np, timing)
         finally:
             if localServer is not None:
@@ -1347,8 +1282,7 @@ class SlicerNNInteractiveTest(ScriptedLoadableModuleTest):
         widget.ui.serverUrlLineEdit.text = url
         widget.ui.apiKeyLineEdit.text = apiKey or ""
         widget.onServerSettingsChanged()
-        if url not in widget.consentedServers():
-            setSettingValue("ConsentedServers", widget.consentedServers() + [url])
+        widget.settings.set_consent(url, True)
         segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
         segmentationNode.CreateDefaultDisplayNodes()
         segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)

@@ -131,3 +131,32 @@ def test_one_polarity_for_the_controller_and_what_shows_it():
     controller.close()
     assert tool_text("point", False) == "Point tool armed (negative prompts)." and tool_text(None, True).startswith(
         "Prompts are positive")
+
+
+def test_server_settings_and_consent():
+    from SlicerNNInteractiveLib.settings import ServerSettings, describe, summary
+
+    store = {}
+    settings = ServerSettings(lambda name, default: store.get(name, default), store.__setitem__)
+    assert settings.url == "http://127.0.0.1:1527" and settings.api_key is None and settings.ca_bundle is None
+    assert settings.update("gpu-node:1527", " key ", "") == ("http://gpu-node:1527", True)
+    assert settings.update("http://gpu-node:1527", "key", "") == ("http://gpu-node:1527", False)
+    with pytest.raises(ValueError, match="http"):
+        settings.update("ftp://x", "key", "")
+    assert settings.url == "http://gpu-node:1527" and settings.api_key == "key"  # a bad URL stores nothing
+    assert settings.consent_box("http://127.0.0.1:9") == (True, False, "The server is on this computer: nothing "
+                                                                          "leaves it.")
+    assert settings.consent_box("gpu-node:1527")[:2] == (False, True) and settings.consent_box("ftp://x")[:2] == (
+        False, False)
+    asked = []
+    assert settings.refusal("http://gpu-node:1527", lambda q: asked.append(q) or False).startswith("Not sent")
+    assert "gpu-node:1527" in asked[0] and settings.consented() == []
+    assert settings.refusal("http://gpu-node:1527", lambda q: True) is None  # yes: kept
+    assert settings.consented() == ["http://gpu-node:1527"] and settings.may_send("http://gpu-node:1527")
+    store["ConsentedServers"] = "http://a:1"  # QSettings gives a one-item list back as a string
+    assert settings.consented() == ["http://a:1"]
+    settings.set_consent("a:1", False)
+    assert settings.consented() == [] and settings.may_send("http://localhost:5") and not settings.may_send("http://b:1")
+    assert summary("http://x:1", {"model": "M"}) == "Server: http://x:1 (M)" and summary("http://x:1") == "Server: http://x:1"
+    text = describe({"version": "2.6.0", "supported_interactions": ["point"], "models": [{"id": "a"}]})
+    assert text.startswith("Connected.") and "Prompts: point" in text and "Automatic models: a" in text

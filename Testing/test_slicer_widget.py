@@ -416,9 +416,9 @@ def test_configuration_consent_and_test_connection(module, server):
     assert w.ui.serverUrlLineEdit.text == "http://gpu-node:1527"
     assert w.ui.consentCheckBox.enabled and not w.ui.consentCheckBox.checked
     m.app.click(w.ui.consentCheckBox)
-    assert "http://gpu-node:1527" in w.consentedServers()
+    assert "http://gpu-node:1527" in w.settings.consented()
     m.app.click(w.ui.consentCheckBox)
-    assert "http://gpu-node:1527" not in w.consentedServers()
+    assert "http://gpu-node:1527" not in w.settings.consented()
     # A prompt for a remote server asks first; "No" sends nothing.
     m.app.dialogs.answers.append(False)
     m.app.press("P")
