@@ -67,26 +67,6 @@ def slicerScene(segmentEditorNode):
     return SlicerScene(segmentEditorNode)
 
 
-def firstVisibleNode(className):
-    """The first node of a class that the user can see in node selectors (not our hidden helpers)."""
-    for n in range(slicer.mrmlScene.GetNumberOfNodesByClass(className)):
-        node = slicer.mrmlScene.GetNthNodeByClass(n, className)
-        if not node.GetHideFromEditors():
-            return node
-    return None
-
-
-def setEditorNodeInputs(editorNode, segmentationNode, volumeNode):
-    """Set the segmentation and source volume on a Segment Editor node (what its widget shows). On the node, not
-    the widget: on Slicer 5.6 / 5.8 the widget's setSourceVolumeNode gives up when its segmentation combo box,
-    which hides hidden nodes, is empty."""
-    editorNode.SetAndObserveSegmentationNode(segmentationNode)
-    try:
-        editorNode.SetAndObserveSourceVolumeNode(volumeNode)
-    except AttributeError:  # Slicer < 5.3
-        editorNode.SetAndObserveMasterVolumeNode(volumeNode)
-
-
 #
 # Module
 #
@@ -131,22 +111,15 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.shortcuts = []
         self.shadowed = []  # other shortcuts on our keys, disabled while we are shown
         self.boxTool = None
-        self.pointNodes = {}
-        self.lassoNode = None
-        self.scratchNode = None
-        self.scratchEditor = None
-        self.scratchEditorNode = None
+        self.prompts = None  # SlicerNNInteractiveLib.slicerscene.PromptNodes: the markups nodes of prompts
+        self.scribble = None  # SlicerNNInteractiveLib.scribbletool.ScribbleTool, made when first armed
         self.tickTimer = None
-        self.localServer = None
-        self.localServerTimer = None
-        self.connectionCheck = None
-        self.connectionTimer = None
+        self.config = None  # the Configuration tab (SlicerNNInteractiveLib.configtab.ConfigurationTab)
         self.auto = None  # the automatic-segmentation section (SlicerNNInteractiveLib.presenter.AutoPresenter)
         self.messages = None
         self.dispatch = None
         self.settings = None  # SlicerNNInteractiveLib.settings.ServerSettings: server, key, consent
         self.polarity = None  # SlicerNNInteractiveLib.polarity.Polarity: shared with the controller
-        self.timingStop = False  # set when the scene closes: a timing experiment in progress stops
 
     # ------------------------------------------------------------------ setup
 
@@ -156,8 +129,6 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         from SlicerNNInteractiveLib.dispatch import Messages, PromptDispatch
         from SlicerNNInteractiveLib.polarity import Polarity
         from SlicerNNInteractiveLib.presenter import AutoPresenter
-
-        from SlicerNNInteractiveLib.settings import summary
 
         self.settings = serverSettings()
         self.messages = Messages(
@@ -201,36 +172,25 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             # The underlined letter shows the module's own key; no Alt+letter mnemonic (Alt+E is the Edit menu).
             button.setShortcut(qt.QKeySequence())
 
-        self.ui.serverUrlLineEdit.text = self.serverUrl()
-        self.ui.apiKeyLineEdit.text = self.apiKey() or ""
-        self.ui.serverUrlLineEdit.connect("editingFinished()", self.onServerSettingsChanged)
-        self.ui.apiKeyLineEdit.connect("editingFinished()", self.onServerSettingsChanged)
-        self.ui.caBundlePathLineEdit.currentPath = settingValue("CABundle", "")
-        self.ui.caBundlePathLineEdit.connect("currentPathChanged(QString)", lambda path: self.onServerSettingsChanged())
-        self.ui.showApiKeyCheckBox.connect("toggled(bool)", self.onShowApiKey)
-        self.ui.testConnectionButton.connect("clicked()", self.onTestConnection)
-        self.ui.consentCheckBox.connect("toggled(bool)", self.onConsentToggled)
-        self.ui.executablePathLineEdit.currentPath = settingValue("LocalServerExecutable", "")
-        self.ui.extraArgumentsLineEdit.text = settingValue("LocalServerArguments", "")
-        self.ui.startLocalServerButton.connect("clicked()", self.onStartLocalServer)
-        self.ui.stopLocalServerButton.connect("clicked()", self.onStopLocalServer)
-        self.ui.runTimingButton.connect("clicked()", self.onRunTiming)
-        self.connectionTimer = qt.QTimer()
-        self.connectionTimer.setInterval(20)
-        self.connectionTimer.connect("timeout()", self.onTestConnectionPoll)
-        self.updateConsentCheckBox()
-        self.ui.serverSummaryLabel.text = summary(self.serverUrl())
+        from SlicerNNInteractiveLib.configtab import ConfigurationTab
+
+        self.config = ConfigurationTab(self)
+        self.config.adoptLocalServer(handover().take("localServer"))  # after a Reload
         self.updatePolarityUI()
-        self.adoptLocalServer(handover().take("localServer"))  # after a Reload
 
         self.tickTimer = qt.QTimer()
         self.tickTimer.connect("timeout()", self.onTick)
 
+        from SlicerNNInteractiveLib.slicerscene import PromptNodes
         from SlicerNNInteractiveLib.tools import PromptTools
 
         self.tools = PromptTools(self.interactionNode(), self.selectionNode(),
                                  defer=lambda fn: qt.QTimer.singleShot(0, fn), onDisarmed=self.onToolDisarmed,
                                  onLassoClosed=self.onLassoClosed)
+        self.prompts = PromptNodes(
+            slicer.mrmlScene, {True: POSITIVE_COLOR, False: NEGATIVE_COLOR}, self.tools.ourChange,
+            lambda node: self.addObserver(node, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent,
+                                          self.onPointDefined), self.tools.watchLasso)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndBatchProcessEvent, self.onSceneEndBatch)
@@ -257,15 +217,13 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def enter(self):
         self.selectEditorNode()
         self.editor.updateWidgetFromMRML()
+        from SlicerNNInteractiveLib.slicerscene import defaultVolume, firstVisibleNode, newSegmentation
+
         if not self.editor.segmentationNodeID():
-            segmentationNode = firstVisibleNode("vtkMRMLSegmentationNode")
-            if segmentationNode is None:
-                segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
-            self.editor.setSegmentationNode(segmentationNode)
+            self.editor.setSegmentationNode(firstVisibleNode(slicer.mrmlScene, "vtkMRMLSegmentationNode") or
+                                            newSegmentation(slicer.mrmlScene))
         if self.sourceVolumeNode() is None:
-            volumeNode = self.defaultVolumeNode()
-            if volumeNode is not None:
-                self.setSourceVolumeNode(volumeNode)
+            self.setSourceVolumeNode(defaultVolume(slicer.mrmlScene, slicer.app.layoutManager()))
         self.installShortcuts()
 
     def exit(self):
@@ -277,15 +235,9 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def cleanup(self):
         self.exit()
         self.removeObservers()
-        if self.tools is not None:
-            self.tools.close()
-        for timer in (self.tickTimer, self.connectionTimer):
-            if timer is not None:
-                timer.stop()
-        if self.controller is not None:
-            self.controller.close()
-            self.controller = None
-        self.onStopLocalServer()
+        self.tools.close()
+        self.tickTimer.stop()
+        self.onAboutToQuit()
         try:
             slicer.app.disconnect("aboutToQuit()", self.onAboutToQuit)
             slicer.app.layoutManager().disconnect("layoutChanged(int)", self.onLayoutChanged)
@@ -296,7 +248,7 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if self.controller is not None:
             self.controller.close()
             self.controller = None
-        self.onStopLocalServer()
+        self.config.stop()
 
     def onReload(self):
         """Reload also the library package (Slicer's Reload re-imports only this file)."""
@@ -305,8 +257,8 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if self.controller is not None:
             self.controller.close()
             self.controller = None
-        handover().keep("localServer", self.localServer)  # the user's local server keeps running
-        self.localServer = None
+        handover().keep("localServer", self.config.localServer)  # the user's local server keeps running
+        self.config.localServer = None
         for name in list(sys.modules):
             if (name == "SlicerNNInteractiveLib" or name.startswith("SlicerNNInteractiveLib.")) and \
                     name != handover().__name__:
@@ -314,15 +266,12 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         ScriptedLoadableModuleWidget.onReload(self)
 
     def onSceneStartClose(self, caller, event):
-        self.timingStop = True  # a timing experiment in progress stops (its nodes are going)
+        self.config.timingStop = True  # a timing experiment in progress stops (its nodes are going)
         self.disarmTool()
-        self.pointNodes = {}
-        self.lassoNode = None
+        self.prompts.forget()
         self.tools.watchLasso(None)
-        self.scratchNode = None
-        self.scratchEditorNode = None
-        if self.scratchEditor is not None:
-            self.scratchEditor.setMRMLSegmentEditorNode(None)
+        if self.scribble is not None:
+            self.scribble.forget()
         if self.controller is not None:
             self.controller.close()
             self.controller = None
@@ -340,8 +289,7 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         qt.QTimer.singleShot(0, self.rearmScribble)
 
     def rearmScribble(self):
-        if self.tools is not None and self.tools.active == "scribble" and self.sourceVolumeNode() is not None:
-            self.armScribble()
+        {"scribble": lambda: self.activateTool("scribble")}.get(self.tools.active, lambda: None)()
 
     def onSceneEndClose(self, caller, event):
         self.editorNode = None
@@ -371,27 +319,12 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         except AttributeError:  # Slicer < 5.3
             self.editor.setMasterVolumeNode(volumeNode)
 
-    @staticmethod
-    def defaultVolumeNode():
-        layoutManager = slicer.app.layoutManager()
-        if layoutManager is not None:
-            for name in layoutManager.sliceViewNames():
-                compositeNode = layoutManager.sliceWidget(name).mrmlSliceCompositeNode()
-                volumeId = compositeNode.GetBackgroundVolumeID()
-                if volumeId:
-                    return slicer.mrmlScene.GetNodeByID(volumeId)
-        return firstVisibleNode("vtkMRMLScalarVolumeNode")
-
     def ensureSegmentationNode(self):
         """The editor's segmentation, created (on the source volume's grid) when there is none."""
-        segmentationNode = self.editor.segmentationNode()
-        if segmentationNode is None:
-            segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
-            segmentationNode.CreateDefaultDisplayNodes()
-            if self.sourceVolumeNode() is not None:
-                segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(self.sourceVolumeNode())
-            self.editor.setSegmentationNode(segmentationNode)
-        return segmentationNode
+        from SlicerNNInteractiveLib.slicerscene import newSegmentation
+
+        if self.editor.segmentationNode() is None:
+            self.editor.setSegmentationNode(newSegmentation(slicer.mrmlScene, self.sourceVolumeNode()))
 
     def toolButton(self, tool):
         return {"point": self.ui.pointButton, "box": self.ui.boxButton, "scribble": self.ui.scribbleButton,
@@ -486,7 +419,7 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.logic.ensureDependencies(ask=True)
         refusal = self.settings.refusal(self.serverUrl(), lambda question: slicer.util.confirmYesNoDisplay(
             question, windowTitle="nnInteractive: send images to a server?"))
-        self.updateConsentCheckBox()
+        self.config.updateConsentCheckBox()
         return refusal
 
     def mayConnect(self):
@@ -546,7 +479,8 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
         capabilities = capabilities or {}
         self.logic.scribbleThickness = capabilities.get("preferred_scribble_thickness") or self.logic.scribbleThickness
-        {"scribble": self.configureBrush}.get(self.tools.active, lambda: None)()
+        {"scribble": lambda: self.scribble.configureBrush(self.sourceVolumeNode(), self.logic.scribbleThickness)}.get(
+            self.tools.active, lambda: None)()
         self.ui.serverSummaryLabel.text = summary(self.serverUrl(), capabilities)
 
     # ------------------------------------------------------------------ tools
@@ -572,16 +506,10 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             return
         self.releaseTool()
         self.editor.setActiveEffect(None)
-        if tool == "point":
-            self.tools.arm("point", self.pointNode(self.isPositive()))
-        elif tool == "lasso":
-            self.tools.arm("lasso", self.getLassoNode())
-        else:
-            self.tools.arm(tool)
-            if tool == "box":
-                self.armBox()
-            else:
-                self.armScribble()
+        {"point": lambda: self.tools.arm("point", self.prompts.points(self.isPositive())),
+         "lasso": lambda: self.tools.arm("lasso", self.prompts.lasso(self.isPositive())),
+         "box": lambda: (self.tools.arm("box"), self.armBox()),
+         "scribble": lambda: (self.tools.arm("scribble"), self.armScribble())}[tool]()
         for name in TOOLS:
             self.toolButton(name).checked = (name == tool)
         from SlicerNNInteractiveLib.presenter import tool_text
@@ -594,60 +522,26 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.tools.disarm()
 
     def onToolDisarmed(self, tool, reason):
+        from SlicerNNInteractiveLib.presenter import disarmed_text
+
         self.releaseTool()
         for name in TOOLS:
             self.toolButton(name).checked = False
-        if reason:
-            self.setStatus("%s tool disarmed: %s." % (tool.capitalize(), reason))
+        self.setStatus(disarmed_text(tool, reason))
 
     def releaseTool(self):
         """Undo what arming a tool did outside the interaction node: the box's event filter, the scribble brush,
         a half-drawn lasso."""
         if self.boxTool is not None:
             self.boxTool.uninstall()
-        if self.scratchEditor is not None:
-            self.scratchEditor.setActiveEffect(None)
-            self.scratchEditor.removeViewObservations()
-        if self.lassoNode is not None and slicer.mrmlScene.IsNodePresent(self.lassoNode):
-            self.lassoNode.RemoveAllControlPoints()
+        if self.scribble is not None:
+            self.scribble.release()
+        node = self.prompts.nodes.get("lasso")
+        if node is not None and slicer.mrmlScene.IsNodePresent(node):
+            node.RemoveAllControlPoints()
 
     def onEditorNodeModified(self, caller, event):
         self.tools.effectSelected(self.editorNode.GetActiveEffectName())
-
-    # --- markups nodes for prompts (not saved with the scene)
-
-    def pointNode(self, positive):
-        key = "positive" if positive else "negative"
-        node = self.pointNodes.get(key)
-        if node is None or not slicer.mrmlScene.IsNodePresent(node):
-            from SlicerNNInteractiveLib.slicerscene import promptNode
-
-            node = self.tools.ourChange(lambda: promptNode(
-                slicer.mrmlScene, key + " points", "vtkMRMLMarkupsFiducialNode", "nnInteractive %s points" % key,
-                POSITIVE_COLOR if positive else NEGATIVE_COLOR))
-            self.addObserver(node, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onPointDefined)
-            self.pointNodes[key] = node
-        return node
-
-    def getLassoNode(self):
-        node = self.lassoNode
-        if node is None or not slicer.mrmlScene.IsNodePresent(node):
-            from SlicerNNInteractiveLib.slicerscene import promptNode
-
-            node = self.tools.ourChange(lambda: promptNode(
-                slicer.mrmlScene, "lasso", "vtkMRMLMarkupsClosedCurveNode", "nnInteractive lasso", POSITIVE_COLOR))
-            node.GetDisplayNode().SetLineThickness(0.3)
-            self.lassoNode = node
-            self.tools.watchLasso(node)
-        color = self.polarityColor()
-        node.GetDisplayNode().SetSelectedColor(*color)
-        node.GetDisplayNode().SetColor(*color)
-        return node
-
-    def clearPromptMarkups(self):
-        for node in list(self.pointNodes.values()) + [self.lassoNode]:
-            if node is not None and slicer.mrmlScene.IsNodePresent(node):
-                node.RemoveAllControlPoints()
 
     # --- point
 
@@ -659,7 +553,7 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         from SlicerNNInteractiveLib.geometry import GeometryError
         from SlicerNNInteractiveLib.tools import removePoint, takeNewPoints
 
-        positive = node is self.pointNodes.get("positive")
+        positive = self.prompts.isPositive(node)
         for _, pointId, world in takeNewPoints(node):
             unsent = lambda pointId=pointId: removePoint(node, pointId)  # noqa: E731
             try:
@@ -701,101 +595,36 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def onLassoClosed(self):
         """The user closed the lasso (double-click or right-click): send it; the tool stays armed."""
         from SlicerNNInteractiveLib.geometry import GeometryError
-        from SlicerNNInteractiveLib.slicerscene import definedWorldPoints
 
-        node = self.getLassoNode()
-        points = [world for _, _, world in definedWorldPoints(node)]
+        start = time.perf_counter()
         try:
-            if len(points) >= 3:
-                self.placeLasso(points)
-            elif points:
-                self.reportError("A lasso needs at least three points: click around the object, then double-click "
-                                 "or right-click to close it.")
+            self.submit("lasso", self.getScene().takeLasso(self.prompts.lasso(self.isPositive())), start)
         except GeometryError as exc:
             self.reportError(str(exc))
         finally:
-            node.RemoveAllControlPoints()
             self.tools.rearm()
 
-    def placeLasso(self, worldPoints):
-        """A lasso prompt from the world positions of a closed outline (also used by the self-test)."""
-        start = time.perf_counter()
-        return self.submit("lasso", self.getScene().lassoPrompt(worldPoints), start)
+    # --- scribble: the Segment Editor's paint brush on a hidden scratch segmentation (scribbletool.py)
 
-    # --- scribble: the Segment Editor's paint brush on a hidden scratch segmentation
+    def scribbleTool(self):
+        if self.scribble is None:
+            from SlicerNNInteractiveLib.scribbletool import ScribbleTool
 
-    def getScratch(self):
-        from SlicerNNInteractiveLib.slicerscene import scratchSegmentation
-
-        node = scratchSegmentation(slicer.mrmlScene, self.sourceVolumeNode(), self.scratchNode, self.polarityColor())
-        if node is not self.scratchNode:
-            self.addObserver(node.GetSegmentation(), slicer.vtkSegmentation.SourceRepresentationModified,
-                             self.onScribblePainted)
-            self.scratchNode = node
-        return node
+            self.scribble = ScribbleTool(self.processScribble, self.addObserver)
+        return self.scribble
 
     def armScribble(self):
-        import qSlicerSegmentationsModuleWidgetsPythonQt
-
-        from SlicerNNInteractiveLib.slicerscene import SCRIBBLE_SEGMENT
-
-        scratch = self.getScratch()
-        if self.scratchEditor is None:
-            self.scratchEditor = qSlicerSegmentationsModuleWidgetsPythonQt.qMRMLSegmentEditorWidget()
-            self.scratchEditor.setMRMLScene(slicer.mrmlScene)
-            self.scratchEditor.setUndoEnabled(False)
-        node = self.scratchEditorNode
-        if node is None or not slicer.mrmlScene.IsNodePresent(node):
-            from SlicerNNInteractiveLib.slicerscene import helperNode
-
-            node = self.scratchEditorNode = helperNode(slicer.mrmlScene, "scribble editor", "vtkMRMLSegmentEditorNode",
-                                                       "nnInteractive scribble editor")
-        node.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedEverywhere)
-        node.SetOverwriteMode(slicer.vtkMRMLSegmentEditorNode.OverwriteNone)
-        setEditorNodeInputs(node, scratch, self.sourceVolumeNode())
-        node.SetSelectedSegmentID(SCRIBBLE_SEGMENT)
-        self.scratchEditor.setMRMLSegmentEditorNode(node)
-        self.scratchEditor.updateWidgetFromMRML()
-        self.scratchEditor.setActiveEffectByName("Paint")
-        self.configureBrush()
-
-    def configureBrush(self):
-        """Brush diameter = the server's preferred scribble thickness, in voxels of the volume's slice. Never the
-        pixel mode: it writes the segment on every mouse move, which would send a prompt per move."""
-        if self.scratchEditor is None:
-            return
-        effect = self.scratchEditor.activeEffect()
-        if effect is None:
-            return
-        import numpy as np
-
-        thickness = self.logic.scribbleThickness
-        voxels = max(1.0, float(np.max(thickness)) if thickness is not None else 2.0)
-        spacing = self.sourceVolumeNode().GetSpacing()
-        effect.setParameter("BrushSphere", 0)
-        effect.setParameter("BrushPixelMode", 0)
-        effect.setParameter("BrushDiameterIsRelative", 0)
-        effect.setParameter("BrushAbsoluteDiameter", voxels * min(spacing))
-
-    def onScribblePainted(self, caller, event):
-        if self.tools.active == "scribble":
-            qt.QTimer.singleShot(0, self.processScribble)
+        self.scribbleTool().arm(self.sourceVolumeNode(), self.polarityColor(), self.logic.scribbleThickness)
 
     def processScribble(self):
         from SlicerNNInteractiveLib.geometry import GeometryError
         from SlicerNNInteractiveLib.slicerscene import SCRIBBLE_SEGMENT
 
         start = time.perf_counter()
-        scratch = self.scratchNode
-        if scratch is None:
-            return
         try:
-            args = self.getScene().takeScribble(scratch, SCRIBBLE_SEGMENT)
+            self.submit("scribble", self.getScene().takeScribble(self.scribble.node, SCRIBBLE_SEGMENT), start)
         except GeometryError as exc:
             self.reportError(str(exc))
-            return
-        if args is not None:
-            self.submit("scribble", args, start)
 
     # ------------------------------------------------------------------ polarity, segments, undo
 
@@ -830,16 +659,17 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def followPolarity(self):
         """The armed tool follows the polarity: points go to the other node, the box and strokes change color."""
-        follow = {"point": lambda: self.tools.arm("point", self.pointNode(self.isPositive())),
+        follow = {"point": lambda: self.tools.arm("point", self.prompts.points(self.isPositive())),
                   "box": lambda: setattr(self.boxTool, "color", self.polarityColor()),
-                  "scribble": self.getScratch, "lasso": self.getLassoNode}
+                  "scribble": lambda: self.scribble.scratch(self.sourceVolumeNode(), self.polarityColor()),
+                  "lasso": lambda: self.prompts.lasso(self.isPositive())}
         follow.get(self.tools.active, lambda: None)()
 
     def onNextSegment(self):
         """A new empty segment (no server needed); prompts positive again."""
         self.ensureSegmentationNode()
         key = self.getController().next_segment()
-        self.clearPromptMarkups()
+        self.prompts.clear()
         self.setStatus("New segment: prompts go to %s." % key)
 
     def onResetSegment(self):
@@ -848,7 +678,7 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             return
         self.getController().reset_segment()
         self.startTicking()
-        self.clearPromptMarkups()
+        self.prompts.clear()
         self.setStatus("Segment reset (Ctrl+Z brings it back).")
 
     def onUndo(self):
@@ -900,16 +730,9 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     # ------------------------------------------------------------------ timings
 
     def onShowTimings(self):
-        from SlicerNNInteractiveLib.controller import format_timing
-        from SlicerNNInteractiveLib.timing import format_summary, summarize
+        from SlicerNNInteractiveLib.timing import report
 
-        records = list(self.controller.timings) if self.controller is not None else []
-        if not records:
-            text = "No prompt has run yet."
-        else:
-            text = format_summary(summarize(records), phases=("prepare_ms", "upload_image_ms", "exchange_ms",
-                                                               "server_total_ms", "apply_ms", "total_ms"))
-            text += "\n\nLast prompts:\n" + "\n".join(format_timing(t) for t in records[-30:])
+        text = report(list(self.controller.timings) if self.controller is not None else [])
         dialog = qt.QDialog(slicer.util.mainWindow())
         dialog.setWindowTitle("nnInteractive timings")
         layout = qt.QVBoxLayout(dialog)
@@ -922,153 +745,22 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         dialog.resize(900, 400)
         dialog.exec_()
 
-    def onRunTiming(self):
-        """The paper's timing experiment on volumes it builds itself (no source volume needed). The module's own
-        session is released first, so that a server with --max-sessions 1 can run it."""
-        if not self.mayConnect():
-            return
-        if not slicer.util.confirmOkCancelDisplay(
-                "The timing experiment adds synthetic volumes of 3 sizes, runs every prompt type %d times on each "
-                "and removes them again. It can take minutes. Continue?" % self.ui.repetitionsSpinBox.value):
-            return
-        self.disarmTool()
+    # ------------------------------------------------------------------ server
+
+    def disconnect(self):
+        """Release the server session (the next prompt claims a new one)."""
         if self.controller is not None:
             self.controller.disconnect()
-        # It pumps events for minutes: no second experiment, no prompts, and a scene close stops it.
-        self.dispatch.paused = "Not sent: the timing experiment is running (Configuration tab)."
-        self.ui.runTimingButton.enabled = self.timingStop = False
-        try:
-            text = self.logic.runTimingExperiment(self.serverUrl(), self.apiKey(), reps=self.ui.repetitionsSpinBox.value,
-                                                  sizes=self.logic.timingSizes, stop=lambda: self.timingStop)
-            slicer.util.infoDisplay("Timing experiment (milliseconds, mean +- std):", windowTitle="nnInteractive",
-                                    detailedText=text)
-        except Exception as exc:
-            import traceback
 
-            self.reportError("The timing experiment failed: %s" % exc, traceback.format_exc())
-        finally:
-            self.dispatch.paused = None
-            self.ui.runTimingButton.enabled = True
+    def onServerChanged(self):
+        """Another server, key or authority: the session and the old server's models are not the new one's."""
+        self.disconnect()
+        self.updateAutoModels(None)
 
-    # ------------------------------------------------------------------ configuration
-
-    def onServerSettingsChanged(self):
-        from SlicerNNInteractiveLib.settings import summary
-
-        try:
-            url, changed = self.settings.update(self.ui.serverUrlLineEdit.text, self.ui.apiKeyLineEdit.text,
-                                                self.ui.caBundlePathLineEdit.currentPath)
-        except ValueError as exc:
-            self.ui.connectionInfoLabel.text = str(exc)
-            return
-        self.ui.serverUrlLineEdit.text = url
-        if changed:  # another server: its session, and the old one's models, are no longer ours
-            if self.controller is not None:
-                self.controller.disconnect()
-            self.ui.connectionInfoLabel.text = ""
-            self.updateAutoModels(None)
-        self.updateConsentCheckBox()
-        self.ui.serverSummaryLabel.text = summary(url)
-
-    def onShowApiKey(self, show):
-        self.ui.apiKeyLineEdit.echoMode = qt.QLineEdit.Normal if show else qt.QLineEdit.Password
-
-    def onTestConnection(self):
-        from SlicerNNInteractiveLib.background import BackgroundCall
-
-        self.onServerSettingsChanged()
-        try:
-            self.logic.ensureDependencies(ask=True)
-        except Exception as exc:
-            self.ui.connectionInfoLabel.text = "Failed: %s" % exc
-            return
-        from SlicerNNInteractiveLib.client import check_server
-
-        url, apiKey, bundle = self.serverUrl(), self.apiKey(), self.settings.ca_bundle
-        self.ui.connectionInfoLabel.text = "Connecting to %s..." % url
-        self.ui.testConnectionButton.enabled = False
-        self.connectionCheck = BackgroundCall(lambda: check_server(url, api_key=apiKey, ca_bundle=bundle))
-        self.connectionTimer.start()
-
-    def onTestConnectionPoll(self):
-        from SlicerNNInteractiveLib.settings import describe, summary
-
-        call = self.connectionCheck
-        if call is None or not call.poll():
-            return
-        self.connectionTimer.stop()
-        self.connectionCheck = None
-        self.ui.testConnectionButton.enabled = True
-        if call.error is not None:
-            self.ui.connectionInfoLabel.text = "Failed: %s" % call.error
-            return
-        info = call.result
-        self.ui.connectionInfoLabel.text = describe(info)
+    def onServerDescribed(self, info):
+        """Test connection's answer (client.check_server): the automatic models, the scribble thickness."""
         self.updateAutoModels(info.get("models"))
         self.logic.scribbleThickness = info.get("preferred_scribble_thickness") or self.logic.scribbleThickness
-        self.ui.serverSummaryLabel.text = summary(self.serverUrl(), info)
-
-    def updateConsentCheckBox(self):
-        box = self.ui.consentCheckBox
-        box.blockSignals(True)
-        box.checked, box.enabled, box.toolTip = self.settings.consent_box(self.ui.serverUrlLineEdit.text)
-        box.blockSignals(False)
-
-    def onConsentToggled(self, checked):
-        self.settings.set_consent(self.ui.serverUrlLineEdit.text, checked)
-
-    # --- local server
-
-    def onStartLocalServer(self):
-        executable = self.ui.executablePathLineEdit.currentPath.strip()
-        arguments = self.ui.extraArgumentsLineEdit.text
-        setSettingValue("LocalServerExecutable", executable)
-        setSettingValue("LocalServerArguments", arguments)
-        self.onStopLocalServer()
-        try:
-            self.localServer = self.logic.startLocalServer(executable, arguments)
-        except Exception as exc:
-            self.ui.localServerStatusLabel.text = "Could not start: %s" % exc
-            return
-        self.ui.serverUrlLineEdit.text = self.localServer.url
-        self.ui.apiKeyLineEdit.text = self.localServer.api_key
-        self.onServerSettingsChanged()
-        self.adoptLocalServer(self.localServer)
-
-    def adoptLocalServer(self, server):
-        """Follow ``server`` (a LocalServer, or None) until it is ready."""
-        self.localServer = server
-        if server is None:
-            return
-        self.localServerTimer = qt.QTimer()
-        self.localServerTimer.setInterval(500)
-        self.localServerTimer.connect("timeout()", self.onLocalServerPoll)
-        self.localServerTimer.start()
-        self.onLocalServerPoll()
-
-    def onLocalServerPoll(self):
-        if self.localServer is None:
-            return
-        state, message = self.localServer.status()
-        self.ui.localServerStatusLabel.text = message
-        if state != "starting" and self.localServerTimer is not None:
-            self.localServerTimer.stop()
-            if state == "failed":
-                self.reportError("The local server could not start.", message)
-            elif state == "ready":
-                self.onTestConnection()
-
-    def onStopLocalServer(self):
-        if self.localServerTimer is not None:
-            self.localServerTimer.stop()
-            self.localServerTimer = None
-        if self.localServer is not None:
-            if self.controller is not None and self.localServer.url == settingValue("ServerURL", ""):
-                self.controller.disconnect()
-            self.localServer.stop()
-            self.localServer = None
-            if self.ui is not None:
-                self.ui.localServerStatusLabel.text = "Not running."
 
 
 #
@@ -1281,7 +973,7 @@ class SlicerNNInteractiveTest(ScriptedLoadableModuleTest):
         widget.messages.dialog = None  # errors collected in widget.messages.collected, not shown
         widget.ui.serverUrlLineEdit.text = url
         widget.ui.apiKeyLineEdit.text = apiKey or ""
-        widget.onServerSettingsChanged()
+        widget.config.onServerSettingsChanged()
         widget.settings.set_consent(url, True)
         segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
         segmentationNode.CreateDefaultDisplayNodes()
@@ -1317,7 +1009,7 @@ class SlicerNNInteractiveTest(ScriptedLoadableModuleTest):
         # point, through the markups node as a click would place it
         self.delayDisplay("Point prompt")
         widget.activateTool("point")
-        widget.pointNode(True).AddControlPointWorld(vtk.vtkVector3d(*center))
+        widget.prompts.points(True).AddControlPointWorld(vtk.vtkVector3d(*center))
         slicer.app.processEvents()
         self.waitIdle(widget)
         self.assertEqual(widget.messages.collected, [])
@@ -1353,7 +1045,7 @@ class SlicerNNInteractiveTest(ScriptedLoadableModuleTest):
         widget.activateTool("scribble")
         stroke = np.zeros(image.shape, np.uint8)
         stroke[k, j - 1:j + 2, i - 8:i + 8] = 1
-        slicer.util.updateSegmentBinaryLabelmapFromArray(stroke, widget.getScratch(), SCRIBBLE_SEGMENT, volumeNode)
+        slicer.util.updateSegmentBinaryLabelmapFromArray(stroke, widget.scribble.node, SCRIBBLE_SEGMENT, volumeNode)
         slicer.app.processEvents()
         self.waitIdle(widget)
         self.assertEqual(widget.messages.collected, [])
@@ -1365,7 +1057,7 @@ class SlicerNNInteractiveTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Lasso prompt")
         widget.onNextSegment()
         widget.activateTool("lasso")
-        lasso = widget.getLassoNode()
+        lasso = widget.prompts.lasso(True)
         for n in range(16):
             a = 2 * np.pi * n / 16
             lasso.AddControlPointWorld(vtk.vtkVector3d(*world(i + 18 * np.cos(a), j + 20 * np.sin(a), k)))

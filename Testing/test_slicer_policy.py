@@ -160,3 +160,15 @@ def test_server_settings_and_consent():
     assert summary("http://x:1", {"model": "M"}) == "Server: http://x:1 (M)" and summary("http://x:1") == "Server: http://x:1"
     text = describe({"version": "2.6.0", "supported_interactions": ["point"], "models": [{"id": "a"}]})
     assert text.startswith("Connected.") and "Prompts: point" in text and "Automatic models: a" in text
+
+
+def test_status_texts_and_timing_report():
+    from SlicerNNInteractiveLib.presenter import disarmed_text
+    from SlicerNNInteractiveLib.timing import report
+
+    assert disarmed_text("box", None) is None  # the user disarmed it: nothing to say
+    assert disarmed_text("box", "Slicer's window/level mode was chosen") == (
+        "Box tool disarmed: Slicer's window/level mode was chosen.")
+    assert report([]) == "No prompt has run yet."
+    text = report([{"kind": "point", "total_ms": 12.0, "prepare_ms": 0.1}])
+    assert "Last prompts:" in text and "point:" in text

@@ -49,7 +49,7 @@ class Module(object):
         self.app, self.phantom = app, phantom
         self.widget = app.load_module()
         self.widget.ui.serverUrlLineEdit.text = url
-        self.widget.onServerSettingsChanged()
+        self.widget.config.onServerSettingsChanged()
         self.volume = slicer.util.addVolumeFromArray(phantom.image.astype(np.int16), name="phantom")
         self.volume.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(VOLUME_WORLD.ijk_to_ras))
         slicer.util.setSliceViewerLayers(background=self.volume, fit=True)
@@ -100,23 +100,23 @@ def test_points_positive_negative_and_rejected_all_reach_the_server(module):
     assert w.ui.pointButton.checked and w.tools.active == "point"
     inside = interior_voxel(m.phantom.labels, 1)
     for _ in range(3):
-        m.app.place_point(w.pointNode(True), world(inside))
+        m.app.place_point(w.prompts.points(True), world(inside))
         m.idle()
     assert dice(m.segment(), m.blob(1)) > 0.5
     m.app.press("T")
     assert not w.isPositive() and w.ui.negativeButton.checked and not w.ui.positiveButton.checked
     outside = interior_voxel(m.phantom.labels, 2)
     for _ in range(2):  # their control-point IDs are the positive node's "1" and "2" again
-        m.app.place_point(w.pointNode(False), world(outside))
+        m.app.place_point(w.prompts.points(False), world(outside))
         m.idle()
     assert m.kinds() == [("point", True)] * 3 + [("point", False)] * 2
     # A click outside the volume is refused with a message and removed; the next click is sent.
-    before = w.pointNode(False).GetNumberOfControlPoints()
-    m.app.place_point(w.pointNode(False), [500.0, 500.0, 500.0])
+    before = w.prompts.points(False).GetNumberOfControlPoints()
+    m.app.place_point(w.prompts.points(False), [500.0, 500.0, 500.0])
     m.app.pump(0.1)
     assert m.errors() and "outside" in m.errors()[-1].lower()
-    assert w.pointNode(False).GetNumberOfControlPoints() == before
-    m.app.place_point(w.pointNode(False), world(outside))
+    assert w.prompts.points(False).GetNumberOfControlPoints() == before
+    m.app.place_point(w.prompts.points(False), world(outside))
     m.idle()
     assert m.kinds()[-1] == ("point", False) and len(m.kinds()) == 6
 
@@ -134,9 +134,9 @@ def test_polarity_buttons_and_key(module):
     assert w.ui.statusLabel.text == "Point tool armed (negative prompts)."  # the status follows the polarity
     sel = slicer.app.applicationLogic().GetSelectionNode()
     assert w.tools.active == "point" and w.ui.pointButton.checked  # still armed: that change was ours
-    assert sel.GetActivePlaceNodeID() == w.pointNode(False).GetID()  # the point tool follows the polarity
+    assert sel.GetActivePlaceNodeID() == w.prompts.points(False).GetID()  # the point tool follows the polarity
     m.app.press("T")
-    assert w.isPositive() and sel.GetActivePlaceNodeID() == w.pointNode(True).GetID()
+    assert w.isPositive() and sel.GetActivePlaceNodeID() == w.prompts.points(True).GetID()
     for button in (w.ui.positiveButton, w.ui.nextSegmentButton, w.ui.pointButton):
         assert button.shortcut.isEmpty()  # no Alt+letter mnemonic (Alt+E is the Edit menu)
 
@@ -211,7 +211,7 @@ def test_lasso_is_sent_on_its_close_gesture_and_never_on_a_mode_change(module):
     m, w = module, module.widget
     center = interior_voxel(m.phantom.labels, 2)
     m.app.press("L")
-    lasso = w.getLassoNode()
+    lasso = w.prompts.lasso(True)
     for p in lasso_points(m, 2, center[0]):
         m.app.place_point(lasso, p)
     close_lasso(m, lasso)
@@ -231,11 +231,11 @@ def test_scribble_painted_with_the_segment_editor_brush(module):
     m, w = module, module.widget
     w.logic.scribbleThickness = (1, 1, 1)
     m.app.press("S")
-    assert w.ui.scribbleButton.checked and w.scratchEditor.activeEffect() is not None
-    effect = w.scratchEditor.activeEffect()
+    assert w.ui.scribbleButton.checked and w.scribble.editor.activeEffect() is not None
+    effect = w.scribble.editor.activeEffect()
     assert int(effect.parameter("BrushPixelMode")) == 0  # pixel mode would send a prompt per mouse move
-    assert w.scratchEditorNode.GetSourceVolumeNode() is m.volume  # set on the node (5.6 / 5.8)
-    assert w.scratchEditor.criticalMessages == []
+    assert w.scribble.editorNode.GetSourceVolumeNode() is m.volume  # set on the node (5.6 / 5.8)
+    assert w.scribble.editor.criticalMessages == []
     center = interior_voxel(m.phantom.labels, 1)
     m.show_slice("Red", center)
     xs = np.nonzero(m.blob(1)[center[0], center[1]])[0]
@@ -255,7 +255,7 @@ def test_scribble_still_paints_after_a_scene_batch(module):
     slicer.mrmlScene.StartState(slicer.mrmlScene.BatchProcessState)
     slicer.mrmlScene.EndState(slicer.mrmlScene.BatchProcessState)
     m.app.pump(0.05)
-    assert w.ui.scribbleButton.checked and w.scratchEditor.activeEffect() is not None
+    assert w.ui.scribbleButton.checked and w.scribble.editor.activeEffect() is not None
     center = interior_voxel(m.phantom.labels, 1)
     m.show_slice("Red", center)
     xs = np.nonzero(m.blob(1)[center[0], center[1]])[0]
@@ -277,7 +277,7 @@ def test_a_segment_editor_effect_or_the_toolbar_disarms_our_tools(module, tool):
     if tool == "box":
         assert w.boxTool.installed == []  # left clicks go to the effect again
     if tool == "scribble":
-        assert w.scratchEditor.activeEffect() is None
+        assert w.scribble.editor.activeEffect() is None
     # And the other way round: our tool deselects the effect.
     m.app.press(tool[0].upper())
     assert w.tools.active == tool and w.editor.activeEffect() is None
@@ -303,7 +303,7 @@ def test_the_toolbars_window_level_mode_disarms_box_and_scribble(module, tool):
     interaction.SetCurrentInteractionMode(interaction.AdjustWindowLevel)
     m.app.pump(0.05)
     assert w.tools.active is None and not w.toolButton(tool).checked and "window/level" in w.ui.statusLabel.text
-    assert w.scratchEditor is None or w.scratchEditor.activeEffect() is None
+    assert w.scribble is None or w.scribble.editor.activeEffect() is None
     m.app.drag("Red", (100, 100), (200, 150))
     assert presses == ["LeftButtonPressEvent"]  # the view gets the drag: window/level works
     assert m.controller is None or m.kinds() == []
@@ -312,11 +312,11 @@ def test_the_toolbars_window_level_mode_disarms_box_and_scribble(module, tool):
 def test_next_reset_undo_redo_with_the_segment_editor(module):
     m, w = module, module.widget
     m.app.press("P")
-    m.app.place_point(w.pointNode(True), world(interior_voxel(m.phantom.labels, 1)))
+    m.app.place_point(w.prompts.points(True), world(interior_voxel(m.phantom.labels, 1)))
     m.idle()
     first = m.segment().copy()
     assert first.any()
-    m.app.place_point(w.pointNode(True), world(interior_voxel(m.phantom.labels, 4)))
+    m.app.place_point(w.prompts.points(True), world(interior_voxel(m.phantom.labels, 4)))
     m.idle()
     second = m.segment().copy()
     m.app.press("Ctrl+Z")  # ours: the last prompt, in step with the server
@@ -338,7 +338,7 @@ def test_next_reset_undo_redo_with_the_segment_editor(module):
     key = w.getScene().selected_segment()
     m.app.press("E")
     assert w.getScene().selected_segment() != key and not m.segment().any()
-    m.app.place_point(w.pointNode(True), world(interior_voxel(m.phantom.labels, 2)))
+    m.app.place_point(w.prompts.points(True), world(interior_voxel(m.phantom.labels, 2)))
     m.idle()
     assert dice(m.segment(), m.blob(2)) > 0.5 and m.errors() == []
     m.app.click(w.ui.undoButton)
@@ -356,7 +356,7 @@ def test_without_a_server_segments_still_work_and_prompts_say_why(phantom):
         m.app.press("E")
         assert len(w.getScene().segment_keys()) == 2
         m.app.press("P")
-        m.app.place_point(w.pointNode(True), world(interior_voxel(phantom.labels, 1)))
+        m.app.place_point(w.prompts.points(True), world(interior_voxel(phantom.labels, 1)))
         m.idle()
         assert m.errors() and "Cannot reach" in m.errors()[-1] and "not changed" in m.errors()[-1]
         assert not m.segment().any()
@@ -381,10 +381,10 @@ def test_an_unreachable_server_gives_one_message_per_click_and_unsent_points_go(
         w = m.widget
         m.app.press("P")
         for clicks in (1, 2):
-            m.app.place_point(w.pointNode(True), world(interior_voxel(phantom.labels, 1)))
+            m.app.place_point(w.prompts.points(True), world(interior_voxel(phantom.labels, 1)))
             m.idle()
             assert len(m.errors()) == clicks and app.dialogs.max_depth == 1, [(s.text, s.depth) for s in app.shown()]
-            assert "Cannot reach" in m.errors()[-1] and defined_points(w.pointNode(True)) == []
+            assert "Cannot reach" in m.errors()[-1] and defined_points(w.prompts.points(True)) == []
         app.exit()
         app.cleanup()
 
@@ -392,7 +392,7 @@ def test_an_unreachable_server_gives_one_message_per_click_and_unsent_points_go(
 def test_points_declined_or_rejected_are_removed_and_the_rest_are_sent(module):
     m, w = module, module.widget
     m.app.press("P")
-    node = w.pointNode(True)
+    node = w.prompts.points(True)
     # two points that arrive together, the first outside the volume: it is refused (one message), the second sent
     w.tools.ourChange(lambda: None)
     node.AddControlPointWorld(vtk.vtkVector3d(500.0, 500.0, 500.0))
@@ -402,7 +402,7 @@ def test_points_declined_or_rejected_are_removed_and_the_rest_are_sent(module):
     assert m.kinds() == [("point", True)] and len(defined_points(node)) == 1 and node.GetNthControlPointLocked(0)
     # a remote server whose consent is declined: nothing is sent and the point goes
     w.ui.serverUrlLineEdit.text = "http://gpu-node.invalid:1527"
-    w.onServerSettingsChanged()
+    w.config.onServerSettingsChanged()
     m.app.dialogs.answers.append(False)
     m.app.place_point(node, world(interior_voxel(m.phantom.labels, 2)))
     m.app.pump(0.1)
@@ -412,7 +412,7 @@ def test_points_declined_or_rejected_are_removed_and_the_rest_are_sent(module):
 def test_configuration_consent_and_test_connection(module, server):
     m, w = module, module.widget
     w.ui.serverUrlLineEdit.text = "gpu-node:1527"
-    w.onServerSettingsChanged()
+    w.config.onServerSettingsChanged()
     assert w.ui.serverUrlLineEdit.text == "http://gpu-node:1527"
     assert w.ui.consentCheckBox.enabled and not w.ui.consentCheckBox.checked
     m.app.click(w.ui.consentCheckBox)
@@ -422,12 +422,12 @@ def test_configuration_consent_and_test_connection(module, server):
     # A prompt for a remote server asks first; "No" sends nothing.
     m.app.dialogs.answers.append(False)
     m.app.press("P")
-    m.app.place_point(w.pointNode(True), world(interior_voxel(m.phantom.labels, 1)))
+    m.app.place_point(w.prompts.points(True), world(interior_voxel(m.phantom.labels, 1)))
     m.app.pump(0.1)
     assert m.app.shown("question") and "consent" in w.ui.statusLabel.text
     assert m.controller is None or m.controller.timings == []
     w.ui.serverUrlLineEdit.text = "ftp://x"
-    w.onServerSettingsChanged()
+    w.config.onServerSettingsChanged()
     assert "http" in w.ui.connectionInfoLabel.text
     w.ui.serverUrlLineEdit.text = server
     m.app.click(w.ui.testConnectionButton)
@@ -488,7 +488,7 @@ def test_local_server_starts_without_slicers_python_variables(module, tmp_path):
     w.ui.extraArgumentsLineEdit.text = "--device cpu --torch-n-threads 1 --model-dir '%s'" % os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "models", "blobs")
     m.app.click(w.ui.startLocalServerButton)
-    server = w.localServer
+    server = w.config.localServer
     assert server is not None, w.ui.localServerStatusLabel.text
     environ = open("/proc/%d/environ" % server.process.pid, "rb").read().split(b"\0")
     names = set(e.split(b"=", 1)[0].decode() for e in environ if e)
@@ -499,10 +499,10 @@ def test_local_server_starts_without_slicers_python_variables(module, tmp_path):
     assert w.ui.serverUrlLineEdit.text == server.url
     process = server.process
     w = m.app.reload()  # developer Reload: the user's local server keeps running, the new widget follows it
-    assert w.localServer is server and process.poll() is None
+    assert w.config.localServer is server and process.poll() is None
     m.app.pump(30, until=lambda: "Running" in w.ui.localServerStatusLabel.text)
     m.app.click(w.ui.stopLocalServerButton)
-    assert w.localServer is None and w.ui.localServerStatusLabel.text == "Not running."
+    assert w.config.localServer is None and w.ui.localServerStatusLabel.text == "Not running."
     assert process.poll() is not None
     w.ui.executablePathLineEdit.currentPath = "/no/such/server"
     m.app.click(w.ui.startLocalServerButton)
@@ -578,7 +578,7 @@ def test_enter_exit_reload_and_cleanup(module):
         m.app.press(key)
     assert hidden_helper_nodes() == helpers  # the new widget uses the nodes the old one made: none twice
     assert new.tools.active == "point"  # shortcuts work at once after Reload
-    m.app.place_point(new.pointNode(True), world(interior_voxel(m.phantom.labels, 1)))
+    m.app.place_point(new.prompts.points(True), world(interior_voxel(m.phantom.labels, 1)))
     m.app.pump(60, until=lambda: new.controller is not None and new.controller.timings)
     assert new.tickTimer.isActive()  # keeps the session alive while the user looks at the result
     m.app.quit()
@@ -653,7 +653,7 @@ def test_automatic_segmentation_then_refinement(auto_server):
         w.editor.setCurrentSegmentID(named["dark_blob"])
         m.app.press("P")
         m.app.press("T")
-        m.app.place_point(w.pointNode(False), world(interior_voxel(phantom.labels, 2)))
+        m.app.place_point(w.prompts.points(False), world(interior_voxel(phantom.labels, 2)))
         m.idle()
         assert scene.read_segment(named["dark_blob"]).astype(bool)[m.blob(2)].mean() < 0.2
         assert w.controller.sync.uploads["image"] == 1  # the automatic run and the prompt shared the upload
@@ -685,7 +685,7 @@ def test_one_automatic_run_at_a_time_its_status_kept_and_another_server_forgets_
         assert "2 segment(s)" in statuses[-1]
         assert w.ui.runAutoButton.enabled and not w.ui.cancelAutoButton.enabled
         w.ui.serverUrlLineEdit.text = "http://127.0.0.1:%d" % free_port()
-        w.onServerSettingsChanged()  # another server: the old one's model ids mean nothing there
+        w.config.onServerSettingsChanged()  # another server: the old one's model ids mean nothing there
         assert w.ui.autoModelComboBox.count == 0 and not w.ui.runAutoButton.enabled
         assert "Test connection" in w.ui.autoInfoLabel.text
         app.exit()

@@ -91,7 +91,10 @@ class PromptDispatch(object):
         return True
 
     def send(self, kind, args, prepare_ms=0.0, positive=None, unsent=None):
-        """Queue a prompt. Returns its Job, or None (then ``unsent()`` has been called)."""
+        """Queue a prompt (``args`` None: nothing to send). Returns its Job, or None (then ``unsent()`` has been
+        called)."""
+        if args is None:
+            return None
         if not self.allowed():
             if unsent is not None:
                 unsent()

@@ -56,6 +56,11 @@ def tool_text(tool, positive):
     return "%s tool armed (%s prompts)." % (tool.capitalize(), word)
 
 
+def disarmed_text(tool, reason):
+    """The status line when a tool was disarmed (None: by the user, nothing to say)."""
+    return "%s tool disarmed: %s." % (tool.capitalize(), reason) if reason else None
+
+
 def busy_text(job, pending):
     """The status line while the controller works: what runs now (None: leave the status as it is)."""
     if job is None:

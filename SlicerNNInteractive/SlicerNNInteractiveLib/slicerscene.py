@@ -364,6 +364,18 @@ class SlicerScene(Scene):
         mask, bbox = result
         return {"mask": mask, "interaction_bbox": bbox}
 
+    def takeLasso(self, lassoNode):
+        """``lassoPrompt`` of the lasso curve's defined points, then empty the curve for the next lasso. None when it
+        holds no point; GeometryError saying what to do for fewer than three."""
+        points = [world for _, _, world in definedWorldPoints(lassoNode)]
+        lassoNode.RemoveAllControlPoints()
+        if not points:
+            return None
+        if len(points) < 3:
+            raise geometry.GeometryError("A lasso needs at least three points: click around the object, then "
+                                         "double-click or right-click to close it.")
+        return self.lassoPrompt(points)
+
     def scribblePrompt(self, scratchNode, segmentId):
         """What the paint brush left in a scratch segmentation's segment -> ``{"mask", "interaction_bbox"}``,
         or None when nothing of it is on the image. The scratch node must share the volume's voxel grid
@@ -477,3 +489,76 @@ def segmentEditorSingleton(mrmlScene, tag="SegmentEditor"):
         node.SetSingletonTag(tag)
         node = mrmlScene.AddNode(node)
     return node
+
+
+def firstVisibleNode(mrmlScene, className):
+    """The first node of a class that the user can see in node selectors (not our hidden helpers)."""
+    for n in range(mrmlScene.GetNumberOfNodesByClass(className)):
+        node = mrmlScene.GetNthNodeByClass(n, className)
+        if not node.GetHideFromEditors():
+            return node
+    return None
+
+
+def defaultVolume(mrmlScene, layoutManager):
+    """The volume to segment when none is chosen: the first slice view's background, else the first visible one."""
+    for name in (layoutManager.sliceViewNames() if layoutManager is not None else []):
+        volumeId = layoutManager.sliceWidget(name).mrmlSliceCompositeNode().GetBackgroundVolumeID()
+        if volumeId:
+            return mrmlScene.GetNodeByID(volumeId)
+    return firstVisibleNode(mrmlScene, "vtkMRMLScalarVolumeNode")
+
+
+def newSegmentation(mrmlScene, volumeNode=None):
+    """A new segmentation node, on ``volumeNode``'s grid when given."""
+    node = mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    node.CreateDefaultDisplayNodes()
+    if volumeNode is not None:
+        node.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+    return node
+
+
+class PromptNodes(object):
+    """The markups nodes prompts are placed in: positive points, negative points, the lasso curve (found again after
+    a developer Reload by their role). ``ourChange(fn)``: runs ``fn`` as a change of ours (adding a markups node
+    makes it the active place node: tools.PromptTools must not read that as the user's choice); ``onPointNode(node)``
+    and ``onLassoNode(node)`` are told of each node taken into use."""
+
+    def __init__(self, mrmlScene, colors, ourChange, onPointNode, onLassoNode):
+        self.scene, self.colors, self.ourChange = mrmlScene, colors, ourChange
+        self.onPointNode, self.onLassoNode = onPointNode, onLassoNode
+        self.nodes = {}
+
+    def _node(self, role, className, name, color, adopt):
+        node = self.nodes.get(role)
+        if node is None or not self.scene.IsNodePresent(node):
+            node = self.nodes[role] = self.ourChange(lambda: promptNode(self.scene, role, className, name, color))
+            adopt(node)
+        return node
+
+    def points(self, positive):
+        word = "positive" if positive else "negative"
+        return self._node(word + " points", "vtkMRMLMarkupsFiducialNode", "nnInteractive %s points" % word,
+                          self.colors[positive], self.onPointNode)
+
+    def isPositive(self, node):
+        return node is self.nodes.get("positive points")
+
+    def lasso(self, positive):
+        node = self._node("lasso", "vtkMRMLMarkupsClosedCurveNode", "nnInteractive lasso", self.colors[True],
+                          self.onLassoNode)
+        display = node.GetDisplayNode()
+        display.SetLineThickness(0.3)
+        display.SetSelectedColor(*self.colors[positive])
+        display.SetColor(*self.colors[positive])
+        return node
+
+    def clear(self):
+        """Remove every prompt's control point (a new or reset segment)."""
+        for node in self.nodes.values():
+            if self.scene.IsNodePresent(node):
+                node.RemoveAllControlPoints()
+
+    def forget(self):
+        """The scene is closing: its nodes are going."""
+        self.nodes = {}

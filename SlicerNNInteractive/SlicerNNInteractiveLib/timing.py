@@ -190,3 +190,14 @@ def main(argv=None):
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def report(records, last=30):
+    """What the module's Timings dialog shows: the phases' summary and the last prompts, one line each."""
+    from .controller import format_timing
+
+    if not records:
+        return "No prompt has run yet."
+    text = format_summary(summarize(records), phases=("prepare_ms", "upload_image_ms", "exchange_ms",
+                                                      "server_total_ms", "apply_ms", "total_ms"))
+    return text + "\n\nLast prompts:\n" + "\n".join(format_timing(t) for t in records[-last:])
