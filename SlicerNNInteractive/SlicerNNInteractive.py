@@ -162,13 +162,16 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.nextSegmentButton.connect("clicked()", self.onNextSegment)
         self.ui.resetSegmentButton.connect("clicked()", self.onResetSegment)
         self.ui.undoButton.connect("clicked()", self.onUndo)
+        self.ui.predictButton.connect("clicked()", self.onPredict)
+        self.ui.autoRunCheckBox.connect("toggled(bool)", self.onAutoRun)
         self.ui.showTimingsButton.connect("clicked()", self.onShowTimings)
         self.ui.runAutoButton.connect("clicked()", self.onRunAuto)
         self.ui.cancelAutoButton.connect("clicked()", self.onCancelAuto)
         self.ui.autoModelComboBox.connect("currentIndexChanged(int)", self.onAutoModelChanged)
         self.updateAutoModels(None)
         for button in (self.ui.positiveButton, self.ui.negativeButton, self.ui.nextSegmentButton,
-                       self.ui.resetSegmentButton, self.ui.undoButton) + tuple(self.toolButton(t) for t in TOOLS):
+                       self.ui.resetSegmentButton, self.ui.undoButton, self.ui.predictButton) + tuple(
+                           self.toolButton(t) for t in TOOLS):
             # The underlined letter shows the module's own key; no Alt+letter mnemonic (Alt+E is the Edit menu).
             button.setShortcut(qt.QKeySequence())
 
@@ -177,6 +180,7 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.config = ConfigurationTab(self)
         self.config.adoptLocalServer(handover().take("localServer"))  # after a Reload
         self.updatePolarityUI()
+        self.ui.predictButton.enabled = not self.ui.autoRunCheckBox.checked
 
         self.tickTimer = qt.QTimer()
         self.tickTimer.connect("timeout()", self.onTick)
@@ -376,6 +380,7 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             ("T", self.onTogglePolarity),
             ("E", self.onNextSegment),
             ("R", self.onResetSegment),
+            ("N", self.onPredict),
             ("Ctrl+Z", self.onUndo),
         ]
         mainWindow = slicer.util.mainWindow()
@@ -411,6 +416,7 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                 on_error=self.onError, on_result=self.onResult, on_connected=self.onConnected,
                 log=lambda msg: logging.info("nnInteractive: " + msg),
                 before_write=lambda key: self.editor.saveStateForUndo(), polarity=self.polarity)
+            self.controller.auto_run = self.ui.autoRunCheckBox.checked
         return self.controller
 
     def permission(self):
@@ -680,6 +686,17 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.startTicking()
         self.prompts.clear()
         self.setStatus("Segment reset (Ctrl+Z brings it back).")
+
+    def onAutoRun(self, on):
+        """Off: prompts are only added on the server; Run predicts once with all of them (napari's Manual
+        control)."""
+        self.getController().auto_run = on
+        self.ui.predictButton.enabled = not on
+
+    def onPredict(self):
+        if self.volumeChosen() and self.mayConnect():
+            self.getController().predict()
+            self.startTicking()
 
     def onUndo(self):
         """The last prompt, in step with the server; with none, the Segment Editor's own undo (hand edits, a

@@ -74,7 +74,8 @@ def test_every_ui_widget_the_module_uses_is_in_the_ui_file():
 
 # The underlined letter of each button is its shortcut (issue: "shown by the underlined letter in its label").
 BUTTON_SHORTCUTS = {"pointButton": "P", "boxButton": "B", "scribbleButton": "S", "lassoButton": "L",
-                    "positiveButton": "T", "negativeButton": "T", "nextSegmentButton": "E", "resetSegmentButton": "R", "undoButton": "Z"}
+                    "positiveButton": "T", "negativeButton": "T", "nextSegmentButton": "E", "resetSegmentButton": "R", "undoButton": "Z",
+                    "predictButton": "N"}
 
 
 def test_each_button_underlines_the_key_of_its_shortcut():

@@ -172,3 +172,14 @@ def test_status_texts_and_timing_report():
     assert report([]) == "No prompt has run yet."
     text = report([{"kind": "point", "total_ms": 12.0, "prepare_ms": 0.1}])
     assert "Last prompts:" in text and "point:" in text
+
+
+def test_prompts_added_without_a_prediction_say_so():
+    from SlicerNNInteractiveLib.controller import Job
+    from SlicerNNInteractiveLib.presenter import busy_text, result_text
+
+    added = Job("point", positive=False)
+    added.run = False
+    assert result_text(added, {}) == "Negative point added: Run (N) predicts with every prompt added."
+    assert result_text(Job("predict"), {"total_ms": 250, "server_total_ms": 200}) == "Run: 250 ms (server 200 ms)"
+    assert busy_text(Job("predict"), 1) == "Segmenting..."

@@ -121,6 +121,29 @@ def test_points_positive_negative_and_rejected_all_reach_the_server(module):
     assert m.kinds()[-1] == ("point", False) and len(m.kinds()) == 6
 
 
+def test_run_automatically_off_collects_prompts_and_n_runs_them_once(module):
+    """napari's Manual control: with "Run automatically" off, prompts are only added on the server (the segment does
+    not change, the points stay: they were sent); Run (its button, or N) predicts once with all of them."""
+    m, w = module, module.widget
+    assert not w.ui.predictButton.enabled  # on by default: nothing to run by hand
+    m.app.click(w.ui.autoRunCheckBox)
+    assert w.ui.predictButton.enabled and w.controller.auto_run is False
+    m.app.press("P")
+    for k in (1, 1):
+        m.app.place_point(w.prompts.points(True), world(interior_voxel(m.phantom.labels, k)))
+        m.idle()
+    assert not m.segment().any() and "added" in w.ui.statusLabel.text
+    assert len(defined_points(w.prompts.points(True))) == 2
+    m.app.press("N")
+    m.idle()
+    assert dice(m.segment(), m.blob(1)) > 0.5 and m.errors() == []
+    assert [t["kind"] for t in w.controller.timings] == ["point", "point", "predict"]
+    m.app.click(w.ui.autoRunCheckBox)  # on again: each prompt predicts at once
+    m.app.place_point(w.prompts.points(True), world(interior_voxel(m.phantom.labels, 3)))
+    m.idle()
+    assert m.segment()[interior_voxel(m.phantom.labels, 3)] and not w.ui.predictButton.enabled
+
+
 def test_polarity_buttons_and_key(module):
     m, w = module, module.widget
     m.app.click(w.ui.negativeButton)

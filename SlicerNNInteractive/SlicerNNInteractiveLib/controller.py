@@ -34,17 +34,19 @@ from .scene import UndoRecord
 from .sync import SyncedSession
 
 PROMPT_KINDS = ("point", "bbox", "scribble", "lasso")
+RESULT_KINDS = PROMPT_KINDS + ("predict",)  # jobs whose answer is a region to merge into the segment
 BUSY_TICK_MS = 5  # while prompts run: each hand-off to the worker waits for a tick
 IDLE_TICK_MS = 200  # while a session exists: the heartbeat (every liveness timeout / 3) needs the GIL now and then
 CANCEL_RETRY_SECONDS = 0.25  # Cancel asks the server again this often while the run's request is on its way
 
 
 class Job(object):
-    """One queued action: a prompt (``kind`` in PROMPT_KINDS), "auto" (an automatic model), "undo", "reset" or
-    "connect"."""
+    """One queued action: a prompt (``kind`` in PROMPT_KINDS), "predict" (run the prediction on the prompts added
+    without one), "auto" (an automatic model), "undo", "reset" or "connect". ``run``: whether a prompt runs the
+    prediction (False: the server only adds it)."""
 
     __slots__ = ("kind", "args", "positive", "segment_key", "generation", "submitted", "timings", "label",
-                 "cancelled", "unsent")
+                 "cancelled", "unsent", "run")
 
     def __init__(self, kind, args=None, positive=True, segment_key=None, generation=0, prepare_ms=0.0, label=None,
                  unsent=None):
@@ -58,6 +60,7 @@ class Job(object):
         self.label = label
         self.cancelled = False
         self.unsent = unsent  # called (on the caller's thread) when the job is dropped or fails: never applied
+        self.run = True
 
     def drop(self):
         """The job will never be applied: tell its owner (once)."""
@@ -180,6 +183,7 @@ class Controller(object):
         self._inflight = None  # (job, future)
         self._applying = None  # (job, labelmerge.LabelsMerge, timings): an automatic run's result being written
         self.apply_step_seconds = STEP_SECONDS  # the longest a poll() writes an automatic result before returning
+        self.auto_run = True  # False: prompts are only added on the server until predict() (napari's Manual control)
         self._worker = None
         self._generation = 0
         self._undo = []
@@ -247,6 +251,14 @@ class Controller(object):
         key = self.current_segment()
         job = Job(kind, args, self.positive if positive is None else positive, key, self._generation, prepare_ms,
                   label, unsent)
+        job.run = self.auto_run
+        self._enqueue(job)
+        return job
+
+    def predict(self):
+        """Queue one prediction on the prompts added without one (``auto_run`` off), for the current segment.
+        Returns the Job."""
+        job = Job("predict", segment_key=self.current_segment(), generation=self._generation)
         self._enqueue(job)
         return job
 
@@ -421,7 +433,7 @@ class Controller(object):
             return fn()
 
         self._inflight = (job, self._worker.submit(task))
-        if job.kind in PROMPT_KINDS or job.kind == "auto":
+        if job.kind in RESULT_KINDS or job.kind == "auto":
             self._queue_watch.start()
 
     def _prepare_shadow(self, key):
@@ -461,11 +473,14 @@ class Controller(object):
         image, image_key, image_version = self._image_for_worker()
         version = self._prepare_shadow(key)
         shadow, sync = self._shadow, self.sync
-        kind, args, positive = job.kind, job.args, job.positive
+        kind, args, positive, run = job.kind, job.args, job.positive, job.run
         job.timings["prepare_ms"] += (time.perf_counter() - t0) * 1e3
         job.timings["queued_ms"] = (t0 - job.submitted) * 1e3
+        if kind == "predict":
+            self._run(job, lambda: sync.predict(image, shadow, image_key, image_version, key, version))
+            return
         self._run(job, lambda: sync.prompt(kind, args, image, shadow, positive, image_key, image_version, key,
-                                           version))
+                                           version, run_prediction=run))
 
     def _image_for_worker(self):
         """The image, its key and version; a copy when it will be uploaded (from the worker thread, while the scene
@@ -614,11 +629,11 @@ class Controller(object):
         # the same way (and report again): they are dropped, counted in this one report.
         dropped = 0
         job.drop()
-        if job.kind in PROMPT_KINDS or job.kind == "connect":
-            behind = [j for j in self._pending if j.kind in PROMPT_KINDS or (job.kind == "connect" and j.kind == "auto")]
+        if job.kind in RESULT_KINDS or job.kind == "connect":
+            behind = [j for j in self._pending if j.kind in RESULT_KINDS or (job.kind == "connect" and j.kind == "auto")]
             for j in behind:
                 j.drop()
-            dropped = sum(1 for j in behind if j.kind in PROMPT_KINDS)
+            dropped = sum(1 for j in behind if j.kind in RESULT_KINDS)
             self._pending = collections.deque(j for j in self._pending if j not in behind)
         if job.cancelled:
             return

@@ -67,13 +67,19 @@ def busy_text(job, pending):
         return None
     if job.kind == "auto":
         return "Automatic segmentation with %s..." % job.label
-    if job.kind in PROMPT_KINDS:
+    if job.kind in PROMPT_KINDS + ("predict",):
         return "Segmenting..." if pending <= 1 else "Segmenting... (%d prompts queued)" % (pending - 1)
     return None
 
 
 def result_text(job, timings):
     """The status line when a job finished."""
+    if job.kind in PROMPT_KINDS and not job.run:
+        return "%s %s added: Run (N) predicts with every prompt added." % (
+            "Positive" if job.positive else "Negative", job.kind)
+    if job.kind == "predict":
+        return "Run: %.0f ms (server %.0f ms)" % (timings.get("total_ms", 0),
+                                                  timings.get("server_total_ms", timings.get("exchange_ms", 0)))
     if job.kind in PROMPT_KINDS:
         return "%s %s: %.0f ms (server %.0f ms)" % (
             "Positive" if job.positive else "Negative", job.kind, timings.get("total_ms", 0),

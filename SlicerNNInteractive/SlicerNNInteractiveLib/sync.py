@@ -179,8 +179,9 @@ class SyncedSession:
     # ------------------------------------------------------------------ actions
 
     def prompt(self, kind, args, image, segment, positive=True, image_key=None, image_version=None,
-               segment_key=None, segment_version=None):
-        """Send one prompt, first syncing image and segment if needed. Returns a ``PromptResult``.
+               segment_key=None, segment_version=None, run_prediction=True):
+        """Send one prompt, first syncing image and segment if needed. Returns a ``PromptResult``. With
+        ``run_prediction=False`` the server only adds it (nothing changes until ``predict``).
 
         ``kind`` is point / bbox / scribble / lasso; ``args``: ``{"coordinates": (i0, i1, i2)}``,
         ``{"bbox": [[lo, hi]] * 3}``, or ``{"mask": array, "interaction_bbox": box or None}``, all in array order.
@@ -194,7 +195,7 @@ class SyncedSession:
             timings = {} if recovered is None else {"recovered": recovered}
             try:
                 self._sync(image, segment, image_key, image_version, segment_key, segment_version, timings)
-                return self._send(kind, args, bool(positive), timings)
+                return self._send(kind, args, bool(positive), timings, bool(run_prediction))
             except SessionExpiredError as exc:  # BackendLostError included
                 if attempt:
                     raise
@@ -219,16 +220,31 @@ class SyncedSession:
                 recovered = self._recover(exc)
         raise AssertionError("unreachable")
 
-    def _send(self, kind, args, positive, timings):
+    def _send(self, kind, args, positive, timings, run=True):
         s = self.session
         if kind == "point":
-            s.add_point_interaction(args["coordinates"], include_interaction=positive)
+            s.add_point_interaction(args["coordinates"], include_interaction=positive, run_prediction=run)
         elif kind == "bbox":
-            s.add_bbox_interaction(args["bbox"], include_interaction=positive)
+            s.add_bbox_interaction(args["bbox"], include_interaction=positive, run_prediction=run)
         else:
             method = s.add_scribble_interaction if kind == "scribble" else s.add_lasso_interaction
-            method(args["mask"], include_interaction=positive, interaction_bbox=args.get("interaction_bbox"))
-        return self._result(kind, True, timings)
+            method(args["mask"], include_interaction=positive, run_prediction=run,
+                   interaction_bbox=args.get("interaction_bbox"))
+        return self._result(kind, run, timings)
+
+    def predict(self, image, segment, image_key=None, image_version=None, segment_key=None, segment_version=None):
+        """Run the prediction on the prompts added without one (``prompt(..., run_prediction=False)``), the image and
+        segment synced first. Returns a ``PromptResult``. A server that forgot the session forgot those prompts too:
+        the session is dropped (the next action claims a new one) and the error says to place them again."""
+        timings = {}
+        try:
+            self._sync(image, segment, image_key, image_version, segment_key, segment_version, timings)
+            ran = self.session._predict() is not None  # the official sessions' (and ours') name for /predict
+        except SessionExpiredError as exc:  # BackendLostError included
+            self._recover(exc)
+            raise SessionExpiredError("The server lost this session (%s), and with it the prompts placed since the "
+                                      "last Run: place them again, then Run." % exc)
+        return self._result("predict", ran, timings)
 
     def _result(self, kind, ran, timings):
         s = self._session
