@@ -41,10 +41,23 @@ def setSettingValue(name, value):
     qt.QSettings().setValue(SETTINGS + name, value)
 
 
+def serverSettings():
+    """The server settings and consent, on Slicer's settings (SlicerNNInteractiveLib.settings)."""
+    from SlicerNNInteractiveLib.settings import ServerSettings
+
+    return ServerSettings(settingValue, setSettingValue)
+
+
 def caBundle():
-    """PEM file of a private certificate authority for an https server (None: the system's authorities, or
-    $NN_INTERACTIVE_CA_BUNDLE)."""
-    return settingValue("CABundle", "").strip() or None
+    """PEM file of a private certificate authority for an https server (None: the system's authorities)."""
+    return serverSettings().ca_bundle
+
+
+def handover():
+    """SlicerNNInteractiveLib.handover, the module a Reload keeps (looked up by name: the package is re-imported)."""
+    import importlib
+
+    return importlib.import_module("SlicerNNInteractiveLib.handover")
 
 
 def slicerScene(segmentEditorNode):
@@ -52,26 +65,6 @@ def slicerScene(segmentEditorNode):
     from SlicerNNInteractiveLib.slicerscene import SlicerScene
 
     return SlicerScene(segmentEditorNode)
-
-
-def firstVisibleNode(className):
-    """The first node of a class that the user can see in node selectors (not our hidden helpers)."""
-    for n in range(slicer.mrmlScene.GetNumberOfNodesByClass(className)):
-        node = slicer.mrmlScene.GetNthNodeByClass(n, className)
-        if not node.GetHideFromEditors():
-            return node
-    return None
-
-
-def setEditorNodeInputs(editorNode, segmentationNode, volumeNode):
-    """Set the segmentation and source volume on a Segment Editor node (what its widget shows). On the node, not
-    the widget: on Slicer 5.6 / 5.8 the widget's setSourceVolumeNode gives up when its segmentation combo box,
-    which hides hidden nodes, is empty."""
-    editorNode.SetAndObserveSegmentationNode(segmentationNode)
-    try:
-        editorNode.SetAndObserveSourceVolumeNode(volumeNode)
-    except AttributeError:  # Slicer < 5.3
-        editorNode.SetAndObserveMasterVolumeNode(volumeNode)
 
 
 #
@@ -116,26 +109,36 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.scene = None
         self.tools = None
         self.shortcuts = []
+        self.shadowed = []  # other shortcuts on our keys, disabled while we are shown
         self.boxTool = None
-        self.pointNodes = {}
-        self.lassoNode = None
-        self.scratchNode = None
-        self.scratchEditor = None
-        self.scratchEditorNode = None
+        self.prompts = None  # SlicerNNInteractiveLib.slicerscene.PromptNodes: the markups nodes of prompts
+        self.scribble = None  # SlicerNNInteractiveLib.scribbletool.ScribbleTool, made when first armed
         self.tickTimer = None
-        self.localServer = None
-        self.localServerTimer = None
-        self.connectionCheck = None
-        self.connectionTimer = None
-        self.autoModels = []  # the server's automatic models (dicts from /model_info), as the combo box lists them
-        self.quietErrors = None  # a list in self-tests: errors are collected instead of shown in dialogs
-        self.lastMessage = ""
+        self.config = None  # the Configuration tab (SlicerNNInteractiveLib.configtab.ConfigurationTab)
+        self.auto = None  # the automatic-segmentation section (SlicerNNInteractiveLib.presenter.AutoPresenter)
+        self.messages = None
+        self.dispatch = None
+        self.settings = None  # SlicerNNInteractiveLib.settings.ServerSettings: server, key, consent
+        self.polarity = None  # SlicerNNInteractiveLib.polarity.Polarity: shared with the controller
 
     # ------------------------------------------------------------------ setup
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
         self.logic = SlicerNNInteractiveLogic()
+        from SlicerNNInteractiveLib.dispatch import Messages, PromptDispatch
+        from SlicerNNInteractiveLib.polarity import Polarity
+        from SlicerNNInteractiveLib.presenter import AutoPresenter
+
+        self.settings = serverSettings()
+        self.messages = Messages(
+            lambda message, details: slicer.util.errorDisplay(message, windowTitle="nnInteractive",
+                                                              detailedText=details),
+            self.showStatus, logging.error)
+        self.dispatch = PromptDispatch(self.getController, self.permission, self.messages,
+                                       prepare=self.ensureSegmentationNode)
+        self.auto = AutoPresenter()
+        self.polarity = Polarity(on_change=self.onPolarityChanged)
 
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/SlicerNNInteractive.ui"))
         self.layout.addWidget(uiWidget)
@@ -159,45 +162,44 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.nextSegmentButton.connect("clicked()", self.onNextSegment)
         self.ui.resetSegmentButton.connect("clicked()", self.onResetSegment)
         self.ui.undoButton.connect("clicked()", self.onUndo)
+        self.ui.predictButton.connect("clicked()", self.onPredict)
+        self.ui.autoRunCheckBox.connect("toggled(bool)", self.onAutoRun)
         self.ui.showTimingsButton.connect("clicked()", self.onShowTimings)
         self.ui.runAutoButton.connect("clicked()", self.onRunAuto)
         self.ui.cancelAutoButton.connect("clicked()", self.onCancelAuto)
         self.ui.autoModelComboBox.connect("currentIndexChanged(int)", self.onAutoModelChanged)
         self.updateAutoModels(None)
         for button in (self.ui.positiveButton, self.ui.negativeButton, self.ui.nextSegmentButton,
-                       self.ui.resetSegmentButton, self.ui.undoButton) + tuple(self.toolButton(t) for t in TOOLS):
+                       self.ui.resetSegmentButton, self.ui.undoButton, self.ui.predictButton) + tuple(
+                           self.toolButton(t) for t in TOOLS):
             # The underlined letter shows the module's own key; no Alt+letter mnemonic (Alt+E is the Edit menu).
             button.setShortcut(qt.QKeySequence())
 
-        self.ui.serverUrlLineEdit.text = settingValue("ServerURL", DEFAULT_URL)
-        self.ui.apiKeyLineEdit.text = settingValue("APIKey", "")
-        self.ui.serverUrlLineEdit.connect("editingFinished()", self.onServerSettingsChanged)
-        self.ui.apiKeyLineEdit.connect("editingFinished()", self.onServerSettingsChanged)
-        self.ui.caBundlePathLineEdit.currentPath = settingValue("CABundle", "")
-        self.ui.caBundlePathLineEdit.connect("currentPathChanged(QString)", lambda path: self.onServerSettingsChanged())
-        self.ui.showApiKeyCheckBox.connect("toggled(bool)", self.onShowApiKey)
-        self.ui.testConnectionButton.connect("clicked()", self.onTestConnection)
-        self.ui.consentCheckBox.connect("toggled(bool)", self.onConsentToggled)
-        self.ui.executablePathLineEdit.currentPath = settingValue("LocalServerExecutable", "")
-        self.ui.extraArgumentsLineEdit.text = settingValue("LocalServerArguments", "")
-        self.ui.startLocalServerButton.connect("clicked()", self.onStartLocalServer)
-        self.ui.stopLocalServerButton.connect("clicked()", self.onStopLocalServer)
-        self.ui.runTimingButton.connect("clicked()", self.onRunTiming)
-        self.updateConsentCheckBox()
-        self.updateServerSummary()
+        from SlicerNNInteractiveLib.configtab import ConfigurationTab
+
+        self.config = ConfigurationTab(self)
+        self.config.adoptLocalServer(handover().take("localServer"))  # after a Reload
         self.updatePolarityUI()
+        self.ui.predictButton.enabled = not self.ui.autoRunCheckBox.checked
 
         self.tickTimer = qt.QTimer()
         self.tickTimer.connect("timeout()", self.onTick)
 
+        from SlicerNNInteractiveLib.slicerscene import PromptNodes
         from SlicerNNInteractiveLib.tools import PromptTools
 
         self.tools = PromptTools(self.interactionNode(), self.selectionNode(),
                                  defer=lambda fn: qt.QTimer.singleShot(0, fn), onDisarmed=self.onToolDisarmed,
                                  onLassoClosed=self.onLassoClosed)
+        self.prompts = PromptNodes(
+            slicer.mrmlScene, {True: POSITIVE_COLOR, False: NEGATIVE_COLOR}, self.tools.ourChange,
+            lambda node: self.addObserver(node, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent,
+                                          self.onPointDefined), self.tools.watchLasso)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndBatchProcessEvent, self.onSceneEndBatch)
         slicer.app.connect("aboutToQuit()", self.onAboutToQuit)
+        slicer.app.layoutManager().connect("layoutChanged(int)", self.onLayoutChanged)
         if self.parent.isEntered:  # Developer mode > Reload calls setup() on a module that is shown, not enter()
             self.enter()
 
@@ -219,15 +221,13 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def enter(self):
         self.selectEditorNode()
         self.editor.updateWidgetFromMRML()
+        from SlicerNNInteractiveLib.slicerscene import defaultVolume, firstVisibleNode, newSegmentation
+
         if not self.editor.segmentationNodeID():
-            segmentationNode = firstVisibleNode("vtkMRMLSegmentationNode")
-            if segmentationNode is None:
-                segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
-            self.editor.setSegmentationNode(segmentationNode)
+            self.editor.setSegmentationNode(firstVisibleNode(slicer.mrmlScene, "vtkMRMLSegmentationNode") or
+                                            newSegmentation(slicer.mrmlScene))
         if self.sourceVolumeNode() is None:
-            volumeNode = self.defaultVolumeNode()
-            if volumeNode is not None:
-                self.setSourceVolumeNode(volumeNode)
+            self.setSourceVolumeNode(defaultVolume(slicer.mrmlScene, slicer.app.layoutManager()))
         self.installShortcuts()
 
     def exit(self):
@@ -239,17 +239,12 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def cleanup(self):
         self.exit()
         self.removeObservers()
-        if self.tools is not None:
-            self.tools.close()
-        for timer in (self.tickTimer, self.connectionTimer):
-            if timer is not None:
-                timer.stop()
-        if self.controller is not None:
-            self.controller.close()
-            self.controller = None
-        self.onStopLocalServer()
+        self.tools.close()
+        self.tickTimer.stop()
+        self.onAboutToQuit()
         try:
             slicer.app.disconnect("aboutToQuit()", self.onAboutToQuit)
+            slicer.app.layoutManager().disconnect("layoutChanged(int)", self.onLayoutChanged)
         except Exception:
             pass
 
@@ -257,7 +252,7 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if self.controller is not None:
             self.controller.close()
             self.controller = None
-        self.onStopLocalServer()
+        self.config.stop()
 
     def onReload(self):
         """Reload also the library package (Slicer's Reload re-imports only this file)."""
@@ -266,25 +261,39 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if self.controller is not None:
             self.controller.close()
             self.controller = None
+        handover().keep("localServer", self.config.localServer)  # the user's local server keeps running
+        self.config.localServer = None
         for name in list(sys.modules):
-            if name == "SlicerNNInteractiveLib" or name.startswith("SlicerNNInteractiveLib."):
+            if (name == "SlicerNNInteractiveLib" or name.startswith("SlicerNNInteractiveLib.")) and \
+                    name != handover().__name__:
                 del sys.modules[name]
         ScriptedLoadableModuleWidget.onReload(self)
 
     def onSceneStartClose(self, caller, event):
+        self.config.timingStop = True  # a timing experiment in progress stops (its nodes are going)
         self.disarmTool()
-        self.pointNodes = {}
-        self.lassoNode = None
+        self.prompts.forget()
         self.tools.watchLasso(None)
-        self.scratchNode = None
-        self.scratchEditorNode = None
-        if self.scratchEditor is not None:
-            self.scratchEditor.setMRMLSegmentEditorNode(None)
+        if self.scribble is not None:
+            self.scribble.forget()
         if self.controller is not None:
             self.controller.close()
             self.controller = None
         self.editor.setSegmentationNode(None)
         self.editor.removeViewObservations()
+
+    def onLayoutChanged(self, layout):
+        # A layout may bring new slice views: the armed box filters them too.
+        {"box": self.armBox}.get(self.tools.active, lambda: None)()
+
+    def onSceneEndBatch(self, caller, event):
+        # After a batch (loading a scene, restoring a scene view) the scribble's editor resets its segmentation to
+        # what its combo box shows, which never holds our hidden one, and that deactivates Paint
+        # (qMRMLSegmentEditorWidget::onMRMLSceneEndBatchProcessEvent): arm it again once that has happened.
+        qt.QTimer.singleShot(0, self.rearmScribble)
+
+    def rearmScribble(self):
+        {"scribble": lambda: self.activateTool("scribble")}.get(self.tools.active, lambda: None)()
 
     def onSceneEndClose(self, caller, event):
         self.editorNode = None
@@ -314,27 +323,12 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         except AttributeError:  # Slicer < 5.3
             self.editor.setMasterVolumeNode(volumeNode)
 
-    @staticmethod
-    def defaultVolumeNode():
-        layoutManager = slicer.app.layoutManager()
-        if layoutManager is not None:
-            for name in layoutManager.sliceViewNames():
-                compositeNode = layoutManager.sliceWidget(name).mrmlSliceCompositeNode()
-                volumeId = compositeNode.GetBackgroundVolumeID()
-                if volumeId:
-                    return slicer.mrmlScene.GetNodeByID(volumeId)
-        return firstVisibleNode("vtkMRMLScalarVolumeNode")
-
     def ensureSegmentationNode(self):
         """The editor's segmentation, created (on the source volume's grid) when there is none."""
-        segmentationNode = self.editor.segmentationNode()
-        if segmentationNode is None:
-            segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
-            segmentationNode.CreateDefaultDisplayNodes()
-            if self.sourceVolumeNode() is not None:
-                segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(self.sourceVolumeNode())
-            self.editor.setSegmentationNode(segmentationNode)
-        return segmentationNode
+        from SlicerNNInteractiveLib.slicerscene import newSegmentation
+
+        if self.editor.segmentationNode() is None:
+            self.editor.setSegmentationNode(newSegmentation(slicer.mrmlScene, self.sourceVolumeNode()))
 
     def toolButton(self, tool):
         return {"point": self.ui.pointButton, "box": self.ui.boxButton, "scribble": self.ui.scribbleButton,
@@ -354,30 +348,30 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         return self.scene
 
     def serverUrl(self):
-        from SlicerNNInteractiveLib.urls import normalize_url
-
-        return normalize_url(self.ui.serverUrlLineEdit.text or DEFAULT_URL)
+        return self.settings.url
 
     def apiKey(self):
-        return self.ui.apiKeyLineEdit.text.strip() or None
+        return self.settings.api_key
 
     def reportError(self, message, details=None):
-        self.lastMessage = message
-        logging.error("nnInteractive: %s%s" % (message, ("\n" + details) if details else ""))
-        self.ui.statusLabel.text = message.split("\n")[0]
-        if self.quietErrors is not None:
-            self.quietErrors.append(message)
-            return
-        slicer.util.errorDisplay(message, windowTitle="nnInteractive", detailedText=details)
+        self.messages.error(message, details)
 
     def setStatus(self, text):
-        self.lastMessage = text
+        self.messages.info(text)
+
+    def showStatus(self, text):
         self.ui.statusLabel.text = text
 
     # ------------------------------------------------------------------ shortcuts
 
     def installShortcuts(self):
+        """The Segment Editor's own keys, as its module installs them while it is shown (SegmentEditor.py enter()),
+        then ours. An editor key that is also ours (Ctrl+Z) is disabled meanwhile: two shortcuts on one key would
+        take turns (Qt's activatedAmbiguously), and ours falls back to the editor's undo anyway."""
+        from SlicerNNInteractiveLib.tools import shadowedBy
+
         self.removeShortcuts()
+        self.editor.installKeyboardShortcuts()
         bindings = [
             ("P", lambda: self.activateTool("point")),
             ("B", lambda: self.activateTool("box")),
@@ -386,9 +380,13 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             ("T", self.onTogglePolarity),
             ("E", self.onNextSegment),
             ("R", self.onResetSegment),
+            ("N", self.onPredict),
             ("Ctrl+Z", self.onUndo),
         ]
         mainWindow = slicer.util.mainWindow()
+        self.shadowed = shadowedBy([key for key, _ in bindings], mainWindow.findChildren(qt.QShortcut))
+        for shortcut in self.shadowed:
+            shortcut.setEnabled(False)
         for key, callback in bindings:
             shortcut = qt.QShortcut(qt.QKeySequence(key), mainWindow)
             shortcut.connect("activated()", callback)
@@ -401,7 +399,10 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             shortcut.setEnabled(False)
             shortcut.setParent(None)
             shortcut.deleteLater()
-        self.shortcuts = []
+        for shortcut in self.shadowed:
+            shortcut.setEnabled(True)
+        self.shortcuts, self.shadowed = [], []
+        self.editor.uninstallKeyboardShortcuts()
 
     # ------------------------------------------------------------------ controller and server session
 
@@ -414,32 +415,26 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                 self.getScene(), lambda: self.logic.connect(self.serverUrl(), self.apiKey()), on_busy=self.onBusy,
                 on_error=self.onError, on_result=self.onResult, on_connected=self.onConnected,
                 log=lambda msg: logging.info("nnInteractive: " + msg),
-                before_write=lambda key: self.editor.saveStateForUndo())
+                before_write=lambda key: self.editor.saveStateForUndo(), polarity=self.polarity)
+            self.controller.auto_run = self.ui.autoRunCheckBox.checked
         return self.controller
 
-    def mayConnect(self, interactive=True):
-        """Whether prompts may go to the configured server: blosc2 installed, consent given for a remote one."""
-        try:
-            self.logic.ensureDependencies(ask=interactive)
-            url = self.serverUrl()
-        except Exception as exc:
-            self.reportError(str(exc))
-            return False
-        if not self.ensureConsent(url, interactive):
-            self.setStatus("Not sent: sending images to %s needs your consent (Configuration tab)." % url)
-            return False
-        return True
+    def permission(self):
+        """None when prompts may go to the configured server (blosc2 installed, consent given for a remote one),
+        else why not; raises when blosc2 could not be installed."""
+        self.logic.ensureDependencies(ask=True)
+        refusal = self.settings.refusal(self.serverUrl(), lambda question: slicer.util.confirmYesNoDisplay(
+            question, windowTitle="nnInteractive: send images to a server?"))
+        self.config.updateConsentCheckBox()
+        return refusal
 
-    def submit(self, kind, args, prepareStart, positive=None):
-        """Queue a prompt (``positive``: None for the current polarity). Returns the job, or None."""
-        if not self.mayConnect():
-            return None
-        self.ensureSegmentationNode()
-        controller = self.getController()
-        if not controller.sync.connected and not controller.busy:
-            controller.connect()  # reports the server's capabilities (scribble thickness) before the prompt runs
-        prepareMs = (time.perf_counter() - prepareStart) * 1e3
-        job = controller.submit(kind, args, positive=positive, prepare_ms=prepareMs)
+    def mayConnect(self):
+        return self.dispatch.allowed()
+
+    def submit(self, kind, args, prepareStart, positive=None, unsent=None):
+        """Queue a prompt (``positive``: None for the current polarity). Returns the job, or None (never sent:
+        ``unsent()`` was called)."""
+        job = self.dispatch.send(kind, args, (time.perf_counter() - prepareStart) * 1e3, positive, unsent)
         self.startTicking()
         return job
 
@@ -462,52 +457,37 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def showQueuePosition(self, position):
         """On the busy bar, while our server says the prompt waits for the GPU: "Waiting for the GPU: N ahead
         (~S s)"."""
-        waiting = bool(position and position.get("waiting"))
-        self.ui.busyBar.textVisible = waiting
-        if waiting:
-            text = "Waiting for the GPU: %d ahead" % position.get("ahead", 0)
-            if position.get("expected_wait_seconds") is not None:
-                text += " (~%.0f s)" % position["expected_wait_seconds"]
-            self.ui.busyBar.format = text
-            self.ui.busyBar.toolTip = text
+        from SlicerNNInteractiveLib.presenter import queue_text
+
+        text = queue_text(position)
+        self.ui.busyBar.textVisible = text is not None
+        self.ui.busyBar.format = self.ui.busyBar.toolTip = text or ""
 
     def onBusy(self, busy, pending):
+        from SlicerNNInteractiveLib.presenter import busy_text
+
         self.ui.busyBar.setVisible(bool(busy))
-        if not busy:
-            self.ui.cancelAutoButton.enabled = False
-        if busy and pending:
-            self.setStatus("Segmenting..." if pending <= 1 else "Segmenting... (%d prompts queued)" % (pending - 1))
+        self.setStatus(busy_text(self.controller.current if busy else None, pending))
+        self.updateAutoButtons()
 
     def onResult(self, job, result, timings):
-        if job.kind in ("point", "bbox", "scribble", "lasso"):
-            self.setStatus("%s %s: %.0f ms (server %.0f ms)" % (
-                "Positive" if job.positive else "Negative", job.kind, timings.get("total_ms", 0),
-                timings.get("server_total_ms", timings.get("exchange_ms", 0))))
-        elif job.kind == "undo":
-            self.setStatus("Undone.")
-        elif job.kind == "auto":
-            self.setStatus("%s: %d segment(s) in %.1f s (server %.1f s). Select one and prompt to refine it." % (
-                job.label, len(timings.get("segments", ())), timings.get("total_ms", 0) / 1e3,
-                timings.get("server_total_ms", 0) / 1e3))
+        from SlicerNNInteractiveLib.presenter import result_text
+
+        self.setStatus(result_text(job, timings))
 
     def onError(self, exc, job, dropped):
-        from SlicerNNInteractiveLib.errors import NNInteractiveError
+        from SlicerNNInteractiveLib.dispatch import failure_message
 
-        message = str(exc) if isinstance(exc, (NNInteractiveError, ValueError)) else \
-            "Unexpected error (%s: %s)." % (exc.__class__.__name__, exc)
-        if dropped:
-            message += "\n%d queued prompt(s) were not sent." % dropped
-        message += "\nThe segment was not changed."
-        self.reportError(message)
+        self.reportError(failure_message(exc, dropped))
 
     def onConnected(self, capabilities):
+        from SlicerNNInteractiveLib.settings import summary
+
         capabilities = capabilities or {}
-        thickness = capabilities.get("preferred_scribble_thickness")
-        if thickness is not None:
-            self.logic.scribbleThickness = thickness
-            if self.tools.active == "scribble":
-                self.configureBrush()
-        self.updateServerSummary(capabilities)
+        self.logic.scribbleThickness = capabilities.get("preferred_scribble_thickness") or self.logic.scribbleThickness
+        {"scribble": lambda: self.scribble.configureBrush(self.sourceVolumeNode(), self.logic.scribbleThickness)}.get(
+            self.tools.active, lambda: None)()
+        self.ui.serverSummaryLabel.text = summary(self.serverUrl(), capabilities)
 
     # ------------------------------------------------------------------ tools
 
@@ -518,28 +498,29 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         else:
             self.disarmTool()
 
+    def volumeChosen(self):
+        """Whether a source volume is chosen; tells the user to choose one when not."""
+        chosen = self.sourceVolumeNode() is not None
+        if not chosen:
+            self.reportError(NO_VOLUME)
+        return chosen
+
     def activateTool(self, tool):
         """Arm a prompt tool; it stays armed after each prompt until another tool or mode is chosen."""
-        if self.sourceVolumeNode() is None:
+        if not self.volumeChosen():
             self.toolButton(tool).checked = False
-            self.reportError(NO_VOLUME)
             return
         self.releaseTool()
         self.editor.setActiveEffect(None)
-        if tool == "point":
-            self.tools.arm("point", self.pointNode(self.isPositive()))
-        elif tool == "lasso":
-            self.tools.arm("lasso", self.getLassoNode())
-        else:
-            self.tools.arm(tool)
-            if tool == "box":
-                self.armBox()
-            else:
-                self.armScribble()
+        {"point": lambda: self.tools.arm("point", self.prompts.points(self.isPositive())),
+         "lasso": lambda: self.tools.arm("lasso", self.prompts.lasso(self.isPositive())),
+         "box": lambda: (self.tools.arm("box"), self.armBox()),
+         "scribble": lambda: (self.tools.arm("scribble"), self.armScribble())}[tool]()
         for name in TOOLS:
             self.toolButton(name).checked = (name == tool)
-        self.setStatus("%s tool armed (%s prompts)." % (tool.capitalize(), "positive" if self.isPositive() else
-                                                          "negative"))
+        from SlicerNNInteractiveLib.presenter import tool_text
+
+        self.setStatus(tool_text(tool, self.isPositive()))
 
     def disarmTool(self):
         """The user disarms the armed tool (its button, Esc on the module, leaving the module)."""
@@ -547,60 +528,26 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.tools.disarm()
 
     def onToolDisarmed(self, tool, reason):
+        from SlicerNNInteractiveLib.presenter import disarmed_text
+
         self.releaseTool()
         for name in TOOLS:
             self.toolButton(name).checked = False
-        if reason:
-            self.setStatus("%s tool disarmed: %s." % (tool.capitalize(), reason))
+        self.setStatus(disarmed_text(tool, reason))
 
     def releaseTool(self):
         """Undo what arming a tool did outside the interaction node: the box's event filter, the scribble brush,
         a half-drawn lasso."""
         if self.boxTool is not None:
             self.boxTool.uninstall()
-        if self.scratchEditor is not None:
-            self.scratchEditor.setActiveEffect(None)
-            self.scratchEditor.removeViewObservations()
-        if self.lassoNode is not None and slicer.mrmlScene.IsNodePresent(self.lassoNode):
-            self.lassoNode.RemoveAllControlPoints()
+        if self.scribble is not None:
+            self.scribble.release()
+        node = self.prompts.nodes.get("lasso")
+        if node is not None and slicer.mrmlScene.IsNodePresent(node):
+            node.RemoveAllControlPoints()
 
     def onEditorNodeModified(self, caller, event):
         self.tools.effectSelected(self.editorNode.GetActiveEffectName())
-
-    # --- markups nodes for prompts (not saved with the scene)
-
-    def pointNode(self, positive):
-        key = "positive" if positive else "negative"
-        node = self.pointNodes.get(key)
-        if node is None or not slicer.mrmlScene.IsNodePresent(node):
-            from SlicerNNInteractiveLib.slicerscene import newPromptNode
-
-            node = self.tools.ourChange(lambda: newPromptNode(
-                slicer.mrmlScene, "vtkMRMLMarkupsFiducialNode", "nnInteractive %s points" % key,
-                POSITIVE_COLOR if positive else NEGATIVE_COLOR))
-            self.addObserver(node, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onPointDefined)
-            self.pointNodes[key] = node
-        return node
-
-    def getLassoNode(self):
-        node = self.lassoNode
-        if node is None or not slicer.mrmlScene.IsNodePresent(node):
-            from SlicerNNInteractiveLib.slicerscene import newPromptNode
-
-            node = self.tools.ourChange(lambda: newPromptNode(
-                slicer.mrmlScene, "vtkMRMLMarkupsClosedCurveNode", "nnInteractive lasso", POSITIVE_COLOR))
-            node.GetDisplayNode().SetLineThickness(0.3)
-            self.lassoNode = node
-            self.tools.watchLasso(node)
-        color = self.polarityColor()
-        node.GetDisplayNode().SetSelectedColor(*color)
-        node.GetDisplayNode().SetColor(*color)
-        return node
-
-    def clearPromptMarkups(self):
-        for node in list(self.pointNodes.values()) + [self.lassoNode]:
-            if node is not None and slicer.mrmlScene.IsNodePresent(node):
-                node.RemoveAllControlPoints()
 
     # --- point
 
@@ -610,21 +557,21 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def processPoints(self, node):
         from SlicerNNInteractiveLib.geometry import GeometryError
-        from SlicerNNInteractiveLib.tools import takeNewPoints
+        from SlicerNNInteractiveLib.tools import removePoint, takeNewPoints
 
-        positive = node is self.pointNodes.get("positive")
-        for n, _, world in takeNewPoints(node):
+        positive = self.prompts.isPositive(node)
+        for _, pointId, world in takeNewPoints(node):
+            unsent = lambda pointId=pointId: removePoint(node, pointId)  # noqa: E731
             try:
-                self.placePoint(world, positive)
+                self.placePoint(world, positive, unsent)
             except GeometryError as exc:
-                node.RemoveNthControlPoint(n)
+                unsent()
                 self.reportError(str(exc))
-                return
 
-    def placePoint(self, world, positive=None):
+    def placePoint(self, world, positive=None, unsent=None):
         """A point prompt at a world RAS position (also used by the self-test)."""
         start = time.perf_counter()
-        return self.submit("point", self.getScene().pointPrompt(world), start, positive)
+        return self.submit("point", self.getScene().pointPrompt(world), start, positive, unsent)
 
     # --- box
 
@@ -654,106 +601,41 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def onLassoClosed(self):
         """The user closed the lasso (double-click or right-click): send it; the tool stays armed."""
         from SlicerNNInteractiveLib.geometry import GeometryError
-        from SlicerNNInteractiveLib.slicerscene import definedWorldPoints
 
-        node = self.getLassoNode()
-        points = [world for _, _, world in definedWorldPoints(node)]
+        start = time.perf_counter()
         try:
-            if len(points) >= 3:
-                self.placeLasso(points)
-            elif points:
-                self.reportError("A lasso needs at least three points: click around the object, then double-click "
-                                 "or right-click to close it.")
+            self.submit("lasso", self.getScene().takeLasso(self.prompts.lasso(self.isPositive())), start)
         except GeometryError as exc:
             self.reportError(str(exc))
         finally:
-            node.RemoveAllControlPoints()
             self.tools.rearm()
 
-    def placeLasso(self, worldPoints):
-        """A lasso prompt from the world positions of a closed outline (also used by the self-test)."""
-        start = time.perf_counter()
-        return self.submit("lasso", self.getScene().lassoPrompt(worldPoints), start)
+    # --- scribble: the Segment Editor's paint brush on a hidden scratch segmentation (scribbletool.py)
 
-    # --- scribble: the Segment Editor's paint brush on a hidden scratch segmentation
+    def scribbleTool(self):
+        if self.scribble is None:
+            from SlicerNNInteractiveLib.scribbletool import ScribbleTool
 
-    def getScratch(self):
-        from SlicerNNInteractiveLib.slicerscene import scratchSegmentation
-
-        node = scratchSegmentation(slicer.mrmlScene, self.sourceVolumeNode(), self.scratchNode, self.polarityColor())
-        if node is not self.scratchNode:
-            self.addObserver(node.GetSegmentation(), slicer.vtkSegmentation.SourceRepresentationModified,
-                             self.onScribblePainted)
-            self.scratchNode = node
-        return node
+            self.scribble = ScribbleTool(self.processScribble, self.addObserver)
+        return self.scribble
 
     def armScribble(self):
-        import qSlicerSegmentationsModuleWidgetsPythonQt
-
-        from SlicerNNInteractiveLib.slicerscene import SCRIBBLE_SEGMENT
-
-        scratch = self.getScratch()
-        if self.scratchEditor is None:
-            self.scratchEditor = qSlicerSegmentationsModuleWidgetsPythonQt.qMRMLSegmentEditorWidget()
-            self.scratchEditor.setMRMLScene(slicer.mrmlScene)
-            self.scratchEditor.setUndoEnabled(False)
-        node = self.scratchEditorNode
-        if node is None or not slicer.mrmlScene.IsNodePresent(node):
-            node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentEditorNode", "nnInteractive scribble editor")
-            node.SetSaveWithScene(False)
-            node.SetHideFromEditors(True)
-            self.scratchEditorNode = node
-        node.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedEverywhere)
-        node.SetOverwriteMode(slicer.vtkMRMLSegmentEditorNode.OverwriteNone)
-        setEditorNodeInputs(node, scratch, self.sourceVolumeNode())
-        node.SetSelectedSegmentID(SCRIBBLE_SEGMENT)
-        self.scratchEditor.setMRMLSegmentEditorNode(node)
-        self.scratchEditor.updateWidgetFromMRML()
-        self.scratchEditor.setActiveEffectByName("Paint")
-        self.configureBrush()
-
-    def configureBrush(self):
-        """Brush diameter = the server's preferred scribble thickness, in voxels of the volume's slice. Never the
-        pixel mode: it writes the segment on every mouse move, which would send a prompt per move."""
-        if self.scratchEditor is None:
-            return
-        effect = self.scratchEditor.activeEffect()
-        if effect is None:
-            return
-        import numpy as np
-
-        thickness = self.logic.scribbleThickness
-        voxels = max(1.0, float(np.max(thickness)) if thickness is not None else 2.0)
-        spacing = self.sourceVolumeNode().GetSpacing()
-        effect.setParameter("BrushSphere", 0)
-        effect.setParameter("BrushPixelMode", 0)
-        effect.setParameter("BrushDiameterIsRelative", 0)
-        effect.setParameter("BrushAbsoluteDiameter", voxels * min(spacing))
-
-    def onScribblePainted(self, caller, event):
-        if self.tools.active == "scribble":
-            qt.QTimer.singleShot(0, self.processScribble)
+        self.scribbleTool().arm(self.sourceVolumeNode(), self.polarityColor(), self.logic.scribbleThickness)
 
     def processScribble(self):
         from SlicerNNInteractiveLib.geometry import GeometryError
         from SlicerNNInteractiveLib.slicerscene import SCRIBBLE_SEGMENT
 
         start = time.perf_counter()
-        scratch = self.scratchNode
-        if scratch is None:
-            return
         try:
-            args = self.getScene().takeScribble(scratch, SCRIBBLE_SEGMENT)
+            self.submit("scribble", self.getScene().takeScribble(self.scribble.node, SCRIBBLE_SEGMENT), start)
         except GeometryError as exc:
             self.reportError(str(exc))
-            return
-        if args is not None:
-            self.submit("scribble", args, start)
 
     # ------------------------------------------------------------------ polarity, segments, undo
 
     def isPositive(self):
-        return self.controller.positive if self.controller is not None else not self.ui.negativeButton.checked
+        return self.polarity.positive
 
     def polarityColor(self):
         return POSITIVE_COLOR if self.isPositive() else NEGATIVE_COLOR
@@ -767,32 +649,33 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             button.setStyleSheet(style)
 
     def onTogglePolarity(self):
-        self.setPolarity(not self.isPositive())
+        self.polarity.toggle()
 
     def setPolarity(self, positive):
-        self.getController().set_positive(positive)
+        self.polarity.set(positive)
+
+    def onPolarityChanged(self, positive):
+        """Whoever changed it (T, the buttons, a new or reset segment): the buttons, the armed tool and the status
+        follow."""
+        from SlicerNNInteractiveLib.presenter import tool_text
+
         self.updatePolarityUI()
         self.followPolarity()
+        self.setStatus(tool_text(self.tools.active, positive))
 
     def followPolarity(self):
         """The armed tool follows the polarity: points go to the other node, the box and strokes change color."""
-        tool = self.tools.active
-        if tool == "point":
-            self.tools.arm("point", self.pointNode(self.isPositive()))
-        elif tool == "box" and self.boxTool is not None:
-            self.boxTool.color = self.polarityColor()
-        elif tool == "scribble":
-            self.getScratch()
-        elif tool == "lasso":
-            self.getLassoNode()
+        follow = {"point": lambda: self.tools.arm("point", self.prompts.points(self.isPositive())),
+                  "box": lambda: setattr(self.boxTool, "color", self.polarityColor()),
+                  "scribble": lambda: self.scribble.scratch(self.sourceVolumeNode(), self.polarityColor()),
+                  "lasso": lambda: self.prompts.lasso(self.isPositive())}
+        follow.get(self.tools.active, lambda: None)()
 
     def onNextSegment(self):
         """A new empty segment (no server needed); prompts positive again."""
         self.ensureSegmentationNode()
         key = self.getController().next_segment()
-        self.clearPromptMarkups()
-        self.updatePolarityUI()
-        self.followPolarity()
+        self.prompts.clear()
         self.setStatus("New segment: prompts go to %s." % key)
 
     def onResetSegment(self):
@@ -801,10 +684,19 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             return
         self.getController().reset_segment()
         self.startTicking()
-        self.clearPromptMarkups()
-        self.updatePolarityUI()
-        self.followPolarity()
+        self.prompts.clear()
         self.setStatus("Segment reset (Ctrl+Z brings it back).")
+
+    def onAutoRun(self, on):
+        """Off: prompts are only added on the server; Run predicts once with all of them (napari's Manual
+        control)."""
+        self.getController().auto_run = on
+        self.ui.predictButton.enabled = not on
+
+    def onPredict(self):
+        if self.volumeChosen() and self.mayConnect():
+            self.getController().predict()
+            self.startTicking()
 
     def onUndo(self):
         """The last prompt, in step with the server; with none, the Segment Editor's own undo (hand edits, a
@@ -818,67 +710,46 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def updateAutoModels(self, models):
         """List the server's automatic models (None: a server without them, or not asked yet)."""
-        self.autoModels = list(models or [])
+        self.auto.listed(models)
         combo = self.ui.autoModelComboBox
         combo.blockSignals(True)
         combo.clear()
-        for model in self.autoModels:
-            combo.addItem(model.get("name") or model["id"], model["id"])
+        for label, modelId in self.auto.items():
+            combo.addItem(label, modelId)
         combo.blockSignals(False)
-        self.ui.runAutoButton.enabled = bool(self.autoModels)
-        self.ui.cancelAutoButton.enabled = False
-        if models is None:
-            self.ui.autoInfoLabel.text = "Test connection (Configuration tab) lists the server's automatic models."
-        elif not self.autoModels:
-            self.ui.autoInfoLabel.text = "This server runs no automatic models."
-        else:
-            self.onAutoModelChanged(combo.currentIndex)
+        self.onAutoModelChanged(combo.currentIndex)
 
     def onAutoModelChanged(self, index):
-        if not 0 <= index < len(self.autoModels):
-            return
-        model = self.autoModels[index]
-        labels = ", ".join(label.get("name", "") for label in model.get("labels") or [])
-        text = "Segments: %s." % labels if labels else ""
-        if model.get("license"):
-            text += " License: %s" % model["license"]
-        self.ui.autoInfoLabel.text = text.strip()
+        self.ui.autoInfoLabel.text = self.auto.info(index)
+        self.updateAutoButtons()
+
+    def updateAutoButtons(self):
+        running = self.controller.auto_pending() if self.controller is not None else 0
+        run, cancel = self.auto.buttons(self.ui.autoModelComboBox.currentIndex, running)
+        self.ui.runAutoButton.enabled, self.ui.cancelAutoButton.enabled = run, cancel
 
     def onRunAuto(self):
         """Run the chosen model on the source volume through the session (no second upload)."""
-        index = self.ui.autoModelComboBox.currentIndex
-        if not 0 <= index < len(self.autoModels):
-            return
-        if self.sourceVolumeNode() is None:
-            self.reportError(NO_VOLUME)
-            return
-        if not self.mayConnect():
+        model = self.auto.model(self.ui.autoModelComboBox.currentIndex)
+        if model is None or not self.volumeChosen() or not self.mayConnect():
             return
         self.ensureSegmentationNode()
-        model = self.autoModels[index]
-        self.getController().auto_segment(model["id"])
-        self.ui.cancelAutoButton.enabled = True
-        self.setStatus("Automatic segmentation with %s..." % (model.get("name") or model["id"]))
+        self.getController().auto_segment(model["id"], label=model.get("name") or model["id"])
+        self.setStatus(self.auto.started(model))
+        self.updateAutoButtons()
         self.startTicking()
 
     def onCancelAuto(self):
         if self.controller is not None and self.controller.cancel_auto():
             self.setStatus("Automatic segmentation cancelled.")
-        self.ui.cancelAutoButton.enabled = False
+        self.updateAutoButtons()
 
     # ------------------------------------------------------------------ timings
 
     def onShowTimings(self):
-        from SlicerNNInteractiveLib.controller import format_timing
-        from SlicerNNInteractiveLib.timing import format_summary, summarize
+        from SlicerNNInteractiveLib.timing import report
 
-        records = list(self.controller.timings) if self.controller is not None else []
-        if not records:
-            text = "No prompt has run yet."
-        else:
-            text = format_summary(summarize(records), phases=("prepare_ms", "upload_image_ms", "exchange_ms",
-                                                               "server_total_ms", "apply_ms", "total_ms"))
-            text += "\n\nLast prompts:\n" + "\n".join(format_timing(t) for t in records[-30:])
+        text = report(list(self.controller.timings) if self.controller is not None else [])
         dialog = qt.QDialog(slicer.util.mainWindow())
         dialog.setWindowTitle("nnInteractive timings")
         layout = qt.QVBoxLayout(dialog)
@@ -891,198 +762,22 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         dialog.resize(900, 400)
         dialog.exec_()
 
-    def onRunTiming(self):
-        """The paper's timing experiment on volumes it builds itself (no source volume needed). The module's own
-        session is released first, so that a server with --max-sessions 1 can run it."""
-        if not self.mayConnect():
-            return
-        if not slicer.util.confirmOkCancelDisplay(
-                "The timing experiment adds synthetic volumes of 3 sizes, runs every prompt type %d times on each "
-                "and removes them again. It can take minutes. Continue?" % self.ui.repetitionsSpinBox.value):
-            return
-        self.disarmTool()
+    # ------------------------------------------------------------------ server
+
+    def disconnect(self):
+        """Release the server session (the next prompt claims a new one)."""
         if self.controller is not None:
             self.controller.disconnect()
-        with slicer.util.tryWithErrorDisplay("The timing experiment failed.", waitCursor=True):
-            reps = self.ui.repetitionsSpinBox.value
-            text = self.logic.runTimingExperiment(self.serverUrl(), self.apiKey(), reps=reps,
-                                                  sizes=self.logic.timingSizes)
-            slicer.util.infoDisplay("Timing experiment (milliseconds, mean +- std):", windowTitle="nnInteractive",
-                                    detailedText=text)
 
-    # ------------------------------------------------------------------ configuration
+    def onServerChanged(self):
+        """Another server, key or authority: the session and the old server's models are not the new one's."""
+        self.disconnect()
+        self.updateAutoModels(None)
 
-    def onServerSettingsChanged(self):
-        from SlicerNNInteractiveLib.urls import normalize_url
-
-        text = self.ui.serverUrlLineEdit.text.strip()
-        try:
-            url = normalize_url(text or DEFAULT_URL)
-        except ValueError as exc:
-            self.ui.connectionInfoLabel.text = str(exc)
-            return
-        if url != text:
-            self.ui.serverUrlLineEdit.text = url
-        apiKey, bundle = self.ui.apiKeyLineEdit.text.strip(), self.ui.caBundlePathLineEdit.currentPath.strip()
-        changed = (url != settingValue("ServerURL", DEFAULT_URL) or apiKey != settingValue("APIKey", "")
-                   or bundle != settingValue("CABundle", ""))
-        setSettingValue("ServerURL", url)
-        setSettingValue("APIKey", apiKey)
-        setSettingValue("CABundle", bundle)
-        if changed:
-            if self.controller is not None:
-                self.controller.disconnect()
-            self.ui.connectionInfoLabel.text = ""
-        self.updateConsentCheckBox()
-        self.updateServerSummary()
-
-    def onShowApiKey(self, show):
-        self.ui.apiKeyLineEdit.echoMode = qt.QLineEdit.Normal if show else qt.QLineEdit.Password
-
-    def onTestConnection(self):
-        self.onServerSettingsChanged()
-        try:
-            self.logic.ensureDependencies(ask=True)
-            url, apiKey = self.serverUrl(), self.apiKey()
-        except Exception as exc:
-            self.ui.connectionInfoLabel.text = "Failed: %s" % exc
-            return
-        self.ui.connectionInfoLabel.text = "Connecting to %s..." % url
-        self.ui.testConnectionButton.enabled = False
-        from SlicerNNInteractiveLib.background import BackgroundCall
-        from SlicerNNInteractiveLib.client import check_server
-
-        bundle = caBundle()
-        self.connectionCheck = BackgroundCall(lambda: check_server(url, api_key=apiKey, ca_bundle=bundle))
-        if self.connectionTimer is None:
-            self.connectionTimer = qt.QTimer()
-            self.connectionTimer.setInterval(20)
-            self.connectionTimer.connect("timeout()", self.onTestConnectionPoll)
-        self.connectionTimer.start()
-
-    def onTestConnectionPoll(self):
-        call = self.connectionCheck
-        if call is None or not call.poll():
-            return
-        self.connectionTimer.stop()
-        self.connectionCheck = None
-        self.ui.testConnectionButton.enabled = True
-        if call.error is not None:
-            self.ui.connectionInfoLabel.text = "Failed: %s" % call.error
-            return
-        info = call.result
-        self.ui.connectionInfoLabel.text = self.logic.describeServer(info)
+    def onServerDescribed(self, info):
+        """Test connection's answer (client.check_server): the automatic models, the scribble thickness."""
         self.updateAutoModels(info.get("models"))
-        if info.get("preferred_scribble_thickness") is not None:
-            self.logic.scribbleThickness = info["preferred_scribble_thickness"]
-        self.updateServerSummary(info)
-
-    def updateServerSummary(self, info=None):
-        try:
-            url = self.serverUrl()
-        except ValueError:
-            url = self.ui.serverUrlLineEdit.text
-        text = "Server: %s" % url
-        if info:
-            model = info.get("model") or info.get("server") or ""
-            if model:
-                text += " (%s)" % model
-        self.ui.serverSummaryLabel.text = text
-
-    def consentedServers(self):
-        value = settingValue("ConsentedServers", [])
-        if isinstance(value, str):
-            value = [value] if value else []
-        return list(value or [])
-
-    def updateConsentCheckBox(self):
-        from SlicerNNInteractiveLib.urls import is_local_url
-
-        try:
-            url = self.serverUrl()
-            local = is_local_url(url)
-        except ValueError:
-            url, local = None, False
-        self.ui.consentCheckBox.blockSignals(True)
-        self.ui.consentCheckBox.checked = local or (url in self.consentedServers())
-        self.ui.consentCheckBox.enabled = url is not None and not local
-        self.ui.consentCheckBox.toolTip = ("The server is on this computer: nothing leaves it." if local else
-                                           "Images and segments are sent to %s for processing." % url)
-        self.ui.consentCheckBox.blockSignals(False)
-
-    def onConsentToggled(self, checked):
-        try:
-            url = self.serverUrl()
-        except ValueError:
-            return
-        servers = [s for s in self.consentedServers() if s != url]
-        if checked:
-            servers.append(url)
-        setSettingValue("ConsentedServers", servers)
-
-    def ensureConsent(self, url, interactive=True):
-        """Slicer's catalog requires explicit consent before data leaves the computer: ask once per server."""
-        from SlicerNNInteractiveLib.urls import is_local_url
-
-        if is_local_url(url) or url in self.consentedServers():
-            return True
-        if not interactive:
-            return False
-        answer = slicer.util.confirmYesNoDisplay(
-            "nnInteractive sends the volume you segment (and your segment) to the server at\n\n    %s\n\n"
-            "for processing. This server is not on this computer. Only send data you may share with it.\n\n"
-            "Allow sending images to this server? (You can change this in the Configuration tab.)" % url,
-            windowTitle="nnInteractive: send images to a server?")
-        if answer:
-            setSettingValue("ConsentedServers", self.consentedServers() + [url])
-            self.updateConsentCheckBox()
-        return bool(answer)
-
-    # --- local server
-
-    def onStartLocalServer(self):
-        executable = self.ui.executablePathLineEdit.currentPath.strip()
-        arguments = self.ui.extraArgumentsLineEdit.text
-        setSettingValue("LocalServerExecutable", executable)
-        setSettingValue("LocalServerArguments", arguments)
-        self.onStopLocalServer()
-        try:
-            self.localServer = self.logic.startLocalServer(executable, arguments)
-        except Exception as exc:
-            self.ui.localServerStatusLabel.text = "Could not start: %s" % exc
-            return
-        self.ui.serverUrlLineEdit.text = self.localServer.url
-        self.ui.apiKeyLineEdit.text = self.localServer.api_key
-        self.onServerSettingsChanged()
-        self.localServerTimer = qt.QTimer()
-        self.localServerTimer.setInterval(500)
-        self.localServerTimer.connect("timeout()", self.onLocalServerPoll)
-        self.localServerTimer.start()
-        self.onLocalServerPoll()
-
-    def onLocalServerPoll(self):
-        if self.localServer is None:
-            return
-        state, message = self.localServer.status()
-        self.ui.localServerStatusLabel.text = message
-        if state != "starting" and self.localServerTimer is not None:
-            self.localServerTimer.stop()
-            if state == "failed":
-                self.reportError("The local server could not start.", message)
-            elif state == "ready":
-                self.onTestConnection()
-
-    def onStopLocalServer(self):
-        if self.localServerTimer is not None:
-            self.localServerTimer.stop()
-            self.localServerTimer = None
-        if self.localServer is not None:
-            if self.controller is not None and self.localServer.url == settingValue("ServerURL", ""):
-                self.controller.disconnect()
-            self.localServer.stop()
-            self.localServer = None
-            if self.ui is not None:
-                self.ui.localServerStatusLabel.text = "Not running."
+        self.logic.scribbleThickness = info.get("preferred_scribble_thickness") or self.logic.scribbleThickness
 
 
 #
@@ -1129,24 +824,6 @@ class SlicerNNInteractiveLogic(ScriptedLoadableModuleLogic):
         return RemoteSession(url, api_key=apiKey, ca_bundle=caBundle())
 
     @staticmethod
-    def describeServer(info):
-        lines = ["Connected."]
-        for key, label in (("server", "Server"), ("version", "Version"), ("model", "Model"),
-                           ("license", "License")):
-            value = info.get(key)
-            if value:
-                lines.append("%s: %s" % (label, value))
-        prompts = info.get("supported_interactions") or []
-        if prompts:
-            lines.append("Prompts: %s" % ", ".join(prompts))
-        if info.get("preferred_scribble_thickness") is not None:
-            lines.append("Scribble thickness: %s voxels" % (info["preferred_scribble_thickness"],))
-        lines.append("Undo on the server: %s" % ("yes" if info.get("supports_undo") else "no"))
-        if info.get("models"):
-            lines.append("Automatic models: %s" % ", ".join(m.get("name") or m["id"] for m in info["models"]))
-        return "\n".join(lines)
-
-    @staticmethod
     def startLocalServer(executable, arguments=""):
         from SlicerNNInteractiveLib.localserver import LocalServer, split_arguments
 
@@ -1172,8 +849,10 @@ class SlicerNNInteractiveLogic(ScriptedLoadableModuleLogic):
         volumeNode.SetIJKToRASDirectionMatrix(m)
         return volumeNode
 
-    def runTimingExperiment(self, url=None, apiKey=None, reps=10, sizes=("S", "M", "L"), kinds=None, log=None):
-        """The paper's timing experiment inside Slicer, on real volume and segmentation nodes.
+    def runTimingExperiment(self, url=None, apiKey=None, reps=10, sizes=("S", "M", "L"), kinds=None, log=None,
+                            stop=None):
+        """The paper's timing experiment inside Slicer, on real volume and segmentation nodes. ``stop()``: checked
+        while it waits; true stops it (the scene is closing).
 
         From the Python console::
 
@@ -1215,7 +894,7 @@ class SlicerNNInteractiveLogic(ScriptedLoadableModuleLogic):
 
         try:
             records = timing.run(makeScene, makeController, sizes=sizes, kinds=kinds or timing.KINDS, reps=reps,
-                                 pump=slicer.app.processEvents, log=log,
+                                 pump=lambda: timing.pump_until(slicer.app.processEvents, stop), log=log,
                                  thickness=self.scribbleThickness or (2, 2, 2))
         finally:
             for node in created:
@@ -1289,7 +968,9 @@ class SlicerNNInteractiveTest(ScriptedLoadableModuleTest):
             from SlicerNNInteractiveLib.client import check_server
 
             info = check_server(url, api_key=apiKey, ca_bundle=caBundle())
-            self.delayDisplay("Server: %s" % SlicerNNInteractiveLogic.describeServer(info).replace("\n", "; "))
+            from SlicerNNInteractiveLib.settings import describe
+
+            self.delayDisplay("Server: %s" % describe(info).replace("\n", "; "))
             self.runPrompts(url, apiKey, np, timing)
         finally:
             if localServer is not None:
@@ -1306,12 +987,11 @@ class SlicerNNInteractiveTest(ScriptedLoadableModuleTest):
         slicer.util.setSliceViewerLayers(background=volumeNode, fit=True)
         slicer.util.selectModule("SlicerNNInteractive")
         widget = slicer.modules.SlicerNNInteractiveWidget
-        widget.quietErrors = []
+        widget.messages.dialog = None  # errors collected in widget.messages.collected, not shown
         widget.ui.serverUrlLineEdit.text = url
         widget.ui.apiKeyLineEdit.text = apiKey or ""
-        widget.onServerSettingsChanged()
-        if url not in widget.consentedServers():
-            setSettingValue("ConsentedServers", widget.consentedServers() + [url])
+        widget.config.onServerSettingsChanged()
+        widget.settings.set_consent(url, True)
         segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
         segmentationNode.CreateDefaultDisplayNodes()
         segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
@@ -1346,10 +1026,10 @@ class SlicerNNInteractiveTest(ScriptedLoadableModuleTest):
         # point, through the markups node as a click would place it
         self.delayDisplay("Point prompt")
         widget.activateTool("point")
-        widget.pointNode(True).AddControlPointWorld(vtk.vtkVector3d(*center))
+        widget.prompts.points(True).AddControlPointWorld(vtk.vtkVector3d(*center))
         slicer.app.processEvents()
         self.waitIdle(widget)
-        self.assertEqual(widget.quietErrors, [])
+        self.assertEqual(widget.messages.collected, [])
         self.assertIsNotNone(scene.selected_segment(), "a segment was created for the prompt")
         afterPoint = segment()
         if strict:
@@ -1361,7 +1041,7 @@ class SlicerNNInteractiveTest(ScriptedLoadableModuleTest):
         widget.activateTool("box")
         widget.placeBox(redNode, world(i - 20, j - 22, k), world(i + 20, j + 22, k))
         self.waitIdle(widget)
-        self.assertEqual(widget.quietErrors, [])
+        self.assertEqual(widget.messages.collected, [])
         self.delayDisplay("Box: Dice %.2f" % dice(segment()))
 
         # negative point outside the object, then undo restores the segment
@@ -1382,10 +1062,10 @@ class SlicerNNInteractiveTest(ScriptedLoadableModuleTest):
         widget.activateTool("scribble")
         stroke = np.zeros(image.shape, np.uint8)
         stroke[k, j - 1:j + 2, i - 8:i + 8] = 1
-        slicer.util.updateSegmentBinaryLabelmapFromArray(stroke, widget.getScratch(), SCRIBBLE_SEGMENT, volumeNode)
+        slicer.util.updateSegmentBinaryLabelmapFromArray(stroke, widget.scribble.node, SCRIBBLE_SEGMENT, volumeNode)
         slicer.app.processEvents()
         self.waitIdle(widget)
-        self.assertEqual(widget.quietErrors, [])
+        self.assertEqual(widget.messages.collected, [])
         if strict:
             self.assertTrue(segment()[k, j, i])
         self.delayDisplay("Scribble: Dice %.2f" % dice(segment()))
@@ -1394,7 +1074,7 @@ class SlicerNNInteractiveTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Lasso prompt")
         widget.onNextSegment()
         widget.activateTool("lasso")
-        lasso = widget.getLassoNode()
+        lasso = widget.prompts.lasso(True)
         for n in range(16):
             a = 2 * np.pi * n / 16
             lasso.AddControlPointWorld(vtk.vtkVector3d(*world(i + 18 * np.cos(a), j + 20 * np.sin(a), k)))
@@ -1402,7 +1082,7 @@ class SlicerNNInteractiveTest(ScriptedLoadableModuleTest):
         lasso.Modified()
         slicer.app.processEvents()
         self.waitIdle(widget)
-        self.assertEqual(widget.quietErrors, [])
+        self.assertEqual(widget.messages.collected, [])
         if strict:
             self.assertTrue(segment()[k, j, i])
         self.delayDisplay("Lasso: Dice %.2f" % dice(segment()))
@@ -1419,7 +1099,7 @@ class SlicerNNInteractiveTest(ScriptedLoadableModuleTest):
         before = segment()
         widget.onBox(layoutManager.sliceWidget("Red"), world(i - 5, j - 5, k), world(i + 5, j + 5, k))
         self.waitIdle(widget)
-        self.assertTrue(widget.quietErrors and "not aligned" in widget.quietErrors[-1])
+        self.assertTrue(widget.messages.collected and "not aligned" in widget.messages.collected[-1])
         self.assertTrue(np.array_equal(segment(), before))
-        widget.quietErrors = None
+        widget.messages.dialog = lambda message, details: slicer.util.errorDisplay(message)
         self.delayDisplay("nnInteractive self-test passed")

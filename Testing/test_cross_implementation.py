@@ -162,3 +162,46 @@ def test_streamed_upload_on_an_expired_lease_reads_as_expired(servers):
     with pytest.raises(SessionExpiredError):
         s.set_image(big_image())
     s.close()
+
+
+@pytest.mark.parametrize("side", ["ours", "official"])
+def test_prompts_collected_then_one_run_through_the_modules_controller(servers, speckle_model, side):
+    """The module's "Run automatically" off (napari's Manual control): prompts are only added (run_prediction=False:
+    the segment does not change), then one Run (/predict) gives the in-process session's mask for the same prompts,
+    on our server and on the official one."""
+    from SlicerNNInteractiveLib.controller import Controller
+    from SlicerNNInteractiveLib.scene import ArrayScene
+    from test_equivalence import local_session
+
+    image = make_image()
+    prompts = [("point", {"coordinates": (20, 30, 18)}, True), ("point", {"coordinates": (22, 28, 18)}, False),
+               ("bbox", {"bbox": [[10, 30], [20, 40], [18, 19]]}, True)]
+    local = local_session(speckle_model)
+    expected = np.zeros(image.shape[1:], np.uint8)
+    local.set_image(image)
+    local.set_target_buffer(expected)
+    local.add_point_interaction((20, 30, 18), include_interaction=True, run_prediction=False)
+    local.add_point_interaction((22, 28, 18), include_interaction=False, run_prediction=False)
+    local.add_bbox_interaction([[10, 30], [20, 40], [18, 19]], include_interaction=True, run_prediction=False)
+    local._predict()
+    assert expected.any()
+
+    errors, results = [], []
+    scene = ArrayScene(image[0])
+    controller = Controller(scene, lambda: RemoteSession(servers[side]),
+                            on_error=lambda exc, job, dropped: errors.append(exc),
+                            on_result=lambda job, result, timings: results.append((job.kind, job.run)))
+    controller.auto_run = False
+    try:
+        for kind, args, positive in prompts:
+            controller.submit(kind, args, positive=positive)
+        controller.wait(120)
+        key = scene.selected_segment()
+        assert errors == [] and not scene.read_segment(key).any()  # added, not run
+        controller.predict()
+        controller.wait(120)
+        assert errors == [] and results == [("point", False), ("point", False), ("bbox", False), ("predict", True)]
+        got = scene.read_segment(key)
+        assert np.array_equal(got, expected), "%d voxels differ from in-process" % int((got != expected).sum())
+    finally:
+        controller.close()

@@ -34,6 +34,18 @@ def test_python_39_syntax_and_ascii(path):
                     "%s:%d uses an X | Y annotation, which Python 3.9 cannot evaluate" % (path, node.lineno))
 
 
+def test_the_module_and_its_library_need_no_python_newer_than_3_9():
+    """Slicer 5.6 and 5.8 run Python 3.9. No 3.9 interpreter installs from the registries this project reaches
+    (Debian bookworm has 3.11 only; PyPI has no CPython builds), so vermin, made for this, reads every file of the
+    module and its library for language features, modules, functions and arguments newer than 3.9."""
+    import subprocess
+
+    vermin = os.path.join(os.path.dirname(sys.executable), "vermin")
+    result = subprocess.run([vermin, "--target=3.9-", "--violations", "--no-tips", "--eval-annotations", MODULE_DIR],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_module_file_imports_only_stdlib_and_slicer_at_file_scope():
     path = os.path.join(MODULE_DIR, "SlicerNNInteractive.py")
     tree = ast.parse(open(path).read(), path)
@@ -74,7 +86,8 @@ def test_every_ui_widget_the_module_uses_is_in_the_ui_file():
 
 # The underlined letter of each button is its shortcut (issue: "shown by the underlined letter in its label").
 BUTTON_SHORTCUTS = {"pointButton": "P", "boxButton": "B", "scribbleButton": "S", "lassoButton": "L",
-                    "positiveButton": "T", "negativeButton": "T", "nextSegmentButton": "E", "resetSegmentButton": "R", "undoButton": "Z"}
+                    "positiveButton": "T", "negativeButton": "T", "nextSegmentButton": "E", "resetSegmentButton": "R", "undoButton": "Z",
+                    "predictButton": "N"}
 
 
 def test_each_button_underlines_the_key_of_its_shortcut():

@@ -118,3 +118,28 @@ def test_a_segment_from_an_automatic_model_carries_its_name_colour_and_terminolo
     parts = entry.split("~")  # Slicer's serialization: context~category~type~modifier~anatomic context~region~mod
     assert len(parts) == 7 and parts[1] == "SCT^123037004^Anatomical Structure" and parts[2] == "SCT^10200004^Liver"
     assert scene.selected_segment() == key and scene.spacing() == (1.0, 1.0, 1.0)
+
+
+def test_prompt_nodes_are_found_again_by_role_and_a_lasso_is_taken_once():
+    """A widget after a developer Reload finds the prompt nodes the one before made (no second set); the lasso
+    curve is emptied as it is taken, and fewer than three points say what to do."""
+    import pytest
+
+    from SlicerNNInteractiveLib.geometry import GeometryError
+    from SlicerNNInteractiveLib.slicerscene import PromptNodes
+
+    scene = MrmlScene(np.zeros(SHAPE, np.int16))
+    colors = {True: (0.2, 0.8, 0.35), False: (0.9, 0.25, 0.25)}
+    adopted = []
+    first = PromptNodes(scene.mrml, colors, lambda fn: fn(), adopted.append, adopted.append)
+    positive, lasso = first.points(True), first.lasso(False)
+    assert first.isPositive(positive) and not first.isPositive(first.points(False))
+    assert lasso.GetDisplayNode().GetColor() == colors[False]
+    second = PromptNodes(scene.mrml, colors, lambda fn: fn(), adopted.append, adopted.append)
+    assert second.points(True) is positive and second.lasso(True) is lasso  # found by role, not made again
+    assert len(adopted) == 3 + 2  # each widget takes each node it uses into use (observes it) once
+    for x in (1, 2):
+        lasso.AddControlPointWorld(vtk.vtkVector3d(x, 1.0, 1.0))
+    with pytest.raises(GeometryError, match="three points"):
+        scene.takeLasso(lasso)
+    assert lasso.GetNumberOfControlPoints() == 0 and scene.takeLasso(lasso) is None

@@ -158,3 +158,14 @@ def test_leaving_place_mode_disarms_the_point_tool_and_close_removes_observers()
     n.tools.arm("point", n.positive)
     n.interaction.SwitchToViewTransformMode()
     assert n.tools.active == "point"  # no longer observed
+
+
+@pytest.mark.parametrize("tool", ["box", "scribble"])
+def test_window_level_mode_disarms_the_box_and_the_scribble(tool):
+    """The toolbar's window/level mode (AdjustWindowLevel) is not view-transform mode: Paint deselects itself there,
+    and the box would keep eating the left drags window/level needs."""
+    n = Nodes()
+    n.tools.arm(tool)
+    n.interaction.SetCurrentInteractionMode(n.interaction.AdjustWindowLevel)
+    assert n.tools.active is None and n.disarmed == [(tool, "Slicer's window/level mode was chosen")]
+    assert n.interaction.GetCurrentInteractionMode() == n.interaction.AdjustWindowLevel  # the user's choice stays

@@ -122,6 +122,54 @@ def test_signals_by_signature(app):
     assert "single" in fired and "tick" in fired
 
 
+def test_threads_advance_only_while_gui_thread_python_gives_the_gil_up(app):
+    """Slicer's GUI thread keeps the GIL while it waits in Qt's event loop (PythonQt without thread support), so a
+    thread makes progress only while a callback on the GUI thread releases it (DESIGN.md section 8)."""
+    import threading
+    import time
+
+    qt = app.qt
+    steps = []
+    stop = threading.Event()
+
+    def worker():  # a thread that needs the GIL 40 times, as a network request does between its reads
+        while len(steps) < 40 and not stop.is_set():
+            time.sleep(0.001)
+            steps.append(1)
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    try:
+        app.pump(0.3)  # no Python of ours runs: the thread starves
+        assert len(steps) < 5, "the harness lets threads run freely (%d steps)" % len(steps)
+        timer = qt.QTimer()
+        timer.setInterval(5)
+        timer.connect("timeout()", lambda: time.sleep(0.001))  # what Controller.tick does
+        timer.start()
+        app.pump(10, until=lambda: len(steps) >= 40)
+        timer.stop()
+    finally:
+        stop.set()
+
+
+def test_a_modal_dialog_runs_the_event_loop_and_dialogs_can_stack(app):
+    import slicer
+
+    qt = app.qt
+    ticks = []
+    timer = qt.QTimer()
+    timer.setInterval(5)
+    timer.connect("timeout()", lambda: ticks.append(1))
+    timer.start()
+    slicer.util.infoDisplay("first")
+    assert ticks, "timers fire while a modal dialog is open (QDialog::exec runs a nested event loop)"
+    timer.stop()
+    qt.QTimer.singleShot(0, lambda: slicer.util.errorDisplay("second, shown over the first"))
+    slicer.util.infoDisplay("first again")
+    assert [(s.text, s.depth) for s in app.shown()][-2:] == [("first again", 1), ("second, shown over the first", 2)]
+    assert app.dialogs.max_depth == 2
+
+
 def test_exceptions_in_callbacks_fail_the_test(app):
     qt = app.qt
     button = qt.QPushButton()
@@ -341,6 +389,133 @@ def test_segment_editor_510_sets_the_source_volume_directly():
         editor.setSegmentationNode(hidden)
         editor.setSourceVolumeNode(volume)
         assert editor.sourceVolumeNode() is volume and not harness.critical_messages
+
+
+def paint_ready_editor(app, hidden=False):
+    """An editor (its own node) on a volume and a segmentation with one selected segment, Paint active."""
+    import slicer
+    import qSlicerSegmentationsModuleWidgetsPythonQt as widgets
+
+    volume = add_volume()
+    slicer.util.setSliceViewerLayers(background=volume, fit=True)
+    segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    segmentation.CreateDefaultDisplayNodes()
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    segmentation.GetSegmentation().AddEmptySegment("s", "s")
+    segmentation.SetHideFromEditors(hidden)
+    node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    editor = widgets.qMRMLSegmentEditorWidget()
+    editor.setMRMLScene(slicer.mrmlScene)
+    editor.setMRMLSegmentEditorNode(node)
+    node.SetAndObserveSegmentationNode(segmentation)
+    node.SetAndObserveSourceVolumeNode(volume)
+    node.SetSelectedSegmentID("s")
+    editor.setActiveEffectByName("Paint")
+    paint = editor.activeEffect()
+    paint.setParameter("BrushDiameterIsRelative", 0)
+    paint.setParameter("BrushAbsoluteDiameter", 2.0)
+    return editor, segmentation, volume
+
+
+def test_paint_is_driven_by_the_views_interactor_events(app):
+    """A drag in a slice view reaches the Paint effect through the view's interactor (priority 1.0 observers of
+    setupViewObservations), paints along the stroke on release, and aborts the events it takes."""
+    import slicer
+
+    editor, segmentation, volume = paint_ready_editor(app)
+    red = app.layout_manager.sliceWidget("Red")
+    red.mrmlSliceNode().JumpSliceByCentering(*volume_world(volume, (10, 12, 4)))
+    placed = []
+    red.sliceView().interactor().AddObserver("LeftButtonReleaseEvent", lambda c, e: placed.append(e), 0.0)
+    start, end = app.view_pixel("Red", volume_world(volume, (6, 12, 4))), app.view_pixel("Red", volume_world(volume, (14, 12, 4)))
+    app.drag("Red", start, end)
+    painted = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, "s", volume)
+    assert painted[4, 12, 6:15].all() and not painted[3].any() and not painted[5].any()  # one slice, the stroke
+    assert placed == [] and editor.activeEffect().strokes == 1  # the release went to Paint, not to the style
+    editor.undo()
+    assert not slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, "s", volume).any()
+    segmentation.GetDisplayNode().SetViewNodeIDs([app.layout_manager.sliceWidget("Yellow").mrmlSliceNode().GetID()])
+    editor.setupViewObservations()  # not displayable in Red any more: Red is not observed
+    app.drag("Red", start, end)
+    assert editor.activeEffect().strokes == 1 and placed == ["LeftButtonReleaseEvent"]
+
+
+def volume_world(volume, ijk):
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(m)
+    return list(m.MultiplyPoint(list(ijk) + [1]))[:3]
+
+
+def test_a_scene_batch_resets_an_editor_on_a_hidden_segmentation(app):
+    """qMRMLSegmentEditorWidget::onMRMLSceneEndBatchProcessEvent: the editor node gets the combo box's segmentation,
+    which never holds a hidden one: the effect is deactivated."""
+    import slicer
+
+    editor, segmentation, volume = paint_ready_editor(app, hidden=True)
+    assert editor.activeEffect() is not None
+    slicer.mrmlScene.StartState(slicer.mrmlScene.BatchProcessState)
+    slicer.mrmlScene.EndState(slicer.mrmlScene.BatchProcessState)
+    assert editor.activeEffect() is None and editor.mrmlSegmentEditorNode().GetSegmentationNode() is None
+
+
+def test_a_layout_change_adds_views_and_the_editor_observes_them(app):
+    import slicer
+
+    editor, segmentation, volume = paint_ready_editor(app)
+    app.layout_manager.setLayout(21)  # three over three: Red+, Green+, Yellow+ are new
+    assert set(app.layout_manager.sliceViewNames()) == {"Red", "Yellow", "Green", "Red+", "Green+", "Yellow+"}
+    new = app.layout_manager.sliceWidget("Red+")
+    assert new.mrmlSliceCompositeNode().GetBackgroundVolumeID() == volume.GetID()  # the source volume is shown
+    new.mrmlSliceNode().JumpSliceByCentering(*volume_world(volume, (10, 12, 4)))
+    app.drag("Red+", app.view_pixel("Red+", volume_world(volume, (6, 12, 4))),
+             app.view_pixel("Red+", volume_world(volume, (14, 12, 4))))
+    assert slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, "s", volume)[4, 12, 6:15].all()
+
+
+def test_the_editors_keyboard_shortcuts(app):
+    editor, segmentation, volume = paint_ready_editor(app)
+    editor.setActiveEffect(None)
+    editor.installKeyboardShortcuts()
+    assert app.press("1")  # the first effect: Paint
+    assert editor.activeEffect() is not None and editor.activeEffect().name() == "Paint"
+    app.press("Escape")
+    assert editor.activeEffect() is None
+    editor.uninstallKeyboardShortcuts()
+    app.pump()
+    app.press("1")
+    assert editor.activeEffect() is None
+
+
+def test_markups_placement_goes_through_a_preview_point(app):
+    """vtkSlicerMarkupsWidget in place mode: the preview point follows the mouse, a click places it, leaving place
+    mode removes the preview; a double click places its first click's point, then stops placing and modifies the
+    node."""
+    import slicer
+
+    node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsClosedCurveNode")
+    node.CreateDefaultDisplayNodes()
+    events = []
+    for name in ("PointAddedEvent", "PointPositionDefinedEvent", "PointRemovedEvent", "ModifiedEvent"):
+        event = getattr(slicer.vtkMRMLMarkupsNode, name, name)
+        node.AddObserver(event, lambda c, e, name=name: events.append(name))
+    selection = slicer.app.applicationLogic().GetSelectionNode()
+    selection.SetReferenceActivePlaceNodeClassName(node.GetClassName())
+    selection.SetActivePlaceNodeID(node.GetID())
+    interaction = slicer.app.applicationLogic().GetInteractionNode()
+    interaction.SwitchToPersistentPlaceMode()
+    app.mouse("Red", "move", 100, 100, button=app.qt.Qt.NoButton)
+    assert node.GetNumberOfControlPoints() == 1 and node.GetNthControlPointPositionStatus(0) == node.PositionPreview
+    assert events[0] == "PointAddedEvent"
+    app.click("Red", 120, 100)
+    app.mouse("Red", "move", 140, 110, button=app.qt.Qt.NoButton)
+    assert [node.GetNthControlPointPositionStatus(n) for n in range(2)] == [node.PositionDefined, node.PositionPreview]
+    del events[:]
+    app.double_click("Red", 160, 120)
+    assert interaction.GetCurrentInteractionMode() == interaction.ViewTransform
+    assert node.GetNumberOfDefinedControlPoints() == 2 and node.GetNumberOfControlPoints() == 2  # no preview left
+    assert "PointPositionDefinedEvent" in events and events[-1] == "ModifiedEvent"  # placed, then stopped
 
 
 def test_place_point_needs_place_mode(app):

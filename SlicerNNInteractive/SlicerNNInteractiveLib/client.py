@@ -28,9 +28,11 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from . import protocol as P
+from .compat import version_problem
 from .errors import (
     BackendLostError,
     BadRequestError,
+    IncompatibleServerError,
     NNInteractiveError,
     NotAServerError,
     ServerAtCapacityError,
@@ -119,6 +121,13 @@ def _cause(exc):
 
 
 GATEWAY_CODES = (502, 503, 504)  # what a proxy or balancer answers when the server behind it failed
+GATEWAY_REASONS = {  # what each of them means for the user
+    502: "the server behind it gave no valid answer: it is down or restarting, or it speaks another protocol than "
+         "the proxy expects (https behind a proxy set up for http, or the other way round)",
+    503: "it has no server available behind it (all down, draining or full)",
+    504: "the server behind it did not answer within the proxy's time limit (the proxy's timeout is shorter than "
+         "the request: an image upload, a prediction waiting for the GPU, an automatic model)",
+}
 
 
 class _Http:
@@ -234,14 +243,12 @@ class _Http:
         if code in GATEWAY_CODES and not ours:  # our server never answers 502 / 504, and its 503s carry its JSON
             if of_session:
                 raise BackendLostError(
-                    "A proxy or load balancer in front of %s answered HTTP %d to %s: the server holding this session "
-                    "stopped or cannot be reached%s." % (self.server_url, code, path, "" if code != 504 else
-                                                          ", or took longer than the balancer waits for an answer"))
+                    "A proxy or load balancer in front of %s answered HTTP %d to %s: %s. This session's server is "
+                    "lost; the module continues on a new one." % (self.server_url, code, path, GATEWAY_REASONS[code]))
             if code != 503 or path != P.PATH_CLAIM:
                 raise ServerUnreachableError(
-                    "A proxy or load balancer at %s answered HTTP %d to %s: no nnInteractive server behind it "
-                    "answered. Try again in a moment; if it persists, ask the operator whether the servers run."
-                    % (self.server_url, code, path))
+                    "A proxy or load balancer at %s answered HTTP %d to %s: %s. Try again in a moment; if it persists, "
+                    "ask the operator." % (self.server_url, code, path, GATEWAY_REASONS[code]))
         if code == 401:
             raise UnauthorizedError(
                 "The server refused the API key (%s). Enter the key the server was started with "
@@ -253,16 +260,23 @@ class _Http:
         if code == 503 and path == P.PATH_CLAIM:
             retry = resp.headers.get("Retry-After")
             mine = "--max-sessions-per-user" in (detail or "")  # this user's own sessions, not everyone's
+            when = "in %s s" % retry if retry else "later"
             raise ServerAtCapacityError(
                 ("You hold as many sessions as this server allows one user (%s). Close one (another Slicer or script "
                  "of yours), or try again %s." if mine else
                  "The server is serving its maximum number of users (%s). Try again %s, or ask its operator to "
-                 "raise --max-sessions.") % (detail or "at capacity", "in %s s" % retry if retry else "later"),
+                 "raise --max-sessions.") % (detail or "at capacity", when) if ours else
+                "A proxy or load balancer at %s answered HTTP 503 to %s: %s. Try again %s; if it persists, ask the "
+                "operator." % (self.server_url, path, GATEWAY_REASONS[503], when),
                 retry_after=float(retry) if retry and retry.replace(".", "", 1).isdigit() else None)
+        if code == 404 and path in (P.PATH_HEALTHZ, P.PATH_CLAIM, P.PATH_CAPABILITIES):
+            raise NotAServerError(_not_found(self.server_url, path))
         if not ours:
+            page = resp.content[:1] == b"<" or "html" in resp.headers.get("content-type", "")
             raise NotAServerError(
-                "%s answered HTTP %d to %s, not like an nnInteractive server. Check the URL (and any proxy)."
-                % (self.server_url, code, path))
+                "%s answered HTTP %d to %s %s, not like an nnInteractive server. Check the URL (host, port and "
+                "path), and any proxy in between (NO_PROXY)." % (self.server_url, code, path,
+                                                                   "with a web page" if page else "in another format"))
         if code < 500:
             raise BadRequestError("The server refused the request: %s" % detail, status_code=code)
         raise ServerError("The server failed (HTTP %d): %s" % (code, detail))
@@ -313,6 +327,10 @@ class RemoteSession:
         # Servers behind a balancer may pin a session with a cookie set at claim time; requests keeps it.
 
         caps = self._http.call("GET", P.PATH_CAPABILITIES).json()
+        problem = version_problem(caps.get("inference_session_version"), self.server_url)
+        if problem is not None:
+            self.close()  # the lease goes back at once
+            raise IncompatibleServerError(problem)
         self.capabilities = caps
         self.supported_interactions = caps["supported_interactions"]
         self.channel_mapping = {k: tuple(v) if isinstance(v, list) else v for k, v in caps["channel_mapping"].items()}
@@ -598,6 +616,28 @@ class RemoteSession:
             bbox = None
         return bbox, region, list(meta.get("labels") or []), timings
 
+    def cancel_auto_segment(self, timeout=10.0):
+        """Ask the server to stop this session's automatic run in progress (``POST /x/auto_segment/cancel``); the
+        thread waiting in ``auto_segment`` then gets a BadRequestError with status 409. Sent on a connection of its
+        own (that thread's connection is busy with the run). Returns True when a run was stopped, False when none was
+        running, None when the server cannot (an official server, or ours before it could) or the session is closed;
+        raises the typed errors otherwise."""
+        if self._lease_token is None:
+            return None
+        http = self._http.companion()
+        try:
+            resp = http.call("POST", P.PATH_AUTO_CANCEL, data=b"{}", json_type=True,
+                             timeout=(self._http._timeout[0], timeout))
+        except BadRequestError as exc:
+            if exc.status_code in (404, 405):
+                return None
+            raise
+        except NotAServerError:  # a 404 that is not JSON
+            return None
+        finally:
+            http.close()
+        return bool(resp.json().get("cancelled"))
+
     # ------------------------------------------------------------------ lifecycle
 
     def ping(self, timeout=5.0):
@@ -687,6 +727,17 @@ class RemoteSession:
             pass
 
 
+def _not_found(server_url, path):
+    """Why a server answers 404 to a path every nnInteractive server has."""
+    prefix = urlsplit(server_url).path
+    if prefix:
+        return ("%s answered 404 Not Found to %s: no nnInteractive server answers under the path %s. nnInteractive "
+                "servers answer at the root (%s): remove %s from the URL, unless a proxy maps it." % (
+                    server_url, path, prefix, server_url[:-len(prefix)], prefix))
+    return ("%s answered 404 Not Found to %s: what listens there is not an nnInteractive server (another web "
+            "application, or a server of another protocol). Check the host and port." % (server_url, path))
+
+
 def _jsonable(obj):
     if isinstance(obj, np.ndarray):
         return obj.tolist()
@@ -729,8 +780,14 @@ def check_server(server_url, api_key=None, timeout=5.0, ca_bundle=None):
     try:
         health = http.call("GET", P.PATH_HEALTHZ)
         if not _looks_like_json(health) or health.json().get("ok") is not True:
-            raise NotAServerError("%s answered, but not like an nnInteractive server." % http.server_url)
+            raise NotAServerError(
+                "%s answered %s, not like an nnInteractive server: a proxy or another web application is in the way. "
+                "Check the URL (host, port and path), and set NO_PROXY for the server's host if a proxy intercepts it."
+                % (http.server_url, "with a web page" if health.content[:1] == b"<" else "in another format"))
         caps = http.call("GET", P.PATH_CAPABILITIES).json()
+        problem = version_problem(caps.get("inference_session_version"), http.server_url)
+        if problem is not None:
+            raise IncompatibleServerError(problem)
         info = {"server": "nninteractive-server (official)", "model": None,
                 "version": caps.get("inference_session_version")}
         try:

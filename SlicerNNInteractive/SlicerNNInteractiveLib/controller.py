@@ -7,7 +7,9 @@ under the editor's masking rules, keeps an undo stack in step with the server's,
 segments. Every scene access happens on the caller's thread (Slicer's GUI thread), inside ``poll()``;
 the worker thread only talks to the server, through ``sync.SyncedSession``.
 
-The host calls ``tick()`` every ``tick_interval_ms()`` (Slicer: a qt.QTimer); scripts call ``wait()``. In Slicer
+The host calls ``tick()`` every ``tick_interval_ms()`` (Slicer: a qt.QTimer); scripts call ``wait()``. An automatic
+run's result is written a step of bounded time per tick (``labelmerge.py``: one new layer, one undo step), so that
+the GUI keeps drawing frames while a 100-label result goes in. In Slicer
 the GUI thread holds the GIL while it waits in Qt's event loop (PythonQt runs without thread support), so the
 worker and the session's heartbeat thread advance only while GUI-thread Python runs: ``tick`` polls, then sleeps
 a moment to hand them the GIL, often while prompts run and seldom while a session is only kept alive.
@@ -31,27 +33,31 @@ import threading
 import time
 import traceback
 
-import numpy as np
-
 from .background import YIELD_SECONDS
 from .errors import NNInteractiveError
 from .history import HistoryError, PromptHistory, image_digest, mask_digest, replay_on
+from .labelmerge import STEP_SECONDS, LabelsMerge
+from .polarity import Polarity
 from .scene import UndoRecord
 from .sync import SyncedSession
 
 PROMPT_KINDS = ("point", "bbox", "scribble", "lasso")
+RESULT_KINDS = PROMPT_KINDS + ("predict",)  # jobs whose answer is a region to merge into the segment
 BUSY_TICK_MS = 5  # while prompts run: each hand-off to the worker waits for a tick
 IDLE_TICK_MS = 200  # while a session exists: the heartbeat (every liveness timeout / 3) needs the GIL now and then
+CANCEL_RETRY_SECONDS = 0.25  # Cancel asks the server again this often while the run's request is on its way
 
 
 class Job(object):
-    """One queued action: a prompt (``kind`` in PROMPT_KINDS), "auto" (an automatic model), "undo", "reset",
-    "connect" or "replay" (a segment's prompts on another server)."""
+    """One queued action: a prompt (``kind`` in PROMPT_KINDS), "predict" (run the prediction on the prompts added
+    without one), "auto" (an automatic model), "undo", "reset", "connect" or "replay" (a segment's prompts on another
+    server). ``run``: whether a prompt runs the prediction (False: the server only adds it)."""
 
     __slots__ = ("kind", "args", "positive", "segment_key", "generation", "submitted", "timings", "label",
-                 "cancelled")
+                 "cancelled", "unsent", "run")
 
-    def __init__(self, kind, args=None, positive=True, segment_key=None, generation=0, prepare_ms=0.0, label=None):
+    def __init__(self, kind, args=None, positive=True, segment_key=None, generation=0, prepare_ms=0.0, label=None,
+                 unsent=None):
         self.kind = kind
         self.args = args or {}
         self.positive = bool(positive)
@@ -61,6 +67,14 @@ class Job(object):
         self.timings = {"prepare_ms": float(prepare_ms)}
         self.label = label
         self.cancelled = False
+        self.unsent = unsent  # called (on the caller's thread) when the job is dropped or fails: never applied
+        self.run = True
+
+    def drop(self):
+        """The job will never be applied: tell its owner (once)."""
+        unsent, self.unsent = self.unsent, None
+        if unsent is not None:
+            unsent()
 
     def __repr__(self):
         return "Job(%s, %s, %s)" % (self.kind, "positive" if self.positive else "negative", self.segment_key)
@@ -160,7 +174,7 @@ class Controller(object):
     """
 
     def __init__(self, scene, connect, on_busy=None, on_error=None, on_result=None, on_connected=None,
-                 log=None, before_write=None):
+                 log=None, before_write=None, polarity=None):
         self.scene = scene
         self._connect = connect
         self.histories = {}  # segment key -> history.PromptHistory, kept across sessions and reconnections
@@ -172,11 +186,14 @@ class Controller(object):
         self.on_connected = on_connected
         self.before_write = before_write or (lambda key: None)
         self.log = log or (lambda msg: None)
-        self.positive = True
+        self.polarity = polarity or Polarity()  # the host's, when it shows it
         self.capabilities = None
         self.timings = []  # one dict per finished interaction
         self._pending = collections.deque()
         self._inflight = None  # (job, future)
+        self._applying = None  # (job, labelmerge.LabelsMerge, timings): an automatic run's result being written
+        self.apply_step_seconds = STEP_SECONDS  # the longest a poll() writes an automatic result before returning
+        self.auto_run = True  # False: prompts are only added on the server until predict() (napari's Manual control)
         self._worker = None
         self._generation = 0
         self._undo = []
@@ -189,12 +206,15 @@ class Controller(object):
 
     # ------------------------------------------------------------------ prompt state
 
+    @property
+    def positive(self):
+        return self.polarity.positive
+
     def set_positive(self, positive=True):
-        self.positive = bool(positive)
+        self.polarity.set(positive)
 
     def toggle_positive(self):
-        self.positive = not self.positive
-        return self.positive
+        return self.polarity.toggle()
 
     def current_segment(self, create=True):
         """The segment prompts go to: the selected one, or a new one (selected) when none is."""
@@ -206,24 +226,49 @@ class Controller(object):
 
     @property
     def busy(self):
-        return self._inflight is not None or bool(self._pending)
+        return self._inflight is not None or bool(self._pending) or self._applying is not None
 
     @property
     def pending(self):
-        """Jobs queued or running, not counting a cancelled one that is still finishing on the server."""
+        """Jobs queued, running or being written, not counting a cancelled one that is still finishing on the
+        server."""
         running = self._inflight is not None and not self._inflight[0].cancelled
-        return len(self._pending) + (1 if running else 0)
+        return len(self._pending) + (1 if running else 0) + (1 if self._applying is not None else 0)
+
+    @property
+    def current(self):
+        """The job running on the server or being written (None: none, or a cancelled one finishing)."""
+        if self._applying is not None:
+            return self._applying[0]
+        if self._inflight is not None and not self._inflight[0].cancelled:
+            return self._inflight[0]
+        return None
+
+    def auto_pending(self):
+        """Automatic runs queued, running or being written (not cancelled ones)."""
+        current = self.current
+        return sum(1 for j in self._pending if j.kind == "auto") + (1 if current is not None and current.kind == "auto"
+                                                                    else 0)
 
     # ------------------------------------------------------------------ actions (caller's thread)
 
-    def submit(self, kind, args, positive=None, prepare_ms=0.0, label=None):
+    def submit(self, kind, args, positive=None, prepare_ms=0.0, label=None, unsent=None):
         """Queue a prompt for the current segment (created if needed). ``args`` as ``SyncedSession.prompt`` takes
-        them, in array order. Returns the Job."""
+        them, in array order. ``unsent()`` is called should the prompt never be applied (it failed, or was dropped
+        behind a failure, a reset or a disconnection). Returns the Job."""
         if kind not in PROMPT_KINDS:
             raise ValueError("unknown prompt kind %r" % (kind,))
         key = self.current_segment()
         job = Job(kind, args, self.positive if positive is None else positive, key, self._generation, prepare_ms,
-                  label)
+                  label, unsent)
+        job.run = self.auto_run
+        self._enqueue(job)
+        return job
+
+    def predict(self):
+        """Queue one prediction on the prompts added without one (``auto_run`` off), for the current segment.
+        Returns the Job."""
+        job = Job("predict", segment_key=self.current_segment(), generation=self._generation)
         self._enqueue(job)
         return job
 
@@ -234,17 +279,20 @@ class Controller(object):
     def next_segment(self):
         """Add an empty segment, select it, prompts positive again. Returns its key."""
         key = self.scene.add_segment()
-        self.positive = True
+        self.polarity.set(True)
         return key
 
     def reset_segment(self):
         """Clear the current segment and its prompts (here at once, on the server in queue order). Prompts of
         this segment still queued are dropped; a result already on its way is discarded."""
         key = self.scene.selected_segment()
-        self.positive = True
+        self.polarity.set(True)
         if key is None:
             return None
         self._generation += 1
+        for job in self._pending:
+            if job.segment_key == key and job.kind != "connect":
+                job.drop()
         self._pending = collections.deque(j for j in self._pending if j.segment_key != key or j.kind == "connect")
         self._undo = [r for r in self._undo if r.segment_key != key]
         self.before_write(key)
@@ -252,24 +300,49 @@ class Controller(object):
         self._enqueue(Job("reset", segment_key=key, generation=self._generation))
         return key
 
-    def auto_segment(self, model, **fields):
+    def auto_segment(self, model, label=None, **fields):
         """Queue the server's automatic model ``model`` on the image: each label it finds becomes a new segment
         (the model's name, colour and terminology), written under the editor's masking rules; refine any of them
-        with prompts (selecting it makes it the starting mask). Returns the Job."""
-        job = Job("auto", {"model": model, "fields": fields}, generation=self._generation, label=model)
+        with prompts (selecting it makes it the starting mask). ``label``: the model's name for messages. Returns
+        the Job."""
+        job = Job("auto", {"model": model, "fields": fields}, generation=self._generation, label=label or model)
         self._enqueue(job)
         return job
 
     def cancel_auto(self):
-        """Drop automatic segmentations queued or running (a running one's result is discarded when it arrives).
-        Returns how many were cancelled."""
+        """Drop automatic segmentations queued, running or not yet written. A running one is stopped on the server
+        (``POST /x/auto_segment/cancel``, asked from a thread of its own: the worker waits for the run's answer), and
+        its result is discarded should it arrive anyway (a server without that endpoint finishes the run). A result
+        that has started to be written is finished (a few frames), not cancelled. Returns how many were
+        cancelled."""
         cancelled = [j for j in self._pending if j.kind == "auto"]
         self._pending = collections.deque(j for j in self._pending if j.kind != "auto")
         if self._inflight is not None and self._inflight[0].kind == "auto" and not self._inflight[0].cancelled:
             self._inflight[0].cancelled = True
             cancelled.append(self._inflight[0])
+            threading.Thread(target=self._cancel_on_server, args=(self._inflight[0], self.sync),
+                             name="nninteractive-cancel", daemon=True).start()
+        if self._applying is not None and not self._applying[1].writing:
+            cancelled.append(self._applying[0])
+            self._applying = None
         self._report_busy()
         return len(cancelled)
+
+    def _cancel_on_server(self, job, sync):
+        """Ask until the server stops the run, says it cannot, or the run's answer came back: the request may still
+        be on its way (a claim, the image upload) when Cancel is pressed."""
+        while True:
+            try:
+                answer = sync.cancel_auto()
+            except Exception as exc:  # the run's own answer reports what matters; this only saves the server's time
+                self.log("Could not ask the server to stop the automatic run: %s" % exc)
+                return
+            inflight = self._inflight
+            if answer is not False or inflight is None or inflight[0] is not job:
+                break
+            time.sleep(CANCEL_RETRY_SECONDS)
+        self.log({True: "The server stopped the automatic run", False: "The server had no automatic run to stop",
+                  None: "The server cannot stop automatic runs: it finishes this one, its result is discarded"}[answer])
 
     def can_undo(self):
         """Whether Ctrl+Z is ours (a prompt to undo, or prompts in the queue); otherwise leave it to the editor."""
@@ -302,7 +375,11 @@ class Controller(object):
     # ------------------------------------------------------------------ the pump (caller's thread)
 
     def poll(self):
-        """Apply a finished job and start the next. Cheap; call it from a timer while ``busy``."""
+        """Apply a finished job and start the next. Cheap (an automatic run's result is written in steps of
+        ``apply_step_seconds``); call it from a timer while ``busy``."""
+        if self._applying is not None and not self._apply_step():
+            self._report_busy()
+            return
         if self._inflight is not None:
             job, fut = self._inflight
             if not fut.done.is_set():
@@ -310,7 +387,7 @@ class Controller(object):
                 return
             self._inflight = None
             self._finish(job, fut)
-        while self._inflight is None and self._pending:
+        while self._inflight is None and self._applying is None and self._pending:
             job = self._pending.popleft()
             try:
                 self._start(job)
@@ -366,7 +443,7 @@ class Controller(object):
             return fn()
 
         self._inflight = (job, self._worker.submit(task))
-        if job.kind in PROMPT_KINDS or job.kind == "auto":
+        if job.kind in RESULT_KINDS or job.kind == "auto":
             self._queue_watch.start()
 
     def _prepare_shadow(self, key):
@@ -393,6 +470,7 @@ class Controller(object):
             return
         if job.segment_key not in self.scene.segment_keys():
             self.log("Segment %s was removed; its queued %s is dropped" % (job.segment_key, job.kind))
+            job.drop()
             return
         if job.kind == "reset":
             sync, key = self.sync, job.segment_key
@@ -408,11 +486,14 @@ class Controller(object):
         image, image_key, image_version = self._image_for_worker()
         version = self._prepare_shadow(key)
         shadow, sync = self._shadow, self.sync
-        kind, args, positive = job.kind, job.args, job.positive
+        kind, args, positive, run = job.kind, job.args, job.positive, job.run
         job.timings["prepare_ms"] += (time.perf_counter() - t0) * 1e3
         job.timings["queued_ms"] = (t0 - job.submitted) * 1e3
+        if kind == "predict":
+            self._run(job, lambda: sync.predict(image, shadow, image_key, image_version, key, version))
+            return
         self._run(job, lambda: sync.prompt(kind, args, image, shadow, positive, image_key, image_version, key,
-                                           version))
+                                           version, run_prediction=run))
 
     def _image_for_worker(self):
         """The image, its key and version; a copy when it will be uploaded (from the worker thread, while the scene
@@ -426,27 +507,41 @@ class Controller(object):
 
     def _start_auto(self, job, t0):
         image, image_key, image_version = self._image_for_worker()
+        job.args["image_key"] = image_key
         spacing, sync = self.scene.spacing(), self.sync
         model, fields = job.args["model"], job.args["fields"]
         job.timings["prepare_ms"] += (time.perf_counter() - t0) * 1e3
         self._run(job, lambda: sync.auto_segment(model, image, spacing, fields, image_key, image_version))
 
-    def _finish_auto(self, job, result):
-        """One new segment per label found, written through the scene's masking rules."""
+    def _start_apply(self, job, result):
+        """One new segment per label found, all in one new layer, written under the editor's masking rules as one
+        undo step, in steps of bounded time (labelmerge.py)."""
         bbox, region, labels, timings = result
-        t0 = time.perf_counter()
-        keys = []
-        if region is not None:
-            for label in sorted(labels, key=lambda item: item["value"]):
-                color = label.get("color")
-                key = self.scene.add_segment(label.get("name"), [c / 255.0 for c in color] if color else None,
-                                             label.get("terminology"))
-                self.before_write(key)
-                self.scene.merge(key, bbox, (region == label["value"]).astype(np.uint8))
-                keys.append(key)
-        timings["apply_ms"] = (time.perf_counter() - t0) * 1e3
-        timings["segments"] = keys
-        return timings
+        if self.scene.image_key() != job.args.get("image_key"):
+            raise NNInteractiveError("The source volume changed while the automatic segmentation ran, so its result "
+                                     "was not written. Run it again on the volume shown now.")
+        if region is None:
+            self._record_timing(job, None, dict(timings, apply_ms=0.0, segments=[]))
+            return
+        merge = LabelsMerge(self.scene, bbox, region, labels, before_write=lambda: self.before_write(None))
+        self._applying = (job, merge, timings)
+        self._apply_step()
+
+    def _apply_step(self):
+        """One bounded step of the result being written; True when it is written (or failed)."""
+        job, merge, timings = self._applying
+        try:
+            done = merge.step(self.apply_step_seconds)
+        except Exception as exc:
+            self._applying = None
+            self._fail(job, exc, traceback.format_exc())
+            return True
+        if not done:
+            return False
+        self._applying = None
+        self._record_timing(job, None, dict(timings, apply_ms=merge.total_seconds * 1e3, apply_steps=merge.steps,
+                                            apply_max_step_ms=merge.max_step_seconds * 1e3, segments=merge.keys))
+        return True
 
     def _start_undo(self, job, t0):
         record = self._undoable()
@@ -491,7 +586,10 @@ class Controller(object):
             return
         if job.kind == "auto":
             if not job.cancelled:
-                self._record_timing(job, None, self._finish_auto(job, fut.result))
+                try:
+                    self._start_apply(job, fut.result)
+                except Exception as exc:
+                    self._fail(job, exc, traceback.format_exc())
             return
         key = job.segment_key
         if job.kind == "undo":
@@ -506,6 +604,7 @@ class Controller(object):
         if job.generation != self._generation or key not in self.scene.segment_keys():
             # The segment was reset (or removed) while this prompt ran: drop its result; the server forgets it
             # with the reset queued behind.
+            job.drop()
             return
         t0 = time.perf_counter()
         record = None
@@ -553,11 +652,16 @@ class Controller(object):
             self.on_result(job, result, timings)
 
     def _fail(self, job, exc, trace=None):
-        # Nothing was written to the segment; prompts queued behind a failed prompt would fail the same way.
+        # Nothing was written to the segment. Prompts queued behind a failed prompt or a failed connection would fail
+        # the same way (and report again): they are dropped, counted in this one report.
         dropped = 0
-        if job.kind in PROMPT_KINDS:
-            dropped = sum(1 for j in self._pending if j.kind in PROMPT_KINDS)
-            self._pending = collections.deque(j for j in self._pending if j.kind not in PROMPT_KINDS)
+        job.drop()
+        if job.kind in RESULT_KINDS or job.kind == "connect":
+            behind = [j for j in self._pending if j.kind in RESULT_KINDS or (job.kind == "connect" and j.kind == "auto")]
+            for j in behind:
+                j.drop()
+            dropped = sum(1 for j in behind if j.kind in RESULT_KINDS)
+            self._pending = collections.deque(j for j in self._pending if j not in behind)
         if job.cancelled:
             return
         if not isinstance(exc, NNInteractiveError):
@@ -694,8 +798,11 @@ class Controller(object):
 
     def _stop(self):
         self._queue_watch.stop()
+        for job in list(self._pending) + ([self._inflight[0]] if self._inflight is not None else []):
+            job.drop()
         self._pending.clear()
         self._inflight = None
+        self._applying = None
         worker, self._worker = self._worker, None
         if worker is not None:
             worker.stop()

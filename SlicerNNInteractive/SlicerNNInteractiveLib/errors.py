@@ -61,3 +61,8 @@ class ServerError(NNInteractiveError):
 
 class SessionClosedError(NNInteractiveError):
     """The connection was closed by its owner; nothing more is sent (no new session is claimed)."""
+
+
+class IncompatibleServerError(NNInteractiveError):
+    """The server answered, but speaks another version of nnInteractive's protocol than this client: the message says
+    which side to update."""

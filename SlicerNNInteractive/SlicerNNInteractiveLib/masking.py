@@ -172,7 +172,7 @@ def merge_prediction(prediction, current, settings, selected_id=None, selected_v
 # segment in it has a label value. Regions are half-open boxes in volume array coordinates.
 
 
-def _overlap(bbox, layer_offset, layer_shape):
+def overlap(bbox, layer_offset, layer_shape):
     """Slices into the region and into the layer for the part of ``bbox`` the layer covers, or None."""
     region_sl, layer_sl = [], []
     for (lo, hi), off, n in zip(bbox, layer_offset, layer_shape):
@@ -191,10 +191,24 @@ def read_region(layer, layer_offset, label, bbox):
     out = np.zeros(shape, dtype=bool)
     if layer is None:
         return out
-    ov = _overlap(bbox, layer_offset, np.shape(layer))
+    ov = overlap(bbox, layer_offset, np.shape(layer))
     if ov is not None:
         region_sl, layer_sl = ov
         out[region_sl] = np.asarray(layer)[layer_sl] == label
+    return out
+
+
+def read_values(layer, layer_offset, bbox):
+    """A layer's label values seen through ``bbox``, an array of the bbox's shape (0 where the layer does not
+    reach)."""
+    shape = tuple(hi - lo for lo, hi in bbox)
+    if layer is None:
+        return np.zeros(shape, dtype=np.uint8)
+    out = np.zeros(shape, dtype=np.asarray(layer).dtype)
+    ov = overlap(bbox, layer_offset, np.shape(layer))
+    if ov is not None:
+        region_sl, layer_sl = ov
+        out[region_sl] = np.asarray(layer)[layer_sl]
     return out
 
 
@@ -202,7 +216,7 @@ def any_in_region(layer, layer_offset, label, bbox):
     """Whether segment ``label`` has voxels inside ``bbox`` (cheap early-out for other segments)."""
     if layer is None:
         return False
-    ov = _overlap(bbox, layer_offset, np.shape(layer))
+    ov = overlap(bbox, layer_offset, np.shape(layer))
     if ov is None:
         return False
     return bool(np.any(np.asarray(layer)[ov[1]] == label))
@@ -236,7 +250,7 @@ def conflicting_labels(layer, layer_offset, label, bbox, new_mask, overwritable_
     ``vtkSegmentation::SeparateSegmentLabelmap``, as ``vtkSegmentationModifier`` does)."""
     if layer is None:
         return set()
-    ov = _overlap(bbox, layer_offset, np.shape(layer))
+    ov = overlap(bbox, layer_offset, np.shape(layer))
     if ov is None:
         return set()
     region_sl, layer_sl = ov
@@ -256,7 +270,7 @@ def write_region(layer, layer_offset, label, bbox, new_mask):
     bbox outside the layer must be clear. Returns True when a value changed.
     """
     new = np.asarray(new_mask, dtype=bool)
-    ov = _overlap(bbox, layer_offset, np.shape(layer))
+    ov = overlap(bbox, layer_offset, np.shape(layer))
     inside = 0
     if ov is not None:
         region_sl, layer_sl = ov
@@ -280,7 +294,7 @@ def write_region(layer, layer_offset, label, bbox, new_mask):
 def erase_region(layer, layer_offset, label, bbox, keep_mask):
     """Clear segment ``label`` in a layer where it is inside ``bbox`` but not in ``keep_mask`` (the other
     segment's new region). Never grows anything. Returns True when a value changed."""
-    ov = _overlap(bbox, layer_offset, np.shape(layer))
+    ov = overlap(bbox, layer_offset, np.shape(layer))
     if ov is None:
         return False
     region_sl, layer_sl = ov
@@ -302,7 +316,7 @@ def full_mask(layer, layer_offset, label, shape, out=None):
     if layer is None:
         return out
     bbox = [[0, int(n)] for n in shape]
-    ov = _overlap(bbox, layer_offset, np.shape(layer))
+    ov = overlap(bbox, layer_offset, np.shape(layer))
     if ov is not None:
         region_sl, layer_sl = ov
         out[region_sl] = np.asarray(layer)[layer_sl] == label

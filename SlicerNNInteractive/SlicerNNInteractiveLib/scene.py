@@ -120,6 +120,17 @@ class Scene(object):
     def store_history(self, key, text):
         """Keep ``text`` as segment ``key``'s prompt history (None: remove it)."""
 
+    def add_labelmap_layer(self, offset, shape, dtype):
+        """A new layer of ``shape`` (array order) and integer ``dtype``, all 0, with its first voxel at the volume index
+        ``offset``, used by no segment yet. Returns ``(handle, array)``: the handle for ``add_layer_segment`` and a
+        writable view of its voxels."""
+        raise NotImplementedError
+
+    def add_layer_segment(self, layer, value, name=None, color=None, terminology=None):
+        """Add a segment made of the voxels of ``layer`` (a handle from ``add_labelmap_layer``) that hold ``value``,
+        named and coloured as ``add_segment`` does; nothing is selected. Returns its key."""
+        raise NotImplementedError
+
     # --- derived operations (no need to override)
     @property
     def shape(self):
@@ -145,6 +156,18 @@ class Scene(object):
                 out[other] = M.SegmentRegion(M.read_region(lay.array, lay.offset, lay.label, bbox),
                                              self.segment_visible(other))
         return out
+
+    def layer_groups(self, keys):
+        """``keys`` grouped by the layer they share: a list of lists, each in the order of ``keys``."""
+        groups, seen = [], set()
+        for key in keys:
+            if key in seen:
+                continue
+            shared = set(self.shares_layer_with(key))
+            group = [key] + [k for k in keys if k in shared and k not in seen and k != key]
+            seen.update(group)
+            groups.append(group)
+        return groups
 
     def intensity_region(self, bbox):
         img = self.image_array()
@@ -304,16 +327,31 @@ class ArrayScene(Scene):
             raise KeyError(key)
         self._selected = key
 
-    def add_segment(self, name=None, color=None, terminology=None):
+    def _new_key(self):
         self._counter += 1
         key = "Segment_%d" % self._counter
         while key in self._segments:
             self._counter += 1
             key = "Segment_%d" % self._counter
+        return key
+
+    def add_segment(self, name=None, color=None, terminology=None):
+        key = self._new_key()
         self.names[key] = name or key
         self._layers.append({"array": None, "offset": (0, 0, 0), "version": self._tick()})
         self._add(key, len(self._layers) - 1, 1)
         self._selected = key
+        return key
+
+    def add_labelmap_layer(self, offset, shape, dtype):
+        array = np.zeros(shape, dtype=dtype)
+        self._layers.append({"array": array, "offset": tuple(int(o) for o in offset), "version": self._tick()})
+        return len(self._layers) - 1, array
+
+    def add_layer_segment(self, layer, value, name=None, color=None, terminology=None):
+        key = self._new_key()
+        self.names[key] = name or key
+        self._add(key, layer, int(value))
         return key
 
     def spacing(self):

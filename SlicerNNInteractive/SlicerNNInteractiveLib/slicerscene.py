@@ -201,10 +201,41 @@ class SlicerScene(Scene):
         if terminology:
             segmentation.GetSegment(segmentId).SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(),
                                                       terminologyEntry(terminology))
-        displayNode = segmentationNode.GetDisplayNode()
+        self._show(segmentId)
+        self.editorNode.SetSelectedSegmentID(segmentId)
+        return segmentId
+
+    def _show(self, segmentId):
+        displayNode = self.segmentationNode().GetDisplayNode()
         if displayNode is not None:
             displayNode.SetSegmentVisibility(segmentId, True)
-        self.editorNode.SetSelectedSegmentID(segmentId)
+
+    def add_labelmap_layer(self, offset, shape, dtype):
+        image = slicer.vtkOrientedImageData()
+        self._placeOnVolumeGrid(image, offset, shape, vtk.util.numpy_support.get_vtk_array_type(np.dtype(dtype)))
+        image.GetPointData().GetScalars().Fill(0)
+        return image, _arrayView(image)
+
+    def add_layer_segment(self, layer, value, name=None, color=None, terminology=None):
+        """As vtkSlicerSegmentationsModuleLogic::ImportLabelmapToSegmentationNode (Slicer 5.6 - 5.10) adds the
+        segments of a labelmap: a vtkSegment with its label value and the shared oriented image as its binary
+        labelmap, added with vtkSegmentation::AddSegment; name, colour, terminology and status are set before it
+        is added, so that adding it is its only event."""
+        segmentation = self.segmentation()
+        segmentId = segmentation.GenerateUniqueSegmentID("")
+        segment = slicer.vtkSegment()
+        segment.SetName(name or segmentId)
+        if color is not None:
+            segment.SetColor(*[float(c) for c in color])
+        if terminology:
+            segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), terminologyEntry(terminology))
+        segment.SetLabelValue(int(value))
+        logic = slicer.vtkSlicerSegmentationsModuleLogic
+        logic.SetSegmentStatus(segment, logic.InProgress)
+        segment.AddRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(), layer)
+        if not segmentation.AddSegment(segment, segmentId):
+            raise geometry.GeometryError("Slicer could not add the segment %s to the segmentation." % (name or ""))
+        self._show(segmentId)
         return segmentId
 
     def segment_visible(self, key):
@@ -259,14 +290,7 @@ class SlicerScene(Scene):
         labelmap = self._labelmap(key)
         if _isEmpty(labelmap):
             # An empty layer takes the volume's voxel grid (in the segmentation's coordinates).
-            segToVol = self.segmentationToVolume()
-            if segToVol is None:
-                raise geometry.GeometryError("The segmentation is under a non-linear transform relative to "
-                                             "the volume; harden or remove the transform first.")
-            labelmap.SetImageToWorldMatrix(arrayToVtkMatrix(np.linalg.inv(segToVol) @ self.volumeIJKToLocal()))
-            labelmap.SetExtent(offset[2], offset[2] + shape[2] - 1, offset[1], offset[1] + shape[1] - 1,
-                               offset[0], offset[0] + shape[0] - 1)
-            labelmap.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+            self._placeOnVolumeGrid(labelmap, offset, shape, vtk.VTK_UNSIGNED_CHAR)
             labelmap.GetPointData().GetScalars().Fill(0)
             return
         lattice = self.latticeOffset(labelmap, self.segmentationToVolume())
@@ -278,6 +302,18 @@ class SlicerScene(Scene):
                             offset[1] + lattice[1], offset[1] + shape[1] - 1 + lattice[1],
                             offset[0] + lattice[2], offset[0] + shape[0] - 1 + lattice[2])
         slicer.vtkOrientedImageDataResample.PadImageToContainImage(labelmap, contained, labelmap)
+
+    def _placeOnVolumeGrid(self, image, offset, shape, scalarType):
+        """Put an oriented image on the volume's voxel grid (in the segmentation's coordinates), covering the volume
+        indices ``offset`` .. ``offset + shape`` (array order), its scalars allocated, not filled."""
+        segToVol = self.segmentationToVolume()
+        if segToVol is None:
+            raise geometry.GeometryError("The segmentation is under a non-linear transform relative to "
+                                         "the volume; harden or remove the transform first.")
+        image.SetImageToWorldMatrix(arrayToVtkMatrix(np.linalg.inv(segToVol) @ self.volumeIJKToLocal()))
+        image.SetExtent(offset[2], offset[2] + shape[2] - 1, offset[1], offset[1] + shape[1] - 1,
+                        offset[0], offset[0] + shape[0] - 1)
+        image.AllocateScalars(scalarType, 1)
 
     def separate_segment(self, key):
         self.segmentation().SeparateSegmentLabelmap(key)
@@ -356,6 +392,18 @@ class SlicerScene(Scene):
         mask, bbox = result
         return {"mask": mask, "interaction_bbox": bbox}
 
+    def takeLasso(self, lassoNode):
+        """``lassoPrompt`` of the lasso curve's defined points, then empty the curve for the next lasso. None when it
+        holds no point; GeometryError saying what to do for fewer than three."""
+        points = [world for _, _, world in definedWorldPoints(lassoNode)]
+        lassoNode.RemoveAllControlPoints()
+        if not points:
+            return None
+        if len(points) < 3:
+            raise geometry.GeometryError("A lasso needs at least three points: click around the object, then "
+                                         "double-click or right-click to close it.")
+        return self.lassoPrompt(points)
+
     def scribblePrompt(self, scratchNode, segmentId):
         """What the paint brush left in a scratch segmentation's segment -> ``{"mask", "interaction_bbox"}``,
         or None when nothing of it is on the image. The scratch node must share the volume's voxel grid
@@ -392,6 +440,37 @@ class SlicerScene(Scene):
 # --- the nodes the prompt tools work with (not saved with the scene)
 
 SCRIBBLE_SEGMENT = "scribble"
+ROLE_ATTRIBUTE = "SlicerNNInteractive.Role"  # marks our helper nodes, so that a widget after a Reload finds them
+
+
+def roleNode(mrmlScene, role, className):
+    """Our helper node of ``className`` that plays ``role`` in the scene (made by this widget or by the one before a
+    developer Reload), or None."""
+    for n in range(mrmlScene.GetNumberOfNodesByClass(className)):
+        node = mrmlScene.GetNthNodeByClass(n, className)
+        if node.GetAttribute(ROLE_ATTRIBUTE) == role:
+            return node
+    return None
+
+
+def promptNode(mrmlScene, role, className, name, color):
+    """The markups node for prompts that plays ``role``: the one in the scene, else a new one (``newPromptNode``)."""
+    node = roleNode(mrmlScene, role, className)
+    if node is None:
+        node = newPromptNode(mrmlScene, className, name, color)
+        node.SetAttribute(ROLE_ATTRIBUTE, role)
+    return node
+
+
+def helperNode(mrmlScene, role, className, name):
+    """A hidden node, not saved with the scene, that plays ``role``: the one in the scene, else a new one."""
+    node = roleNode(mrmlScene, role, className)
+    if node is None:
+        node = mrmlScene.AddNewNodeByClass(className, name)
+        node.SetSaveWithScene(False)
+        node.SetHideFromEditors(True)
+        node.SetAttribute(ROLE_ATTRIBUTE, role)
+    return node
 
 
 def newPromptNode(mrmlScene, className, name, color):
@@ -415,9 +494,9 @@ def scratchSegmentation(mrmlScene, volumeNode, node=None, color=(1.0, 1.0, 0.0))
     on the volume's voxel grid and under the volume's transform, so that a stroke maps to voxels exactly.
     Pass the existing node to re-use it (after the volume changed, say)."""
     if node is None or mrmlScene.GetNodeByID(node.GetID()) is None:
-        node = mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "nnInteractive scribbles")
-        node.SetSaveWithScene(False)
-        node.SetHideFromEditors(True)
+        node = roleNode(mrmlScene, "scribbles", "vtkMRMLSegmentationNode")
+    if node is None:
+        node = helperNode(mrmlScene, "scribbles", "vtkMRMLSegmentationNode", "nnInteractive scribbles")
         node.CreateDefaultDisplayNodes()
         node.GetSegmentation().AddEmptySegment(SCRIBBLE_SEGMENT, SCRIBBLE_SEGMENT)
         node.GetDisplayNode().SetSegmentOpacity2DFill(SCRIBBLE_SEGMENT, 0.6)
@@ -438,3 +517,76 @@ def segmentEditorSingleton(mrmlScene, tag="SegmentEditor"):
         node.SetSingletonTag(tag)
         node = mrmlScene.AddNode(node)
     return node
+
+
+def firstVisibleNode(mrmlScene, className):
+    """The first node of a class that the user can see in node selectors (not our hidden helpers)."""
+    for n in range(mrmlScene.GetNumberOfNodesByClass(className)):
+        node = mrmlScene.GetNthNodeByClass(n, className)
+        if not node.GetHideFromEditors():
+            return node
+    return None
+
+
+def defaultVolume(mrmlScene, layoutManager):
+    """The volume to segment when none is chosen: the first slice view's background, else the first visible one."""
+    for name in (layoutManager.sliceViewNames() if layoutManager is not None else []):
+        volumeId = layoutManager.sliceWidget(name).mrmlSliceCompositeNode().GetBackgroundVolumeID()
+        if volumeId:
+            return mrmlScene.GetNodeByID(volumeId)
+    return firstVisibleNode(mrmlScene, "vtkMRMLScalarVolumeNode")
+
+
+def newSegmentation(mrmlScene, volumeNode=None):
+    """A new segmentation node, on ``volumeNode``'s grid when given."""
+    node = mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    node.CreateDefaultDisplayNodes()
+    if volumeNode is not None:
+        node.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+    return node
+
+
+class PromptNodes(object):
+    """The markups nodes prompts are placed in: positive points, negative points, the lasso curve (found again after
+    a developer Reload by their role). ``ourChange(fn)``: runs ``fn`` as a change of ours (adding a markups node
+    makes it the active place node: tools.PromptTools must not read that as the user's choice); ``onPointNode(node)``
+    and ``onLassoNode(node)`` are told of each node taken into use."""
+
+    def __init__(self, mrmlScene, colors, ourChange, onPointNode, onLassoNode):
+        self.scene, self.colors, self.ourChange = mrmlScene, colors, ourChange
+        self.onPointNode, self.onLassoNode = onPointNode, onLassoNode
+        self.nodes = {}
+
+    def _node(self, role, className, name, color, adopt):
+        node = self.nodes.get(role)
+        if node is None or not self.scene.IsNodePresent(node):
+            node = self.nodes[role] = self.ourChange(lambda: promptNode(self.scene, role, className, name, color))
+            adopt(node)
+        return node
+
+    def points(self, positive):
+        word = "positive" if positive else "negative"
+        return self._node(word + " points", "vtkMRMLMarkupsFiducialNode", "nnInteractive %s points" % word,
+                          self.colors[positive], self.onPointNode)
+
+    def isPositive(self, node):
+        return node is self.nodes.get("positive points")
+
+    def lasso(self, positive):
+        node = self._node("lasso", "vtkMRMLMarkupsClosedCurveNode", "nnInteractive lasso", self.colors[True],
+                          self.onLassoNode)
+        display = node.GetDisplayNode()
+        display.SetLineThickness(0.3)
+        display.SetSelectedColor(*self.colors[positive])
+        display.SetColor(*self.colors[positive])
+        return node
+
+    def clear(self):
+        """Remove every prompt's control point (a new or reset segment)."""
+        for node in self.nodes.values():
+            if self.scene.IsNodePresent(node):
+                node.RemoveAllControlPoints()
+
+    def forget(self):
+        """The scene is closing: its nodes are going."""
+        self.nodes = {}

@@ -138,6 +138,16 @@ class SyncedSession:
         ask = getattr(session, "queue_position", None)
         return ask() if ask is not None else None
 
+    def cancel_auto(self):
+        """Ask the server to stop this session's automatic run in progress (``RemoteSession.cancel_auto_segment``):
+        True, False (none is running: not yet, or no session yet), or None (a server that cannot). Claims nothing;
+        safe beside the run in progress."""
+        session = self._session
+        if session is None:
+            return False
+        cancel = getattr(session, "cancel_auto_segment", None)
+        return cancel() if cancel is not None else None
+
     def has_image(self, key, version):
         """Whether the server holds the image ``key`` at ``version`` (then a prompt sends no image)."""
         return version is not None and (key, version) == self._image_state
@@ -236,6 +246,25 @@ class SyncedSession:
             step.written = [list(b) for b in result.bbox]
             history.version = None  # until segment_written says what the segment holds now
 
+    def _record_prediction(self, result):
+        """A Run's result (prompts added without a prediction, then one prediction) belongs to the last of those
+        prompts in its segment's history: a replay adds every prompt without a prediction and starts from the
+        server's buffer as it is now, so nothing else changes. A result that cannot be placed so ends the history
+        (the segment alone is sent next time)."""
+        if self.histories is None or self._segment_state is None or result.region is None:
+            return
+        key = self._segment_state[0]
+        history = self.histories.get(key)
+        if history is None:
+            return
+        last = history.steps[-1] if history.steps else None
+        if last is None or last.written is not None:
+            del self.histories[key]
+            return
+        result.step = last
+        last.written = [list(b) for b in result.bbox]
+        history.version = None  # until segment_written says what the segment holds now
+
     def _describe(self):
         """Who answers this session, for the history: its URL, and the model and version when the server says."""
         session = self._session
@@ -272,8 +301,9 @@ class SyncedSession:
     # ------------------------------------------------------------------ actions
 
     def prompt(self, kind, args, image, segment, positive=True, image_key=None, image_version=None,
-               segment_key=None, segment_version=None):
-        """Send one prompt, first syncing image and segment if needed. Returns a ``PromptResult``.
+               segment_key=None, segment_version=None, run_prediction=True):
+        """Send one prompt, first syncing image and segment if needed. Returns a ``PromptResult``. With
+        ``run_prediction=False`` the server only adds it (nothing changes until ``predict``).
 
         ``kind`` is point / bbox / scribble / lasso; ``args``: ``{"coordinates": (i0, i1, i2)}``,
         ``{"bbox": [[lo, hi]] * 3}``, or ``{"mask": array, "interaction_bbox": box or None}``, all in array order.
@@ -287,7 +317,7 @@ class SyncedSession:
             timings = {} if recovered is None else {"recovered": recovered}
             try:
                 self._sync(image, segment, image_key, image_version, segment_key, segment_version, timings)
-                return self._send(kind, args, bool(positive), timings)
+                return self._send(kind, args, bool(positive), timings, bool(run_prediction))
             except SessionExpiredError as exc:  # BackendLostError included
                 if attempt:
                     raise
@@ -312,17 +342,34 @@ class SyncedSession:
                 recovered = self._recover(exc)
         raise AssertionError("unreachable")
 
-    def _send(self, kind, args, positive, timings):
+    def _send(self, kind, args, positive, timings, run=True):
         s = self.session
         if kind == "point":
-            s.add_point_interaction(args["coordinates"], include_interaction=positive)
+            s.add_point_interaction(args["coordinates"], include_interaction=positive, run_prediction=run)
         elif kind == "bbox":
-            s.add_bbox_interaction(args["bbox"], include_interaction=positive)
+            s.add_bbox_interaction(args["bbox"], include_interaction=positive, run_prediction=run)
         else:
             method = s.add_scribble_interaction if kind == "scribble" else s.add_lasso_interaction
-            method(args["mask"], include_interaction=positive, interaction_bbox=args.get("interaction_bbox"))
-        result = self._result(kind, True, timings)
+            method(args["mask"], include_interaction=positive, run_prediction=run,
+                   interaction_bbox=args.get("interaction_bbox"))
+        result = self._result(kind, run, timings)
         self._record(kind, args, positive, result)
+        return result
+
+    def predict(self, image, segment, image_key=None, image_version=None, segment_key=None, segment_version=None):
+        """Run the prediction on the prompts added without one (``prompt(..., run_prediction=False)``), the image and
+        segment synced first. Returns a ``PromptResult``. A server that forgot the session forgot those prompts too:
+        the session is dropped (the next action claims a new one) and the error says to place them again."""
+        timings = {}
+        try:
+            self._sync(image, segment, image_key, image_version, segment_key, segment_version, timings)
+            ran = self.session._predict() is not None  # the official sessions' (and ours') name for /predict
+        except SessionExpiredError as exc:  # BackendLostError included
+            self._recover(exc)
+            raise SessionExpiredError("The server lost this session (%s), and with it the prompts placed since the "
+                                      "last Run: place them again, then Run." % exc)
+        result = self._result("predict", ran, timings)
+        self._record_prediction(result)
         return result
 
     def _result(self, kind, ran, timings):

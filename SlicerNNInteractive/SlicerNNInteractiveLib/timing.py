@@ -139,6 +139,17 @@ def run(make_scene, make_controller, sizes=("S", "M", "L"), kinds=KINDS, reps=10
     return records
 
 
+class Stopped(RuntimeError):
+    """The experiment was stopped (the scene it works in is closing)."""
+
+
+def pump_until(pump, stop=None):
+    """``pump()``, then raise Stopped when ``stop()`` is true (the host's scene is closing)."""
+    pump()
+    if stop is not None and stop():
+        raise Stopped("The timing experiment was stopped: the scene was closed.")
+
+
 def _wait(controller, pump, timeout=600.0):
     deadline = time.monotonic() + timeout
     while controller.busy:
@@ -179,3 +190,14 @@ def main(argv=None):
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def report(records, last=30):
+    """What the module's Timings dialog shows: the phases' summary and the last prompts, one line each."""
+    from .controller import format_timing
+
+    if not records:
+        return "No prompt has run yet."
+    text = format_summary(summarize(records), phases=("prepare_ms", "upload_image_ms", "exchange_ms",
+                                                      "server_total_ms", "apply_ms", "total_ms"))
+    return text + "\n\nLast prompts:\n" + "\n".join(format_timing(t) for t in records[-last:])

@@ -133,8 +133,11 @@ class PromptTools(object):
             if self.active == "lasso" and not self._inPlaceMode():
                 return  # a close gesture, or not: decided when the placement has ended (_onEndPlacement)
             self.disarm("another mouse mode was chosen")
-        elif self._inPlaceMode():
-            self.disarm("Slicer's place mode was chosen")
+        elif self.interactionNode.GetCurrentInteractionMode() != self.interactionNode.ViewTransform:
+            # The box and the scribble work in view-transform mode only: Paint deselects itself in any other
+            # (qSlicerSegmentEditorAbstractEffect::interactionNodeModified), and the box would keep taking the left
+            # drags that window/level needs.
+            self.disarm("Slicer's %s mode was chosen" % modeName(self.interactionNode))
 
     def _onPlaceNodeChanged(self):
         if not self._switching and self.active in PLACE_TOOLS and self._inPlaceMode() and not self._ourPlacement():
@@ -158,6 +161,30 @@ class PromptTools(object):
             self.onLassoClosed()
         else:
             self.disarm("another mouse mode was chosen before the lasso was closed; it was not sent")
+
+
+def shadowedBy(keys, shortcuts):
+    """The enabled ``shortcuts`` (QShortcuts: ``key`` a QKeySequence property, ``enabled``) on one of ``keys``
+    (key sequences as text, "Ctrl+Z")."""
+    keys = set(keys)
+    return [s for s in shortcuts if s.enabled and s.key.toString() in keys]
+
+
+def modeName(interactionNode):
+    """The interaction mode in the words of Slicer's mouse-mode toolbar."""
+    mode = interactionNode.GetCurrentInteractionMode()
+    names = {interactionNode.Place: "place", interactionNode.ViewTransform: "view-transform",
+             getattr(interactionNode, "AdjustWindowLevel", -1): "window/level"}
+    return names.get(mode, "mouse (%d)" % mode)
+
+
+def removePoint(node, pointId):
+    """Remove the control point ``pointId`` of ``node`` if both are still there (its prompt was never sent)."""
+    if node.GetScene() is None:
+        return
+    index = node.GetControlPointIndexByID(pointId)
+    if index >= 0:
+        node.RemoveNthControlPoint(index)
 
 
 def takeNewPoints(node):

@@ -3,7 +3,7 @@
 Reproduced: ``applicationLogic()`` (a real vtkSlicerApplicationLogic on ``slicer.mrmlScene``, so
 ``GetInteractionNode()``/``GetSelectionNode()`` are the scene's real singletons), ``layoutManager()``,
 ``mrmlScene()``, ``moduleManager()`` (``module(name)``, ``moduleAboutToBeUnloaded(QString)``), ``palette()``
-(light, or dark with ``SlicerApp(dark_theme=True)``), ``processEvents()``, ``temporaryPath``,
+(light, or dark with ``SlicerApp(dark_theme=True)``), ``processEvents()`` (keeping the GIL, as PythonQt does), ``temporaryPath``,
 ``applicationName``/``majorVersion``/``minorVersion``, ``testingEnabled()`` (False: Slicer's util functions show
 their dialogs, which the harness records), ``topLevelWidgets()`` (so Slicer's own ``slicer.util.mainWindow()``
 finds the main window by its objectName ``qSlicerMainWindow``), ``setOverrideCursor``/``restoreOverrideCursor``,
@@ -80,7 +80,9 @@ def build(qt):
             return QtGui.QPalette(self._harness.palette)
 
         def processEvents(self, *args):
-            QtWidgets.QApplication.processEvents(*args)
+            import pythonqt_gil
+
+            pythonqt_gil.process_events()  # PythonQt keeps the GIL while Qt dispatches
 
         def topLevelWidgets(self):
             return QtWidgets.QApplication.topLevelWidgets()

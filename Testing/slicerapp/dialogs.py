@@ -1,10 +1,13 @@
-"""Modal dialogs that never block: what module code shows is recorded; questions get the test's queued answers.
+"""Modal dialogs, recorded: what module code shows is recorded; questions get the test's queued answers.
 
 ``slicer.util.errorDisplay``, ``infoDisplay``, ``warningDisplay``, ``confirmOkCancelDisplay``,
 ``confirmYesNoDisplay`` and ``messageBox`` are Slicer's real functions (from the slicer-core wheel); they end in
 ``ctk.ctkMessageBox(...).exec_()``, which lands here. ``delayDisplay`` and module dialogs end in
 ``qt.QDialog.exec_()``, which lands here too. Each shown dialog becomes a ``Shown`` record in
-``DIALOGS.shown`` and is closed at once.
+``DIALOGS.shown``; then, as a modal dialog's ``exec()`` does (QDialog::exec runs a QEventLoop until the dialog is
+closed), Qt's event loop runs for ``DIALOGS.dwell`` seconds while the user "reads" it: timers fire, and whatever
+they show is a dialog stacked on the first (``Shown.depth`` 2 and up; ``DIALOGS.max_depth``). The loop holds the
+GIL as Slicer's does (Testing/pythonqt_gil.run_qt). Then the dialog is closed with its answer.
 
 Answers: ``DIALOGS.answers`` is a queue the test fills (``True``/``False`` for OK-Yes-Retry / Cancel-No-Close,
 or a ``qt.QMessageBox`` standard button). A question with no queued answer is answered with the negative button
@@ -12,7 +15,8 @@ or a ``qt.QMessageBox`` standard button). A question with no queued answer is an
 set ``allow_unanswered``. A generic QDialog's ``exec_()`` returns ``DIALOGS.dialog_result(dialog)``
 (QDialog.Rejected by default, as if the user closed it).
 
-Not reproduced: the dialog is never painted or laid out for a user; "Don't show again" check boxes
+Not reproduced: the dialog is never painted or laid out for a user, and it is not the active modal widget
+while its loop runs (the harness's guard for dialogs created by C++ would close it); "Don't show again" check boxes
 (``dontShowAgainSettingsKey``) are recorded but never checked; non-modal ``show()``n dialogs are not recorded.
 """
 
@@ -23,13 +27,14 @@ from PySide6 import QtWidgets
 MB = QtWidgets.QMessageBox
 ICON_KIND = {MB.Critical: "error", MB.Warning: "warning", MB.Information: "info", MB.Question: "question",
              MB.NoIcon: "message"}
+DWELL_SECONDS = 0.1  # how long a modal dialog stays open (its nested event loop runs meanwhile)
 POSITIVE = (MB.Ok, MB.Yes, MB.Retry, MB.YesToAll, MB.Save, MB.Open, MB.Apply)
 NEGATIVE = (MB.Cancel, MB.No, MB.Close, MB.Abort, MB.NoToAll, MB.Discard, MB.Ignore)
 
 
 class Shown(object):
     def __init__(self, kind, text="", title="", detailedText="", answer=None, answered=True, widget_texts=(),
-                 question=False):
+                 question=False, depth=1):
         self.kind = kind  # error, warning, info, question, message, dialog, file, input
         self.text = text
         self.title = title
@@ -38,6 +43,7 @@ class Shown(object):
         self.answered = answered
         self.question = question
         self.widget_texts = list(widget_texts)  # texts of labels and text boxes inside a generic dialog
+        self.depth = depth  # 1: shown alone; 2 and up: shown while that many - 1 others were open
 
     def __repr__(self):
         return "Shown(%s, %r%s)" % (self.kind, self.text[:80], ", answer=%r" % (self.answer,) if self.question else "")
@@ -57,6 +63,26 @@ class DialogRecorder(object):
         self.answers = collections.deque()
         self.file_answers = collections.deque()
         self.dialog_result = lambda dialog: QtWidgets.QDialog.Rejected
+        self.dwell = DWELL_SECONDS
+        self.open = 0  # dialogs open now
+
+    @property
+    def max_depth(self):
+        """The most dialogs open at once so far (0: none shown)."""
+        return max([s.depth for s in self.shown] or [0])
+
+    def _modal(self, shown):
+        """Record ``shown``, run the event loop while it is open (a modal dialog's nested loop), close it."""
+        import pythonqt_gil
+
+        self.open += 1
+        shown.depth = self.open
+        self.shown.append(shown)
+        try:
+            pythonqt_gil.run_qt(self.dwell)
+        finally:
+            self.open -= 1
+        return shown
 
     # --- answers
     def _answer(self, buttons, kind):
@@ -78,7 +104,7 @@ class DialogRecorder(object):
             icon = QtWidgets.QMessageBox.icon(dialog)
             buttons = _buttons(QtWidgets.QMessageBox.standardButtons(dialog))
             answer, answered, question = self._answer(buttons, "message")
-            self.shown.append(Shown(
+            self._modal(Shown(
                 "question" if question else ICON_KIND.get(icon, "message"),
                 QtWidgets.QMessageBox.text(dialog), QtWidgets.QWidget.windowTitle(dialog).strip(),
                 QtWidgets.QMessageBox.detailedText(dialog), answer, answered, question=question))
@@ -93,8 +119,8 @@ class DialogRecorder(object):
             elif isinstance(child, QtWidgets.QTextEdit):
                 texts.append(QtWidgets.QTextEdit.toPlainText(child))
         result = self.dialog_result(dialog)
-        self.shown.append(Shown("dialog", "\n".join(texts), QtWidgets.QWidget.windowTitle(dialog), answer=result,
-                                widget_texts=texts))
+        self._modal(Shown("dialog", "\n".join(texts), QtWidgets.QWidget.windowTitle(dialog), answer=result,
+                          widget_texts=texts))
         QtWidgets.QDialog.done(dialog, int(getattr(result, "value", result)))
         return result
 
@@ -105,21 +131,20 @@ class DialogRecorder(object):
         text = args[2] if len(args) > 2 else kwargs.get("text", "")
         buttons = args[3] if len(args) > 3 else kwargs.get("buttons", MB.Yes | MB.No if kind == "question" else MB.Ok)
         answer, answered, question = self._answer(_buttons(buttons), kind)
-        self.shown.append(Shown("question" if question else {"critical": "error", "information": "info",
-                                                             "about": "info"}.get(kind, kind),
-                                text, title, answer=answer, answered=answered, question=question))
+        self._modal(Shown("question" if question else {"critical": "error", "information": "info",
+                                                       "about": "info"}.get(kind, kind),
+                          text, title, answer=answer, answered=answered, question=question))
         return answer
 
     def static_file(self, kind, args, kwargs):
         answer = self.file_answers.popleft() if self.file_answers else ""
-        self.shown.append(Shown("file", kind, args[1] if len(args) > 1 else "", answer=answer,
-                                answered=bool(answer)))
+        self._modal(Shown("file", kind, args[1] if len(args) > 1 else "", answer=answer, answered=bool(answer)))
         return answer
 
     def static_input(self, kind, args, kwargs):
         answer = self.answers.popleft() if self.answers else None
-        self.shown.append(Shown("input", args[2] if len(args) > 2 else "", args[1] if len(args) > 1 else "",
-                                answer=answer, answered=answer is not None, question=True))
+        self._modal(Shown("input", args[2] if len(args) > 2 else "", args[1] if len(args) > 1 else "",
+                          answer=answer, answered=answer is not None, question=True))
         return answer
 
     def unanswered(self):

@@ -5,8 +5,8 @@
         app.enter()                         # isEntered = True, widget.enter()
         app.click(widget.ui.pointButton)    # real QPushButton.click()
         app.press("P")                      # a real key press on the main window: QShortcut fires
-        app.pump(0.2)                       # Qt events and timers for 0.2 s (worker threads run meanwhile)
-        app.dialogs.answers.append(True)    # the next question is answered OK / Yes
+        app.pump(0.2)                       # Qt's event loop for 0.2 s, holding the GIL as Slicer does
+        app.dialogs.answers.append(True)    # the next question is answered OK / Yes (a dialog's loop runs meanwhile)
         errors = app.shown("error")         # dialogs shown by slicer.util.errorDisplay and friends
         app.reload()                        # developer-mode Reload: cleanup() old, setup() new, no enter()
         app.exit(); app.cleanup()
@@ -29,15 +29,15 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 import types
 
 from PySide6 import QtCore, QtGui, QtTest, QtWidgets
 
+import pythonqt_gil
 import slicer
 import slicer.util
 
-from . import application, ctkwidgets, dialogs, errors, pythonqt, scriptedmodule, segmenteditor, views
+from . import application, ctkwidgets, dialogs, errors, markups, pythonqt, scriptedmodule, segmenteditor, views
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_MODULE = os.path.join(REPO, "SlicerNNInteractive", "SlicerNNInteractive.py")
@@ -155,8 +155,9 @@ class SlicerApp(object):
             palette.setColor(QtGui.QPalette.Window, QtGui.QColor(240, 240, 240))
         self.palette = palette
 
+        self.placement = markups.Placement(self.scene, self.application_logic)
         LayoutManager = views.build(qt)
-        self.layout_manager = LayoutManager(self.scene, self.application_logic)
+        self.layout_manager = LayoutManager(self.scene, self.application_logic, self.placement)
         SlicerApplication = application.build(qt)
         self.app = SlicerApplication(self)
 
@@ -257,6 +258,7 @@ class SlicerApp(object):
                 widget.deleteLater()
         try:
             self.layout_manager.release()
+            self.placement.close()
         except Exception:
             pass
         QtWidgets.QApplication.processEvents()
@@ -351,10 +353,6 @@ class SlicerApp(object):
         self.app.aboutToQuit.emit()
 
     # ------------------------------------------------------------------ driving
-    def click(self, button):
-        """A real ``QAbstractButton.click()`` (nothing happens when the button is disabled, as for a user)."""
-        QtWidgets.QAbstractButton.click(button)
-
     def press(self, keys, widget=None):
         """Press a key sequence (``"P"``, ``"Ctrl+Z"``) as the user would: a real key event through Qt's shortcut
         machinery, sent to ``widget`` or the focus widget or the main window. A QLineEdit with focus takes plain
@@ -375,25 +373,43 @@ class SlicerApp(object):
         QtTest.QTest.keyClick(target, key, modifiers)
         return True
 
-    def mouse(self, view, kind, x, y, button=QtCore.Qt.LeftButton):
+    def mouse(self, view, kind, x, y, button=QtCore.Qt.LeftButton, modifiers=QtCore.Qt.NoModifier):
         """A synthetic mouse event (``"press"``, ``"move"``, ``"release"``, ``"double"``) at widget pixel (x, y) of
-        a slice view's VTK widget; it goes through the widget's event filters. Returns whether it was accepted."""
+        a slice view's VTK widget: through the widget's Qt event filters, then to the view's interactor (views.py).
+        Returns whether it was accepted."""
         target = self.layout_manager.sliceWidget(view).sliceView().VTKWidget()
         types_ = {"press": QtCore.QEvent.MouseButtonPress, "release": QtCore.QEvent.MouseButtonRelease,
                   "move": QtCore.QEvent.MouseMove, "double": QtCore.QEvent.MouseButtonDblClick}
         position = QtCore.QPointF(x, y)
+        # a move carries the buttons held (``button``: NoButton for a hover), press and release the one button
         buttons = QtCore.Qt.NoButton if kind == "release" else button
         event = QtGui.QMouseEvent(types_[kind], position, target.mapToGlobal(position),
-                                  QtCore.Qt.NoButton if kind == "move" else button, buttons,
-                                  QtCore.Qt.NoModifier)
+                                  QtCore.Qt.NoButton if kind == "move" else button, buttons, modifiers)
         return QtWidgets.QApplication.sendEvent(target, event)
 
-    def drag(self, view, start, end, steps=4):
-        self.mouse(view, "press", *start)
+    def drag(self, view, start, end, steps=4, button=QtCore.Qt.LeftButton):
+        self.mouse(view, "move", *start, button=QtCore.Qt.NoButton)
+        self.mouse(view, "press", *start, button=button)
         for n in range(1, steps + 1):
             self.mouse(view, "move", start[0] + (end[0] - start[0]) * n / steps,
-                       start[1] + (end[1] - start[1]) * n / steps)
-        self.mouse(view, "release", *end)
+                       start[1] + (end[1] - start[1]) * n / steps, button=button)
+        self.mouse(view, "release", *end, button=button)
+
+    def click(self, button_or_view, x=None, y=None, button=QtCore.Qt.LeftButton):
+        """``click(qtButton)``: a real ``QAbstractButton.click()`` (nothing happens when it is disabled, as for a
+        user). ``click(view, x, y)``: the mouse moves to widget pixel (x, y) of a slice view, presses and releases."""
+        if x is None:
+            QtWidgets.QAbstractButton.click(button_or_view)
+            return
+        self.mouse(button_or_view, "move", x, y, button=QtCore.Qt.NoButton)
+        self.mouse(button_or_view, "press", x, y, button=button)
+        self.mouse(button_or_view, "release", x, y, button=button)
+
+    def double_click(self, view, x, y):
+        """What Qt sends for a double click: press, release, double-click, release."""
+        self.click(view, x, y)
+        self.mouse(view, "double", x, y)  # (QTest sends the same four)
+        self.mouse(view, "release", x, y)
 
     def view_pixel(self, view, ras):
         """Widget pixel (x, y) of a RAS point in a slice view (the inverse of the view's XY-to-RAS, y flipped)."""
@@ -406,46 +422,39 @@ class SlicerApp(object):
         height = self.layout_manager.sliceWidget(view).sliceView().VTKWidget().height
         return x, height - 1 - y
 
-    def place_point(self, node, ras, require_place_mode=True):
-        """Place a control point as a click in place mode does: ``AddControlPointWorld`` (which fires
-        PointAddedEvent, PointModifiedEvent and PointPositionDefinedEvent), then, in single (non-persistent)
-        place mode, back to view-transform mode. With ``require_place_mode`` the click must be one that Slicer
-        would turn into a point: place mode with this node as the active place node."""
-        import vtk
-
+    def place_point(self, node, ras, view="Red"):
+        """Place a control point at a world position as a click in a view does (markups.Placement: the preview point
+        follows the mouse there, then the click places it, and single place mode ends). The click must be one that
+        Slicer turns into a point: place mode with this node as the active place node."""
         interaction = self.application_logic.GetInteractionNode()
         selection = self.application_logic.GetSelectionNode()
-        if require_place_mode:
-            assert interaction.GetCurrentInteractionMode() == interaction.Place, \
-                "a click places no point: the views are not in place mode"
-            assert selection.GetActivePlaceNodeID() == node.GetID(), \
-                "a click places no point in %s: the active place node is %s" % (node.GetID(),
-                                                                                selection.GetActivePlaceNodeID())
-        index = node.AddControlPointWorld(vtk.vtkVector3d(*ras))
-        if require_place_mode and not interaction.GetPlaceModePersistence():
-            interaction.SwitchToViewTransformMode()
-        return index
+        assert interaction.GetCurrentInteractionMode() == interaction.Place, \
+            "a click places no point: the views are not in place mode"
+        assert selection.GetActivePlaceNodeID() == node.GetID(), \
+            "a click places no point in %s: the active place node is %s" % (node.GetID(),
+                                                                            selection.GetActivePlaceNodeID())
+        sliceNode = self.layout_manager.sliceWidget(view).mrmlSliceNode()
+        self.placement.preview(node, ras, sliceNode)
+        return self.placement.place(node, ras, sliceNode)
 
-    def end_placement(self):
-        """What a double-click or right-click does while placing a curve: back to view-transform mode
-        (EndPlacementEvent, InteractionModeChangedEvent)."""
-        self.application_logic.GetInteractionNode().SwitchToViewTransformMode()
+    def end_placement(self, node=None):
+        """What a double-click or right-click does while placing (WidgetEventStopPlace): back to view-transform mode
+        (InteractionModeChangedEvent, the preview point removed, EndPlacementEvent), then the node is modified."""
+        node = node or self.placement.activeNode()
+        if node is None:
+            self.application_logic.GetInteractionNode().SwitchToViewTransformMode()
+            return
+        self.placement.stop(node)
 
     def pump(self, seconds=0.0, until=None, check=True):
-        """Run Qt events and timers for ``seconds`` (or until ``until()`` is true, at most ``seconds``, then raise
-        if it is still false). Python threads run in between (short sleeps release the GIL). Raises
-        ``CallbackError`` for exceptions in callbacks unless check=False."""
-        deadline = time.monotonic() + seconds
-        while True:
-            QtWidgets.QApplication.processEvents(QtCore.QEventLoop.AllEvents, 10)
-            QtCore.QCoreApplication.sendPostedEvents(None, QtCore.QEvent.DeferredDelete)
-            if until is not None and until():
-                break
-            if time.monotonic() >= deadline:
-                if until is not None:
-                    raise AssertionError("pump: condition not reached in %.1f s" % seconds)
-                break
-            time.sleep(0.002)
+        """Run Qt's event loop for ``seconds`` (or until ``until()`` is true, at most ``seconds``, then raise if it is
+        still false), holding the GIL as Slicer's GUI thread does (Testing/pythonqt_gil.run_qt): other Python threads
+        advance only while the module's own callbacks give the GIL up. Raises ``CallbackError`` for exceptions in
+        callbacks unless check=False."""
+        reached = pythonqt_gil.run_qt(seconds, until)
+        QtCore.QCoreApplication.sendPostedEvents(None, QtCore.QEvent.DeferredDelete)
+        if not reached:
+            raise AssertionError("pump: condition not reached in %.1f s" % seconds)
         if check:
             self.check_errors()
 
