@@ -17,7 +17,8 @@ from SlicerNNInteractiveLib import protocol as P
 from SlicerNNInteractiveLib.wire import MASK_CODEC, pack_array
 
 from .. import validate
-from ..deps import act, finish_preprocessing, lease, meta, quiet_lease, read_json, read_packed, require_key, server
+from ..deps import (act, finish_preprocessing, finished, lease, meta, preprocessed, quiet_lease, read_json, read_packed,
+                    require_key, server, sized)
 from ..errors import AtCapacity, Draining
 from ..leases import ServerFull, UserFull
 from ..limits import session_bytes
@@ -32,34 +33,52 @@ def timing_header(timing):
     return json.dumps({k: round(v, 6 if k.endswith("_at") else 3) for k, v in timing.items()}, separators=(",", ":"))
 
 
-def predict_response(session, timing, ran, started):
-    t0 = time.perf_counter()
+def changed_region(session, ran):
+    """(bbox, the target buffer's view of it) of what the last prediction changed, or None; forgets it either way."""
     bbox = session._clipped_last_paste_bbox() if ran else None
     session._last_paste_bbox = None  # never resend a stale region
+    if bbox is None or not all(lo < hi for lo, hi in bbox):
+        return None
+    return bbox, session.target_buffer[tuple(slice(lo, hi) for lo, hi in bbox)]
+
+
+def prediction_response(changed, ran, body, timing, started):
     meta_ = {"ran_prediction": bool(ran), "bbox": None}
-    body = b""
-    if bbox is not None and all(lo < hi for lo, hi in bbox):
-        region = session.target_buffer[tuple(slice(lo, hi) for lo, hi in bbox)]
+    if changed is not None:
+        bbox, region = changed
         meta_.update(bbox=[[int(lo), int(hi)] for lo, hi in bbox], dtype=str(region.dtype), shape=list(region.shape))
-        body = pack_array(region, **MASK_CODEC)
-    timing["encode"] = (time.perf_counter() - t0) * 1e3
     timing["total"] = (time.perf_counter() - started) * 1e3
     return Response(body, media_type=P.OCTET_STREAM, headers={
         P.META_HEADER: json.dumps(meta_, separators=(",", ":")), P.TIMING_HEADER: timing_header(timing)})
 
 
-async def prompt(request, lease_, check, call, timing=None):
-    """A prompt: checked against the session's image, then run on the prediction thread (``call(session, arg)``
-    returns whether it predicted)."""
+def pack_region(changed):
+    return pack_array(changed[1], **MASK_CODEC) if changed is not None else b""
+
+
+def predict_response(session, timing, ran, started):
+    """The answer to a prediction (or an undo): the changed region, packed here."""
+    t0 = time.perf_counter()
+    changed = changed_region(session, ran)
+    body = pack_region(changed)
+    timing["encode"] = (time.perf_counter() - t0) * 1e3
+    return prediction_response(changed, ran, body, timing, started)
+
+
+async def prompt(request, lease_, check, call, timing=None, nbytes=0):
+    """A prompt, on the event loop: checked against the session's image (``check(session)``, in a worker thread when
+    it reads more than ``INLINE_BYTES`` of a ``nbytes`` array), then run on the prediction thread (``call(session,
+    arg)`` returns whether it predicted) with no worker thread in between; the changed region is packed where
+    ``sized`` says."""
     srv = server(request)
     started = time.perf_counter()
     timing = timing if timing is not None else {}
 
-    def work(session):
+    async def work(session):
         validate.ready_for_prompt(session)
-        arg = check(session)
+        arg = await sized(nbytes, check, session)
         t0 = time.perf_counter()
-        finish_preprocessing(session)  # here, not on the prediction thread
+        await preprocessed(session)  # here, not on the prediction thread
         timing["preprocess_wait"] = (time.perf_counter() - t0) * 1e3
         predicted_at = []
 
@@ -67,10 +86,14 @@ async def prompt(request, lease_, check, call, timing=None):
             predicted_at.append(time.perf_counter())
             return call(session, arg)
 
-        ran, waited = srv.engine.run_on_gpu(timed, owner=lease_)
+        ran, waited = await finished(srv.engine.queue.submit(timed, owner=lease_))
         timing["queue_wait"] = waited * 1e3
         timing["predict"] = (time.perf_counter() - predicted_at[0]) * 1e3
-        return predict_response(session, timing, ran, started)
+        t0 = time.perf_counter()
+        changed = changed_region(session, ran)
+        body = await sized(changed[1].nbytes if changed is not None else 0, pack_region, changed)
+        timing["encode"] = (time.perf_counter() - t0) * 1e3
+        return prediction_response(changed, ran, body, timing, started)
 
     return await act(request, lease_, work)
 
@@ -315,7 +338,7 @@ async def mask_prompt(request, lease_, meta_, kind):
             return run
 
         return await prompt(request, lease_, lambda s: validate.mask_prompt(mask, meta_, s.original_image_shape[1:],
-                                                                            kind), call, timing)
+                                                                            kind), call, timing, mask.nbytes)
 
 
 @router.post(P.PATH_ADD_SCRIBBLE)
