@@ -9,7 +9,7 @@ import math
 import time
 
 import numpy as np
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -17,13 +17,13 @@ from SlicerNNInteractiveLib import protocol as P
 from SlicerNNInteractiveLib.wire import MASK_CODEC, pack_array
 
 from .. import validate
-from ..deps import (act, finish_preprocessing, finished, lease, meta, preprocessed, quiet_lease, read_json, read_packed,
-                    require_key, server, sized)
+from ..deps import (act, caller, finish_preprocessing, finished, leased, lookup, meta, preprocessed, read_json,
+                    read_packed, server, sized)
 from ..errors import AtCapacity, Draining
 from ..leases import ServerFull, UserFull
 from ..limits import session_bytes
 
-router = APIRouter(dependencies=[Depends(require_key)])
+router = APIRouter()
 
 
 def timing_header(timing):
@@ -144,11 +144,13 @@ def mask_accept(request, lease_, scoped, kind):
 
 @router.get(P.PATH_CAPABILITIES)
 async def capabilities(request: Request):
+    caller(request)
     return server(request).caps
 
 
 @router.post(P.PATH_CLAIM)
-async def claim(request: Request, user=Depends(require_key)):
+async def claim(request: Request):
+    user = caller(request)
     srv = server(request)
     registry = srv.registry
     if srv.draining:
@@ -167,18 +169,21 @@ async def claim(request: Request, user=Depends(require_key)):
 
 
 @router.post(P.PATH_RELEASE)
-async def release(request: Request, user=Depends(require_key)):
-    server(request).registry.release(request.headers.get(P.LEASE_HEADER), user)  # never waits: freeing is the reaper's
+async def release(request: Request):
+    # never waits: freeing is the reaper's
+    server(request).registry.release(request.headers.get(P.LEASE_HEADER), caller(request))
     return {"released": True}
 
 
 @router.post(P.PATH_HEARTBEAT)
-async def heartbeat(request: Request, lease_=Depends(lease)):
-    return {"remaining_seconds": server(request).registry.remaining(lease_)}
+async def heartbeat(request: Request):
+    with leased(request) as lease_:
+        return {"remaining_seconds": server(request).registry.remaining(lease_)}
 
 
 @router.get(P.PATH_LEASE_STATUS)
-async def lease_status(request: Request, lease_=Depends(quiet_lease)):
+async def lease_status(request: Request):
+    lease_ = lookup(request, touch=False)
     registry = server(request).registry
     return {"remaining_seconds": registry.remaining(lease_), "idle_timeout_seconds": registry.idle_timeout}
 
@@ -187,7 +192,12 @@ async def lease_status(request: Request, lease_=Depends(quiet_lease)):
 
 
 @router.post(P.PATH_SET_IMAGE)
-async def set_image(request: Request, lease_=Depends(lease), meta_=Depends(meta)):
+async def set_image(request: Request):
+    with leased(request) as lease_:
+        return await receive_image(request, lease_, meta(request))
+
+
+async def receive_image(request, lease_, meta_):
     # Decoded while it arrives: each compressed chunk is decompressed (off the event loop) once complete,
     # overlapping the transfer. Its size is checked, and its memory reserved, from its header, before allocation.
     srv = server(request)
@@ -236,92 +246,100 @@ async def set_image(request: Request, lease_=Depends(lease), meta_=Depends(meta)
 
 
 @router.post(P.PATH_SET_TARGET_BUFFER)
-async def set_target_buffer(request: Request, lease_=Depends(lease)):
-    payload = await read_json(request, lease_)
-    budget = server(request).budget
+async def set_target_buffer(request: Request):
+    with leased(request) as lease_:
+        payload = await read_json(request, lease_)
+        budget = server(request).budget
 
-    def work(session):
-        shape, dtype = validate.target_buffer_request(payload, session.original_image_shape)
-        reserved = budget.reserve(math.prod(shape) * dtype.itemsize, "the target buffer %s %s" % (list(shape), dtype),
-                                  user=lease_.user)
-        try:
-            session.set_target_buffer(np.zeros(shape, dtype=dtype))
-        except BaseException:
-            reserved.release()
-            raise
-        lease_.hold("target", reserved)
-        return {}
+        def work(session):
+            shape, dtype = validate.target_buffer_request(payload, session.original_image_shape)
+            reserved = budget.reserve(math.prod(shape) * dtype.itemsize,
+                                      "the target buffer %s %s" % (list(shape), dtype), user=lease_.user)
+            try:
+                session.set_target_buffer(np.zeros(shape, dtype=dtype))
+            except BaseException:
+                reserved.release()
+                raise
+            lease_.hold("target", reserved)
+            return {}
 
-    return await act(request, lease_, work)
+        return await act(request, lease_, work)
 
 
 @router.post(P.PATH_SET_DO_AUTOZOOM)
-async def set_do_autozoom(request: Request, lease_=Depends(lease)):
-    payload = await read_json(request, lease_)
-    value = validate.flag(payload, "do_autozoom")
-    return await act(request, lease_, lambda session: session.set_do_autozoom(value) or {})
+async def set_do_autozoom(request: Request):
+    with leased(request) as lease_:
+        payload = await read_json(request, lease_)
+        value = validate.flag(payload, "do_autozoom")
+        return await act(request, lease_, lambda session: session.set_do_autozoom(value) or {})
 
 
 @router.post(P.PATH_RESET_INTERACTIONS)
-async def reset_interactions(request: Request, lease_=Depends(lease)):
-    def work(session):
-        finish_preprocessing(session)
-        if session.original_image_shape is not None:
-            session.reset_interactions()
-        return {}
+async def reset_interactions(request: Request):
+    with leased(request) as lease_:
+        def work(session):
+            finish_preprocessing(session)
+            if session.original_image_shape is not None:
+                session.reset_interactions()
+            return {}
 
-    return await act(request, lease_, work)
+        return await act(request, lease_, work)
 
 
 @router.post(P.PATH_UNDO)
-async def undo(request: Request, lease_=Depends(lease)):
-    started = time.perf_counter()
+async def undo(request: Request):
+    with leased(request) as lease_:
+        started = time.perf_counter()
 
-    def work(session):
-        finish_preprocessing(session)
-        ran = session.undo() if session.original_image_shape is not None else False
-        return predict_response(session, {}, ran, started)
+        def work(session):
+            finish_preprocessing(session)
+            ran = session.undo() if session.original_image_shape is not None else False
+            return predict_response(session, {}, ran, started)
 
-    return await act(request, lease_, work)
+        return await act(request, lease_, work)
 
 
 # ---------------------------------------------------------------- prompts
 
 
 @router.post(P.PATH_PREDICT)
-async def predict(request: Request, lease_=Depends(lease)):
-    payload = await read_json(request, lease_)
-    force = validate.flag(payload, "force_full_refine", False)
-    return await prompt(request, lease_, lambda s: None,
-                        lambda s, _: s._predict(force_full_refine=force) is not None)
+async def predict(request: Request):
+    with leased(request) as lease_:
+        payload = await read_json(request, lease_)
+        force = validate.flag(payload, "force_full_refine", False)
+        return await prompt(request, lease_, lambda s: None,
+                            lambda s, _: s._predict(force_full_refine=force) is not None)
 
 
 @router.post(P.PATH_ADD_POINT)
-async def add_point(request: Request, lease_=Depends(lease)):
-    payload = await read_json(request, lease_)
-    timing = {"received_at": time.time()}
-    include, run, override = prompt_flags(payload)
+async def add_point(request: Request):
+    with leased(request) as lease_:
+        payload = await read_json(request, lease_)
+        timing = {"received_at": time.time()}
+        include, run, override = prompt_flags(payload)
 
-    def call(session, coords):
-        session.add_point_interaction(coords, include, run, override)
-        return run
+        def call(session, coords):
+            session.add_point_interaction(coords, include, run, override)
+            return run
 
-    return await prompt(request, lease_, lambda s: validate.point(payload, s.original_image_shape[1:]), call, timing)
+        return await prompt(request, lease_, lambda s: validate.point(payload, s.original_image_shape[1:]), call,
+                            timing)
 
 
 @router.post(P.PATH_ADD_BBOX)
-async def add_bbox(request: Request, lease_=Depends(lease)):
-    payload = await read_json(request, lease_)
-    timing = {"received_at": time.time()}
-    include, run, override = prompt_flags(payload)
-    supports_3d = server(request).supports_3d_box
+async def add_bbox(request: Request):
+    with leased(request) as lease_:
+        payload = await read_json(request, lease_)
+        timing = {"received_at": time.time()}
+        include, run, override = prompt_flags(payload)
+        supports_3d = server(request).supports_3d_box
 
-    def call(session, box):
-        session.add_bbox_interaction(box, include, run, override)
-        return run
+        def call(session, box):
+            session.add_bbox_interaction(box, include, run, override)
+            return run
 
-    return await prompt(request, lease_, lambda s: validate.bbox(payload, s.original_image_shape[1:], supports_3d),
-                        call, timing)
+        return await prompt(request, lease_, lambda s: validate.bbox(payload, s.original_image_shape[1:], supports_3d),
+                            call, timing)
 
 
 async def mask_prompt(request, lease_, meta_, kind):
@@ -342,25 +360,29 @@ async def mask_prompt(request, lease_, meta_, kind):
 
 
 @router.post(P.PATH_ADD_SCRIBBLE)
-async def add_scribble(request: Request, lease_=Depends(lease), meta_=Depends(meta)):
-    return await mask_prompt(request, lease_, meta_, "scribble")
+async def add_scribble(request: Request):
+    with leased(request) as lease_:
+        return await mask_prompt(request, lease_, meta(request), "scribble")
 
 
 @router.post(P.PATH_ADD_LASSO)
-async def add_lasso(request: Request, lease_=Depends(lease), meta_=Depends(meta)):
-    return await mask_prompt(request, lease_, meta_, "lasso")
+async def add_lasso(request: Request):
+    with leased(request) as lease_:
+        return await mask_prompt(request, lease_, meta(request), "lasso")
 
 
 @router.post(P.PATH_ADD_INITIAL_SEG)
-async def add_initial_seg(request: Request, lease_=Depends(lease), meta_=Depends(meta)):
-    run = validate.flag(meta_, "run_prediction", False)
-    override = validate.flag(meta_, "override_capability_checks", False)
-    with Scoped() as scoped:
-        seg = await read_packed(request, lease_, mask_accept(request, lease_, scoped, "initial segmentation"),
-                                "the initial segmentation")
+async def add_initial_seg(request: Request):
+    with leased(request) as lease_:
+        meta_ = meta(request)
+        run = validate.flag(meta_, "run_prediction", False)
+        override = validate.flag(meta_, "override_capability_checks", False)
+        with Scoped() as scoped:
+            seg = await read_packed(request, lease_, mask_accept(request, lease_, scoped, "initial segmentation"),
+                                    "the initial segmentation")
 
-        def call(session, _):
-            session.add_initial_seg_interaction(seg, run_prediction=run, override_capability_checks=override)
-            return run
+            def call(session, _):
+                session.add_initial_seg_interaction(seg, run_prediction=run, override_capability_checks=override)
+                return run
 
-        return await prompt(request, lease_, lambda s: validate.initial_seg(seg, s.original_image_shape[1:]), call)
+            return await prompt(request, lease_, lambda s: validate.initial_seg(seg, s.original_image_shape[1:]), call)
