@@ -29,8 +29,9 @@ router = APIRouter()
 def timing_header(timing):
     # Durations in ms; "received_at" / "sent_at" are wall-clock stamps (s) that let a client on the same machine
     # split the exchange into upload and download.
+    # (Written by hand: json.dumps with rounding costs twice as much, on every call.)
     timing["sent_at"] = time.time()
-    return json.dumps({k: round(v, 6 if k.endswith("_at") else 3) for k, v in timing.items()}, separators=(",", ":"))
+    return "{%s}" % ",".join(['"%s":%.*f' % (k, 6 if k.endswith("_at") else 3, v) for k, v in timing.items()])
 
 
 def changed_region(session, ran):
@@ -139,53 +140,94 @@ def mask_accept(request, lease_, scoped, kind):
     return accept
 
 
-# ---------------------------------------------------------------- leases
+# ---------------------------------------------------------------- prompts
+# (first: FastAPI tries a request's path against the routes in the order they were made, the calls made most first)
 
 
-@router.get(P.PATH_CAPABILITIES)
-async def capabilities(request: Request):
-    caller(request)
-    return server(request).caps
-
-
-@router.post(P.PATH_CLAIM)
-async def claim(request: Request):
-    user = caller(request)
-    srv = server(request)
-    registry = srv.registry
-    if srv.draining:
-        raise Draining("the server is shutting down; try again later (or another server)", retry_after=10)
-    try:
-        lease_ = await run_in_threadpool(registry.claim, user)
-    except UserFull:
-        raise AtCapacity("%s already holds %d session(s), the most one user may hold on this server "
-                          "(--max-sessions-per-user); close one, or wait until it expires"
-                          % (user, registry.max_per_user), retry_after=10)
-    except ServerFull:
-        raise AtCapacity("server is at capacity (%d sessions); try again later" % registry.max_sessions,
-                         retry_after=10)
-    return {"lease_token": lease_.token, "idle_timeout_seconds": registry.idle_timeout,
-            "liveness_timeout_seconds": registry.liveness_timeout, "max_sessions": registry.max_sessions}
-
-
-@router.post(P.PATH_RELEASE)
-async def release(request: Request):
-    # never waits: freeing is the reaper's
-    server(request).registry.release(request.headers.get(P.LEASE_HEADER), caller(request))
-    return {"released": True}
-
-
-@router.post(P.PATH_HEARTBEAT)
-async def heartbeat(request: Request):
+@router.post(P.PATH_ADD_POINT)
+async def add_point(request: Request):
     with leased(request) as lease_:
-        return {"remaining_seconds": server(request).registry.remaining(lease_)}
+        payload = await read_json(request, lease_)
+        timing = {"received_at": time.time()}
+        include, run, override = prompt_flags(payload)
+
+        def call(session, coords):
+            session.add_point_interaction(coords, include, run, override)
+            return run
+
+        return await prompt(request, lease_, lambda s: validate.point(payload, s.original_image_shape[1:]), call,
+                            timing)
 
 
-@router.get(P.PATH_LEASE_STATUS)
-async def lease_status(request: Request):
-    lease_ = lookup(request, touch=False)
-    registry = server(request).registry
-    return {"remaining_seconds": registry.remaining(lease_), "idle_timeout_seconds": registry.idle_timeout}
+@router.post(P.PATH_ADD_BBOX)
+async def add_bbox(request: Request):
+    with leased(request) as lease_:
+        payload = await read_json(request, lease_)
+        timing = {"received_at": time.time()}
+        include, run, override = prompt_flags(payload)
+        supports_3d = server(request).supports_3d_box
+
+        def call(session, box):
+            session.add_bbox_interaction(box, include, run, override)
+            return run
+
+        return await prompt(request, lease_, lambda s: validate.bbox(payload, s.original_image_shape[1:], supports_3d),
+                            call, timing)
+
+
+async def mask_prompt(request, lease_, meta_, kind):
+    include, run, override = prompt_flags(meta_)
+    with Scoped() as scoped:
+        t0 = time.perf_counter()
+        mask = await read_packed(request, lease_, mask_accept(request, lease_, scoped, kind), "the %s" % kind)
+        timing = {"received_at": time.time(), "decode": (time.perf_counter() - t0) * 1e3}
+        method = "add_scribble_interaction" if kind == "scribble" else "add_lasso_interaction"
+
+        def call(session, box):
+            getattr(session, method)(mask, include, run_prediction=run, override_capability_checks=override,
+                                     interaction_bbox=box)
+            return run
+
+        return await prompt(request, lease_, lambda s: validate.mask_prompt(mask, meta_, s.original_image_shape[1:],
+                                                                            kind), call, timing, mask.nbytes)
+
+
+@router.post(P.PATH_ADD_SCRIBBLE)
+async def add_scribble(request: Request):
+    with leased(request) as lease_:
+        return await mask_prompt(request, lease_, meta(request), "scribble")
+
+
+@router.post(P.PATH_ADD_LASSO)
+async def add_lasso(request: Request):
+    with leased(request) as lease_:
+        return await mask_prompt(request, lease_, meta(request), "lasso")
+
+
+@router.post(P.PATH_PREDICT)
+async def predict(request: Request):
+    with leased(request) as lease_:
+        payload = await read_json(request, lease_)
+        force = validate.flag(payload, "force_full_refine", False)
+        return await prompt(request, lease_, lambda s: None,
+                            lambda s, _: s._predict(force_full_refine=force) is not None)
+
+
+@router.post(P.PATH_ADD_INITIAL_SEG)
+async def add_initial_seg(request: Request):
+    with leased(request) as lease_:
+        meta_ = meta(request)
+        run = validate.flag(meta_, "run_prediction", False)
+        override = validate.flag(meta_, "override_capability_checks", False)
+        with Scoped() as scoped:
+            seg = await read_packed(request, lease_, mask_accept(request, lease_, scoped, "initial segmentation"),
+                                    "the initial segmentation")
+
+            def call(session, _):
+                session.add_initial_seg_interaction(seg, run_prediction=run, override_capability_checks=override)
+                return run
+
+            return await prompt(request, lease_, lambda s: validate.initial_seg(seg, s.original_image_shape[1:]), call)
 
 
 # ---------------------------------------------------------------- session state
@@ -299,90 +341,50 @@ async def undo(request: Request):
         return await act(request, lease_, work)
 
 
-# ---------------------------------------------------------------- prompts
+# ---------------------------------------------------------------- leases
 
 
-@router.post(P.PATH_PREDICT)
-async def predict(request: Request):
+@router.get(P.PATH_CAPABILITIES)
+async def capabilities(request: Request):
+    caller(request)
+    return server(request).caps
+
+
+@router.post(P.PATH_CLAIM)
+async def claim(request: Request):
+    user = caller(request)
+    srv = server(request)
+    registry = srv.registry
+    if srv.draining:
+        raise Draining("the server is shutting down; try again later (or another server)", retry_after=10)
+    try:
+        lease_ = await run_in_threadpool(registry.claim, user)
+    except UserFull:
+        raise AtCapacity("%s already holds %d session(s), the most one user may hold on this server "
+                          "(--max-sessions-per-user); close one, or wait until it expires"
+                          % (user, registry.max_per_user), retry_after=10)
+    except ServerFull:
+        raise AtCapacity("server is at capacity (%d sessions); try again later" % registry.max_sessions,
+                         retry_after=10)
+    return {"lease_token": lease_.token, "idle_timeout_seconds": registry.idle_timeout,
+            "liveness_timeout_seconds": registry.liveness_timeout, "max_sessions": registry.max_sessions}
+
+
+@router.post(P.PATH_RELEASE)
+async def release(request: Request):
+    # never waits: freeing is the reaper's
+    server(request).registry.release(request.headers.get(P.LEASE_HEADER), caller(request))
+    return {"released": True}
+
+
+@router.post(P.PATH_HEARTBEAT)
+async def heartbeat(request: Request):
     with leased(request) as lease_:
-        payload = await read_json(request, lease_)
-        force = validate.flag(payload, "force_full_refine", False)
-        return await prompt(request, lease_, lambda s: None,
-                            lambda s, _: s._predict(force_full_refine=force) is not None)
+        return {"remaining_seconds": server(request).registry.remaining(lease_)}
 
 
-@router.post(P.PATH_ADD_POINT)
-async def add_point(request: Request):
-    with leased(request) as lease_:
-        payload = await read_json(request, lease_)
-        timing = {"received_at": time.time()}
-        include, run, override = prompt_flags(payload)
-
-        def call(session, coords):
-            session.add_point_interaction(coords, include, run, override)
-            return run
-
-        return await prompt(request, lease_, lambda s: validate.point(payload, s.original_image_shape[1:]), call,
-                            timing)
-
-
-@router.post(P.PATH_ADD_BBOX)
-async def add_bbox(request: Request):
-    with leased(request) as lease_:
-        payload = await read_json(request, lease_)
-        timing = {"received_at": time.time()}
-        include, run, override = prompt_flags(payload)
-        supports_3d = server(request).supports_3d_box
-
-        def call(session, box):
-            session.add_bbox_interaction(box, include, run, override)
-            return run
-
-        return await prompt(request, lease_, lambda s: validate.bbox(payload, s.original_image_shape[1:], supports_3d),
-                            call, timing)
-
-
-async def mask_prompt(request, lease_, meta_, kind):
-    include, run, override = prompt_flags(meta_)
-    with Scoped() as scoped:
-        t0 = time.perf_counter()
-        mask = await read_packed(request, lease_, mask_accept(request, lease_, scoped, kind), "the %s" % kind)
-        timing = {"received_at": time.time(), "decode": (time.perf_counter() - t0) * 1e3}
-        method = "add_scribble_interaction" if kind == "scribble" else "add_lasso_interaction"
-
-        def call(session, box):
-            getattr(session, method)(mask, include, run_prediction=run, override_capability_checks=override,
-                                     interaction_bbox=box)
-            return run
-
-        return await prompt(request, lease_, lambda s: validate.mask_prompt(mask, meta_, s.original_image_shape[1:],
-                                                                            kind), call, timing, mask.nbytes)
-
-
-@router.post(P.PATH_ADD_SCRIBBLE)
-async def add_scribble(request: Request):
-    with leased(request) as lease_:
-        return await mask_prompt(request, lease_, meta(request), "scribble")
-
-
-@router.post(P.PATH_ADD_LASSO)
-async def add_lasso(request: Request):
-    with leased(request) as lease_:
-        return await mask_prompt(request, lease_, meta(request), "lasso")
-
-
-@router.post(P.PATH_ADD_INITIAL_SEG)
-async def add_initial_seg(request: Request):
-    with leased(request) as lease_:
-        meta_ = meta(request)
-        run = validate.flag(meta_, "run_prediction", False)
-        override = validate.flag(meta_, "override_capability_checks", False)
-        with Scoped() as scoped:
-            seg = await read_packed(request, lease_, mask_accept(request, lease_, scoped, "initial segmentation"),
-                                    "the initial segmentation")
-
-            def call(session, _):
-                session.add_initial_seg_interaction(seg, run_prediction=run, override_capability_checks=override)
-                return run
-
-            return await prompt(request, lease_, lambda s: validate.initial_seg(seg, s.original_image_shape[1:]), call)
+@router.get(P.PATH_LEASE_STATUS)
+async def lease_status(request: Request):
+    lease_ = lookup(request, touch=False)
+    registry = server(request).registry
+    return {"remaining_seconds": registry.remaining(lease_), "idle_timeout_seconds": registry.idle_timeout}
