@@ -9,8 +9,8 @@ run from the same tiny model, every call also made in-process (``nnInteractiveIn
     ratio    = our overhead / the official server's overhead                           (same run, interleaved)
 
 "prompts" is the ratio of the sums of the four prompt kinds' median overheads (one call of each). Every
-repetition runs every side in a rotating order, so background load hits all sides alike; the spread is the range of
-the ratio over blocks of repetitions.
+repetition makes every call on every side, in an order shuffled each time, so that background load hits all sides
+alike; the spread is the range of the ratio over blocks of repetitions.
 
     python Testing/benchmark/overhead.py                    # ~3 min on 2 cores
     python Testing/benchmark/overhead.py --before REF       # also our server as of git REF: before/after in one run
@@ -27,6 +27,7 @@ import contextlib
 import json
 import os
 import platform
+import random
 import shutil
 import statistics
 import subprocess
@@ -116,12 +117,14 @@ class Side:
 
 
 def experiment(sides, img, p, reps, log):
-    """{kind: {side: [ms per repetition]}}: every repetition, every kind, every side in a rotating order."""
+    """{kind: {side: [ms per repetition]}}: every repetition, every kind, every side, in an order shuffled each time
+    (seeded). Not a rotation: a rotation keeps each side behind the same one, and a call right after an in-process
+    one shares the CPU with the library's threads still spinning in this process (5-10 % slower, measured)."""
     times = {k: {s.name: [] for s in sides} for k in KINDS}
+    rng = random.Random(0)
     for rep in range(reps):
-        order = sides[rep % len(sides):] + sides[:rep % len(sides)]
         for kind in KINDS:
-            for side in order:
+            for side in rng.sample(sides, len(sides)):
                 times[kind][side.name].append(call(side.s, kind, p, img))
                 side.after(kind)
         if (rep + 1) % 10 == 0:
@@ -138,6 +141,7 @@ def ratios(times, side, base, blocks):
     """{kind or 'prompts': (ratio over all repetitions, [ratio per block])} of ``side``'s overhead to ``base``'s."""
     o_side, o_base = overheads(times, side), overheads(times, base)
     n = len(o_side[KINDS[0]])
+    blocks = max(1, min(blocks, n))
     cuts = [range(i * n // blocks, (i + 1) * n // blocks) for i in range(blocks)]
 
     def ratio(kinds, idx):
