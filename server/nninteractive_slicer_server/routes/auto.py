@@ -300,7 +300,7 @@ def session_spacing(given, properties, ndim):
                                  "the array's axis order) with the request")
     ok = isinstance(spacing, (list, tuple)) and len(spacing) == ndim and all(
         isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and s > 0 for s in spacing)
-    require(ok, "the %s spacing %r must be %d positive numbers, one per array axis" % (source, spacing, ndim))
+    require(ok, "the %s spacing %r must be %d positive numbers, one per array axis", source, spacing, ndim)
     return [float(s) for s in spacing]
 
 
@@ -333,8 +333,8 @@ async def segment_session_image(request, lease_):
     svc.registry.get(model)  # unknown: 400 naming the known ids, before waiting for the session's turn
     given_spacing = payload.pop("spacing", None)
     unknown = sorted(set(payload) - set(AUTO_FIELDS))
-    require(not unknown, "unknown field(s) %s; /x/auto_segment takes model, spacing and %s"
-            % (", ".join(unknown), ", ".join(AUTO_FIELDS)))
+    require(not unknown, "unknown field(s) %s; /x/auto_segment takes model, spacing and %s", ", ".join(unknown),
+            ", ".join(AUTO_FIELDS))
     fields = {k: v for k, v in payload.items() if v is not None}
     svc.segmenter.arguments(model, fields)  # wrong types: 400 now
     started = time.perf_counter()

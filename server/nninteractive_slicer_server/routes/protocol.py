@@ -133,7 +133,7 @@ def mask_accept(request, lease_, scoped, kind):
         validate.require(image_shape is not None, "no image yet: send set_image before any prompt")
         spatial = list(image_shape[1:])
         validate.require(len(shape) == 3 and all(d <= s for d, s in zip(shape, spatial)),
-                         "the %s shape %s does not match the image's spatial shape %s" % (kind, list(shape), spatial))
+                         "the %s shape %s does not match the image's spatial shape %s", kind, list(shape), spatial)
         scoped.add(srv.budget.reserve(math.prod(shape) * dtype.itemsize, "the %s %s" % (kind, list(shape)),
                                       user=lease_.user))
 
