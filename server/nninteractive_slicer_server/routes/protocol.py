@@ -22,8 +22,9 @@ from ..deps import (act, caller, finish_preprocessing, finished, leased, lookup,
 from ..errors import AtCapacity, Draining
 from ..leases import ServerFull, UserFull
 from ..limits import session_bytes
+from .lean import LeanRoute
 
-router = APIRouter()
+router = APIRouter(route_class=LeanRoute)  # endpoints take the request alone (see lean.py)
 
 
 def timing_header(timing):
