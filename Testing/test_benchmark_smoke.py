@@ -62,7 +62,7 @@ def test_overhead_benchmark_compares_the_servers_and_times_every_layer(tmp_path)
         assert {side: len(t) for side, t in res["times_ms"][kind].items()} == {"inproc": 2, "ours": 2, "official": 2}
     assert set(res["ratio"]["ours"]) == set(kinds) | {"prompts"}
     assert all(whole > 0 for whole, _blocks in res["ratio"]["ours"].values())
-    steps = res["layers"]["steps"]
+    steps = res["layers"]["ours"]["steps"]
     assert set(steps) == set(kinds)
     for kind in kinds[:4]:  # a prompt: through the key gate, to the prediction thread and back, answered
         seen = set(steps[kind])

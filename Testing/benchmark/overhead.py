@@ -207,21 +207,31 @@ def in_process(model):
 
 # ---------------------------------------------------------------------------------------------- layers
 
-def layers(model, tmp, key, img, p, calls, log):
-    """Our server with stamps at every layer boundary (overhead_probe.py): {kind: {step: [ms, ...]}}."""
-    out = os.path.join(tmp, "probe.json")
-    with server("probe", model, tmp, key, probe_out=out) as (url, proc):
-        s = official_client(url, key)
-        side = Side("probe", s, img)
+def layers(model, tmp, key, img, p, calls, probed):
+    """Servers with stamps at every layer boundary (overhead_probe.py), ``probed``: {name: PYTHONPATH or None},
+    their calls interleaved in a shuffled order: {name: {"steps": {kind: {step: [ms, ...]}}, "order": [...]}}."""
+    rng = random.Random(1)
+    with contextlib.ExitStack() as stack:
+        sides, procs, outs = [], {}, {}
+        for name, path in probed.items():
+            outs[name] = os.path.join(tmp, "probe-%s.json" % name)
+            url, procs[name] = stack.enter_context(server("probe", model, tmp, key, pythonpath=path,
+                                                          probe_out=outs[name]))
+            sides.append(Side(name, official_client(url, key), img))
         for kind in KINDS:
             for _ in range(calls):
-                call(s, kind, p, img)
-                side.after(kind)
-        s.close()
-        proc.terminate()  # SIGTERM: the probe writes its stamps as the server exits
-        proc.wait(30)
-    with open(out) as f:
-        return json.load(f)
+                for side in rng.sample(sides, len(sides)):
+                    call(side.s, kind, p, img)
+                    side.after(kind)
+        for side in sides:
+            side.close()
+            procs[side.name].terminate()  # SIGTERM: the probe writes its stamps as the server exits
+            procs[side.name].wait(30)
+    found = {}
+    for name, path in outs.items():
+        with open(path) as f:
+            found[name] = json.load(f)
+    return found
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -259,16 +269,16 @@ def main(argv=None):
     started = time.perf_counter()
     res = {"meta": meta}
     with contextlib.ExitStack() as stack:
-        kinds = [("ours", None), ("official", None)]
+        remote = [("ours", None), ("official", None)]  # (side, PYTHONPATH of its server)
         if a.before:
-            kinds.insert(1, ("before", snapshot(a.before, tempfile.mkdtemp(prefix="before-", dir=tmp))))
+            remote.insert(1, ("before", snapshot(a.before, tempfile.mkdtemp(prefix="before-", dir=tmp))))
         urls = {}
-        for name, path in kinds:  # one at a time: each imports nnInteractive (seconds) on 2 cores
+        for name, path in remote:  # one at a time: each imports nnInteractive (seconds) on 2 cores
             urls[name] = stack.enter_context(server("official" if name == "official" else "ours", model, tmp, key,
                                                     pythonpath=path))[0]
         log("servers up after %.0f s" % (time.perf_counter() - started))
         sides = [Side("inproc", in_process(model), img)]
-        sides += [Side(name, official_client(urls[name], key), img) for name, _ in kinds]
+        sides += [Side(name, official_client(urls[name], key), img) for name, _ in remote]
         for side in sides:  # warm-up
             for kind in KINDS:
                 for _ in range(3):
@@ -287,8 +297,11 @@ def main(argv=None):
     if a.before:
         res["ratio_to_before"] = ratios(times, "ours", "before", a.blocks)
     if a.layers:
-        log("layers: %d calls of each kind through a probed server" % a.layer_calls)
-        res["layers"] = layers(model, tmp, key, img, p, a.layer_calls, log)
+        probed = {"ours": None}
+        if a.before:
+            probed["before"] = dict(remote)["before"]
+        log("layers: %d calls of each kind through probed servers (%s)" % (a.layer_calls, ", ".join(probed)))
+        res["layers"] = layers(model, tmp, key, img, p, a.layer_calls, probed)
     meta["load_after"] = _load()
     meta["seconds"] = round(time.perf_counter() - started)
     report(res, names)
@@ -321,19 +334,22 @@ def report(res, names):
             whole, blocks = res["ratio_to_before"][k]
             print("  %-9s %.2f  [%.2f - %.2f]" % (k, whole, min(blocks), max(blocks)))
     if "layers" in res:
-        print("\nour server, layer by layer (median ms of each step; probed server, %s):" % "stamps")
-        steps = [s for s in res["layers"]["order"]]
-        kinds = [k for k in KINDS if k in res["layers"]["steps"]]
+        probed = list(res["layers"])
+        print("\nlayer by layer: median ms of each step (probed servers: %s; a step between two stamps, in the order "
+              "they happen)\n" % " / ".join(probed))
+        kinds = [k for k in KINDS if any(k in res["layers"][n]["steps"] for n in probed)]
         print("| step | " + " | ".join(kinds) + " |")
         print("|---" * (len(kinds) + 1) + "|")
-        for step in steps:
+        order = []
+        for n in probed:
+            order += [step for step in res["layers"][n]["order"] if step not in order]
+        for step in order:
             row = []
             for k in kinds:
-                v = res["layers"]["steps"][k].get(step)
-                row.append("%.3f" % statistics.median(v) if v else "")
-            if any(row):
+                values = [res["layers"][n]["steps"].get(k, {}).get(step) for n in probed]
+                row.append(" / ".join("%.3f" % statistics.median(v) if v else "-" for v in values))
+            if any(c.strip("- /") for c in row):
                 print("| %s | " % step + " | ".join(row) + " |")
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -199,9 +199,12 @@ def install():
     for name, label in LIBRARY.items():
         wrap_sync(Session, name, label)
 
-    queue_submit = scheduler.DeviceQueue.submit
+    # The prediction thread's hand-off: submit (and deps.finished awaiting it) since the prompt path runs on the event
+    # loop; run (waiting in a worker thread) before that, so that the probe also measures older commits.
+    hand_off = "submit" if hasattr(scheduler.DeviceQueue, "submit") else "run"
+    original = getattr(scheduler.DeviceQueue, hand_off)
 
-    def submit(self, fn, *args, owner=None):
+    def queued(self, fn, *args, owner=None):
         stamp("queue submit")
 
         def on_thread(*a):
@@ -211,10 +214,13 @@ def install():
             finally:
                 stamp("queue end")
 
-        future = queue_submit(self, on_thread, *args, owner=owner)
-        return future
+        try:
+            return original(self, on_thread, *args, owner=owner)
+        finally:
+            if hand_off == "run":
+                stamp("queue back")
 
-    scheduler.DeviceQueue.submit = submit
+    setattr(scheduler.DeviceQueue, hand_off, queued)
     if hasattr(deps, "finished"):
         wrap_async(deps, "finished", "queue wait")
         protocol.finished = deps.finished

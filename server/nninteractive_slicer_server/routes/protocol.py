@@ -25,6 +25,7 @@ from ..limits import session_bytes
 from .lean import LeanRoute
 
 router = APIRouter(route_class=LeanRoute)  # endpoints take the request alone (see lean.py)
+COMPACT = json.JSONEncoder(separators=(",", ":"))  # json.dumps makes an encoder per call for these separators
 
 
 def timing_header(timing):
@@ -51,7 +52,7 @@ def prediction_response(changed, ran, body, timing, started):
         meta_.update(bbox=[[int(lo), int(hi)] for lo, hi in bbox], dtype=str(region.dtype), shape=list(region.shape))
     timing["total"] = (time.perf_counter() - started) * 1e3
     return Response(body, media_type=P.OCTET_STREAM, headers={
-        P.META_HEADER: json.dumps(meta_, separators=(",", ":")), P.TIMING_HEADER: timing_header(timing)})
+        P.META_HEADER: COMPACT.encode(meta_), P.TIMING_HEADER: timing_header(timing)})
 
 
 def pack_region(changed):
@@ -93,7 +94,7 @@ async def prompt(request, lease_, check, call, timing=None, nbytes=0):
         timing["predict"] = (time.perf_counter() - predicted_at[0]) * 1e3
         t0 = time.perf_counter()
         changed = changed_region(session, ran)
-        body = await sized(changed[1].nbytes if changed is not None else 0, pack_region, changed)
+        body = await sized(changed[1].nbytes, pack_region, changed) if changed is not None else b""
         timing["encode"] = (time.perf_counter() - t0) * 1e3
         return prediction_response(changed, ran, body, timing, started)
 
