@@ -89,8 +89,8 @@ def call(s, kind, p, img):
 class Side:
     """One way of making the calls: in-process, or the official client against a server."""
 
-    def __init__(self, name, session, img):
-        self.name, self.s = name, session
+    def __init__(self, name, session, img, probed=False):
+        self.name, self.s, self.probed = name, session, probed
         self.shape = img.shape
         self.s.set_image(img[None])
         self.ready()
@@ -101,9 +101,9 @@ class Side:
         self.s.set_target_buffer(np.zeros(self.shape, np.uint8))
         if self.name == "inproc":
             self.s._finish_preprocessing_and_initialize_interactions()
-        else:  # the first interaction waits for the server's preprocessing
+        elif not self.probed:  # the first interaction waits for the server's preprocessing
             self.s.add_point_interaction([n // 2 for n in self.shape], True, run_prediction=False)
-        self.s.reset_interactions()
+        self.s.reset_interactions()  # our server waits for it there too: a probed server counts only measured calls
 
     def after(self, kind):
         """What follows a measured call: ready again after set_image, no interactions left after a prompt."""
@@ -217,7 +217,7 @@ def layers(model, tmp, key, img, p, calls, probed):
             outs[name] = os.path.join(tmp, "probe-%s.json" % name)
             url, procs[name] = stack.enter_context(server("probe", model, tmp, key, pythonpath=path,
                                                           probe_out=outs[name]))
-            sides.append(Side(name, official_client(url, key), img))
+            sides.append(Side(name, official_client(url, key), img, probed=True))
         for kind in KINDS:
             for _ in range(calls):
                 for side in rng.sample(sides, len(sides)):
@@ -335,6 +335,18 @@ def report(res, names):
             print("  %-9s %.2f  [%.2f - %.2f]" % (k, whole, min(blocks), max(blocks)))
     if "layers" in res:
         probed = list(res["layers"])
+        print("\nour server, layer by layer: median ms per request of each group of steps (probed servers: %s)\n"
+              % " / ".join(probed))
+        kinds = [k for k in KINDS if any(k in res["layers"][n]["groups"] for n in probed)]
+        print("| layer | " + " | ".join(kinds) + " |")
+        print("|---" * (len(kinds) + 1) + "|")
+        for group in res["layers"][probed[0]]["group_order"] + ["total (bytes in > asgi out)"]:
+            row = []
+            for k in kinds:
+                values = [(res["layers"][n]["groups"].get(k, {}).get(group)
+                           or res["layers"][n]["steps"].get(k, {}).get(group)) for n in probed]
+                row.append(" / ".join("%.3f" % statistics.median(v) if v else "-" for v in values))
+            print("| %s | " % group + " | ".join(row) + " |")
         print("\nlayer by layer: median ms of each step (probed servers: %s; a step between two stamps, in the order "
               "they happen)\n" % " / ".join(probed))
         kinds = [k for k in KINDS if any(k in res["layers"][n]["steps"] for n in probed)]

@@ -7,7 +7,8 @@ code) the places a request passes: the bytes' arrival in the HTTP protocol, each
 FastAPI's dependency solving, every hop to a worker thread and back, the decode pool, the prediction queue, the
 library's calls, the response's encoding and its sending. Each request records ``(stamp, perf_counter())`` in order;
 on exit (SIGTERM) the time between consecutive stamps is written to OUT.json as ``{"steps": {kind: {"a > b": [ms,
-...]}}, "order": [...]}`` with ``kind`` the call (point, bbox, scribble, lasso, set_image). A stamp costs well under a
+...]}}, "order": [...]}`` with ``kind`` the call (point, bbox, scribble, lasso, set_image), and the same steps summed
+per request into the layers of ``GROUPS`` (``"groups": {kind: {group: [ms per request]}}``). A stamp costs well under a
 microsecond; the server it measures is otherwise the one that ships. Meant for one client at a time.
 """
 
@@ -258,19 +259,63 @@ def install():
     app_module.make_app = probed_make_app
 
 
+MIDDLEWARES_IN = {"server errors", "server errors > inner", "telemetry", "telemetry > inner", "body limit",
+                  "body limit > inner", "metrics", "metrics > inner", "request id", "request id > inner", "key gate",
+                  "key gate > inner", "exceptions", "exceptions > inner", "exit stack", "exit stack > inner",
+                  "router in"}
+GROUPS = ["HTTP server: headers to the app", "middlewares (Starlette's, FastAPI's, metrics, request id, key gate)",
+          "routing", "dependencies, lease, X-Meta", "body: waiting for it, decoding", "checks, turn, worker threads",
+          "hand-off to the prediction thread and back", "library", "answer built (and worker thread back)",
+          "answer sent", "after the answer (exit stacks, metrics)"]
+
+
+HAND_OFF = {"queue wait in", "queue start", "queue end", "queue wait out", "queue back"}
+ANSWER = {"act out", "response start", "response encode in", "response encode out", "pool guarded end",
+          "pool guarded back", "pool work end", "pool work back"}
+
+
+def group_of(a, b):
+    """The group (of ``GROUPS``) of the step from stamp ``a`` to stamp ``b``: mostly by the stamp that ends it."""
+    if b == "asgi in":
+        return GROUPS[0]
+    if b in MIDDLEWARES_IN:
+        return GROUPS[1]
+    if b == "route in":
+        return GROUPS[2]
+    if b.startswith(("dependencies", "pool require_key", "pool meta")) or b in ("read json in", "read packed in"):
+        return GROUPS[3]
+    if b in ("read json out", "read packed out") or b.startswith("decode"):
+        return GROUPS[4]
+    if a.startswith("library") and b.startswith("library"):
+        return GROUPS[7]
+    if b in HAND_OFF or (a == "queue start" and b.startswith("library")):
+        return GROUPS[6]
+    if b in ANSWER:
+        return GROUPS[8]
+    if b == "response sent":
+        return GROUPS[9]
+    if b in ("route out", "router out", "asgi out"):
+        return GROUPS[10]
+    return GROUPS[5]  # up to the hand-off: checks, the lease's turn, preprocessing, worker threads
+
+
 def write(path):
-    steps, orders = {}, collections.Counter()
+    steps, groups, orders = {}, {}, collections.Counter()
     for url_path, record in RECORDS:
         kind = KIND.get(url_path)
         if kind is None or len(record) < 3:
             continue
         by_kind = steps.setdefault(kind, {})
+        summed = dict.fromkeys(GROUPS, 0.0)
         labels = []
         for (a, ta), (b, tb) in zip(record, record[1:]):
             label = "%s > %s" % (a, b)
             by_kind.setdefault(label, []).append((tb - ta) * 1e3)
+            summed[group_of(a, b)] += (tb - ta) * 1e3
             labels.append(label)
         by_kind.setdefault("total (bytes in > asgi out)", []).append((record[-1][1] - record[0][1]) * 1e3)
+        for group, ms in summed.items():
+            groups.setdefault(kind, {}).setdefault(group, []).append(ms)
         orders[(kind, tuple(labels))] += 1
     order = []
     for kind in KIND.values():  # each kind's most common path, the steps in the order they happen
@@ -280,7 +325,7 @@ def write(path):
                 order.append(label)
     order.append("total (bytes in > asgi out)")
     with open(path, "w") as f:
-        json.dump({"steps": steps, "order": order}, f)
+        json.dump({"steps": steps, "order": order, "groups": groups, "group_order": GROUPS}, f)
 
 
 def main():
