@@ -336,6 +336,47 @@ def test_collected_prompts_and_their_run_survive_a_lost_session(lost, ours, blob
     assert np.array_equal(after_next, buf), "the prompt after it: %d voxels differ" % (after_next != buf).sum()
 
 
+def test_undoing_a_run_keeps_the_prompts_it_ran_on(ours, blob_model, phantom, start, prompts):
+    """Ctrl+Z after a Run undoes the prediction, not the last prompt collected: the server keeps the prompts (its undo
+    restores the state before the Run), so the history must too. A Run after a lost session then gives the first Run's
+    mask again, as in the uninterrupted session."""
+    image = phantom.image
+    scene = ArrayScene(image, {"drawn": start})
+    scene.select_segment("drawn")
+    errors = []
+    c = Controller(scene, lambda: RemoteSession(ours), on_error=lambda exc, job, n: errors.append(exc))
+    try:
+        submit_all(c, prompts[:1])
+        after_first = scene.read_segment("drawn").copy()
+        c.auto_run = False
+        submit_all(c, prompts[1:3])
+        c.predict()
+        c.wait()
+        first_run = scene.read_segment("drawn").copy()
+        assert c.undo()
+        c.wait()
+        assert np.array_equal(scene.read_segment("drawn"), after_first)
+        assert [s.written is not None for s in c.histories["drawn"].steps] == [True, False, False]
+        release(ours, c.sync.session)
+        c.predict()
+        c.wait()
+        again = scene.read_segment("drawn").copy()
+        assert c.sync.replays == 1 and c.sync.last_replay["prompts"] == 3
+    finally:
+        c.close()
+    assert not errors, errors
+    s = local_session(blob_model, True)
+    s.set_image(image[None])
+    buf = np.zeros(image.shape, np.uint8)
+    s.set_target_buffer(buf)
+    s.add_initial_seg_interaction(start.copy(), run_prediction=False)
+    for n, step in enumerate(steps(prompts[:3])):
+        step.send(s, n < 1)
+    s._predict()
+    assert np.array_equal(first_run, buf) and not np.array_equal(first_run, after_first)
+    assert np.array_equal(again, buf), "%d voxels differ" % (again != buf).sum()
+
+
 def test_without_a_history_collected_prompts_lost_before_run_must_be_placed_again(ours, phantom, start, prompts):
     from SlicerNNInteractiveLib.errors import SessionExpiredError
 

@@ -559,8 +559,8 @@ class Controller(object):
         sync = self.sync
         in_step = record.server_step == self._server_step() and sync.supports_undo
         if sync.has_history(key):  # the history can rebuild the server's state without this prompt
-            version = self._shadow_version
-            self._run(job, lambda: sync.undo_prompt(key, version, in_step))
+            version, run = self._shadow_version, record.kind == "predict"
+            self._run(job, lambda: sync.undo_prompt(key, version, in_step, run))
         elif in_step:
             self._run(job, sync.undo)
         else:
@@ -622,7 +622,7 @@ class Controller(object):
             self.sync.segment_written(key, self._shadow_version)
         if record is None:
             record = UndoRecord(result.bbox or [[0, 0]] * 3, {})  # the server still took a step
-        record.segment_key = key
+        record.segment_key, record.kind = key, job.kind
         record.server_step = self._server_step()
         self._undo.append(record)
         self._store_history(key)

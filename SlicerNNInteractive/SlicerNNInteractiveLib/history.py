@@ -358,6 +358,14 @@ class PromptHistory(object):
         self.state = None
         return self.steps.pop() if self.steps else None
 
+    def unpredict(self):
+        """Forget the result of the last Run (it was undone): its prompts stay, as added without a prediction (the
+        server's undo of a prediction restores the state before it, prompts included)."""
+        self.state = None
+        last = self.steps[-1] if self.steps else None
+        if last is not None and last.written is not None:
+            last.written, last.exact, last.raw, last._json = None, True, None, None
+
     def copy(self):
         other = PromptHistory(self.shape, self.segment_key)
         other.base, other.base_omitted = self.base, self.base_omitted

@@ -239,15 +239,17 @@ class Scene(object):
 
 
 class UndoRecord(object):
-    """What one write replaced: ``regions`` {segment key: bool region before} over one ``bbox``."""
+    """What one write replaced: ``regions`` {segment key: bool region before} over one ``bbox``; ``kind``: the job
+    that wrote it (a prompt kind, or "predict" for a Run)."""
 
-    __slots__ = ("bbox", "regions", "segment_key", "server_step")
+    __slots__ = ("bbox", "regions", "segment_key", "server_step", "kind")
 
     def __init__(self, bbox, regions):
         self.bbox = [list(b) for b in bbox]
         self.regions = regions
         self.segment_key = None
         self.server_step = None
+        self.kind = None
 
 
 class ArrayScene(Scene):

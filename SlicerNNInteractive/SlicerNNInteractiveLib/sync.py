@@ -418,11 +418,12 @@ class SyncedSession:
                 history.version = None  # until segment_written
         return result
 
-    def undo_prompt(self, segment_key, version, in_step=True):
+    def undo_prompt(self, segment_key, version, in_step=True, run=False):
         """Undo the last prompt of segment ``segment_key``, whose segment the caller has already restored (it is now
         at ``version``). With ``in_step`` (the server's state follows the caller's prompts) the server undoes it too;
         otherwise, or when the server cannot (it keeps one level) or was lost, the history forgets the prompt and the
-        next prompt rebuilds the server's state from it. Returns the server's ``PromptResult``, or None."""
+        next prompt rebuilds the server's state from it. ``run``: what is undone is a Run (``predict``): its prompts
+        stay, only its result goes. Returns the server's ``PromptResult``, or None."""
         history = self.histories.get(segment_key) if self.histories is not None else None
         if history is None or not history.steps:
             if in_step:
@@ -437,7 +438,10 @@ class SyncedSession:
                     result = self._result("undo", True, {})
             except SessionExpiredError as exc:  # BackendLostError included
                 self._recover(exc)
-        history.pop()
+        if run:
+            history.unpredict()
+        else:
+            history.pop()
         history.version = version
         self._segment_state = (segment_key, version) if result is not None else None
         return result
