@@ -63,6 +63,10 @@ class Scene(object):
     def select_segment(self, key):
         raise NotImplementedError
 
+    def segment_name(self, key):
+        """The name the user sees for segment ``key``."""
+        return key
+
     def add_segment(self, name=None, color=None, terminology=None):
         """Add an empty segment, select it, return its key. ``name``, ``color`` (r, g, b in 0..1) and
         ``terminology`` (DICOM codes, as an automatic model's labels carry them) when given."""
@@ -328,6 +332,9 @@ class ArrayScene(Scene):
         if key is not None and key not in self._segments:
             raise KeyError(key)
         self._selected = key
+
+    def segment_name(self, key):
+        return self.names.get(key, key)
 
     def _new_key(self):
         self._counter += 1

@@ -191,6 +191,10 @@ class SlicerScene(Scene):
     def select_segment(self, key):
         self.editorNode.SetSelectedSegmentID(key)
 
+    def segment_name(self, key):
+        segment = self.segmentation().GetSegment(key) if self.segmentationNode() is not None else None
+        return segment.GetName() if segment is not None and segment.GetName() else key
+
     def add_segment(self, name=None, color=None, terminology=None):
         segmentationNode = self.segmentationNode()
         segmentation = segmentationNode.GetSegmentation()
