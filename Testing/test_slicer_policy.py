@@ -1,6 +1,8 @@
 """The module's decisions, without Qt or Slicer: prompt dispatch and failure policy (one failure, one message; points
 never sent are removed), against a server port nothing listens on and a real server."""
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -213,13 +215,25 @@ def test_the_prompt_history_section():
     stored_history = controller.stored_history
     controller.stored_history = lambda key: reads.append(key) or stored_history(key)
     state = view.state(controller)
-    assert state.can_continue and not state.can_replay and state.report is None
+    assert state.continuable and state.can_continue and not state.can_replay and state.report is None
     assert state.text.startswith("Segment_1 has 2 prompts saved with the scene (1 point, 1 box; answered by blobs at "
                                  "gpu-node:1527). Continue rebuilds them")
     assert view.state(controller).can_continue and reads == ["Segment_1"]  # checked once while nothing changed
+    claiming = threading.Event()
+
+    def connect():  # a claim on its way: the controller is busy meanwhile
+        claiming.wait(30)
+        raise ServerUnreachableError("not now")
+
+    busy = Controller(scene, connect)
+    busy.connect()
+    state = view.state(busy)
+    assert busy.busy and state.continuable and not state.can_continue  # offered, pressed once nothing runs
+    claiming.set()
+    busy.close()
     scene.select_segment("Segment_2")
     state = view.state(controller)
-    assert not state.can_continue and state.text == state.report and state.report.startswith(
+    assert not state.continuable and state.text == state.report and state.report.startswith(
         "The saved prompts of Segment_2 are not used: the saved prompt history is not valid JSON")
     assert state.text.endswith("The next prompt starts afresh from the segment.")
     assert view.state(controller).report is None  # reported once
@@ -231,7 +245,7 @@ def test_the_prompt_history_section():
                                                     "the next prompt rebuilds them on the server first.")
     state = view.state(controller)
     assert state.text == "Segment_1: 2 prompts since its last reset (1 point, 1 box), saved with the scene."
-    assert state.can_replay and not state.can_continue and state.replaying == 0
+    assert state.can_replay and not state.continuable and state.replaying == 0
     controller.close()
 
 

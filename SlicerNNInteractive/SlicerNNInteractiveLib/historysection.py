@@ -46,7 +46,7 @@ class HistorySection(object):
         state = self.view.state(self.controller())
         ui.historyLabel.text = state.text
         ui.historyLabel.visible = bool(state.text)
-        ui.continueButton.visible = ui.continueButton.enabled = state.can_continue
+        ui.continueButton.visible, ui.continueButton.enabled = state.continuable, state.can_continue
         ui.replayButton.enabled = state.can_replay
         ui.cancelReplayButton.enabled = bool(state.replaying)
         if state.report:

@@ -5,7 +5,7 @@ historysection.py only copies this into its widgets).
 * A segment whose prompts this session records: how many since its last reset; "Replay on another model or
   server" applies.
 * A segment of a reopened scene whose saved prompts can be continued (``Controller.stored_history``): what was
-  saved (prompts by kind, the servers that answered); "Continue" applies (while nothing runs).
+  saved (prompts by kind, the servers that answered); "Continue" is offered (and can be pressed while nothing runs).
 * Saved prompts that cannot be used (corrupt, of another format version, another image or segment, the segment
   changed since): the reason, shown in the section and reported once (status line and log), never applied; the
   next prompt starts afresh from the segment.
@@ -46,18 +46,19 @@ def continued_text(name, summary):
 
 
 class HistoryState(object):
-    """What the section shows: ``text`` (empty: nothing to say), ``can_continue``, ``can_replay``, ``replaying``
-    (replays queued or running: Cancel applies), ``report`` (a sentence to report once, or None)."""
+    """What the section shows: ``text`` (empty: nothing to say), ``continuable`` (Continue is offered),
+    ``can_continue`` (and can be pressed now: nothing runs), ``can_replay``, ``replaying`` (replays queued or running:
+    Cancel applies), ``report`` (a sentence to report once, or None)."""
 
-    __slots__ = ("text", "can_continue", "can_replay", "replaying", "report")
+    __slots__ = ("text", "continuable", "can_continue", "can_replay", "replaying", "report")
 
-    def __init__(self, text="", can_continue=False, can_replay=False, replaying=0, report=None):
-        self.text, self.can_continue, self.can_replay = text, can_continue, can_replay
-        self.replaying, self.report = replaying, report
+    def __init__(self, text="", continuable=False, can_continue=False, can_replay=False, replaying=0, report=None):
+        self.text, self.continuable, self.can_continue = text, continuable, can_continue
+        self.can_replay, self.replaying, self.report = can_replay, replaying, report
 
     def __repr__(self):
-        return "HistoryState(%r, continue=%s, replay=%s, replaying=%d)" % (self.text, self.can_continue,
-                                                                          self.can_replay, self.replaying)
+        return "HistoryState(%r, continue=%s/%s, replay=%s, replaying=%d)" % (
+            self.text, self.continuable, self.can_continue, self.can_replay, self.replaying)
 
 
 class HistoryView(object):
@@ -102,7 +103,7 @@ class HistoryView(object):
                 "goes on where they stopped; a prompt without Continue starts afresh from the segment." % (
                     name, count_text(summary["prompts"]), kinds_text(summary["kinds"]) or "none",
                     "; answered by " + who if who else ""),
-                can_continue=not controller.busy, replaying=replaying)
+                continuable=True, can_continue=not controller.busy, replaying=replaying)
         sentence = "The saved prompts of %s are not used: %s. The next prompt starts afresh from the segment." % (
             name, why.rstrip("."))
         report = None
