@@ -24,6 +24,7 @@ class HistorySection(object):
         self.widget = widget
         self.ui = ui = widget.ui
         self.view = HistoryView()
+        self.shown = None  # what the widgets show now
         ui.continueButton.connect("clicked()", self.onContinue)
         ui.replayButton.connect("clicked()", self.onReplay)
         ui.cancelReplayButton.connect("clicked()", self.onCancelReplay)
@@ -44,11 +45,14 @@ class HistorySection(object):
         if slicer.mrmlScene.IsBatchProcessing():
             return
         state = self.view.state(self.controller())
-        ui.historyLabel.text = state.text
-        ui.historyLabel.visible = bool(state.text)
-        ui.continueButton.visible, ui.continueButton.enabled = state.continuable, state.can_continue
-        ui.replayButton.enabled = state.can_replay
-        ui.cancelReplayButton.enabled = bool(state.replaying)
+        shown = (state.text, state.continuable, state.can_continue, state.can_replay, bool(state.replaying))
+        if shown != self.shown:  # called on every tick while the controller works
+            self.shown = shown
+            ui.historyLabel.text = state.text
+            ui.historyLabel.visible = bool(state.text)
+            ui.continueButton.visible, ui.continueButton.enabled = state.continuable, state.can_continue
+            ui.replayButton.enabled = state.can_replay
+            ui.cancelReplayButton.enabled = bool(state.replaying)
         if state.report:
             logging.warning("nnInteractive: " + state.report)
             widget.setStatus(state.report)
