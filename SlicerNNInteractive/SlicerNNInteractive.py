@@ -84,7 +84,9 @@ class SlicerNNInteractive(ScriptedLoadableModule):
             "(positive or negative) on a volume; an nnInteractive server (on this computer or on a GPU node) "
             "returns the 3D mask, written into the segment selected in the Segment Editor below. "
             "Shortcuts while the module is shown: P point, B box, S scribble, L lasso, T positive/negative, "
-            "E next segment, R reset segment, Ctrl+Z undo. Configure the server in the Configuration tab."
+            "E next segment, R reset segment, Ctrl+Z undo. Each segment's prompts are saved with the scene: Continue "
+            "picks a reopened segment up where they stopped, and Replay runs them on another model or server. "
+            "Configure the server in the Configuration tab."
         )
         self.parent.acknowledgementText = (
             "nnInteractive: Isensee, Rokuss et al., DKFZ (https://github.com/MIC-DKFZ/nnInteractive). "
@@ -115,7 +117,8 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.scribble = None  # SlicerNNInteractiveLib.scribbletool.ScribbleTool, made when first armed
         self.tickTimer = None
         self.config = None  # the Configuration tab (SlicerNNInteractiveLib.configtab.ConfigurationTab)
-        self.auto = None  # the automatic-segmentation section (SlicerNNInteractiveLib.presenter.AutoPresenter)
+        self.history = None  # the Prompt history section (SlicerNNInteractiveLib.historysection.HistorySection)
+        self.auto = None  # the automatic-segmentation section (SlicerNNInteractiveLib.autosection.AutoSection)
         self.messages = None
         self.dispatch = None
         self.settings = None  # SlicerNNInteractiveLib.settings.ServerSettings: server, key, consent
@@ -128,7 +131,6 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.logic = SlicerNNInteractiveLogic()
         from SlicerNNInteractiveLib.dispatch import Messages, PromptDispatch
         from SlicerNNInteractiveLib.polarity import Polarity
-        from SlicerNNInteractiveLib.presenter import AutoPresenter
 
         self.settings = serverSettings()
         self.messages = Messages(
@@ -137,7 +139,6 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.showStatus, logging.error)
         self.dispatch = PromptDispatch(self.getController, self.permission, self.messages,
                                        prepare=self.ensureSegmentationNode)
-        self.auto = AutoPresenter()
         self.polarity = Polarity(on_change=self.onPolarityChanged)
 
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/SlicerNNInteractive.ui"))
@@ -165,10 +166,6 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.predictButton.connect("clicked()", self.onPredict)
         self.ui.autoRunCheckBox.connect("toggled(bool)", self.onAutoRun)
         self.ui.showTimingsButton.connect("clicked()", self.onShowTimings)
-        self.ui.runAutoButton.connect("clicked()", self.onRunAuto)
-        self.ui.cancelAutoButton.connect("clicked()", self.onCancelAuto)
-        self.ui.autoModelComboBox.connect("currentIndexChanged(int)", self.onAutoModelChanged)
-        self.updateAutoModels(None)
         for button in (self.ui.positiveButton, self.ui.negativeButton, self.ui.nextSegmentButton,
                        self.ui.resetSegmentButton, self.ui.undoButton, self.ui.predictButton) + tuple(
                            self.toolButton(t) for t in TOOLS):
@@ -179,6 +176,11 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
         self.config = ConfigurationTab(self)
         self.config.adoptLocalServer(handover().take("localServer"))  # after a Reload
+        from SlicerNNInteractiveLib.autosection import AutoSection
+        from SlicerNNInteractiveLib.historysection import HistorySection
+
+        self.auto = AutoSection(self)
+        self.history = HistorySection(self)
         self.updatePolarityUI()
         self.ui.predictButton.enabled = not self.ui.autoRunCheckBox.checked
 
@@ -221,6 +223,11 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def enter(self):
         self.selectEditorNode()
         self.editor.updateWidgetFromMRML()
+        self.chooseNodes()
+        self.installShortcuts()
+
+    def chooseNodes(self):
+        """A segmentation and a source volume for the editor when it has none (shown, or a scene was loaded)."""
         from SlicerNNInteractiveLib.slicerscene import defaultVolume, firstVisibleNode, newSegmentation
 
         if not self.editor.segmentationNodeID():
@@ -228,7 +235,6 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                                             newSegmentation(slicer.mrmlScene))
         if self.sourceVolumeNode() is None:
             self.setSourceVolumeNode(defaultVolume(slicer.mrmlScene, slicer.app.layoutManager()))
-        self.installShortcuts()
 
     def exit(self):
         self.disarmTool()
@@ -271,6 +277,7 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def onSceneStartClose(self, caller, event):
         self.config.timingStop = True  # a timing experiment in progress stops (its nodes are going)
+        self.history.forget()
         self.disarmTool()
         self.prompts.forget()
         self.tools.watchLasso(None)
@@ -289,11 +296,15 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def onSceneEndBatch(self, caller, event):
         # After a batch (loading a scene, restoring a scene view) the scribble's editor resets its segmentation to
         # what its combo box shows, which never holds our hidden one, and that deactivates Paint
-        # (qMRMLSegmentEditorWidget::onMRMLSceneEndBatchProcessEvent): arm it again once that has happened.
-        qt.QTimer.singleShot(0, self.rearmScribble)
+        # (qMRMLSegmentEditorWidget::onMRMLSceneEndBatchProcessEvent): arm it again once that has happened. A loaded
+        # scene's segment may have saved prompts to continue.
+        qt.QTimer.singleShot(0, self.afterSceneBatch)
 
-    def rearmScribble(self):
+    def afterSceneBatch(self):
+        if self.parent.isEntered:
+            self.chooseNodes()
         {"scribble": lambda: self.activateTool("scribble")}.get(self.tools.active, lambda: None)()
+        self.history.refresh()
 
     def onSceneEndClose(self, caller, event):
         self.editorNode = None
@@ -468,7 +479,8 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
         self.ui.busyBar.setVisible(bool(busy))
         self.setStatus(busy_text(self.controller.current if busy else None, pending))
-        self.updateAutoButtons()
+        self.auto.updateButtons()
+        self.history.refresh()
 
     def onResult(self, job, result, timings):
         from SlicerNNInteractiveLib.presenter import result_text
@@ -478,7 +490,7 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def onError(self, exc, job, dropped):
         from SlicerNNInteractiveLib.dispatch import failure_message
 
-        self.reportError(failure_message(exc, dropped))
+        self.reportError(failure_message(exc, dropped, job))
 
     def onConnected(self, capabilities):
         from SlicerNNInteractiveLib.settings import summary
@@ -548,6 +560,7 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def onEditorNodeModified(self, caller, event):
         self.tools.effectSelected(self.editorNode.GetActiveEffectName())
+        self.history.refresh()  # another segment selected, say
 
     # --- point
 
@@ -706,44 +719,6 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             return
         self.editor.undo()
 
-    # ------------------------------------------------------------------ automatic segmentation
-
-    def updateAutoModels(self, models):
-        """List the server's automatic models (None: a server without them, or not asked yet)."""
-        self.auto.listed(models)
-        combo = self.ui.autoModelComboBox
-        combo.blockSignals(True)
-        combo.clear()
-        for label, modelId in self.auto.items():
-            combo.addItem(label, modelId)
-        combo.blockSignals(False)
-        self.onAutoModelChanged(combo.currentIndex)
-
-    def onAutoModelChanged(self, index):
-        self.ui.autoInfoLabel.text = self.auto.info(index)
-        self.updateAutoButtons()
-
-    def updateAutoButtons(self):
-        running = self.controller.auto_pending() if self.controller is not None else 0
-        run, cancel = self.auto.buttons(self.ui.autoModelComboBox.currentIndex, running)
-        self.ui.runAutoButton.enabled, self.ui.cancelAutoButton.enabled = run, cancel
-
-    def onRunAuto(self):
-        """Run the chosen model on the source volume through the session (no second upload)."""
-        model = self.auto.model(self.ui.autoModelComboBox.currentIndex)
-        if model is None or not self.volumeChosen() or not self.mayConnect():
-            return
-        self.ensureSegmentationNode()
-        self.getController().auto_segment(model["id"], label=model.get("name") or model["id"])
-        self.setStatus(self.auto.started(model))
-        self.updateAutoButtons()
-        self.startTicking()
-
-    def onCancelAuto(self):
-        if self.controller is not None and self.controller.cancel_auto():
-            self.setStatus("Automatic segmentation cancelled.")
-        self.updateAutoButtons()
-
     # ------------------------------------------------------------------ timings
 
     def onShowTimings(self):
@@ -772,11 +747,11 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def onServerChanged(self):
         """Another server, key or authority: the session and the old server's models are not the new one's."""
         self.disconnect()
-        self.updateAutoModels(None)
+        self.auto.listModels(None)
 
     def onServerDescribed(self, info):
         """Test connection's answer (client.check_server): the automatic models, the scribble thickness."""
-        self.updateAutoModels(info.get("models"))
+        self.auto.listModels(info.get("models"))
         self.logic.scribbleThickness = info.get("preferred_scribble_thickness") or self.logic.scribbleThickness
 
 
@@ -1101,5 +1076,51 @@ class SlicerNNInteractiveTest(ScriptedLoadableModuleTest):
         self.waitIdle(widget)
         self.assertTrue(widget.messages.collected and "not aligned" in widget.messages.collected[-1])
         self.assertTrue(np.array_equal(segment(), before))
+        widget.messages.collected = []
+        self.runContinue(widget, world, image.shape, np, strict)
         widget.messages.dialog = lambda message, details: slicer.util.errorDisplay(message)
         self.delayDisplay("nnInteractive self-test passed")
+
+    def runContinue(self, widget, world, shape, np, strict):
+        """A scene saved as .mrb and opened again: Continue, and the next prompt gives the mask it gave before."""
+        import tempfile
+
+        self.delayDisplay("Continue after the scene is saved and opened again")
+        k, j, i = [n // 2 for n in shape]
+        first, second = world(i, j, k), world(i + shape[2] // 7, j, k)  # a negative point inside the object
+        widget.onNextSegment()
+        widget.placePoint(first, positive=True)
+        widget.placePoint(second, positive=False)
+        self.waitIdle(widget)
+        scene = widget.getScene()
+        key = scene.selected_segment()
+        expected = scene.read_segment(key).astype(bool)
+        widget.onUndo()  # the second prompt undone: the saved history ends with the first
+        self.waitIdle(widget)
+        appLogic = slicer.app.applicationLogic()
+        folder = tempfile.mkdtemp(dir=slicer.app.temporaryPath)
+        bundle = os.path.join(folder, "scene")
+        os.makedirs(bundle)
+        self.assertTrue(appLogic.SaveSceneToSlicerDataBundleDirectory(bundle, None))
+        self.assertTrue(appLogic.Zip(os.path.join(folder, "scene.mrb"), bundle))
+        slicer.mrmlScene.Clear(0)
+        os.makedirs(os.path.join(folder, "open"))
+        self.assertTrue(appLogic.OpenSlicerDataBundle(os.path.join(folder, "scene.mrb"), os.path.join(folder, "open")))
+        slicer.app.processEvents()
+        # The segment to continue, whichever segmentation and segment the editor shows first
+        widget.editor.setSegmentationNode([n for n in slicer.util.getNodesByClass("vtkMRMLSegmentationNode")
+                                           if n.GetSegmentation().GetSegment(key) is not None][0])
+        widget.editor.setCurrentSegmentID(key)
+        # (enabled, not visible: a test run without the main window shows no widget)
+        self.assertTrue(widget.ui.continueButton.enabled and "saved with the scene" in widget.ui.historyLabel.text,
+                        widget.ui.historyLabel.text)
+        widget.ui.continueButton.click()
+        self.assertTrue(widget.messages.last.startswith("Continuing"), widget.messages.last)
+        widget.placePoint(second, positive=False)
+        self.waitIdle(widget)
+        self.assertEqual(widget.messages.collected, [])
+        got = widget.getScene().read_segment(key).astype(bool)
+        differ = int(np.count_nonzero(got != expected))
+        if strict:  # a GPU may round a few boundary voxels differently from one run to the next
+            self.assertLessEqual(differ, max(10, int(expected.sum()) // 1000))
+        self.delayDisplay("Continue: %d voxels differ from the uninterrupted session" % differ)

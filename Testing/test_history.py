@@ -293,3 +293,27 @@ def test_a_history_kept_on_a_segmentation_node_survives_a_mrml_file(tmp_path):
     assert node.GetAttribute(historyAttributeName(odd)) == text
     assert node.GetAttribute(historyAttributeName("other")) == "{}"
     same_steps(h, PromptHistory.from_json(node.GetAttribute(historyAttributeName(odd))))
+
+
+def test_histories_of_removed_segments_are_not_kept_on_the_node():
+    """A segment removed takes its history with it the next time one is stored: a new segment given the same ID
+    (Slicer reuses "Segment_1") must not inherit it, and a scene file keeps none that nobody can use."""
+    from mrml import new_mrml_scene
+
+    from SlicerNNInteractiveLib.slicerscene import HISTORY_ATTRIBUTE, SlicerScene, historyAttributeName
+
+    scene = new_mrml_scene()
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
+    editor = scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    editor.SetAndObserveSegmentationNode(segmentation)
+    kept = SlicerScene(editor)
+    for key in ("Segment_1", "Segment_2"):
+        segmentation.GetSegmentation().AddEmptySegment(key, key)
+        kept.store_history(key, '{"steps": []}')
+    segmentation.SetAttribute("Other.Attribute", "x")  # not ours: untouched
+    segmentation.GetSegmentation().RemoveSegment("Segment_1")
+    kept.store_history("Segment_2", '{"steps": [1]}')
+    names = [n for n in segmentation.GetAttributeNames() if n.startswith(HISTORY_ATTRIBUTE)]
+    assert names == [historyAttributeName("Segment_2")] and segmentation.GetAttribute("Other.Attribute") == "x"
+    segmentation.GetSegmentation().AddEmptySegment("Segment_1", "Segment_1")
+    assert kept.stored_history("Segment_1") is None and kept.stored_history("Segment_2") == '{"steps": [1]}'

@@ -287,6 +287,112 @@ def test_undo_across_a_recovery_and_beyond_the_server_s_one_level(ours, blob_mod
     assert not errors, errors
 
 
+# ---------------------------------------------------------------- Run automatically off: prompts collected, one Run
+
+
+@pytest.mark.parametrize("lost", ["while collecting", "just before Run"])
+def test_collected_prompts_and_their_run_survive_a_lost_session(lost, ours, blob_model, phantom, start, prompts):
+    """With "Run automatically" off (issue 17) prompts are added without a prediction and one Run predicts with all of
+    them; the Run's result belongs to the last prompt collected (sync._record_prediction). A session lost while
+    prompts are being collected, or after the last one and before Run, is rebuilt from the history (the prompts the
+    server forgot are in it): the Run, and the prompt after it, give the masks of an uninterrupted session."""
+    image = phantom.image
+    scene = ArrayScene(image, {"drawn": start})
+    scene.select_segment("drawn")
+    errors = []
+    c = Controller(scene, lambda: RemoteSession(ours), on_error=lambda exc, job, n: errors.append(exc))
+    try:
+        submit_all(c, prompts[:2])
+        c.auto_run = False
+        submit_all(c, prompts[2:4])
+        if lost == "while collecting":
+            release(ours, c.sync.session)
+        submit_all(c, prompts[4:5])
+        if lost == "just before Run":
+            release(ours, c.sync.session)
+        c.predict()
+        c.wait()
+        assert not errors, errors
+        after_run = scene.read_segment("drawn").copy()
+        c.auto_run = True
+        submit_all(c, prompts[5:6])
+        after_next = scene.read_segment("drawn").copy()
+        assert c.sync.recoveries == 1 and c.sync.replays == 1 and c.sync.last_replay["predictions"] == 0
+        assert c.sync.last_replay["prompts"] == (4 if lost == "while collecting" else 5)
+        assert [s.written is not None for s in c.histories["drawn"].steps] == [True, True, False, False, True, True]
+    finally:
+        c.close()
+    assert not errors, errors
+    s = local_session(blob_model, True)  # the uninterrupted session: the same prompts, the same Run
+    s.set_image(image[None])
+    buf = np.zeros(image.shape, np.uint8)
+    s.set_target_buffer(buf)
+    s.add_initial_seg_interaction(start.copy(), run_prediction=False)
+    for n, step in enumerate(steps(prompts[:5])):
+        step.send(s, n < 2)
+    assert s._predict() is not None
+    assert np.array_equal(after_run, buf), "the Run: %d voxels differ" % (after_run != buf).sum()
+    steps(prompts[5:6])[0].send(s, True)
+    assert np.array_equal(after_next, buf), "the prompt after it: %d voxels differ" % (after_next != buf).sum()
+
+
+def test_undoing_a_run_keeps_the_prompts_it_ran_on(ours, blob_model, phantom, start, prompts):
+    """Ctrl+Z after a Run undoes the prediction, not the last prompt collected: the server keeps the prompts (its undo
+    restores the state before the Run), so the history must too. A Run after a lost session then gives the first Run's
+    mask again, as in the uninterrupted session."""
+    image = phantom.image
+    scene = ArrayScene(image, {"drawn": start})
+    scene.select_segment("drawn")
+    errors = []
+    c = Controller(scene, lambda: RemoteSession(ours), on_error=lambda exc, job, n: errors.append(exc))
+    try:
+        submit_all(c, prompts[:1])
+        after_first = scene.read_segment("drawn").copy()
+        c.auto_run = False
+        submit_all(c, prompts[1:3])
+        c.predict()
+        c.wait()
+        first_run = scene.read_segment("drawn").copy()
+        assert c.undo()
+        c.wait()
+        assert np.array_equal(scene.read_segment("drawn"), after_first)
+        assert [s.written is not None for s in c.histories["drawn"].steps] == [True, False, False]
+        release(ours, c.sync.session)
+        c.predict()
+        c.wait()
+        again = scene.read_segment("drawn").copy()
+        assert c.sync.replays == 1 and c.sync.last_replay["prompts"] == 3
+    finally:
+        c.close()
+    assert not errors, errors
+    s = local_session(blob_model, True)
+    s.set_image(image[None])
+    buf = np.zeros(image.shape, np.uint8)
+    s.set_target_buffer(buf)
+    s.add_initial_seg_interaction(start.copy(), run_prediction=False)
+    for n, step in enumerate(steps(prompts[:3])):
+        step.send(s, n < 1)
+    s._predict()
+    assert np.array_equal(first_run, buf) and not np.array_equal(first_run, after_first)
+    assert np.array_equal(again, buf), "%d voxels differ" % (again != buf).sum()
+
+
+def test_without_a_history_collected_prompts_lost_before_run_must_be_placed_again(ours, phantom, start, prompts):
+    from SlicerNNInteractiveLib.errors import SessionExpiredError
+
+    image, segment = phantom.image, start.copy()
+    sync = SyncedSession(lambda: RemoteSession(ours))  # no histories: nothing can rebuild them
+    try:
+        kind, args, positive = prompts[0]
+        sync.prompt(kind, args, image, segment, positive, run_prediction=False)
+        release(ours, sync.session)
+        with pytest.raises(SessionExpiredError, match="place them again"):
+            sync.predict(image, segment)
+        assert not sync.connected and sync.recoveries == 1
+    finally:
+        sync.close()
+
+
 # ---------------------------------------------------------------- the scene saved as .mrb and reopened
 
 

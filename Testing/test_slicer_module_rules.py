@@ -77,11 +77,17 @@ def widget_text(widget):
 
 
 def test_every_ui_widget_the_module_uses_is_in_the_ui_file():
+    """The module file and the sections it hands its ``ui`` to (configtab.py, autosection.py, historysection.py)."""
     import re
 
-    source = open(os.path.join(MODULE_DIR, "SlicerNNInteractive.py")).read()
-    used = set(re.findall(r"\.ui\.([A-Za-z_]\w*)", source))
-    assert used and not used - set(ui_widget_names()), sorted(used - set(ui_widget_names()))
+    used = set()
+    for name in ("SlicerNNInteractive.py", "SlicerNNInteractiveLib/configtab.py",
+                 "SlicerNNInteractiveLib/autosection.py", "SlicerNNInteractiveLib/historysection.py"):
+        source = open(os.path.join(MODULE_DIR, name)).read()
+        found = set(re.findall(r"\bui\.([A-Za-z_]\w*)", source))
+        assert found, name
+        used |= found
+    assert not used - set(ui_widget_names()), sorted(used - set(ui_widget_names()))
 
 
 # The underlined letter of each button is its shortcut (issue: "shown by the underlined letter in its label").

@@ -1,6 +1,8 @@
 """The module's decisions, without Qt or Slicer: prompt dispatch and failure policy (one failure, one message; points
 never sent are removed), against a server port nothing listens on and a real server."""
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -183,3 +185,93 @@ def test_prompts_added_without_a_prediction_say_so():
     assert result_text(added, {}) == "Negative point added: Run (N) predicts with every prompt added."
     assert result_text(Job("predict"), {"total_ms": 250, "server_total_ms": 200}) == "Run: 250 ms (server 200 ms)"
     assert busy_text(Job("predict"), 1) == "Segmenting..."
+
+
+def test_the_prompt_history_section():
+    """What the Prompt history section says and offers for the selected segment: nothing, saved prompts that can be
+    continued (read and checked once while nothing changes), saved prompts that cannot be used (the reason, reported
+    once per scene), prompts recorded in this session."""
+    from SlicerNNInteractiveLib.history import PromptHistory, Step, image_digest, mask_digest
+    from SlicerNNInteractiveLib.historyview import HistoryView, continued_text
+
+    img = image()
+    drawn = np.zeros(img.shape, np.uint8)
+    drawn[4:9, 5:12, 6:14] = 1
+    scene = ArrayScene(img, {"Segment_1": drawn, "Segment_2": drawn})
+    controller = Controller(scene, lambda: None)  # never connects: nothing here needs a server
+    view = HistoryView()
+    assert view.state(None).text == ""  # no volume or segmentation yet
+    assert view.state(controller).text == "" and not view.state(controller).can_continue  # nothing selected
+    scene.select_segment("Segment_1")
+    assert view.state(controller).text == ""  # no saved prompts
+    history = PromptHistory.start(img.shape, drawn, "Segment_1")
+    server = {"url": "http://gpu-node:1527", "model": "blobs", "version": "2.6.0"}
+    history.add(Step.from_args("point", {"coordinates": (6, 8, 9)}, True, img.shape), server)
+    history.add(Step.from_args("bbox", {"bbox": [[6, 7], [3, 15], [4, 18]]}, False, img.shape), server)
+    text = history.to_json(scene.ijk_to_ras(), image_digest(img), mask_digest(drawn))
+    scene.store_history("Segment_1", text)
+    scene.store_history("Segment_2", text[:-40])
+    reads = []
+    stored_history = controller.stored_history
+    controller.stored_history = lambda key: reads.append(key) or stored_history(key)
+    state = view.state(controller)
+    assert state.continuable and state.can_continue and not state.can_replay and state.report is None
+    assert state.text.startswith("Segment_1 has 2 prompts saved with the scene (1 point, 1 box; answered by blobs at "
+                                 "gpu-node:1527). Continue rebuilds them")
+    assert view.state(controller).can_continue and reads == ["Segment_1"]  # checked once while nothing changed
+    claiming = threading.Event()
+
+    def connect():  # a claim on its way: the controller is busy meanwhile
+        claiming.wait(30)
+        raise ServerUnreachableError("not now")
+
+    busy = Controller(scene, connect)
+    busy.connect()
+    state = view.state(busy)
+    assert busy.busy and state.continuable and not state.can_continue  # offered, pressed once nothing runs
+    claiming.set()
+    busy.close()
+    scene.select_segment("Segment_2")
+    state = view.state(controller)
+    assert not state.continuable and state.text == state.report and state.report.startswith(
+        "The saved prompts of Segment_2 are not used: the saved prompt history is not valid JSON")
+    assert state.text.endswith("The next prompt starts afresh from the segment.")
+    assert view.state(controller).report is None  # reported once
+    view.forget()  # another scene: reported again
+    assert view.state(controller).report is not None
+    scene.select_segment("Segment_1")
+    summary = controller.continue_segment()
+    assert continued_text("Segment_1", summary) == ("Continuing Segment_1 from its 2 saved prompts (1 point, 1 box): "
+                                                    "the next prompt rebuilds them on the server first.")
+    state = view.state(controller)
+    assert state.text == "Segment_1: 2 prompts since its last reset (1 point, 1 box), saved with the scene."
+    assert state.can_replay and not state.continuable and state.replaying == 0
+    controller.close()
+
+
+def test_replay_targets_names_and_messages():
+    from SlicerNNInteractiveLib.controller import Job, replay_segment_name
+    from SlicerNNInteractiveLib.presenter import busy_text, result_text
+    from SlicerNNInteractiveLib.settings import MAX_REPLAY_SERVERS, ServerSettings
+
+    store = {"ServerURL": "http://gpu-a:1527", "APIKey": "secret", "ConsentedServers": "http://gpu-b:1527"}
+    settings = ServerSettings(lambda name, default: store.get(name, default), store.__setitem__)
+    assert settings.replay_servers() == ["http://gpu-a:1527", "http://gpu-b:1527"]
+    settings.remember_replay_server("http://gpu-c:1527")
+    settings.remember_replay_server("http://gpu-b:1527")
+    assert settings.replay_servers() == ["http://gpu-b:1527", "http://gpu-c:1527", "http://gpu-a:1527"]
+    for n in range(2 * MAX_REPLAY_SERVERS):
+        settings.remember_replay_server("http://h%d:1" % n)
+    assert len(store["ReplayServers"]) == MAX_REPLAY_SERVERS
+    assert settings.key_for("http://gpu-a:1527") == "secret" and settings.key_for("http://gpu-b:1527") is None
+    assert replay_segment_name("Liver", "nnInteractive 2") == "Liver on nnInteractive 2"
+    assert replay_segment_name("Liver", None, "blobs", "http://gpu-b:1527") == "Liver on blobs (gpu-b:1527)"
+    assert replay_segment_name("Liver", None, None, "gpu-b:1527") == "Liver on gpu-b:1527"
+    assert replay_segment_name("Liver") == "Liver on another server"
+    job = Job("replay", {"where": "gpu-b:1527"})
+    job.progress = (3, 12)
+    assert busy_text(job, 1) == "Replaying the prompts on gpu-b:1527: 3 of 12..."
+    assert result_text(job, {"replayed": 12, "total_ms": 4000, "segment_name": "Liver on gpu-b:1527"}) == (
+        "Replayed 12 prompt(s) on gpu-b:1527 in 4.0 s: compare your segment with the new one, Liver on gpu-b:1527.")
+    message = failure_message(ServerUnreachableError("Cannot reach gpu-b:1527."), 0, job)
+    assert message == "The replay on gpu-b:1527 failed: Cannot reach gpu-b:1527.\nNo segment was changed."

@@ -329,7 +329,7 @@ class RemoteSession:
         caps = self._http.call("GET", P.PATH_CAPABILITIES).json()
         problem = version_problem(caps.get("inference_session_version"), self.server_url)
         if problem is not None:
-            self.close()  # the lease goes back at once
+            self.close(wait=True)  # the lease is back before the caller hears why: it may try another server at once
             raise IncompatibleServerError(problem)
         self.capabilities = caps
         self.supported_interactions = caps["supported_interactions"]

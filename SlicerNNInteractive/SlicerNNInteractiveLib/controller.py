@@ -48,13 +48,34 @@ IDLE_TICK_MS = 200  # while a session exists: the heartbeat (every liveness time
 CANCEL_RETRY_SECONDS = 0.25  # Cancel asks the server again this often while the run's request is on its way
 
 
+class ReplayCancelled(NNInteractiveError):
+    """The user cancelled a replay (``Controller.cancel_replay``): nothing is written, nothing is reported."""
+
+    def __init__(self):
+        NNInteractiveError.__init__(self, "The replay was cancelled.")
+
+
+def replay_segment_name(source, label=None, model=None, where=None):
+    """The name of the segment a replay on another model or server makes of segment ``source``: "<source> on
+    <label>", or on the server's model and its host ("Segment_1 on blobs (gpu-node:1527)")."""
+    if where and "://" in where:
+        where = where.split("://", 1)[1]
+    if label:
+        target = label
+    elif model:
+        target = "%s (%s)" % (model, where) if where else model
+    else:
+        target = where or "another server"
+    return "%s on %s" % (source, target)
+
+
 class Job(object):
     """One queued action: a prompt (``kind`` in PROMPT_KINDS), "predict" (run the prediction on the prompts added
     without one), "auto" (an automatic model), "undo", "reset", "connect" or "replay" (a segment's prompts on another
     server). ``run``: whether a prompt runs the prediction (False: the server only adds it)."""
 
     __slots__ = ("kind", "args", "positive", "segment_key", "generation", "submitted", "timings", "label",
-                 "cancelled", "unsent", "run")
+                 "cancelled", "unsent", "run", "progress")
 
     def __init__(self, kind, args=None, positive=True, segment_key=None, generation=0, prepare_ms=0.0, label=None,
                  unsent=None):
@@ -69,6 +90,7 @@ class Job(object):
         self.cancelled = False
         self.unsent = unsent  # called (on the caller's thread) when the job is dropped or fails: never applied
         self.run = True
+        self.progress = None  # a replay's (prompts replayed, prompts)
 
     def drop(self):
         """The job will never be applied: tell its owner (once)."""
@@ -559,8 +581,8 @@ class Controller(object):
         sync = self.sync
         in_step = record.server_step == self._server_step() and sync.supports_undo
         if sync.has_history(key):  # the history can rebuild the server's state without this prompt
-            version = self._shadow_version
-            self._run(job, lambda: sync.undo_prompt(key, version, in_step))
+            version, run = self._shadow_version, record.kind == "predict"
+            self._run(job, lambda: sync.undo_prompt(key, version, in_step, run))
         elif in_step:
             self._run(job, sync.undo)
         else:
@@ -622,7 +644,7 @@ class Controller(object):
             self.sync.segment_written(key, self._shadow_version)
         if record is None:
             record = UndoRecord(result.bbox or [[0, 0]] * 3, {})  # the server still took a step
-        record.segment_key = key
+        record.segment_key, record.kind = key, job.kind
         record.server_step = self._server_step()
         self._undo.append(record)
         self._store_history(key)
@@ -744,31 +766,65 @@ class Controller(object):
         self.log("Continuing %s from its %d saved prompts" % (key, summary["prompts"]))
         return summary
 
-    def replay_elsewhere(self, connect, key=None, label=None):
+    def replay_elsewhere(self, connect, key=None, label=None, where=None):
         """Queue a replay of segment ``key``'s prompts (default: the selected one's, since its last reset) with
         predictions on the server ``connect()`` claims a session on (another nnInteractive checkpoint or server). The
-        mask it ends with becomes a new segment, "<key> on <model>" (not selected, written without masking: the
-        other segments are untouched), for the user to compare; ``on_result(job, (new key, mask, report), timings)``
-        reports it. This controller's own session and segments are not changed. It runs in the queue like a prompt
-        (one prediction per prompt replayed): prompts placed meanwhile wait for it. Returns the Job."""
+        mask it ends with becomes a new segment named after the segment and ``label`` (default: the server's model
+        and ``where``, see ``replay_segment_name``), not selected and written without masking (the other segments are
+        untouched), for the user to compare; ``on_result(job, (new key, mask, report), timings)`` reports it. This
+        controller's own session and segments are not changed. It runs in the queue like a prompt (one prediction per
+        prompt replayed): prompts placed meanwhile wait for it; ``job.progress`` is (prompts replayed, prompts), and
+        ``cancel_replay`` stops it between two prompts. ``where``: the server, as the user knows it (its host and
+        port), for messages. Returns the Job."""
         key = key or self.scene.selected_segment()
-        if key is None or key not in self.histories:
-            raise HistoryError("Segment %s has no prompts to replay." % key)
-        job = Job("replay", {"connect": connect}, segment_key=key, generation=self._generation, label=label)
+        if key is None or not self.sync.has_history(key):
+            raise HistoryError("Segment %s has no prompts to replay." % (self.scene.segment_name(key) if key else key))
+        job = Job("replay", {"connect": connect, "where": where}, segment_key=key, generation=self._generation,
+                  label=label)
+        job.progress = (0, len(self.histories[key].steps))
         self._enqueue(job)
         return job
 
+    def cancel_replay(self):
+        """Stop replays queued or running (a running one after the prompt on its way; its session is released and
+        nothing is written). Returns how many were cancelled."""
+        cancelled = [j for j in self._pending if j.kind == "replay"]
+        self._pending = collections.deque(j for j in self._pending if j.kind != "replay")
+        for job in cancelled:
+            job.drop()
+        if self._inflight is not None and self._inflight[0].kind == "replay" and not self._inflight[0].cancelled:
+            self._inflight[0].cancelled = True
+            cancelled.append(self._inflight[0])
+        self._report_busy()
+        return len(cancelled)
+
+    def replay_pending(self):
+        """Replays queued or running (not cancelled ones)."""
+        current = self.current
+        return sum(1 for j in self._pending if j.kind == "replay") + (
+            1 if current is not None and current.kind == "replay" else 0)
+
     def _start_replay(self, job):
         history = self.histories.get(job.segment_key)
-        if history is None:
-            self._fail(job, HistoryError("Segment %s has no prompts to replay." % job.segment_key))
+        if history is None or not history.steps:
+            name = self.scene.segment_name(job.segment_key)
+            self._fail(job, HistoryError("Segment %s has no prompts to replay." % name))
             return
         snapshot, image, connect = history.copy(), self.scene.image_array().copy(), job.args["connect"]
+        total = len(snapshot.steps)
+        job.progress = (0, total)
+
+        def step_done(n):  # on the worker, after each prompt: the GUI thread reads the progress, sets cancelled
+            job.progress = (n + 1, total)
+            if job.cancelled:
+                raise ReplayCancelled()
 
         def task():
+            if job.cancelled:
+                raise ReplayCancelled()
             session = connect()
             try:
-                mask, report = replay_on(snapshot, session, image)
+                mask, report = replay_on(snapshot, session, image, on_step=step_done)
                 info = getattr(session, "server_info", None)
                 report["model"] = info.get("model") if isinstance(info, dict) else None
                 report["url"] = getattr(session, "server_url", None)
@@ -783,9 +839,12 @@ class Controller(object):
     def _finish_replay(self, job, result):
         from .rasterize import crop_to_bbox
 
+        if job.cancelled:
+            return
         mask, report = result
         selected = self.scene.selected_segment()
-        name = "%s on %s" % (job.segment_key, job.label or report.get("model") or report.get("url") or "another server")
+        name = replay_segment_name(self.scene.segment_name(job.segment_key), job.label, report.get("model"),
+                                   job.args.get("where") or report.get("url"))
         new = self.scene.add_segment(name)
         if selected is not None:
             self.scene.select_segment(selected)  # the user's prompts keep going to their segment
@@ -794,7 +853,8 @@ class Controller(object):
             self.before_write(new)
             self.scene.write_segment_region(new, cropped[1], cropped[0])
             self.scene.layers_modified([new])
-        self._record_timing(job, (new, mask, report), {"replayed": report["prompts"], "segments": [new]})
+        self._record_timing(job, (new, mask, report), {"replayed": report["prompts"], "segments": [new],
+                                                       "segment_name": name})
 
     def _stop(self):
         self._queue_watch.stop()

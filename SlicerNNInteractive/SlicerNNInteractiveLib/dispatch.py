@@ -53,10 +53,14 @@ class Messages(object):
             self._open = False
 
 
-def failure_message(exc, dropped=0):
-    """What the user reads when an action failed on the server."""
+def failure_message(exc, dropped=0, job=None):
+    """What the user reads when an action (``job``, when known) failed on the server."""
     message = str(exc) if isinstance(exc, (NNInteractiveError, ValueError)) else \
         "Unexpected error (%s: %s)." % (exc.__class__.__name__, exc)
+    if job is not None and job.kind == "replay":
+        from .presenter import replay_target
+
+        return "The replay on %s failed: %s\nNo segment was changed." % (replay_target(job), message)
     if dropped:
         message += "\n%d queued prompt(s) were not sent." % dropped
     return message + "\nThe segment was not changed."

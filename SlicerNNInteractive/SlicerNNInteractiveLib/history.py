@@ -358,6 +358,14 @@ class PromptHistory(object):
         self.state = None
         return self.steps.pop() if self.steps else None
 
+    def unpredict(self):
+        """Forget the result of the last Run (it was undone): its prompts stay, as added without a prediction (the
+        server's undo of a prediction restores the state before it, prompts included)."""
+        self.state = None
+        last = self.steps[-1] if self.steps else None
+        if last is not None and last.written is not None:
+            last.written, last.exact, last.raw, last._json = None, True, None, None
+
     def copy(self):
         other = PromptHistory(self.shape, self.segment_key)
         other.base, other.base_omitted = self.base, self.base_omitted
@@ -560,13 +568,14 @@ def replay(history, session, segment=None, mode=FULL, on_step=None):
             "seconds": time.perf_counter() - t0}
 
 
-def replay_on(history, session, image, mode=FULL):
+def replay_on(history, session, image, mode=FULL, on_step=None):
     """``history``'s prompts on another session (another model or server: an in-process
     ``nnInteractiveInferenceSession`` or a ``RemoteSession``): sets ``image`` ([k, j, i] or [c, k, j, i]) and a target
-    buffer, replays with predictions, and returns ``(mask, report)``: the segment that session ends with."""
+    buffer, replays with predictions, and returns ``(mask, report)``: the segment that session ends with.
+    ``on_step(n)``: called after each prompt (``replay``); an exception it raises stops the replay."""
     image = np.asarray(image)
     session.set_image(image if image.ndim == 4 else image[None])
     mask = np.zeros(history.shape, np.uint8)
     session.set_target_buffer(mask)
-    report = replay(history, session, mode=mode)
+    report = replay(history, session, mode=mode, on_step=on_step)
     return mask, report

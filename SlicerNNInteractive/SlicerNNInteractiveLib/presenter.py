@@ -69,7 +69,15 @@ def busy_text(job, pending):
         return "Automatic segmentation with %s..." % job.label
     if job.kind in PROMPT_KINDS + ("predict",):
         return "Segmenting..." if pending <= 1 else "Segmenting... (%d prompts queued)" % (pending - 1)
+    if job.kind == "replay":
+        done, total = job.progress or (0, 0)
+        return "Replaying the prompts on %s: %d of %d..." % (replay_target(job), done, total)
     return None
+
+
+def replay_target(job):
+    """A replay job's server (or model) as the user named it."""
+    return job.label or job.args.get("where") or "the other server"
 
 
 def result_text(job, timings):
@@ -86,6 +94,10 @@ def result_text(job, timings):
             timings.get("server_total_ms", timings.get("exchange_ms", 0)))
     if job.kind == "undo":
         return "Undone."
+    if job.kind == "replay":
+        return "Replayed %d prompt(s) on %s in %.1f s: compare your segment with the new one, %s." % (
+            timings.get("replayed", 0), replay_target(job), timings.get("total_ms", 0) / 1e3,
+            timings.get("segment_name", "?"))
     if job.kind == "auto":
         return "%s: %d segment(s) in %.1f s (server %.1f s). Select one and prompt to refine it." % (
             job.label, len(timings.get("segments", ())), timings.get("total_ms", 0) / 1e3,

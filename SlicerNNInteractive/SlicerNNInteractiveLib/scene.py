@@ -63,6 +63,10 @@ class Scene(object):
     def select_segment(self, key):
         raise NotImplementedError
 
+    def segment_name(self, key):
+        """The name the user sees for segment ``key``."""
+        return key
+
     def add_segment(self, name=None, color=None, terminology=None):
         """Add an empty segment, select it, return its key. ``name``, ``color`` (r, g, b in 0..1) and
         ``terminology`` (DICOM codes, as an automatic model's labels carry them) when given."""
@@ -239,15 +243,17 @@ class Scene(object):
 
 
 class UndoRecord(object):
-    """What one write replaced: ``regions`` {segment key: bool region before} over one ``bbox``."""
+    """What one write replaced: ``regions`` {segment key: bool region before} over one ``bbox``; ``kind``: the job
+    that wrote it (a prompt kind, or "predict" for a Run)."""
 
-    __slots__ = ("bbox", "regions", "segment_key", "server_step")
+    __slots__ = ("bbox", "regions", "segment_key", "server_step", "kind")
 
     def __init__(self, bbox, regions):
         self.bbox = [list(b) for b in bbox]
         self.regions = regions
         self.segment_key = None
         self.server_step = None
+        self.kind = None
 
 
 class ArrayScene(Scene):
@@ -326,6 +332,9 @@ class ArrayScene(Scene):
         if key is not None and key not in self._segments:
             raise KeyError(key)
         self._selected = key
+
+    def segment_name(self, key):
+        return self.names.get(key, key)
 
     def _new_key(self):
         self._counter += 1

@@ -10,6 +10,8 @@ computer (a loopback URL) needs none; any other is asked about once, and the ans
 
 from .urls import DEFAULT_URL, is_local_url, normalize_url
 
+MAX_REPLAY_SERVERS = 10
+
 CONSENT_QUESTION = (
     "nnInteractive sends the volume you segment (and your segment) to the server at\n\n    %s\n\n"
     "for processing. This server is not on this computer. Only send data you may share with it.\n\n"
@@ -49,13 +51,36 @@ class ServerSettings(object):
             self.write(name, value)
         return url, changed
 
-    # ------------------------------------------------------------------ consent
-    def consented(self):
-        """The server URLs the user allowed images to go to (QSettings gives one string for a list of one)."""
-        value = self.read("ConsentedServers", [])
+    # ------------------------------------------------------------------ servers to replay a segment's prompts on
+    def _list(self, name):
+        value = self.read(name, [])  # QSettings gives one string for a list of one
         if isinstance(value, str):
             value = [value] if value else []
         return list(value or [])
+
+    def replay_servers(self):
+        """The servers offered for "Replay on another model or server": those replayed on before (latest first),
+        then the configured one and those the user consented to, each once."""
+        servers = []
+        for url in self._list("ReplayServers") + [self.url] + self.consented():
+            if url and url not in servers:
+                servers.append(url)
+        return servers
+
+    def remember_replay_server(self, url):
+        """``url`` (normalized) was replayed on: offered first next time (at most ``MAX_REPLAY_SERVERS`` kept)."""
+        servers = [url] + [s for s in self._list("ReplayServers") if s != url]
+        self.write("ReplayServers", servers[:MAX_REPLAY_SERVERS])
+
+    def key_for(self, url):
+        """The API key to offer for ``url``: the configured key for the configured server, else none (keys of other
+        servers are not stored)."""
+        return self.api_key if url == self.url else None
+
+    # ------------------------------------------------------------------ consent
+    def consented(self):
+        """The server URLs the user allowed images to go to."""
+        return self._list("ConsentedServers")
 
     def set_consent(self, url_text, allowed):
         """The consent box was (un)checked for the URL typed (nothing for one that cannot be a URL)."""

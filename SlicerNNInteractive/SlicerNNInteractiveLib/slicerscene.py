@@ -191,6 +191,10 @@ class SlicerScene(Scene):
     def select_segment(self, key):
         self.editorNode.SetSelectedSegmentID(key)
 
+    def segment_name(self, key):
+        segment = self.segmentation().GetSegment(key) if self.segmentationNode() is not None else None
+        return segment.GetName() if segment is not None and segment.GetName() else key
+
     def add_segment(self, name=None, color=None, terminology=None):
         segmentationNode = self.segmentationNode()
         segmentation = segmentationNode.GetSegmentation()
@@ -345,9 +349,16 @@ class SlicerScene(Scene):
         return None if node is None else node.GetAttribute(historyAttributeName(key))
 
     def store_history(self, key, text):
+        """Also removes the histories of segments removed since (a new segment given the same ID must not inherit
+        one, and a scene file keeps no history nobody can use)."""
         node = self.segmentationNode()
-        if node is not None:
-            node.SetAttribute(historyAttributeName(key), text)  # None removes it
+        if node is None:
+            return
+        node.SetAttribute(historyAttributeName(key), text)  # None removes it
+        kept = set(historyAttributeName(segmentId) for segmentId in node.GetSegmentation().GetSegmentIDs())
+        for name in node.GetAttributeNames():
+            if name.startswith(HISTORY_ATTRIBUTE) and name not in kept:
+                node.RemoveAttribute(name)
 
     # --- prompts: world RAS -> voxels -> the arguments of the server's calls
     def spacing(self):

@@ -359,15 +359,32 @@ class SyncedSession:
     def predict(self, image, segment, image_key=None, image_version=None, segment_key=None, segment_version=None):
         """Run the prediction on the prompts added without one (``prompt(..., run_prediction=False)``), the image and
         segment synced first. Returns a ``PromptResult``. A server that forgot the session forgot those prompts too:
-        the session is dropped (the next action claims a new one) and the error says to place them again."""
-        timings = {}
-        try:
-            self._sync(image, segment, image_key, image_version, segment_key, segment_version, timings)
-            ran = self.session._predict() is not None  # the official sessions' (and ours') name for /predict
-        except SessionExpiredError as exc:  # BackendLostError included
-            self._recover(exc)
-            raise SessionExpiredError("The server lost this session (%s), and with it the prompts placed since the "
-                                      "last Run: place them again, then Run." % exc)
+        with the segment's history (which recorded them as the server took them) a new session is rebuilt from it and
+        the prediction runs there, as in the uninterrupted session (once: lost again, the error says to Run again);
+        without one, the session is dropped (the next action claims a new one) and the error says to place them
+        again."""
+        recovered = None
+        for attempt in (0, 1):
+            timings = {} if recovered is None else {"recovered": recovered}
+            replays = self.replays
+            try:
+                self._sync(image, segment, image_key, image_version, segment_key, segment_version, timings)
+                if recovered is not None and self.replays == replays:
+                    # No history rebuilt them (it no longer applied, or the server refused it): the segment went
+                    # alone, as a new start, and the prompts collected since the last Run are gone.
+                    raise NNInteractiveError("The server lost this session (%s), and with it the prompts placed "
+                                             "since the last Run: place them again, then Run." % recovered)
+                ran = self.session._predict() is not None  # the official sessions' (and ours') name for /predict
+                break
+            except SessionExpiredError as exc:  # BackendLostError included
+                lost = self._recover(exc)
+                if attempt:  # lost again: the history still holds the prompts, the next Run rebuilds them
+                    raise SessionExpiredError("The server was lost again (%s). The prompts placed are kept: Run "
+                                              "again." % lost)
+                if not self.has_history(segment_key):
+                    raise SessionExpiredError("The server lost this session (%s), and with it the prompts placed "
+                                              "since the last Run: place them again, then Run." % lost)
+                recovered = lost
         result = self._result("predict", ran, timings)
         self._record_prediction(result)
         return result
@@ -401,11 +418,12 @@ class SyncedSession:
                 history.version = None  # until segment_written
         return result
 
-    def undo_prompt(self, segment_key, version, in_step=True):
+    def undo_prompt(self, segment_key, version, in_step=True, run=False):
         """Undo the last prompt of segment ``segment_key``, whose segment the caller has already restored (it is now
         at ``version``). With ``in_step`` (the server's state follows the caller's prompts) the server undoes it too;
         otherwise, or when the server cannot (it keeps one level) or was lost, the history forgets the prompt and the
-        next prompt rebuilds the server's state from it. Returns the server's ``PromptResult``, or None."""
+        next prompt rebuilds the server's state from it. ``run``: what is undone is a Run (``predict``): its prompts
+        stay, only its result goes. Returns the server's ``PromptResult``, or None."""
         history = self.histories.get(segment_key) if self.histories is not None else None
         if history is None or not history.steps:
             if in_step:
@@ -420,7 +438,10 @@ class SyncedSession:
                     result = self._result("undo", True, {})
             except SessionExpiredError as exc:  # BackendLostError included
                 self._recover(exc)
-        history.pop()
+        if run:
+            history.unpredict()
+        else:
+            history.pop()
         history.version = version
         self._segment_state = (segment_key, version) if result is not None else None
         return result

@@ -28,7 +28,6 @@ import datetime
 import io
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -46,6 +45,7 @@ sys.path.insert(0, os.path.join(REPO, "Testing", "models"))
 sys.path.insert(0, os.path.join(REPO, "SlicerNNInteractive"))
 
 from conftest import SERVER_ENV, TORCH_THREADS, our_server  # noqa: E402  (a real server on a free loopback port)
+from provenance import commit, machine  # noqa: E402
 from run import SIZES, phantom  # noqa: E402
 from SlicerNNInteractiveLib.client import RemoteSession  # noqa: E402
 
@@ -122,33 +122,6 @@ def requests_get(url, **kw):
     import requests
 
     return requests.get(url, timeout=900, **kw)
-
-
-def git_commit():
-    try:
-        rev = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return rev + ("+local changes" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def machine():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    import torch
-
-    return "%s, %d CPU cores, %s, Python %s, torch %s, device cpu, %s torch threads" % (
-        cpu, os.cpu_count() or 0, platform.platform(), platform.python_version(), torch.__version__, TORCH_THREADS)
 
 
 def ms(x):
@@ -248,7 +221,7 @@ def main():
                 if rep:
                     for k, v in out.items():
                         rows[k].append(v)
-    info = {"date": datetime.date.today().isoformat(), "commit": git_commit(), "machine": machine()}
+    info = {"date": datetime.date.today().isoformat(), "commit": commit(), "machine": machine(TORCH_THREADS)}
     text = report(args, shape, rows, info, len(archive))
     print()
     print(text)

@@ -27,9 +27,7 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -47,6 +45,7 @@ sys.path.insert(0, os.path.join(REPO, "SlicerNNInteractive"))
 
 from conftest import SERVER_ENV, TORCH_THREADS, free_port, running  # noqa: E402
 from phantoms import interior_voxel, make_phantom  # noqa: E402
+from provenance import commit, machine  # noqa: E402
 from run import SIZES, phantom  # noqa: E402
 from SlicerNNInteractiveLib import protocol as P  # noqa: E402
 from SlicerNNInteractiveLib.client import RemoteSession  # noqa: E402
@@ -163,33 +162,6 @@ def stats(xs):
             "p90": xs[min(len(xs) - 1, int(round(0.9 * (len(xs) - 1))))], "max": xs[-1]}
 
 
-def git_commit(tree):
-    try:
-        rev = subprocess.run(["git", "-C", tree, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", tree, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return (rev or "unknown") + ("+local changes" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def machine():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    import torch
-
-    return "%s, %d CPU cores, %s, Python %s, torch %s, device cpu, %s torch threads" % (
-        cpu, os.cpu_count() or 0, platform.platform(), platform.python_version(), torch.__version__, TORCH_THREADS)
-
-
 def ms(x):
     return "%.0f" % (x * 1e3)
 
@@ -262,8 +234,8 @@ def main():
     elapsed = time.perf_counter() - started
     a, d = stats(alone), stats(during)
     finished = [r for r in runs if r[2] == 200]
-    info = {"date": datetime.date.today().isoformat(), "machine": machine(),
-            "commit": git_commit(args.server_tree or REPO), "load": (load_before, os.getloadavg()[0])}
+    info = {"date": datetime.date.today().isoformat(), "machine": machine(TORCH_THREADS),
+            "commit": commit(args.server_tree or REPO), "load": (load_before, os.getloadavg()[0])}
     lines = [
         "## Prompts during automatic runs (`Testing/benchmark/interference.py`, %s, %s)" % (info["date"],
                                                                                             info["commit"]),

@@ -22,7 +22,6 @@ it to the other server, which answers 410, and it recovers): that prompt's time,
 import argparse
 import datetime
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -40,6 +39,7 @@ sys.path.insert(0, os.path.join(REPO, "Testing", "models"))
 sys.path.insert(0, os.path.join(REPO, "SlicerNNInteractive"))
 
 from haproxy_rig import Backend, balancer, haproxy_binary, our_servers  # noqa: E402
+from provenance import commit, machine  # noqa: E402
 from SlicerNNInteractiveLib.client import RemoteSession  # noqa: E402
 from SlicerNNInteractiveLib.sync import SyncedSession  # noqa: E402
 
@@ -199,27 +199,6 @@ def failover_once(model, tmp, threads):
 
 
 # ---------------------------------------------------------------------------------------------- report
-
-def machine():
-    cpu = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        pass
-    return "%s %s, %d CPU cores (%s)" % (platform.system(), platform.release(), os.cpu_count() or 0, cpu or "?")
-
-
-def commit():
-    try:
-        rev = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()
-        return rev + (" (with uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "?"
-
 
 def report(args, results, placements, failovers, started, load_before, seconds):
     med = {k: statistics.median(v) for k, v in results.items()}

@@ -9,6 +9,7 @@
         app.dialogs.answers.append(True)    # the next question is answered OK / Yes (a dialog's loop runs meanwhile)
         errors = app.shown("error")         # dialogs shown by slicer.util.errorDisplay and friends
         app.reload()                        # developer-mode Reload: cleanup() old, setup() new, no enter()
+        app.save_scene(path); app.load_scene(path)  # File > Save as .mrb; opening it again
         app.exit(); app.cleanup()
 
 While active: ``sys.modules`` has ``qt`` (pythonqt.py), ``ctk``, ``qSlicerSegmentationsModuleWidgetsPythonQt`` and
@@ -457,6 +458,25 @@ class SlicerApp(object):
             raise AssertionError("pump: condition not reached in %.1f s" % seconds)
         if check:
             self.check_errors()
+
+    # ------------------------------------------------------------------ scene files
+    def save_scene(self, path):
+        """File > Save as a .mrb (qSlicerSceneBundleWriter): the application logic writes the scene and its data into
+        a folder (SaveSceneToSlicerDataBundleDirectory), which is zipped into ``path``."""
+        folder = os.path.join(tempfile.mkdtemp(dir=self.temporary_path), os.path.splitext(os.path.basename(path))[0])
+        os.makedirs(folder)
+        if not self.application_logic.SaveSceneToSlicerDataBundleDirectory(folder, None):
+            raise AssertionError("the scene could not be saved into %s" % folder)
+        if not self.application_logic.Zip(path, folder):
+            raise AssertionError("the scene could not be zipped into %s" % path)
+
+    def load_scene(self, path):
+        """Opening a .mrb (qSlicerSceneBundleReader): the application logic unpacks it and connects the scene to its
+        .mrml (OpenSlicerDataBundle: the scene is cleared, then the file imported, with the scene's close, import and
+        batch events); Qt's event loop then runs for a moment, as after a load."""
+        if not self.application_logic.OpenSlicerDataBundle(path, tempfile.mkdtemp(dir=self.temporary_path)):
+            raise AssertionError("the scene %s could not be opened" % path)
+        self.pump(0.05)
 
     # ------------------------------------------------------------------ reading what happened
     def shown(self, kind=None):

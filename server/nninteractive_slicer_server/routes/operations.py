@@ -17,7 +17,8 @@ from ..deps import require_metrics_reader, server
 router = APIRouter()
 
 
-@router.api_route(P.PATH_HEALTHZ, methods=["GET", "HEAD"])
+@router.get(P.PATH_HEALTHZ, operation_id="healthz")
+@router.head(P.PATH_HEALTHZ, operation_id="healthz_head")  # one id per method: OpenAPI wants them unique
 async def healthz(request: Request):
     if getattr(server(request), "draining", False):
         return JSONResponse({"ok": False, "draining": True}, status_code=503, headers={"Retry-After": "10"})
