@@ -45,3 +45,30 @@ def test_benchmark_smoke_writes_table_json_and_figure(tmp_path):
     assert md.startswith("# Benchmark results") and "| S | smooth | point |" in md
     png = (out / "figure3.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_overhead_benchmark_compares_the_servers_and_times_every_layer(tmp_path):
+    """overhead.py with 2 repetitions: every call on every side, ratios to the official server, and the probed
+    server's steps (the probe hooks into the server from outside: this is what tells when a change moved a hook)."""
+    out = tmp_path / "overhead.json"
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "Testing", "benchmark", "overhead.py"), "--reps", "2",
+                           "--layers", "--layer-calls", "3", "--json", str(out)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ours / official, overhead ratio" in proc.stdout and "layer by layer" in proc.stdout
+    res = json.loads(out.read_text())
+    kinds = ["point", "bbox", "scribble", "lasso", "set_image"]
+    for kind in kinds:
+        assert {side: len(t) for side, t in res["times_ms"][kind].items()} == {"inproc": 2, "ours": 2, "official": 2}
+    assert set(res["ratio"]["ours"]) == set(kinds) | {"prompts"}
+    assert all(whole > 0 for whole, _blocks in res["ratio"]["ours"].values())
+    steps = res["layers"]["ours"]["steps"]
+    assert set(steps) == set(kinds)
+    for kind in kinds[:4]:  # a prompt: through the key gate, to the prediction thread and back, answered
+        seen = set(steps[kind])
+        for step in ("key gate > key gate > inner", "queue submit > queue wait in", "queue wait in > queue start",
+                     "queue end > queue wait out", "response start > response sent"):
+            assert step in seen, (kind, step, sorted(seen))
+        assert any(step.endswith("library add out") for step in seen)
+        assert len(steps[kind]["total (bytes in > asgi out)"]) >= 3
+    assert any("library set_image" in step for step in steps["set_image"])

@@ -219,3 +219,40 @@ def test_shutdown_runs_the_prompts_queued_and_cancels_the_runs(q):
     assert order == ["p", "q"]
     with pytest.raises(RuntimeError, match="shut down"):
         q.run(lambda: None)
+
+
+def test_a_prompt_awaited_on_the_event_loop_and_cancelled(q):
+    """``deps.finished``, the way a prompt awaits the prediction thread from the event loop: cancelled while its work
+    waits in the queue, the work never runs; cancelled while it runs, the cancellation waits until it has ended
+    (the lease's turn must not be given back while the session is in use); otherwise the result and the wait."""
+    import asyncio
+
+    from nninteractive_slicer_server.deps import finished
+
+    order, gate, started = [], threading.Event(), threading.Event()
+
+    async def scenario():
+        assert await finished(q.submit(held(order, "plain"))) == ("plain", pytest.approx(0.0, abs=WAIT))
+        with pytest.raises(ZeroDivisionError):
+            await finished(q.submit(lambda: 1 / 0))
+        # queued behind a held piece of work, then cancelled: it never runs
+        blocker = asyncio.ensure_future(finished(q.submit(held(order, "blocker", gate, started))))
+        assert await asyncio.to_thread(started.wait, WAIT)
+        waiting = asyncio.ensure_future(finished(q.submit(held(order, "never"))))
+        await asyncio.to_thread(until, lambda: len(q) == 2)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        # cancelled while its work runs: the task ends only after the work
+        blocker.cancel()
+        for _ in range(3):  # let the event loop go round (and a worker thread answer) while the work is held
+            await asyncio.sleep(0)
+            await asyncio.to_thread(lambda: None)
+        assert not blocker.done() and order[-1] == "blocker"
+        gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await blocker
+        assert await finished(q.submit(held(order, "after"))) == ("after", pytest.approx(0.0, abs=WAIT))
+
+    asyncio.run(scenario())
+    assert order == ["plain", "blocker", "after"] and len(q) == 0

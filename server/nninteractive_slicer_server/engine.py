@@ -73,12 +73,6 @@ class Engine:
         except Exception:
             log.exception("error while freeing a session")
 
-    def run_on_gpu(self, fn, *args, owner=None):
-        """Run ``fn(*args)`` on the prediction thread, before any automatic piece waiting; returns (result, seconds
-        waited in the queue). ``owner`` (the lease) names it in ``self.queue``, so that its owner can ask how much
-        is ahead of it."""
-        return self.queue.run(fn, *args, owner=owner)
-
     def shutdown(self):
         self.queue.shutdown(wait=True)
 

@@ -21,7 +21,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from starlette.concurrency import run_in_threadpool
 
 from .errors import Busy, Forbidden, Gone
 
@@ -176,7 +175,7 @@ class LeaseRegistry:
     # ------------------------------------------------------------ turns
 
     async def run(self, lease, work):
-        """Run ``work(session)`` in a worker thread as this lease's next action (one at a time per lease).
+        """Await ``work(session)`` (a coroutine function) as this lease's next action (one at a time per lease).
 
         Waits for the turn on the event loop; ``Busy`` when ``max_waiting`` requests already wait; ``Gone`` when the
         lease was released or reaped meanwhile. When it was closed while this ran, the session is freed here."""
@@ -192,7 +191,7 @@ class LeaseRegistry:
                     lease.running = True
                 lease.active()
                 try:
-                    return await run_in_threadpool(work, lease.session)
+                    return await work(lease.session)
                 finally:
                     with lease.mu:
                         lease.running = False

@@ -86,6 +86,25 @@ class Metrics:
         ProcessCollector(registry=r)
         r.register(_StateCollector(srv))
         srv.engine.queue.listeners.append(self._predicted)
+        self._children = {}  # (metric, label values) -> its child
+
+    def _child(self, metric, *values):
+        """``metric.labels(*values)``, remembered (labels() takes a lock and checks every value on each call); as many
+        as the label values' combinations, which are bounded (see the module docstring)."""
+        key = (metric, values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
+
+    def answered(self, endpoint, method, status, user, seconds, bytes_in, bytes_out):
+        """Count one answer."""
+        self._child(self.requests, endpoint, method, status, user).inc()
+        self._child(self.latency, endpoint, method, status).observe(seconds)
+        if bytes_in:
+            self._child(self.bytes_in, endpoint).inc(bytes_in)
+        if bytes_out:
+            self._child(self.bytes_out, endpoint).inc(bytes_out)
 
     def _predicted(self, waited, ran):
         self.queue_wait.observe(waited)
@@ -195,15 +214,9 @@ class MetricsMiddleware:
             await self.app(scope, counting_receive, counting_send)
         finally:
             if metrics is not None:
-                endpoint = _route_template(scope)
-                status = str(seen["status"])
-                method = scope.get("method", "")
-                metrics.requests.labels(endpoint, method, status, metrics.user_of(scope.get("state"))).inc()
-                metrics.latency.labels(endpoint, method, status).observe(time.perf_counter() - started)
-                if seen["in"]:
-                    metrics.bytes_in.labels(endpoint).inc(seen["in"])
-                if seen["out"]:
-                    metrics.bytes_out.labels(endpoint).inc(seen["out"])
+                metrics.answered(_route_template(scope), scope.get("method", ""), str(seen["status"]),
+                                 metrics.user_of(scope.get("state")), time.perf_counter() - started, seen["in"],
+                                 seen["out"])
 
 
 def _route_template(scope):

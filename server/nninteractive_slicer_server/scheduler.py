@@ -29,6 +29,7 @@ waiting); for an automatic run, every interactive prediction queued, the piece r
 ahead of it in the rotation.
 """
 
+import concurrent.futures
 import contextvars
 import logging
 import threading
@@ -47,7 +48,7 @@ ANTICIPATE_S = 0.05
 class _Ticket:
     """One interactive prediction."""
 
-    __slots__ = ("owner", "fn", "args", "context", "queued_at", "started_at", "waited", "result", "error", "done")
+    __slots__ = ("owner", "fn", "args", "context", "queued_at", "started_at", "waited", "future")
 
     def __init__(self, owner, fn, args):
         self.owner, self.fn, self.args = owner, fn, args
@@ -55,8 +56,7 @@ class _Ticket:
         self.queued_at = time.perf_counter()
         self.started_at = None
         self.waited = 0.0
-        self.result = self.error = None
-        self.done = threading.Event()
+        self.future = concurrent.futures.Future()  # (result, seconds waited), or what fn raised
 
 
 class AutoRun:
@@ -118,18 +118,20 @@ class DeviceQueue:
 
     # ------------------------------------------------------------------ submitting
 
-    def run(self, fn, *args, owner=None):
-        """Run ``fn(*args)`` on the prediction thread before any automatic piece; returns (result, seconds waited).
-        ``owner`` (the lease) names it for ``position``."""
+    def submit(self, fn, *args, owner=None):
+        """Queue ``fn(*args)`` for the prediction thread, before any automatic piece; returns a
+        ``concurrent.futures.Future`` of (result, seconds waited). ``owner`` (the lease) names it for ``position``.
+        The event loop awaits it (``asyncio.wrap_future``) without a worker thread in between."""
         ticket = _Ticket(owner, fn, args)
         with self._cv:
             self._admit()
             self._interactive.append(ticket)
             self._cv.notify()
-        ticket.done.wait()
-        if ticket.error is not None:
-            raise ticket.error
-        return ticket.result, ticket.waited
+        return ticket.future
+
+    def run(self, fn, *args, owner=None):
+        """``submit``, waiting in this thread: returns (result, seconds waited), or raises what ``fn`` raised."""
+        return self.submit(fn, *args, owner=owner).result()
 
     def run_pieces(self, steps, owner=None, cancel=None, what="an automatic run", expected=0):
         """Run the generator ``steps(run)`` piece by piece on the prediction thread (see the module docstring);
@@ -201,17 +203,27 @@ class DeviceQueue:
     def _interactive_step(self, ticket):
         ticket.started_at = time.perf_counter()
         ticket.waited = ticket.started_at - ticket.queued_at
-        try:
-            ticket.result = ticket.context.run(ticket.fn, *ticket.args)
-        except BaseException as exc:  # handed to the caller, whatever it is
-            ticket.error = exc
+        result = error = None
+        started = ticket.future.set_running_or_notify_cancel()  # False: its request was cancelled while it waited
+        if started:
+            try:
+                result = ticket.context.run(ticket.fn, *ticket.args)
+            except BaseException as exc:  # handed to the caller, whatever it is
+                error = exc
         ran = time.perf_counter() - ticket.started_at
         with self._cv:
             self._interactive.popleft()
             self._current = None
-            self._recent.append(ran)
-            self._anticipate_until = time.perf_counter() + self._anticipate_s
-        ticket.done.set()
+            if started:
+                self._recent.append(ran)
+                self._anticipate_until = time.perf_counter() + self._anticipate_s
+        if not started:
+            return
+        if error is not None:
+            ticket.future.set_exception(error)
+        else:
+            ticket.future.set_result((result, ticket.waited))
+        del error  # the exception's traceback holds this frame
         for listener in list(self.listeners):
             try:
                 listener(ticket.waited, ran)

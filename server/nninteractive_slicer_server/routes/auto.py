@@ -43,7 +43,7 @@ from SlicerNNInteractiveLib import protocol as P
 from SlicerNNInteractiveLib.wire import MASK_CODEC, pack_array
 
 from ..cancel import CancelToken
-from ..deps import act, lease, read_json, require_key, require_operator, server
+from ..deps import act, leased, lookup, read_json, require_key, require_operator, server
 from ..errors import Draining, Invalid, NotFound, OutOfMemory, Problem, is_out_of_memory
 from ..validate import BadInput, require
 from ..auto.jobs import CANCELLED
@@ -300,7 +300,7 @@ def session_spacing(given, properties, ndim):
                                  "the array's axis order) with the request")
     ok = isinstance(spacing, (list, tuple)) and len(spacing) == ndim and all(
         isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and s > 0 for s in spacing)
-    require(ok, "the %s spacing %r must be %d positive numbers, one per array axis" % (source, spacing, ndim))
+    require(ok, "the %s spacing %r must be %d positive numbers, one per array axis", source, spacing, ndim)
     return [float(s) for s in spacing]
 
 
@@ -317,7 +317,12 @@ def label_box(labels):
 
 
 @router.post(P.PATH_AUTO_SEGMENT)
-async def auto_segment(request: Request, lease_=Depends(lease)):
+async def auto_segment(request: Request):
+    with leased(request) as lease_:
+        return await segment_session_image(request, lease_)
+
+
+async def segment_session_image(request, lease_):
     svc = auto_service(request)
     payload = await read_json(request, lease_)
     model = payload.pop("model", None)
@@ -328,8 +333,8 @@ async def auto_segment(request: Request, lease_=Depends(lease)):
     svc.registry.get(model)  # unknown: 400 naming the known ids, before waiting for the session's turn
     given_spacing = payload.pop("spacing", None)
     unknown = sorted(set(payload) - set(AUTO_FIELDS))
-    require(not unknown, "unknown field(s) %s; /x/auto_segment takes model, spacing and %s"
-            % (", ".join(unknown), ", ".join(AUTO_FIELDS)))
+    require(not unknown, "unknown field(s) %s; /x/auto_segment takes model, spacing and %s", ", ".join(unknown),
+            ", ".join(AUTO_FIELDS))
     fields = {k: v for k, v in payload.items() if v is not None}
     svc.segmenter.arguments(model, fields)  # wrong types: 400 now
     started = time.perf_counter()
@@ -363,9 +368,10 @@ async def auto_segment(request: Request, lease_=Depends(lease)):
 
 
 @router.post(P.PATH_AUTO_CANCEL)
-async def auto_segment_cancel(request: Request, lease_=Depends(lease)):
+async def auto_segment_cancel(request: Request):
     """Cancel the lease's /x/auto_segment in progress or waiting (it stops between two pieces; its request answers
     409). Never waits for the lease's turn; ``{"cancelled": false}`` when the lease had none."""
+    lease_ = lookup(request)
     auto_service(request)
     runs = [token for token in list(lease_.auto_runs) if not token.cancelled]
     for token in runs:

@@ -6,7 +6,7 @@ from SlicerNNInteractiveLib import protocol as P
 
 from .. import __version__
 from ..capacity import free_capacity
-from ..deps import lease, require_key, role, server
+from ..deps import lookup, require_key, role, server
 from ..identities import OPERATOR
 from ..limits import rss_bytes
 
@@ -33,8 +33,8 @@ async def server_info(request: Request, user=Depends(require_key)):
 
 
 @router.get(P.PATH_QUEUE)
-async def queue(request: Request, lease_=Depends(lease)):
+async def queue(request: Request):
     """Where this lease's prediction stands in the GPU queue, asked beside it (on another connection) while a prompt
     waits: ``{"ahead": N, "expected_wait_seconds": S or null, "running": bool, "waiting": bool, "queued": M}``. With
     no prediction of this lease queued, what one sent now would face. Never waits for the lease's turn."""
-    return server(request).engine.queue.position(lease_)
+    return server(request).engine.queue.position(lookup(request))
