@@ -42,7 +42,8 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(REPO, "Testing", "models"))
 
-from run import SIZES, _call, _cpu_name, _load, phantom, prompts  # noqa: E402  (the L phantom and its prompts)
+from provenance import cpu_name  # noqa: E402
+from run import SIZES, _call, _load, phantom, prompts  # noqa: E402  (the L phantom and its prompts)
 
 KINDS = ("point", "bbox", "scribble", "lasso")
 NAMES = ("eager", "channels_last", "compile", "bf16")
@@ -148,7 +149,7 @@ def main(argv=None):
         tmp = tempfile.TemporaryDirectory(prefix="nni-resenc-")
         model = make_random_resenc_l(os.path.join(tmp.name, "resenc_l"), background_bias=None)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": "%s, %d CPU cores (%s)" % (
-        platform.platform(), n, _cpu_name()), "python": platform.python_version(), "torch": torch.__version__,
+        platform.platform(), n, cpu_name()), "python": platform.python_version(), "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(), "load_before": _load(),
         "command": "python Testing/benchmark/cpu_resenc.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     bench = Bench(model, log)

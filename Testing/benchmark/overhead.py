@@ -44,8 +44,8 @@ sys.path.insert(0, os.path.join(REPO, "Testing", "models"))
 sys.path.insert(0, HERE)
 
 from conftest import SERVER_ENV, TORCH_THREADS, free_port, running  # noqa: E402
-from run import SIZES, _cpu_name, _load, phantom  # noqa: E402
-from SlicerNNInteractiveLib.rasterize import crop_to_bbox  # noqa: E402
+from provenance import cpu_name  # noqa: E402
+from run import SIZES, _load, phantom, prompts  # noqa: E402  (the prompts run.py sends)
 
 KINDS = ("point", "bbox", "scribble", "lasso", "set_image")
 PROMPTS = KINDS[:4]
@@ -54,33 +54,19 @@ KEY = "overhead-benchmark-key"
 
 # ---------------------------------------------------------------------------------------------- the calls
 
-def prompts(shape):
-    """One prompt of each kind on the middle axial slice; scribble and lasso cropped to their box, with
-    ``interaction_bbox`` (as run.py and the Slicer module send them)."""
-    cx, cy, cz = [n // 2 for n in shape]
-    rx, ry = shape[0] // 5, shape[1] // 5
-    scribble = np.zeros(shape, np.uint8)
-    for t in range(-rx, rx + 1):
-        scribble[cx + t, cy + t // 3: cy + t // 3 + 2, cz] = 1
-    lasso = np.zeros(shape, np.uint8)
-    X, Y = np.ogrid[:shape[0], :shape[1]]
-    lasso[..., cz] = (((X - cx) / rx) ** 2 + ((Y - cy) / ry) ** 2) <= 1.0
-
-    return {"point": (cx, cy, cz), "bbox": [[cx - rx, cx + rx], [cy - ry, cy + ry], [cz, cz + 1]],
-            "scribble": crop_to_bbox(scribble), "lasso": crop_to_bbox(lasso)}
-
-
 def call(s, kind, p, img):
     """One call of ``kind`` without a prediction; returns its time (ms)."""
     t0 = time.perf_counter()
     if kind == "point":
-        s.add_point_interaction(p["point"], True, run_prediction=False)
+        s.add_point_interaction(p["point"]["coordinates"], True, run_prediction=False)
     elif kind == "bbox":
-        s.add_bbox_interaction(p["bbox"], True, run_prediction=False)
+        s.add_bbox_interaction(p["bbox"]["bbox"], True, run_prediction=False)
     elif kind == "scribble":
-        s.add_scribble_interaction(p["scribble"][0], True, run_prediction=False, interaction_bbox=p["scribble"][1])
+        s.add_scribble_interaction(p["scribble"]["mask"], True, run_prediction=False,
+                                  interaction_bbox=p["scribble"]["interaction_bbox"])
     elif kind == "lasso":
-        s.add_lasso_interaction(p["lasso"][0], True, run_prediction=False, interaction_bbox=p["lasso"][1])
+        s.add_lasso_interaction(p["lasso"]["mask"], True, run_prediction=False,
+                                  interaction_bbox=p["lasso"]["interaction_bbox"])
     else:
         s.set_image(img[None])
     return (time.perf_counter() - t0) * 1e3
@@ -263,7 +249,7 @@ def main(argv=None):
     dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "server", "SlicerNNInteractive"],
                            capture_output=True, text=True).stdout.strip()
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit + ("+changes" if dirty else ""),
-            "machine": "%s, %d CPU cores (%s)" % (platform.platform(), os.cpu_count(), _cpu_name()),
+            "machine": "%s, %d CPU cores (%s)" % (platform.platform(), os.cpu_count(), cpu_name()),
             "load_before": _load(), "size": a.size, "reps": a.reps, "key": a.key, "before": a.before,
             "command": "python Testing/benchmark/overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     started = time.perf_counter()

@@ -51,6 +51,7 @@ from SlicerNNInteractiveLib import wire  # noqa: E402
 from SlicerNNInteractiveLib.client import RemoteSession  # noqa: E402
 from SlicerNNInteractiveLib.rasterize import crop_to_bbox  # noqa: E402
 from SlicerNNInteractiveLib.sync import SyncedSession  # noqa: E402
+from provenance import cpu_name  # noqa: E402
 
 SIZES = {"S": (64, 64, 32), "M": (128, 128, 65), "L": (256, 256, 130)}
 KINDS = ("point", "bbox", "scribble", "lasso")
@@ -742,7 +743,7 @@ def main(argv=None):
     import nnInteractive
 
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": "%s, %d CPU cores (%s)" % (
-        platform.platform(), os.cpu_count(), _cpu_name()), "python": platform.python_version(),
+        platform.platform(), os.cpu_count(), cpu_name()), "python": platform.python_version(),
         "torch": torch.__version__, "nninteractive": getattr(nnInteractive, "__version__", _dist_version()),
         "blosc2": blosc2.__version__, "load_before": _load(), "command": " ".join(["python", "Testing/benchmark/run.py"]
                                                                                 + (argv or sys.argv[1:])),
@@ -826,17 +827,6 @@ def main(argv=None):
     print(open(os.path.join(a.out, "results.md")).read().split("## Per call")[0])
     log("wrote %s (results.json, results.md, figure3.png) in %.0f s" % (a.out, meta["seconds"]))
     return 0
-
-
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _dist_version():

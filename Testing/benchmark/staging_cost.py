@@ -22,8 +22,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path[:0] = [os.path.join(REPO, "server"), os.path.join(REPO, "SlicerNNInteractive"), os.path.join(REPO, "Testing")]
 
