@@ -63,6 +63,12 @@ def test_properties_are_attributes_and_win_over_methods(app):
     assert label.text == "x"
     assert isinstance(button, qt.QWidget) and isinstance(button, qt.QAbstractButton)
     assert button.className() == "QPushButton"
+    # a property that is also a virtual method: C++ looks the method up for a Python override while the property is
+    # read (and whenever the widget's geometry changes: an editable combo box); that lookup finds the method
+    combo = qt.QComboBox()
+    assert combo.sizeHint.width() > 0
+    combo.editable = True
+    assert combo.editable is True and combo.sizeHint.width() > 0
 
     class Sub(qt.QPushButton):  # Python attributes win over Qt properties, as in PythonQt
         def text(self):

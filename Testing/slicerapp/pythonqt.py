@@ -37,6 +37,7 @@ provided.
 
 import inspect
 import sys
+import threading
 import types
 
 import shiboken6
@@ -94,6 +95,24 @@ def _meta_property(obj, name):
         return None
     index = mo.indexOfProperty(name)
     return mo.property(index) if index >= 0 else None
+
+
+_reading = threading.local()  # (id(object), property name) pairs whose Qt property is being read in this thread
+
+
+def _enter_read(obj, name):
+    """False when this property of ``obj`` is already being read in this thread: a property that is also a virtual
+    method (``sizeHint``) makes C++ ask the binding for a Python override of that method by attribute lookup while the
+    property is read. That lookup must find the method, as it does under PythonQt (C++ calls never see properties);
+    otherwise the read recurses until Python's stack runs out."""
+    pairs = getattr(_reading, "pairs", None)
+    if pairs is None:
+        pairs = _reading.pairs = set()
+    key = (id(obj), name)
+    if key in pairs:
+        return False
+    pairs.add(key)
+    return True
 
 
 def _base_type(value):
@@ -159,8 +178,11 @@ class PythonQtObject(object):
             if name in instance_dict:
                 return instance_dict[name]
             prop = _meta_property(self, name)
-            if prop is not None:
-                return prop.read(self)
+            if prop is not None and _enter_read(self, name):
+                try:
+                    return prop.read(self)
+                finally:
+                    _reading.pairs.discard((id(self), name))
             if name == "name":
                 return QtCore.QObject.objectName(self)
         # Shiboken's own lookup: it resolves names that are both static and instance methods (QFile.exists)
