@@ -12,7 +12,7 @@ run from the same tiny model, every call also made in-process (``nnInteractiveIn
 repetition makes every call on every side, in an order shuffled each time, so that background load hits all sides
 alike; the spread is the range of the ratio over blocks of repetitions.
 
-    python Testing/benchmark/overhead.py                    # ~3 min on 2 cores
+    python Testing/benchmark/overhead.py                    # under a minute on 2 cores
     python Testing/benchmark/overhead.py --before REF       # also our server as of git REF: before/after in one run
     python Testing/benchmark/overhead.py --layers           # also where our server's time goes, layer by layer
     python Testing/benchmark/overhead.py --key none         # servers without a key (default: a shared key, as shipped)
@@ -63,10 +63,10 @@ def call(s, kind, p, img):
         s.add_bbox_interaction(p["bbox"]["bbox"], True, run_prediction=False)
     elif kind == "scribble":
         s.add_scribble_interaction(p["scribble"]["mask"], True, run_prediction=False,
-                                  interaction_bbox=p["scribble"]["interaction_bbox"])
+                                   interaction_bbox=p["scribble"]["interaction_bbox"])
     elif kind == "lasso":
         s.add_lasso_interaction(p["lasso"]["mask"], True, run_prediction=False,
-                                  interaction_bbox=p["lasso"]["interaction_bbox"])
+                                interaction_bbox=p["lasso"]["interaction_bbox"])
     else:
         s.set_image(img[None])
     return (time.perf_counter() - t0) * 1e3
