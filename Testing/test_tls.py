@@ -115,6 +115,21 @@ def test_older_tls_than_the_minimum_is_refused(server, pki):
         handshake(ssl.TLSVersion.TLSv1_2)
 
 
+def test_a_client_that_never_starts_its_handshake_is_closed_at_the_header_deadline(server):
+    """A connection in its TLS handshake holds a descriptor before any request deadline applies: the server ends it
+    after --header-timeout-seconds (10 s by default; asyncio's own bound, which uvicorn leaves as it is, is 60 s)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    with socket.create_connection(("127.0.0.1", urlsplit(server[0]).port), timeout=10) as raw:
+        raw.settimeout(40)  # the server's deadline is 10 s; without it this read would time out here
+        try:
+            data = raw.recv(1)
+        except ConnectionResetError:
+            data = b""
+    assert data == b"", "the server sent bytes to a client that never said hello: %r" % data
+
+
 def test_our_client_with_the_ca_bundle(server, pki):
     url, _ = server
     # Heartbeats and the release go on companion connections: with a 2 s liveness timeout the session survives

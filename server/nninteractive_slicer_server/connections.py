@@ -13,8 +13,8 @@
 
 It wraps uvicorn's HTTP protocol class (httptools or h11, whichever uvicorn picked) by subclassing it: the class is
 uvicorn's choice, the hooks are the ones both share (``connection_made``, ``data_received``,
-``on_response_complete``, ``connection_lost``, ``cycle``). A TLS handshake happens before ``connection_made`` and
-is bounded by asyncio's own handshake timeout (60 s).
+``on_response_complete``, ``connection_lost``, ``cycle``). A TLS handshake happens before ``connection_made``,
+uncounted; it ends within the header deadline too (``shutdown.GracefulServer.startup``).
 """
 
 import collections

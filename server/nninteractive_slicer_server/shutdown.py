@@ -22,6 +22,7 @@ to reload.
 """
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -71,13 +72,28 @@ HANGUP = Hangup()
 
 
 class GracefulServer(uvicorn.Server):
-    def __init__(self, config, srv, deadline):
+    def __init__(self, config, srv, deadline, handshake_timeout=None):
         uvicorn.Server.__init__(self, config)
         self.srv = srv
         self.deadline = float(deadline)
+        self.handshake_timeout = handshake_timeout
         self.drain_started = None
         self._drain_task = None
         self._watchdog = None
+
+    async def startup(self, sockets=None):
+        """uvicorn's start-up, its listening sockets made with ``ssl_handshake_timeout``: a TLS handshake ends within
+        ``handshake_timeout`` s, not asyncio's 60 (the header deadline starts only once the handshake is done, and a
+        connection in its handshake holds a descriptor). uvicorn has no setting for it; the loop's ``create_server``
+        takes it, so it is added to uvicorn's calls for as long as uvicorn starts."""
+        if self.config.ssl is None or self.handshake_timeout is None:
+            return await uvicorn.Server.startup(self, sockets)
+        loop = asyncio.get_running_loop()
+        loop.create_server = functools.partial(loop.create_server, ssl_handshake_timeout=self.handshake_timeout)
+        try:
+            return await uvicorn.Server.startup(self, sockets)
+        finally:
+            del loop.create_server  # the loop's own method again
 
     def handle_exit(self, sig, frame):
         if sig == signal.SIGTERM and self.drain_started is None and not self.should_exit:
@@ -165,7 +181,8 @@ def serve(app, deadline, guard=None, ssl_min_version=None, forwarded_allow_ips=N
 
         config["ssl_context_factory"] = tls_context
     config.update(ws="none", proxy_headers=bool(forwarded_allow_ips), forwarded_allow_ips=forwarded_allow_ips or "")
-    server = GracefulServer(uvicorn.Config(app, log_config=None, **config), app.state.server, deadline)
+    server = GracefulServer(uvicorn.Config(app, log_config=None, **config), app.state.server, deadline,
+                            handshake_timeout=guard.header_timeout if guard is not None else None)
     try:
         server.run()
     except KeyboardInterrupt:
