@@ -307,6 +307,9 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.history.refresh()
 
     def onSceneEndClose(self, caller, event):
+        # The singleton editor node survives a close: it is set on the editor again, observed once.
+        if self.editorNode is not None:
+            self.removeObserver(self.editorNode, vtk.vtkCommand.ModifiedEvent, self.onEditorNodeModified)
         self.editorNode = None
         self.selectEditorNode()
         if self.parent.isEntered:

@@ -27,6 +27,12 @@ BLOB_MODEL = os.path.join(REPO, "Testing", "models", "blobs")
 TORCH_THREADS = "2"
 
 
+def pytest_configure(config):
+    # Slicer's VTKObservationMixin warns and ignores a second observer of the same method: in the module that is a
+    # bookkeeping mistake (an observer never removed), so a test that makes one fails.
+    config.addinivalue_line("filterwarnings", "error:already has observer:UserWarning")
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
