@@ -124,7 +124,8 @@ def build_parser():
     lim.add_argument("--max-jobs-per-user", type=int, metavar="N", help="jobs one user keeps at once; one more gets "
                      "429 (default: a quarter of --max-jobs)")
     lim.add_argument("--max-job-bytes-per-user", type=parse_size, metavar="BYTES", help="what one user's jobs and "
-                     "uploads may take in the jobs folder (default: twice --max-upload-bytes plus --max-unpacked-bytes)")
+                     "uploads may take in the jobs folder (default: twice --max-upload-bytes plus "
+                     "--max-unpacked-bytes)")
     lim.add_argument("--job-ttl-seconds", type=float, default=86400.0, metavar="S", help="delete a job's outputs this "
                      "long after it finished (default %(default)s)")
     o = p.add_argument_group("operations")

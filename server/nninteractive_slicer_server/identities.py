@@ -20,9 +20,9 @@ whether its name exists or not (a name that does not exist is checked against a 
 refusal tells no names; except a line without a pre-check (written before it existed), whose every guess costs a
 slow hash: the start-up log names those users, to be given new tokens. A slow hash runs on one thread, taking
 turns between client addresses, at most ``SLOW_PER_ADDRESS`` waiting per address and ``SLOW_TOTAL`` in all (beyond:
-429), so one address (an attacker guessing at lines without a check) cannot keep another's first request waiting. A token that passed is remembered under
-an HMAC of it with a key made at start-up (never the token itself), so later requests cost one fast digest; a reload
-keeps what it remembered for the lines that did not change.
+429), so one address (an attacker guessing at lines without a check) cannot keep another's first request waiting.
+A token that passed is remembered under an HMAC of it with a key made at start-up (never the token itself), so later
+requests cost one fast digest; a reload keeps what it remembered for the lines that did not change.
 
 A reload that would remove all the users, or more than half of them, is refused with a warning (an emptied or
 truncated file must not lock everyone out): sending SIGHUP again within ``CONFIRM_SECONDS`` with the same file

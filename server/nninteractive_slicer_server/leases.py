@@ -21,7 +21,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-
 from .errors import Busy, Forbidden, Gone
 
 log = logging.getLogger("nninteractive_slicer_server")

@@ -4,9 +4,9 @@ Text lines never carry a line break from what they quote (``TextFormatter``; JSO
 id is set by ``errors.RequestIdMiddleware`` in ``request_id_var`` for the task that serves the request;
 work handed to threads carries it along (Starlette's thread pool copies the context, and so does the prediction
 thread's queue, ``scheduler.DeviceQueue``). A filter on the one handler adds it to every record, whichever logger
-wrote it (ours, uvicorn's, the access log): ``-`` outside a request. What the nnInteractive library prints (it prints rather than
-logs) becomes log records of the ``nnInteractive`` logger too (INFO with ``--verbose``, else DEBUG), so that a JSON
-log stays one JSON object per line and those lines carry the request id as well.
+wrote it (ours, uvicorn's, the access log): ``-`` outside a request. What the nnInteractive library prints (it
+prints rather than logs) becomes log records of the ``nnInteractive`` logger too (INFO with ``--verbose``, else
+DEBUG), so that a JSON log stays one JSON object per line and those lines carry the request id as well.
 """
 
 import collections

@@ -15,10 +15,11 @@ of the keys file (their names only with ``--metrics-user-labels``: a scrape must
 * ``nninteractive_prediction_seconds``, ``nninteractive_gpu_queue_wait_seconds`` (histograms, prompts)
 * ``nninteractive_gpu_queue_length`` (what a prompt sent now waits behind: prompts waiting or running and the
   automatic piece running), ``nninteractive_automatic_runs`` and ``nninteractive_automatic_pieces_remaining``
-  (automatic runs in progress on the prediction thread, and the pieces they have left), ``nninteractive_sessions{user}``,
-  ``nninteractive_max_sessions``, ``nninteractive_memory_budget_bytes``, ``nninteractive_memory_reserved_bytes``,
-  ``nninteractive_draining``, ``nninteractive_free_sessions`` and ``nninteractive_capacity_weight`` (the free
-  capacity HAProxy's agent-check reads, see capacity.py), ``nninteractive_server_info{version,model,device}``;
+  (automatic runs in progress on the prediction thread, and the pieces they have left),
+  ``nninteractive_sessions{user}``, ``nninteractive_max_sessions``, ``nninteractive_memory_budget_bytes``,
+  ``nninteractive_memory_reserved_bytes``, ``nninteractive_draining``, ``nninteractive_free_sessions`` and
+  ``nninteractive_capacity_weight`` (the free capacity HAProxy's agent-check reads, see capacity.py),
+  ``nninteractive_server_info{version,model,device}``;
   ``nninteractive_open_connections`` and ``nninteractive_refused_connections_total{reason}`` (connections.py:
   ``max_connections``, ``max_connections_per_address``, ``header_timeout``, ``header_bytes``); and the
   ``process_*`` metrics (``process_resident_memory_bytes``, ``process_open_fds``...).

@@ -290,7 +290,7 @@ class DeviceQueue:
     def mean_seconds(self):
         """Moving average of the last interactive predictions' durations; None before the first."""
         with self._cv:
-            return sum(self._recent) / len(self._recent) if self._recent else None
+            return _mean(self._recent)
 
     def position(self, owner):
         """Where ``owner``'s work stands: ``{"ahead", "expected_wait_seconds", "running", "waiting", "queued"}``.
@@ -309,10 +309,9 @@ class DeviceQueue:
         with self._cv:
             tickets, runs = list(self._interactive), list(self._runs)
             current, elapsed = self._current, now - (self._current_started or now)
-            mean = sum(self._recent) / len(self._recent) if self._recent else None
-            mean_piece = sum(self._recent_pieces) / len(self._recent_pieces) if self._recent_pieces else None
+            mean, mean_piece = _mean(self._recent), _mean(self._recent_pieces)
             progress = {id(r): (r.done, r.expected, r.started) for r in runs}
-        queued = len(tickets) + sum(max(1, e - d) for d, e, _s in progress.values())
+            queued = len(tickets) + sum(r.remaining for r in runs)
         mine = next((i for i, t in enumerate(tickets) if t.owner is owner), None) if owner is not None else None
         run = next((r for r in runs if r.owner is owner), None) if owner is not None and mine is None else None
         piece_running = isinstance(current, AutoRun)
@@ -338,6 +337,10 @@ class DeviceQueue:
                     "running": bool(running), "waiting": (mine is not None or run is not None) and not running,
                     "queued": queued})
         return out
+
+
+def _mean(values):
+    return sum(values) / len(values) if values else None
 
 
 def _shutting_down():

@@ -35,12 +35,7 @@ def image_header(shape, dtype, image_channels):
 
 
 def image(arr, image_channels):
-    require(arr.ndim == 4, "the image must be 4D [channels, x, y, z]; got %dD with shape %s. Add a leading channel "
-                           "axis (image[None]).", arr.ndim, list(arr.shape))
-    require(arr.dtype.kind in "biuf", "the image dtype %s is not numeric", arr.dtype)
-    require(all(d > 0 for d in arr.shape), "the image shape %s has an empty axis", list(arr.shape))
-    require(arr.shape[0] == image_channels, "the model expects %d image channel(s); the image has %d (shape %s)",
-            image_channels, arr.shape[0], list(arr.shape))
+    image_header(arr.shape, arr.dtype, image_channels)
     if arr.dtype.kind == "f":
         require(bool(np.isfinite(arr).all()), "the image contains NaN or infinite values")
     require(bool(arr.any()), "the image is entirely zero; there is nothing to segment")

@@ -87,13 +87,8 @@ def prepare(plan, files, registry=None, limits=None, budget=None):
         largest = max(out.infos.values(), key=lambda i: i.voxels)
         what = "reading the study (%d input(s), the largest %s)" % (len(out.infos) + len(out.masks),
                                                                    "x".join(str(s) for s in largest.size))
-        out.reservation = reserve(budget, out.nbytes, what, user=files.user)
+        out.reservation = budget.reserve(out.nbytes, what, user=files.user)  # against the user's share
     return out
-
-
-def reserve(budget, nbytes, what, user=None):
-    """The one place a run's reading takes memory from the budget, against ``user``'s share of it."""
-    return budget.reserve(nbytes, what, user=user)
 
 
 def _probability_channels(registry, stage):

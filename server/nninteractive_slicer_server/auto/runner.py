@@ -32,6 +32,12 @@ log = logging.getLogger("nninteractive_slicer_server")
 DRAIN_RETRY_AFTER = 10
 
 
+def refusal_when_draining():
+    """What a new study gets from a server that is shutting down (the route's early check and ``submit``'s)."""
+    return Draining("this server is shutting down and takes no new automatic run; send the study again in a moment "
+                    "(a balancer sends it to another server)", retry_after=DRAIN_RETRY_AFTER)
+
+
 class JobRunner:
     def __init__(self, store, workers=2):
         self.store = store
@@ -55,8 +61,7 @@ class JobRunner:
         job.context = contextvars.copy_context()
         with self._cv:
             if self._draining:
-                raise Draining("this server is shutting down and starts no new automatic run; send the study again "
-                               "in a moment (a balancer sends it to another server)", retry_after=DRAIN_RETRY_AFTER)
+                raise refusal_when_draining()
             job.seq = next(self._seq)
             self._queue.append(job)
             self._cv.notify()

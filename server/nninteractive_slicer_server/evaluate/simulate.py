@@ -120,14 +120,22 @@ def deepest_voxel(comp: np.ndarray) -> Tuple[int, int, int]:
     return tuple(int(v) for v in pick)
 
 
-def click_prompt(pred: np.ndarray, gt: np.ndarray) -> Optional[Click]:
-    """The challenge's next click for the mask ``pred`` of the object ``gt``, or None when ``pred`` equals it."""
+def _next_click(pred: np.ndarray, gt: np.ndarray):
+    """``(component, its offset, the click's voxel in it, Click)`` of the challenge's next click, or None when
+    ``pred`` equals ``gt``."""
     found = largest_error(pred, gt)
     if found is None:
         return None
     comp, offset = found
-    coords = tuple(o + c for o, c in zip(offset, deepest_voxel(comp)))
-    return Click(coords, bool(gt[coords]))
+    local = deepest_voxel(comp)
+    coords = tuple(o + c for o, c in zip(offset, local))
+    return comp, offset, local, Click(coords, bool(gt[coords]))
+
+
+def click_prompt(pred: np.ndarray, gt: np.ndarray) -> Optional[Click]:
+    """The challenge's next click for the mask ``pred`` of the object ``gt``, or None when ``pred`` equals it."""
+    found = _next_click(pred, gt)
+    return found[-1] if found is not None else None
 
 
 def scribble_prompt(pred: np.ndarray, gt: np.ndarray, thickness: Sequence[int] = (2, 2)) -> Optional[Scribble]:
@@ -136,15 +144,12 @@ def scribble_prompt(pred: np.ndarray, gt: np.ndarray, thickness: Sequence[int] =
     background), a straight stroke through the click along that part's longest direction (principal axis of its
     voxels), as far as it stays inside, ``thickness`` voxels wide (in-plane, the server's preferred scribble
     thickness) and clipped to the part. None when ``pred`` equals ``gt``."""
-    found = largest_error(pred, gt)
+    found = _next_click(pred, gt)
     if found is None:
         return None
-    comp, offset = found
-    local = deepest_voxel(comp)
-    coords = tuple(o + c for o, c in zip(offset, local))
-    click = Click(coords, bool(gt[coords]))
+    comp, offset, local, click = found
     z = local[0]
-    gt_plane = gt[coords[0], offset[1]:offset[1] + comp.shape[1], offset[2]:offset[2] + comp.shape[2]] != 0
+    gt_plane = gt[click.coords[0], offset[1]:offset[1] + comp.shape[1], offset[2]:offset[2] + comp.shape[2]] != 0
     same_kind = gt_plane == click.positive
     plane, _ = ndimage.label(comp[z] & same_kind, structure=CONNECTIVITY_8)
     part = plane == plane[local[1], local[2]]

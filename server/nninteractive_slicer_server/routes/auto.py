@@ -44,11 +44,11 @@ from SlicerNNInteractiveLib.wire import MASK_CODEC, pack_array
 
 from ..cancel import CancelToken
 from ..deps import act, leased, lookup, read_json, require_key, require_operator, server
-from ..errors import Draining, Invalid, NotFound, OutOfMemory, Problem, is_out_of_memory
+from ..errors import Invalid, NotFound, OutOfMemory, Problem, is_out_of_memory
 from ..validate import BadInput, require
 from ..auto.jobs import CANCELLED
 from ..auto.request import InferenceRequest, InferenceRequestFile, parse_request
-from ..auto.runner import DRAIN_RETRY_AFTER
+from ..auto.runner import refusal_when_draining
 from ..auto.upload import REQUEST_FIELD, discard_upload, receive_upload
 
 log = logging.getLogger("nninteractive_slicer_server")
@@ -87,6 +87,12 @@ class established_failure:
 
     def __enter__(self):
         return self
+
+    def parse(self, payload, model):
+        """``parse_request``: a failure echoes ``payload`` until it parses, then the parsed fields."""
+        self.fields = payload
+        self.fields = parse_request(payload, model)
+        return self.fields
 
     def __exit__(self, kind, exc, tb):
         if exc is None:
@@ -144,8 +150,7 @@ async def expire(request: Request):
 
 def refuse_when_draining(request):
     if server(request).draining:
-        raise Draining("this server is shutting down and takes no new automatic run; send the study again in a moment "
-                       "(a balancer sends it to another server)", retry_after=DRAIN_RETRY_AFTER)
+        raise refusal_when_draining()
 
 
 async def until_disconnected(request):
@@ -186,21 +191,24 @@ async def infer(request: Request, user=Depends(require_key)):
     svc = auto_service(request)
     with established_failure() as failing:
         refuse_when_draining(request)
-        payload = await read_json(request)
-        failing.fields = payload
-        fields = parse_request(payload, InferenceRequest)
-        failing.fields = fields
-        svc.guard.require_roots()
-        svc.check_models(fields["nnunet_id"])
         started = time.perf_counter()
-        job = await run_in_threadpool(svc.submit_paths, user, fields, True)
+        job = await submit_paths(request, svc, user, sync=True, failing=failing)
         result = await answer_of(request, svc, job)
-        return Response(status_code=CLIENT_GONE) if result is None else established(result, fields, started)
+        return Response(status_code=CLIENT_GONE) if result is None else established(result, job.request, started)
+
+
+async def submit_paths(request, svc, user, sync, failing=None):
+    """Check the JSON request of a study on server paths, then make it a job (``failing`` as for ``submit_upload``)."""
+    fields = (failing or established_failure()).parse(await read_json(request), InferenceRequest)
+    svc.guard.require_roots()
+    svc.check_models(fields["nnunet_id"])
+    return await run_in_threadpool(svc.submit_paths, user, fields, sync)
 
 
 async def submit_upload(request, svc, user, sync, failing=None):
     """Receive an upload (auto/upload.py), check its request, then make it a job (``failing``: the established
     failure answer, given the fields as they are known)."""
+    failing = failing or established_failure()
     upload = await receive_upload(request, server(request), svc.jobs, user)
     try:
         text = upload.fields.get(REQUEST_FIELD)
@@ -212,11 +220,7 @@ async def submit_upload(request, svc, user, sync, failing=None):
         except ValueError as exc:
             raise BadInput("the 'request' field is not valid JSON (%s)" % exc)
         require(isinstance(payload, dict), "the 'request' field must hold a JSON object")
-        if failing is not None:
-            failing.fields = payload
-        fields = parse_request(payload, InferenceRequestFile)
-        if failing is not None:
-            failing.fields = fields
+        fields = failing.parse(payload, InferenceRequestFile)
         svc.check_models(fields["nnunet_id"])
         return await run_in_threadpool(svc.submit_upload, user, upload, fields, sync)
     except BaseException:
@@ -252,13 +256,8 @@ async def submit_job(request: Request, user=Depends(require_key)):
     202 with the job's id and status at once."""
     svc = auto_service(request)
     refuse_when_draining(request)
-    if request.headers.get("content-type", "").lower().startswith("multipart/"):
-        job = await submit_upload(request, svc, user, sync=False)
-    else:
-        fields = parse_request(await read_json(request), InferenceRequest)
-        svc.guard.require_roots()
-        svc.check_models(fields["nnunet_id"])
-        job = await run_in_threadpool(svc.submit_paths, user, fields, False)
+    multipart = request.headers.get("content-type", "").lower().startswith("multipart/")
+    job = await (submit_upload if multipart else submit_paths)(request, svc, user, sync=False)
     return JSONResponse(svc.status(job), status_code=202, headers={"Location": P.PATH_JOB.format(job_id=job.id)})
 
 

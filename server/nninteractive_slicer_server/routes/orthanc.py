@@ -19,7 +19,7 @@ from SlicerNNInteractiveLib import protocol as P
 
 from ..auto.orthanc import Orthanc, series_lists
 from ..auto.references import is_reference
-from ..auto.request import InferenceRequestOrthanc, parse_request
+from ..auto.request import InferenceRequestOrthanc
 from ..deps import read_json, require_key
 from ..errors import NotFound
 from ..validate import BadInput
@@ -36,10 +36,7 @@ async def infer_orthanc(request: Request, user=Depends(require_key)):
     svc = auto_service(request)
     with established_failure() as failing:
         refuse_when_draining(request)
-        payload = await read_json(request)
-        failing.fields = payload
-        fields = parse_request(payload, InferenceRequestOrthanc)
-        failing.fields = fields
+        fields = failing.parse(await read_json(request), InferenceRequestOrthanc)
         orthanc = svc.orthanc
         if orthanc is None:
             raise NotFound(NO_ORTHANC)
