@@ -433,11 +433,11 @@ class SlicerNNInteractiveWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.controller.auto_run = self.ui.autoRunCheckBox.checked
         return self.controller
 
-    def permission(self):
-        """None when prompts may go to the configured server (blosc2 installed, consent given for a remote one),
-        else why not; raises when blosc2 could not be installed."""
+    def permission(self, url=None):
+        """None when prompts may go to ``url`` (default: the configured server; blosc2 installed, consent given for a
+        remote one), else why not; raises when blosc2 could not be installed."""
         self.logic.ensureDependencies(ask=True)
-        refusal = self.settings.refusal(self.serverUrl(), lambda question: slicer.util.confirmYesNoDisplay(
+        refusal = self.settings.refusal(url or self.serverUrl(), lambda question: slicer.util.confirmYesNoDisplay(
             question, windowTitle="nnInteractive: send images to a server?"))
         self.config.updateConsentCheckBox()
         return refusal

@@ -266,11 +266,15 @@ class Controller(object):
             return self._inflight[0]
         return None
 
+    def _count(self, kind):
+        """Jobs of ``kind`` queued, running or being written (not cancelled ones)."""
+        current = self.current
+        return sum(1 for j in self._pending if j.kind == kind) + (1 if current is not None and current.kind == kind
+                                                                  else 0)
+
     def auto_pending(self):
         """Automatic runs queued, running or being written (not cancelled ones)."""
-        current = self.current
-        return sum(1 for j in self._pending if j.kind == "auto") + (1 if current is not None and current.kind == "auto"
-                                                                    else 0)
+        return self._count("auto")
 
     # ------------------------------------------------------------------ actions (caller's thread)
 
@@ -337,11 +341,8 @@ class Controller(object):
         its result is discarded should it arrive anyway (a server without that endpoint finishes the run). A result
         that has started to be written is finished (a few frames), not cancelled. Returns how many were
         cancelled."""
-        cancelled = [j for j in self._pending if j.kind == "auto"]
-        self._pending = collections.deque(j for j in self._pending if j.kind != "auto")
-        if self._inflight is not None and self._inflight[0].kind == "auto" and not self._inflight[0].cancelled:
-            self._inflight[0].cancelled = True
-            cancelled.append(self._inflight[0])
+        cancelled = self._cancel("auto")
+        if self._inflight is not None and self._inflight[0] in cancelled:
             threading.Thread(target=self._cancel_on_server, args=(self._inflight[0], self.sync),
                              name="nninteractive-cancel", daemon=True).start()
         if self._applying is not None and not self._applying[1].writing:
@@ -788,21 +789,25 @@ class Controller(object):
     def cancel_replay(self):
         """Stop replays queued or running (a running one after the prompt on its way; its session is released and
         nothing is written). Returns how many were cancelled."""
-        cancelled = [j for j in self._pending if j.kind == "replay"]
-        self._pending = collections.deque(j for j in self._pending if j.kind != "replay")
-        for job in cancelled:
-            job.drop()
-        if self._inflight is not None and self._inflight[0].kind == "replay" and not self._inflight[0].cancelled:
-            self._inflight[0].cancelled = True
-            cancelled.append(self._inflight[0])
+        cancelled = self._cancel("replay")
         self._report_busy()
         return len(cancelled)
 
+    def _cancel(self, kind):
+        """Drop the queued jobs of ``kind`` and mark the running one cancelled (its result is discarded). Returns
+        them."""
+        cancelled = [j for j in self._pending if j.kind == kind]
+        self._pending = collections.deque(j for j in self._pending if j.kind != kind)
+        for job in cancelled:
+            job.drop()
+        if self._inflight is not None and self._inflight[0].kind == kind and not self._inflight[0].cancelled:
+            self._inflight[0].cancelled = True
+            cancelled.append(self._inflight[0])
+        return cancelled
+
     def replay_pending(self):
         """Replays queued or running (not cancelled ones)."""
-        current = self.current
-        return sum(1 for j in self._pending if j.kind == "replay") + (
-            1 if current is not None and current.kind == "replay" else 0)
+        return self._count("replay")
 
     def _start_replay(self, job):
         history = self.histories.get(job.segment_key)

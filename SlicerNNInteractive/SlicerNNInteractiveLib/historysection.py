@@ -91,12 +91,10 @@ class HistorySection(object):
             return
         url, apiKey, label = target
         try:
-            widget.logic.ensureDependencies(ask=True)
+            refusal = widget.permission(url)
         except Exception as exc:
             widget.reportError(str(exc))
             return
-        refusal = widget.settings.refusal(url, lambda question: slicer.util.confirmYesNoDisplay(
-            question, windowTitle="nnInteractive: send images to a server?"))
         if refusal is not None:
             widget.setStatus(refusal)
             return

@@ -18,7 +18,3 @@ class Polarity(object):
     def toggle(self):
         self.set(not self.positive)
         return self.positive
-
-    @property
-    def word(self):
-        return "positive" if self.positive else "negative"

@@ -185,7 +185,7 @@ class SyncedSession:
         session = self._sync_image(image, image_key, image_version, timings)
         seg_state = (segment_key, segment_version if segment_version is not None else fingerprint(segment))
         if seg_state != self._segment_state:
-            history = self.histories.get(segment_key) if self.histories is not None else None
+            history = self._history(segment_key)
             mode = None if history is None else history.replay_mode(seg_state[1], self._image_state, segment)
             if mode is None or not self._replay(session, history, segment, mode, timings):
                 t1 = time.perf_counter()
@@ -202,6 +202,10 @@ class SyncedSession:
             self.server_generation += 1
 
     # ------------------------------------------------------------------ histories
+
+    def _history(self, key):
+        """Segment ``key``'s history, or None (none recorded, or no histories kept)."""
+        return self.histories.get(key) if self.histories is not None else None
 
     def _start_history(self, key, segment, version, timings):
         """A new history for segment ``key``, starting from ``segment`` (just sent as the initial segmentation)."""
@@ -278,7 +282,7 @@ class SyncedSession:
 
     def has_history(self, segment_key):
         """Whether segment ``segment_key`` has recorded prompts (an undo can then rebuild the server's state)."""
-        return self.histories is not None and bool(getattr(self.histories.get(segment_key), "steps", None))
+        return bool(getattr(self._history(segment_key), "steps", None))
 
     def adopt_history(self, segment_key, history, version, image_state):
         """Continue segment ``segment_key`` from ``history`` (read back from a saved scene and checked against the
@@ -407,7 +411,7 @@ class SyncedSession:
             self._recover(exc)
             return None
         result = self._result("undo", ran, {})
-        history = self.histories.get(key) if self.histories is not None else None
+        history = self._history(key)
         if not ran:
             self._segment_state = None
             if history is not None:  # the caller may restore its segment by itself: send that, not a replay
@@ -424,7 +428,7 @@ class SyncedSession:
         otherwise, or when the server cannot (it keeps one level) or was lost, the history forgets the prompt and the
         next prompt rebuilds the server's state from it. ``run``: what is undone is a Run (``predict``): its prompts
         stay, only its result goes. Returns the server's ``PromptResult``, or None."""
-        history = self.histories.get(segment_key) if self.histories is not None else None
+        history = self._history(segment_key)
         if history is None or not history.steps:
             if in_step:
                 return self.undo()
@@ -478,7 +482,7 @@ class SyncedSession:
                 raise ValueError("pass the segment's new version, or the segment to checksum")
             version = fingerprint(segment)
         self._segment_state = (segment_key, version)
-        history = self.histories.get(segment_key) if self.histories is not None else None
+        history = self._history(segment_key)
         if history is not None:
             history.version = version
 

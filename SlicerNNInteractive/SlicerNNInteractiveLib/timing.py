@@ -188,10 +188,6 @@ def main(argv=None):
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def report(records, last=30):
     """What the module's Timings dialog shows: the phases' summary and the last prompts, one line each."""
     from .controller import format_timing
@@ -201,3 +197,7 @@ def report(records, last=30):
     text = format_summary(summarize(records), phases=("prepare_ms", "upload_image_ms", "exchange_ms",
                                                       "server_total_ms", "apply_ms", "total_ms"))
     return text + "\n\nLast prompts:\n" + "\n".join(format_timing(t) for t in records[-last:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
