@@ -61,11 +61,11 @@ def server(speckle_model, tmp_path_factory):
         yield url
 
 
-def local_session(model_dir):
+def local_session(model_dir, autozoom=False):
     from nnInteractive.inference.inference_session import nnInteractiveInferenceSession
 
     s = nnInteractiveInferenceSession(device=torch.device("cpu"), use_torch_compile=False, verbose=False,
-                                      torch_n_threads=int(TORCH_THREADS), do_autozoom=False)
+                                      torch_n_threads=int(TORCH_THREADS), do_autozoom=autozoom)
     s.initialize_from_trained_model_folder(model_dir)
     return s
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from test_scene_geometry import rotation
+from test_scene_geometry import affine, rotation
 
 from SlicerNNInteractiveLib import history as H
 from SlicerNNInteractiveLib.history import HistoryError, PromptHistory, Step
@@ -17,10 +17,7 @@ SHAPE = (20, 24, 28)
 
 def matrix():
     """An oblique, anisotropic IJK-to-RAS matrix with an origin, as a volume read from a file has."""
-    m = np.eye(4)
-    m[:3, :3] = rotation(2, 25) @ rotation(0, 10) @ np.diag([0.7, 1.1, 2.5])
-    m[:3, 3] = [-20.25, 14.5, 3.125]
-    return m
+    return affine(rotation(2, 25) @ rotation(0, 10) @ np.diag([0.7, 1.1, 2.5]), [-20.25, 14.5, 3.125])
 
 
 def scribble_volume():

@@ -19,9 +19,10 @@ import pytest
 import requests
 import torch
 
-from conftest import TORCH_THREADS, official_server
+from conftest import official_server
 from haproxy_rig import balancer, haproxy_binary, our_servers
 from phantoms import box_2d, interior_voxel, lasso_2d, make_phantom, random_interior_voxel, scribble_2d
+from test_equivalence import local_session as equivalence_session
 
 from SlicerNNInteractiveLib import history as H
 from SlicerNNInteractiveLib.client import RemoteSession
@@ -64,13 +65,16 @@ def start(phantom):
     return seg
 
 
-def local_session(model, autozoom):
-    from nnInteractive.inference.inference_session import nnInteractiveInferenceSession
-
-    s = nnInteractiveInferenceSession(device=torch.device("cpu"), use_torch_compile=False, verbose=False,
-                                      torch_n_threads=int(TORCH_THREADS), do_autozoom=autozoom)
-    s.initialize_from_trained_model_folder(model)
-    return s
+def local_session(model, autozoom, image, segment=None):
+    """An in-process session on ``image`` and its target buffer; ``segment``, when given, as the initial
+    segmentation (without a prediction)."""
+    s = equivalence_session(model, autozoom=autozoom)
+    s.set_image(image[None])
+    buf = np.zeros(image.shape, np.uint8)
+    s.set_target_buffer(buf)
+    if segment is not None:
+        s.add_initial_seg_interaction(segment.copy(), run_prediction=False)
+    return s, buf
 
 
 def steps(prompts):
@@ -80,11 +84,7 @@ def steps(prompts):
 def uninterrupted(model, autozoom, image, start, prompts, undo_after=None):
     """The reference: the masks after each prompt of one in-process session (with ``undo()`` after prompt number
     ``undo_after``, when given)."""
-    s = local_session(model, autozoom)
-    s.set_image(image[None])
-    buf = np.zeros(image.shape, np.uint8)
-    s.set_target_buffer(buf)
-    s.add_initial_seg_interaction(start.copy(), run_prediction=False)
+    s, buf = local_session(model, autozoom, image, start)
     masks = []
     for n, step in enumerate(steps(prompts)):
         step.send(s, True)
@@ -142,10 +142,7 @@ def test_the_fast_and_full_replays_rebuild_the_uninterrupted_state(blob_model, p
     before = blob_reference[-2]
 
     def after(mode):
-        s = local_session(blob_model, True)
-        s.set_image(image[None])
-        buf = np.zeros(image.shape, np.uint8)
-        s.set_target_buffer(buf)
+        s, buf = local_session(blob_model, True, image)
         report = H.replay(history, s, segment=before.copy(), mode=mode)
         return s, buf, report
 
@@ -166,11 +163,7 @@ def test_the_fast_and_full_replays_rebuild_the_uninterrupted_state(blob_model, p
     nxt.send(s, True)
     assert (buf != blob_reference[-1]).sum() > 100  # the previous prediction channel held the base, not the segment
 
-    s = local_session(blob_model, True)  # the recovery before histories: the segment alone
-    s.set_image(image[None])
-    buf = np.zeros(image.shape, np.uint8)
-    s.set_target_buffer(buf)
-    s.add_initial_seg_interaction(before.copy(), run_prediction=False)
+    s, buf = local_session(blob_model, True, image, before)  # the recovery before histories: the segment alone
     nxt.send(s, True)
     assert (buf != blob_reference[-1]).sum() > 0
 
@@ -252,6 +245,15 @@ def test_a_history_too_long_is_dropped_and_the_segment_alone_is_sent(ours, phant
 # ---------------------------------------------------------------- the controller: undo across a recovery
 
 
+def drawn_controller(url, image, start, **callbacks):
+    """A scene with the segment "drawn" (``start``) selected, a Controller on it, and the errors it reports."""
+    scene = ArrayScene(image, {"drawn": start})
+    scene.select_segment("drawn")
+    errors = []
+    c = Controller(scene, lambda: RemoteSession(url), on_error=lambda exc, job, n: errors.append(exc), **callbacks)
+    return scene, c, errors
+
+
 def submit_all(c, prompts):
     for kind, args, positive in prompts:
         c.submit(kind, args, positive=positive)
@@ -260,10 +262,7 @@ def submit_all(c, prompts):
 
 def test_undo_across_a_recovery_and_beyond_the_server_s_one_level(ours, blob_model, phantom, start, prompts):
     image = phantom.image
-    scene = ArrayScene(image, {"drawn": start})
-    scene.select_segment("drawn")
-    errors = []
-    c = Controller(scene, lambda: RemoteSession(ours), on_error=lambda exc, job, n: errors.append(exc))
+    scene, c, errors = drawn_controller(ours, image, start)
     try:
         submit_all(c, prompts[:3])
         release(ours, c.sync.session)
@@ -297,10 +296,7 @@ def test_collected_prompts_and_their_run_survive_a_lost_session(lost, ours, blob
     prompts are being collected, or after the last one and before Run, is rebuilt from the history (the prompts the
     server forgot are in it): the Run, and the prompt after it, give the masks of an uninterrupted session."""
     image = phantom.image
-    scene = ArrayScene(image, {"drawn": start})
-    scene.select_segment("drawn")
-    errors = []
-    c = Controller(scene, lambda: RemoteSession(ours), on_error=lambda exc, job, n: errors.append(exc))
+    scene, c, errors = drawn_controller(ours, image, start)
     try:
         submit_all(c, prompts[:2])
         c.auto_run = False
@@ -323,11 +319,7 @@ def test_collected_prompts_and_their_run_survive_a_lost_session(lost, ours, blob
     finally:
         c.close()
     assert not errors, errors
-    s = local_session(blob_model, True)  # the uninterrupted session: the same prompts, the same Run
-    s.set_image(image[None])
-    buf = np.zeros(image.shape, np.uint8)
-    s.set_target_buffer(buf)
-    s.add_initial_seg_interaction(start.copy(), run_prediction=False)
+    s, buf = local_session(blob_model, True, image, start)  # the uninterrupted session: the same prompts, the same Run
     for n, step in enumerate(steps(prompts[:5])):
         step.send(s, n < 2)
     assert s._predict() is not None
@@ -341,10 +333,7 @@ def test_undoing_a_run_keeps_the_prompts_it_ran_on(ours, blob_model, phantom, st
     restores the state before the Run), so the history must too. A Run after a lost session then gives the first Run's
     mask again, as in the uninterrupted session."""
     image = phantom.image
-    scene = ArrayScene(image, {"drawn": start})
-    scene.select_segment("drawn")
-    errors = []
-    c = Controller(scene, lambda: RemoteSession(ours), on_error=lambda exc, job, n: errors.append(exc))
+    scene, c, errors = drawn_controller(ours, image, start)
     try:
         submit_all(c, prompts[:1])
         after_first = scene.read_segment("drawn").copy()
@@ -365,11 +354,7 @@ def test_undoing_a_run_keeps_the_prompts_it_ran_on(ours, blob_model, phantom, st
     finally:
         c.close()
     assert not errors, errors
-    s = local_session(blob_model, True)
-    s.set_image(image[None])
-    buf = np.zeros(image.shape, np.uint8)
-    s.set_target_buffer(buf)
-    s.add_initial_seg_interaction(start.copy(), run_prediction=False)
+    s, buf = local_session(blob_model, True, image, start)
     for n, step in enumerate(steps(prompts[:3])):
         step.send(s, n < 1)
     s._predict()
@@ -397,12 +382,9 @@ def test_without_a_history_collected_prompts_lost_before_run_must_be_placed_agai
 
 
 def oblique():
-    from test_scene_geometry import rotation
+    from test_scene_geometry import affine, rotation
 
-    m = np.eye(4)
-    m[:3, :3] = rotation(2, 20) @ rotation(1, 15) @ np.diag([0.8, 1.2, 2.0])
-    m[:3, 3] = [-31.5, 12.25, 7.0]
-    return m
+    return affine(rotation(2, 20) @ rotation(1, 15) @ np.diag([0.8, 1.2, 2.0]), [-31.5, 12.25, 7.0])
 
 
 def save_mrb(mrml, path):
@@ -503,11 +485,9 @@ def test_a_reopened_segment_edited_since_or_a_corrupt_history_is_reported_and_ig
 def test_replay_on_another_model_and_server(ours, official, speckle_reference, phantom, start, prompts):
     """A segment's prompts, made with the blob model on our server, replayed on the official server with the speckle
     model: the new segment is what that model makes of them; the user's segment and selection are untouched."""
-    scene = ArrayScene(phantom.image, {"drawn": start})
-    scene.select_segment("drawn")
-    results, errors = [], []
-    c = Controller(scene, lambda: RemoteSession(ours), on_result=lambda job, r, t: results.append((job, r)),
-                   on_error=lambda exc, job, n: errors.append(exc))
+    results = []
+    scene, c, errors = drawn_controller(ours, phantom.image, start,
+                                        on_result=lambda job, r, t: results.append((job, r)))
     try:
         submit_all(c, prompts[:4])
         mine = scene.read_segment("drawn").copy()

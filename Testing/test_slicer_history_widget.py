@@ -8,36 +8,14 @@ prompts as the module's history recorded them, in voxels), never lost, never rel
 """
 
 import numpy as np
-import pytest
 import requests
 import slicer
 
-from conftest import free_port, our_server
-from phantoms import interior_voxel, make_phantom, random_interior_voxel
-from test_slicer_widget import Module, world
+from conftest import free_port
+from phantoms import interior_voxel, random_interior_voxel
+from test_slicer_widget import module, phantom, server, world  # noqa: F401 (the fixtures: the module on our server)
 
 from SlicerNNInteractiveLib.client import RemoteSession
-from slicerapp import SlicerApp
-
-
-@pytest.fixture(scope="module")
-def server(blob_model, tmp_path_factory):
-    with our_server(blob_model, tmp_path_factory.mktemp("history-widget"), "--max-sessions", "6") as (url, _):
-        yield url
-
-
-@pytest.fixture(scope="module")
-def phantom():
-    return make_phantom(seed=101)  # four blobs the model never saw in training
-
-
-@pytest.fixture
-def module(server, phantom):
-    with SlicerApp() as app:
-        m = Module(app, phantom, server)
-        yield m
-        app.exit()
-        app.cleanup()
 
 
 def clicks(phantom):

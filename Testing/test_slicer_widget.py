@@ -84,6 +84,16 @@ class Module(object):
         node.JumpSliceByCentering(*world(index_kji))
         return node
 
+    def stroke_across_blob(self, k):
+        """Drag the mouse across blob ``k`` in the Red view, along a row through an interior voxel; that voxel."""
+        center = interior_voxel(self.phantom.labels, k)
+        self.show_slice("Red", center)
+        xs = np.nonzero(self.blob(k)[center[0], center[1]])[0]
+        self.app.drag("Red", self.app.view_pixel("Red", world((center[0], center[1], xs.min() + 1))),
+                      self.app.view_pixel("Red", world((center[0], center[1], xs.max() - 1))), steps=8)
+        self.idle()
+        return center
+
 
 @pytest.fixture
 def module(server, phantom):
@@ -200,7 +210,7 @@ def test_box_drawn_on_a_slice_view(module):
 
 
 def test_a_box_in_a_slice_view_of_a_new_layout(module):
-    m, w = module, module.widget
+    m = module
     m.app.press("B")
     m.app.layout_manager.setLayout(21)  # three over three: Red+ is a new slice view
     try:
@@ -259,13 +269,7 @@ def test_scribble_painted_with_the_segment_editor_brush(module):
     assert int(effect.parameter("BrushPixelMode")) == 0  # pixel mode would send a prompt per mouse move
     assert w.scribble.editorNode.GetSourceVolumeNode() is m.volume  # set on the node (5.6 / 5.8)
     assert w.scribble.editor.criticalMessages == []
-    center = interior_voxel(m.phantom.labels, 1)
-    m.show_slice("Red", center)
-    xs = np.nonzero(m.blob(1)[center[0], center[1]])[0]
-    # A stroke across the blob, painted with the mouse in the Red view (the Paint effect gets the view's events)
-    m.app.drag("Red", m.app.view_pixel("Red", world((center[0], center[1], xs.min() + 1))),
-               m.app.view_pixel("Red", world((center[0], center[1], xs.max() - 1))), steps=8)
-    m.idle()
+    center = m.stroke_across_blob(1)  # painted with the mouse in the Red view (the Paint effect gets its events)
     assert m.kinds() == [("scribble", True)] and m.segment()[center]
 
 
@@ -279,12 +283,7 @@ def test_scribble_still_paints_after_a_scene_batch(module):
     slicer.mrmlScene.EndState(slicer.mrmlScene.BatchProcessState)
     m.app.pump(0.05)
     assert w.ui.scribbleButton.checked and w.scribble.editor.activeEffect() is not None
-    center = interior_voxel(m.phantom.labels, 1)
-    m.show_slice("Red", center)
-    xs = np.nonzero(m.blob(1)[center[0], center[1]])[0]
-    m.app.drag("Red", m.app.view_pixel("Red", world((center[0], center[1], xs.min() + 1))),
-               m.app.view_pixel("Red", world((center[0], center[1], xs.max() - 1))), steps=8)
-    m.idle()
+    m.stroke_across_blob(1)
     assert m.kinds() == [("scribble", True)]
 
 

@@ -45,7 +45,7 @@ sys.path.insert(0, os.path.join(REPO, "Testing", "models"))
 sys.path.insert(0, os.path.join(REPO, "SlicerNNInteractive"))
 
 from conftest import SERVER_ENV, TORCH_THREADS, our_server  # noqa: E402  (a real server on a free loopback port)
-from provenance import commit, machine  # noqa: E402
+from provenance import commit, machine, publish  # noqa: E402
 from run import SIZES, phantom  # noqa: E402
 from SlicerNNInteractiveLib.client import RemoteSession  # noqa: E402
 
@@ -223,12 +223,7 @@ def main():
                         rows[k].append(v)
     info = {"date": datetime.date.today().isoformat(), "commit": commit(), "machine": machine(TORCH_THREADS)}
     text = report(args, shape, rows, info, len(archive))
-    print()
-    print(text)
-    if args.write:
-        with open(os.path.join(HERE, "RESULTS.md"), "a") as f:
-            f.write("\n" + text)
-        print("appended to %s" % os.path.join(HERE, "RESULTS.md"))
+    publish(text, args.write)
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ def main():
     import torch
 
     import tiny_nnunet
-    from interference import git_commit, machine
+    from provenance import commit, machine, publish
     from nninteractive_slicer_server.auto.predictors import LoadedPredictor
 
     torch.set_num_threads(2)
@@ -109,7 +109,7 @@ def main():
     full = int(np.prod(SHAPE))
     text = "\n".join([
         "## Export memory with many classes (`Testing/benchmark/export_memory.py`, %s, %s)" % (
-            datetime.date.today().isoformat(), git_commit(REPO)),
+            datetime.date.today().isoformat(), commit()),
         "",
         "Produced by `python Testing/benchmark/export_memory.py%s` on %s. A %d-class tiny random nnU-Net; an image of "
         "%s voxels at 1.5 mm predicted on a %s grid (1 mm), so every class is resampled; the logits (%.0f MB, "
@@ -130,11 +130,7 @@ def main():
             full / 1e6),
         "",
     ])
-    print()
-    print(text)
-    if args.write:
-        with open(os.path.join(HERE, "RESULTS.md"), "a") as f:
-            f.write("\n" + text)
+    publish(text, args.write)
 
 
 if __name__ == "__main__":

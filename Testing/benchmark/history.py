@@ -21,9 +21,7 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +36,8 @@ sys.path.insert(0, os.path.join(REPO, "SlicerNNInteractive"))
 
 from conftest import BLOB_MODEL, our_server  # noqa: E402
 from phantoms import box_2d, interior_voxel, lasso_2d, make_phantom, scribble_2d  # noqa: E402
+from provenance import commit, machine  # noqa: E402
+from test_scene_geometry import affine, rotation  # noqa: E402
 from SlicerNNInteractiveLib import history as H  # noqa: E402
 from SlicerNNInteractiveLib.client import RemoteSession  # noqa: E402
 from SlicerNNInteractiveLib.rasterize import crop_to_bbox  # noqa: E402
@@ -48,17 +48,7 @@ KINDS = ("point", "bbox", "scribble", "lasso")
 
 def oblique():
     """A volume's IJK-to-RAS matrix as a file gives it: rotated, anisotropic, with an origin."""
-    def rot(axis, degrees):
-        a = np.radians(degrees)
-        c, s = np.cos(a), np.sin(a)
-        r = np.eye(3)
-        i, j = [(1, 2), (0, 2), (0, 1)][axis]
-        r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-        return r
-    m = np.eye(4)
-    m[:3, :3] = rot(2, 12) @ rot(0, 5) @ np.diag([0.782, 0.782, 2.5])
-    m[:3, 3] = [-101.3, -87.9, -154.25]
-    return m
+    return affine(rotation(2, 12) @ rotation(0, 5) @ np.diag([0.782, 0.782, 2.5]), [-101.3, -87.9, -154.25])
 
 
 def prompts_for(ph):
@@ -249,15 +239,9 @@ def main():
     else:
         with our_server(args.model, tempfile.mkdtemp()) as (url, _):
             res["replay"] = replay_times(url, ph, prompts, counts, reps)
-    try:
-        commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True).stdout.strip()
-    except OSError:
-        commit = "?"
-    res["meta"] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit,
+    res["meta"] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit(),
                    "command": "python Testing/benchmark/history.py" + (" --smoke" if args.smoke else ""),
-                   "machine": "%s %s, %d CPU cores, Python %s" % (platform.system(), platform.machine(),
-                                                                   os.cpu_count(), platform.python_version()),
+                   "machine": machine(),
                    "load_before": load_before, "load_after": load(), "shape": list(shape), "blobs": blobs,
                    "counts": list(counts), "reps": reps}
     print(report(res))

@@ -45,7 +45,7 @@ sys.path.insert(0, os.path.join(REPO, "SlicerNNInteractive"))
 
 from conftest import SERVER_ENV, TORCH_THREADS, free_port, running  # noqa: E402
 from phantoms import interior_voxel, make_phantom  # noqa: E402
-from provenance import commit, machine  # noqa: E402
+from provenance import commit, machine, publish  # noqa: E402
 from run import SIZES, phantom  # noqa: E402
 from SlicerNNInteractiveLib import protocol as P  # noqa: E402
 from SlicerNNInteractiveLib.client import RemoteSession  # noqa: E402
@@ -274,12 +274,7 @@ def main():
         "",
     ]
     text = "\n".join(lines)
-    print()
-    print(text)
-    if args.write:
-        with open(os.path.join(HERE, "RESULTS.md"), "a") as f:
-            f.write("\n" + text)
-        print("appended to %s" % os.path.join(HERE, "RESULTS.md"))
+    publish(text, args.write)
 
 
 

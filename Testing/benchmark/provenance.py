@@ -41,3 +41,16 @@ def commit(tree=REPO):
         return (rev or "unknown") + ("+local changes" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+RESULTS = os.path.join(REPO, "Testing", "benchmark", "RESULTS.md")
+
+
+def publish(text, append):
+    """Print a benchmark's RESULTS.md section, after a blank line; with ``append``, add it to that file too."""
+    print()
+    print(text)
+    if append:
+        with open(RESULTS, "a") as f:
+            f.write("\n" + text)
+        print("appended to %s" % RESULTS)
